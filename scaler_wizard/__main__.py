@@ -1,0 +1,3 @@
+from scaler_wizard.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""The `scaler-wizard` command line. Each subcommand lives in ``scaler_wizard/commands/<name>.py``
+and exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
+imported only when their command runs, so ``check`` does not pay for torch.
+
+Exit codes: 0 ok, 1 plan errors (diagnostics), 2 usage or I/O errors, others per command
+(documented in the command's module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Help is duplicated here so `--help` imports nothing heavy.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("scaler_wizard.commands.check", "type-check plans against a model; print the resolved plan"),
+    "ir": ("scaler_wizard.commands.ir", "print the IR discovered by tracing a model"),
+    "explain": ("scaler_wizard.commands.explain", "show what a plan does to every tensor"),
+    "compile": ("scaler_wizard.commands.compile", "lower a plan to a tensor program (JSON)"),
+    "apply": ("scaler_wizard.commands.apply", "grow a checkpoint: execute a plan out-of-core"),
+    "verify": ("scaler_wizard.commands.verify", "check that a grown model computes the same function"),
+    "train": ("scaler_wizard.commands.train", "continue training a (grown) model"),
+    "eval": ("scaler_wizard.commands.eval", "evaluate models with lm-eval"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors exit 2 with a short message, never a traceback
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from scaler_wizard import __version__
+
+    p = _Parser(prog="scaler-wizard", description="Grow trained transformer language models.")
+    p.add_argument("--version", action="version", version=f"scaler-wizard {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (mod, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if only is None or name == only:
+            try:
+                m = importlib.import_module(mod)
+            except ModuleNotFoundError as e:
+                if e.name == mod:
+                    continue  # not built yet
+                raise
+            m.add_arguments(sp)
+            sp.set_defaults(_module=m)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(first if first in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    m = getattr(args, "_module", None)
+    if m is None:
+        sys.stderr.write(f"scaler-wizard: `{args.command}` is not available in this build\n")
+        return 2
+    from scaler_wizard.compiler.diagnostics import UsageError
+
+    try:
+        return int(m.run(args) or 0)
+    except UsageError as e:
+        sys.stderr.write(f"scaler-wizard {args.command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
