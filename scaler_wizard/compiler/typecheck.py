@@ -1,0 +1,799 @@
+"""Type checker: resolve a parsed plan against a model's IR into a :class:`ResolvedPlan`.
+
+Every problem of the plan is collected (not just the first) and raised together as a
+:class:`PlanError`. Diagnostic codes (stable):
+
+=====  ==================================================================================
+SW201  unknown dimension group
+SW202  unknown or inapplicable method for the group
+SW203  unknown layer init
+SW204  unknown option key for the statement
+SW205  layer index or range out of bounds
+SW206  unknown dtype
+SW207  bad option value
+SW208  no model: the plan has no ``model`` statement and none was given with ``--model``
+SW301  the amount does not give a whole number of units (``x1.3`` of 9 heads)
+SW302  the amount does not grow the group (``to`` a smaller size, ``x1``, ``by 0``)
+SW303  the method needs an integer factor
+SW304  grouped-query attention divisibility violated
+SW305  identity-style layer insertion in a Post-LN model
+SW306  non-integer LayerNorm residue in a Post-LN model
+SW307  head_dim growth that RoPE makes inexact
+SW308  the group's size is derived from other config values and cannot change alone
+SW309  upcycling not supported for this model
+SW310  experts / top-k out of range
+SW311  ``grow to`` target unreachable or not larger than the model
+SW312  the group does not exist in this model (``experts`` on a dense model)
+SW313  the plan would leave a config value inconsistent
+SW601  (warning) the plan contains approximate ops
+SW602  (warning) untying the LM head doubles its memory
+=====  ==================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from scaler_wizard.compiler import methods as M
+from scaler_wizard.compiler.diagnostics import DiagnosticBag, PlanError, suggest
+from scaler_wizard.compiler.predict import costs, identity_layer_map, original_sizes, predict_shapes
+from scaler_wizard.compiler.resolved import (
+    APPROX,
+    EXACT,
+    EXACT_EPS,
+    LayerSource,
+    ResolvedOp,
+    ResolvedPlan,
+    worst,
+)
+from scaler_wizard.grammar import ast as A
+from scaler_wizard.ir.model_ir import ModelIR
+
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+
+# transformers' MoE family for each dense family that upcycles exactly (top-k renormalised).
+UPCYCLE_TARGETS = {
+    "llama": ("mixtral", "MixtralForCausalLM"),
+    "mistral": ("mixtral", "MixtralForCausalLM"),
+    "qwen3": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+}
+
+
+def groups_summary(ir: ModelIR, sizes: dict[str, int] | None = None, layers: int | None = None) -> str:
+    sizes = sizes or {}
+    parts = []
+    for name, g in ir.groups.items():
+        size = sizes.get(name, g.size)
+        if g.per_layer and name in ("ffn", "experts"):
+            parts.append(f"{name}({size} x{layers if layers is not None else ir.num_layers} layers)")
+        else:
+            parts.append(f"{name}({size})")
+    return "groups: " + ", ".join(parts)
+
+
+def _print_stmt(stmt) -> str:
+    try:
+        from scaler_wizard.grammar.printer import print_statement
+
+        return print_statement(stmt)
+    except Exception:  # printer not available or unusual node: fall back to the class name
+        return type(stmt).__name__
+
+
+def _opt_value(v: A.Value) -> Any:
+    return v.name if isinstance(v, A.Ident) else v.value
+
+
+@dataclass
+class _State:
+    ir: ModelIR
+    bag: DiagnosticBag
+    sizes: dict[str, int]
+    layer_map: list[LayerSource]
+    config: dict[str, Any]
+    ops: list[ResolvedOp] = field(default_factory=list)
+    upcycled: tuple[int, int] | None = None  # (experts, top_k)
+    untie: bool = False
+    seed: int = 0
+    dtype: str | None = None
+    noise: float = 0.0
+    train: dict[str, Any] = field(default_factory=dict)
+    alternatives: tuple[str, ...] = ()
+
+    @property
+    def depth(self) -> int:
+        return len(self.layer_map)
+
+
+class TypeChecker:
+    def __init__(self, ir: ModelIR, *, context: int = 2048):
+        self.ir = ir
+        self.context = context
+
+    # ------------------------------------------------------------------ facts
+    def hidden_norms(self):
+        return [n for n in self.ir.norms if n.group == "hidden"]
+
+    def placement(self) -> str:
+        return self.ir.residual.placement
+
+    def _eps_shared_with_other_groups(self) -> list[str]:
+        keys = {n.eps_key for n in self.hidden_norms() if n.eps_key}
+        return sorted({f"{n.placement} norm over {n.group}" for n in self.ir.norms if n.eps_key in keys and n.group != "hidden"})
+
+    # ------------------------------------------------------------------ entry
+    def check(self, plan: A.Plan, *, model_ref: str) -> ResolvedPlan:
+        ir = self.ir
+        bag = DiagnosticBag()
+        st = _State(
+            ir=ir,
+            bag=bag,
+            sizes=original_sizes(ir),
+            layer_map=list(identity_layer_map(ir.num_layers)),
+            config=dict(ir.config),
+        )
+        for i, stmt in enumerate(plan.statements):
+            handler = getattr(self, "_" + type(stmt).__name__, None)
+            if handler is not None:
+                handler(i, stmt, st)
+        if bag.has_errors:
+            raise PlanError(bag.items)
+        approx = [o for o in st.ops if o.exactness == APPROX]
+        if approx:
+            first = approx[0]
+            bag.warning(
+                "SW601",
+                f"{len(approx)} op(s) change the model's function on purpose (approx): `{first.text}`",
+                first.span,
+                help="`verify` reports their measured drift instead of holding them to the exact tolerance",
+            )
+        warnings = bag.items
+        return self._finish(st, model_ref, tuple(warnings))
+
+    def _finish(self, st: _State, model_ref: str, warnings) -> ResolvedPlan:
+        ir = self.ir
+        before_shapes = predict_shapes(ir, original_sizes(ir), identity_layer_map(ir.num_layers))
+        c_before = costs(ir, before_shapes, original_sizes(ir), ir.num_layers, context=self.context)
+        experts = st.upcycled[0] if st.upcycled else 0
+        after_shapes = predict_shapes(ir, st.sizes, tuple(st.layer_map), upcycle_experts=experts)
+        frac = (st.upcycled[1] / st.upcycled[0]) if st.upcycled else 1.0
+        c_after = costs(
+            ir, after_shapes, st.sizes, st.depth, context=self.context, active_expert_fraction=frac, untied=st.untie
+        )
+        config_after = dict(st.config)
+        config_after[ir.layers_key] = st.depth
+        self._reindex_layer_arrays(st, config_after)
+        plan = ResolvedPlan(
+            model_ref=model_ref,
+            ir=ir,
+            ops=tuple(st.ops),
+            layer_map=tuple(st.layer_map),
+            config_before=dict(ir.config),
+            config_after=config_after,
+            costs_before=c_before,
+            costs_after=c_after,
+            seed=st.seed,
+            dtype=st.dtype,
+            noise=st.noise,
+            train=st.train,
+            alternatives=st.alternatives,
+            warnings=tuple(warnings),
+        )
+        return plan
+
+    def _reindex_layer_arrays(self, st: _State, config: dict) -> None:
+        for key in self.ir.layer_arrays:
+            arr = self.ir.config.get(key)
+            if isinstance(arr, list) and len(arr) == self.ir.num_layers:
+                config[key] = [arr[src.src] for src in st.layer_map]
+        # Qwen2-style "first N layers use full attention": keep the boundary on the same old layer.
+        if "max_window_layers" in config and isinstance(config["max_window_layers"], int):
+            mwl = self.ir.config["max_window_layers"]
+            config["max_window_layers"] = sum(1 for src in st.layer_map if src.src < mwl)
+
+    # ------------------------------------------------------------------ helpers
+    def _options(self, st: _State, options, allowed: dict[str, str], what: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for o in options:
+            key = o.key.name
+            if key not in allowed:
+                hint = suggest(key, allowed)
+                known = ", ".join(f"`{k}`" for k in allowed) or "none"
+                st.bag.error(
+                    "SW204",
+                    f"unknown option `{key}` for {what}",
+                    o.key.span,
+                    help=(f"did you mean `{hint}`? " if hint else "") + f"options of {what}: {known}",
+                )
+                continue
+            out[key] = _opt_value(o.value)
+        noise = out.get("noise")
+        if noise is not None and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0):
+            span = next(o.value.span for o in options if o.key.name == "noise")
+            st.bag.error("SW207", f"`noise` must be a non-negative number, got `{noise}`", span)
+        split = out.get("split")
+        if split is not None and split not in ("equal", "random"):
+            span = next(o.value.span for o in options if o.key.name == "split")
+            st.bag.error("SW207", f"`split` must be `equal` or `random`, got `{split}`", span)
+        return out
+
+    def _group(self, st: _State, ident: A.Ident) -> str | None:
+        name = ident.name
+        if name in self.ir.groups:
+            return name
+        if name == "layers":
+            st.bag.error(
+                "SW201",
+                "`layers` is grown with `insert`, `duplicate` or `stack`, not `widen`",
+                ident.span,
+                help="e.g. `insert layers every 4 identity` or `insert 2 layers after 11`",
+            )
+            return None
+        hint = suggest(name, self.ir.groups)
+        st.bag.error(
+            "SW201" if name not in ("experts",) else "SW312",
+            f"unknown dimension group `{name}`"
+            if name != "experts"
+            else "this model has no `experts` group (it is dense)",
+            ident.span,
+            help=(f"did you mean `{hint}`? " if hint else "")
+            + groups_summary(self.ir, st.sizes, st.depth)
+            + ("; to make experts, `upcycle ffn experts <E> top <k>`" if name == "experts" else ""),
+        )
+        return None
+
+    # ------------------------------------------------------------------ statements
+    def _ModelStmt(self, i, s: A.ModelStmt, st: _State):
+        pass  # resolved by the front end before the IR is built
+
+    def _SeedStmt(self, i, s: A.SeedStmt, st: _State):
+        st.seed = s.value.value
+
+    def _NoiseStmt(self, i, s: A.NoiseStmt, st: _State):
+        if s.value.value < 0:
+            st.bag.error("SW207", f"noise must be non-negative, got {s.value.value}", s.value.span)
+        st.noise = s.value.value
+
+    def _DtypeStmt(self, i, s: A.DtypeStmt, st: _State):
+        name = DTYPE_ALIASES.get(s.name.name, s.name.name)
+        if name not in DTYPES:
+            hint = suggest(s.name.name, list(DTYPES) + list(DTYPE_ALIASES))
+            st.bag.error(
+                "SW206",
+                f"unknown dtype `{s.name.name}`",
+                s.name.span,
+                help=(f"did you mean `{hint}`? " if hint else "") + "dtypes: " + ", ".join(DTYPES),
+            )
+            return
+        st.dtype = name
+
+    def _TrainStmt(self, i, s: A.TrainStmt, st: _State):
+        if s.ref is not None:
+            st.train = {"ref": s.ref.value}
+        else:
+            st.train = {o.key.name: _opt_value(o.value) for o in s.options}
+
+    # .................................................................. widen
+    def _WidenStmt(self, i, s: A.WidenStmt, st: _State):
+        group = self._group(st, s.group)
+        if group is None:
+            return
+        old = st.sizes[group]
+        new = self._new_size(st, s.amount, old, group)
+        method_name = s.method.name if s.method else None
+        if method_name is not None:
+            method_name = M.WIDTH_ALIASES.get(method_name, method_name)
+        integer_factor = new is not None and new % old == 0
+        if method_name is None:
+            method_name = M.DEFAULT_WIDTH_METHOD.get(group, "tile")
+            if group == "hidden" and integer_factor:
+                method_name = "tile"
+        spec = M.WIDTH_METHODS.get(method_name)
+        if spec is None or group not in spec.groups:
+            applicable = [m.name for m in M.WIDTH_METHODS.values() if group in m.groups]
+            hint = suggest(method_name, applicable) if spec is None else None
+            st.bag.error(
+                "SW202",
+                f"unknown method `{method_name}`" if spec is None else f"method `{method_name}` does not apply to `{group}`",
+                s.method.span if s.method else s.span,
+                help=(f"did you mean `{hint}`? " if hint else "")
+                + f"methods for `{group}`: "
+                + ", ".join(f"`{m}`" for m in applicable),
+            )
+            return
+        opts = self._options(st, s.options, M.WIDEN_OPTIONS, "`widen`")
+        if new is None:
+            return
+        if spec.integer_factor_only and not integer_factor:
+            st.bag.error(
+                "SW303",
+                f"`{method_name}` needs an integer factor, but {old} -> {new} is x{new / old:.4g}",
+                s.amount.span,
+                help=f"use `x{max(2, round(new / old))}`"
+                + (", or `lemon`, which handles any size" if group in ("hidden", "ffn") else ""),
+            )
+            return
+        exactness, reason = self._widen_exactness(st, s, group, method_name, old, new)
+        if exactness is None:
+            return
+        patch = self._width_patch(st, s, group, old, new)
+        if patch is None:
+            return
+        if opts.get("untie") in (True, "true"):
+            if group != "hidden" or not self.ir.tied:
+                st.bag.error("SW207", "`untie` applies only to `widen hidden` on a model with tied embeddings", s.span)
+                return
+            st.untie = True
+            patch["tie_word_embeddings"] = False
+            st.bag.warning(
+                "SW602",
+                "untying the LM head stores vocab x hidden twice",
+                s.span,
+                help="without `untie=true` the tie is kept: the final norm gain absorbs the readers' 1/k",
+            )
+        st.sizes[group] = new
+        st.config.update(patch)
+        st.ops.append(
+            ResolvedOp(
+                index=i,
+                kind="widen",
+                span=s.span,
+                text=_print_stmt(s),
+                exactness=exactness,
+                reason=reason,
+                group=group,
+                old_size=old,
+                new_size=new,
+                method=method_name,
+                options=opts,
+                config_patch=patch,
+            )
+        )
+
+    def _new_size(self, st: _State, amount, old: int, group: str) -> int | None:
+        if isinstance(amount, A.Factor):
+            raw = old * amount.value
+            new = round(raw)
+            if abs(raw - new) > 1e-9:
+                st.bag.error(
+                    "SW301",
+                    f"x{amount.value:g} of {group}({old}) is {raw:g}, not a whole number of units",
+                    amount.span,
+                    help=f"use `to {math.floor(raw)}` or `to {math.ceil(raw)}`",
+                )
+                return None
+        elif isinstance(amount, A.ToSize):
+            new = amount.value
+        else:
+            new = old + amount.value
+        if new <= old:
+            st.bag.error(
+                "SW302",
+                f"this does not grow `{group}`: {old} -> {new}",
+                amount.span,
+                help="Scaler Wizard only grows models; pruning is out of scope",
+            )
+            return None
+        return new
+
+    def _widen_exactness(self, st: _State, s: A.WidenStmt, group: str, method: str, old: int, new: int):
+        ir = self.ir
+        bag = st.bag
+        if group == "hidden":
+            norms = self.hidden_norms()
+            kinds = sorted({n.kind for n in norms}) or ["none"]
+            place = self.placement()
+            r = new % old
+            if method == "tile":
+                return EXACT, f"tiling keeps {'/'.join(kinds)} statistics unchanged ({place}-norm)"
+            # lemon
+            if r == 0:
+                return EXACT, f"integer factor: lemon reduces to tiling ({'/'.join(kinds)}, {place}-norm)"
+            if place == "post" and "layernorm" in kinds:
+                bag.error(
+                    "SW306",
+                    f"LEMON's LayerNorm residue is exact in Post-LN models only for integer factors ({old} -> {new})",
+                    s.amount.span,
+                    help=f"this model normalises after the residual add; use `x{max(2, round(new / old))}` (or `to {old * max(2, round(new / old))}`)",
+                )
+                return None, ""
+            shared = self._eps_shared_with_other_groups()
+            eta2 = (new // old) * old / new
+            if shared:
+                return (
+                    EXACT_EPS,
+                    f"eps rescaled by eta^2={eta2:.4g} for the hidden norms, but the same config eps also serves "
+                    + ", ".join(shared),
+                )
+            residue = "zero" if set(kinds) <= {"rmsnorm", "rmsnorm_1p"} else "average"
+            return EXACT, f"{residue} residue with gains x eta and eps x eta^2={eta2:.4g}"
+        if group == "ffn":
+            return EXACT, f"{method}: copies' fan-out splits sum to the original (elementwise activation)"
+        if group in ("heads", "kv_heads"):
+            att = ir.attention
+            if att is None:
+                bag.error("SW312", "this model has no attention heads the compiler understands", s.group.span)
+                return None, ""
+            if "head_dim" in ir.groups and ir.groups["head_dim"].config_key is None:
+                g = ir.groups["head_dim"]
+                bag.error(
+                    "SW308",
+                    f"`{group}` cannot grow alone: this model derives head_dim as {g.derived or 'a function of other sizes'}",
+                    s.group.span,
+                    help="growing heads would change head_dim and every attention score; widen `hidden` by the same factor instead",
+                )
+                return None, ""
+            heads = st.sizes.get("heads", att.heads)
+            kv = st.sizes.get("kv_heads", att.kv_heads)
+            if group == "heads":
+                if new % kv != 0:
+                    lo, hi = (new // kv) * kv, (new // kv + 1) * kv
+                    bag.error(
+                        "SW304",
+                        f"{new} query heads cannot be shared evenly by {kv} KV heads",
+                        s.amount.span,
+                        help=f"grouped-query attention needs heads % kv_heads == 0: try `to {hi}`"
+                        + (f" or `to {lo}`" if lo > heads else ""),
+                    )
+                    return None, ""
+                return EXACT, f"new query heads placed in their GQA group ({new // kv} per KV head), o_proj {'split' if method == 'dup' else 'zero'}"
+            # kv_heads
+            if new % kv != 0:
+                bag.error(
+                    "SW304",
+                    f"kv_heads can grow only by an integer factor ({kv} -> {new})",
+                    s.amount.span,
+                    help=f"each query head must map to a copy of its old KV head: try `x2` (to {2 * kv})",
+                )
+                return None, ""
+            if heads % new != 0:
+                bag.error(
+                    "SW304",
+                    f"{heads} query heads cannot be shared evenly by {new} KV heads",
+                    s.amount.span,
+                    help=f"widen `heads` first (to a multiple of {new}), or pick kv_heads dividing {heads}",
+                )
+                return None, ""
+            return EXACT, f"KV heads tiled x{new // kv}; each query head reads a copy of its old KV head"
+        if group == "head_dim":
+            att = ir.attention
+            if att is None:
+                bag.error("SW312", "this model has no attention head_dim the compiler understands", s.group.span)
+                return None, ""
+            if ir.groups["head_dim"].config_key is None:
+                g = ir.groups["head_dim"]
+                bag.error(
+                    "SW308",
+                    f"`head_dim` cannot change alone: this model derives it as {g.derived or 'a function of other sizes'}",
+                    s.group.span,
+                )
+                return None, ""
+            if att.rope is not None and new % old != 0:
+                bag.error(
+                    "SW307",
+                    f"RoPE makes head_dim growth {old} -> {new} inexact: every rotary frequency changes",
+                    s.amount.span,
+                    help=f"an integer factor keeps every old frequency (old pair i -> new pair k*i): try `x{max(2, round(new / old))}`",
+                )
+                return None, ""
+            qk_norms = [n for n in ir.norms if n.group == "head_dim"]
+            if att.scaling_source.startswith("config:"):
+                scal = f"softmax scale from {att.scaling_source[7:]} is unchanged"
+            else:
+                scal = "q rows scaled to keep 1/sqrt(head_dim)"
+            if qk_norms:
+                return EXACT_EPS, f"{scal}; q/k norms over head_dim see mean-square / k, so their eps is off by that factor"
+            return EXACT, f"new dims zero in q/k/v fan-out; {scal}" + ("; rotary pair i -> k*i" if att.rope else "")
+        if group == "vocab":
+            return APPROX, "new token rows change the softmax denominator"
+        if group == "experts":
+            return APPROX, "copied experts and router rows change the routing distribution"
+        return EXACT, ""
+
+    def _width_patch(self, st: _State, s: A.WidenStmt, group: str, old: int, new: int) -> dict | None:
+        g = self.ir.groups[group]
+        patch: dict[str, Any] = {}
+        if g.config_key:
+            patch[g.config_key] = new
+        else:
+            st.bag.error(
+                "SW308",
+                f"`{group}` is not bound to a config value ({g.derived or 'derived'}), so the grown config cannot express it",
+                s.group.span,
+            )
+            return None
+        if group == "hidden":
+            method = M.WIDTH_ALIASES.get(s.method.name, s.method.name) if s.method else None
+            r = new % old
+            if method == "lemon" and r:
+                eta2 = (new // old) * old / new
+                for key in sorted({n.eps_key for n in self.hidden_norms() if n.eps_key}):
+                    patch[key] = st.config.get(key, self.ir.config.get(key)) * eta2
+            att = self.ir.attention
+            hd = self.ir.groups.get("head_dim")
+            if att is not None and hd is not None and hd.config_key is None and hd.derived:
+                # head_dim = hidden // heads: heads must follow hidden so head_dim stays fixed.
+                if new % att.head_dim != 0:
+                    st.bag.error(
+                        "SW313",
+                        f"this model derives head_dim = hidden / heads; hidden {new} is not a multiple of head_dim {att.head_dim}",
+                        s.amount.span,
+                        help=f"pick a multiple of {att.head_dim}, e.g. `to {(new // att.head_dim + 1) * att.head_dim}`",
+                    )
+                    return None
+        return patch
+
+    # .................................................................. depth
+    def _depth_allowed(self, st: _State, init: str, span) -> bool:
+        if init in ("identity", "zero", "cancel") and self.placement() == "post":
+            st.bag.error(
+                "SW305",
+                f"`{init}` layers are identity maps only in Pre-LN models; this model normalises after the residual add (Post-LN)",
+                span,
+                help="no block is the identity under Post-LN; use `copy` (approx) instead",
+            )
+            return False
+        return True
+
+    def _init(self, st: _State, ident: A.Ident | None, default: str = "identity") -> str | None:
+        if ident is None:
+            return default
+        name = M.DEPTH_ALIASES.get(ident.name, ident.name)
+        if name not in M.DEPTH_INITS:
+            hint = suggest(ident.name, M.DEPTH_INITS)
+            st.bag.error(
+                "SW203",
+                f"unknown layer init `{ident.name}`",
+                ident.span,
+                help=(f"did you mean `{hint}`? " if hint else "") + "inits: " + ", ".join(f"`{k}`" for k in M.DEPTH_INITS),
+            )
+            return None
+        return name
+
+    def _depth_op(self, i, s, st: _State, kind: str, init: str | None, opts: dict, new_map: list[LayerSource]):
+        exactness = APPROX if init in (None, "copy") else EXACT
+        reason = (
+            "copied layers change the function (SOLAR / G_stack style)"
+            if exactness == APPROX
+            else f"{init} layers add zero to the residual stream ({self.placement()}-norm)"
+        )
+        st.layer_map = new_map
+        st.ops.append(
+            ResolvedOp(
+                index=i,
+                kind=kind,
+                span=s.span,
+                text=_print_stmt(s),
+                exactness=exactness,
+                reason=reason,
+                method=init,
+                options=opts,
+                layer_map=tuple(new_map),
+                config_patch={self.ir.layers_key: len(new_map)},
+            )
+        )
+
+    def _source_for_new(self, st: _State, pos: int, opts: dict, span) -> int | None:
+        """The old layer seeding a new layer inserted at position ``pos`` of the current map."""
+        src = opts.get("from")
+        if src is not None:
+            if not isinstance(src, int) or not 0 <= src < self.ir.num_layers:
+                st.bag.error(
+                    "SW205",
+                    f"`from={src}` is not a layer of the original model (0..{self.ir.num_layers - 1})",
+                    span,
+                )
+                return None
+            return src
+        neighbour = st.layer_map[pos - 1] if pos > 0 else st.layer_map[0]
+        return neighbour.src
+
+    def _InsertLayerStmt(self, i, s: A.InsertLayerStmt, st: _State):
+        init = self._init(st, s.init)
+        opts = self._options(st, s.options, M.INSERT_OPTIONS, "`insert`")
+        idx = s.index.value
+        if not 0 <= idx <= st.depth:
+            st.bag.error(
+                "SW205",
+                f"cannot insert at layer {idx}: the model has {st.depth} layers at this point",
+                s.index.span,
+                help=f"the new layer's index must be 0..{st.depth} (it becomes that index)",
+            )
+            return
+        if init is None or not self._depth_allowed(st, init, s.init.span if s.init else s.span):
+            return
+        src = self._source_for_new(st, idx, opts, s.span)
+        if src is None:
+            return
+        new_map = st.layer_map[:idx] + [LayerSource(src, init)] + st.layer_map[idx:]
+        self._depth_op(i, s, st, "insert", init, opts, new_map)
+
+    def _InsertLayersAfterStmt(self, i, s: A.InsertLayersAfterStmt, st: _State):
+        init = self._init(st, s.init)
+        opts = self._options(st, s.options, M.INSERT_OPTIONS, "`insert`")
+        n, after = s.count.value, s.after.value
+        ok = True
+        if n < 1:
+            st.bag.error("SW302", f"inserting {n} layers does not grow the model", s.count.span)
+            ok = False
+        if not 0 <= after < st.depth:
+            st.bag.error(
+                "SW205",
+                f"there is no layer {after} to insert after: the model has {st.depth} layers (0..{st.depth - 1}) at this point",
+                s.after.span,
+            )
+            ok = False
+        if not ok or init is None or not self._depth_allowed(st, init, s.init.span if s.init else s.span):
+            return
+        src = self._source_for_new(st, after + 1, opts, s.span)
+        if src is None:
+            return
+        new_map = st.layer_map[: after + 1] + [LayerSource(src, init) for _ in range(n)] + st.layer_map[after + 1 :]
+        self._depth_op(i, s, st, "insert", init, opts, new_map)
+
+    def _InsertEveryStmt(self, i, s: A.InsertEveryStmt, st: _State):
+        init = self._init(st, s.init)
+        opts = self._options(st, s.options, M.INSERT_OPTIONS, "`insert`")
+        k = s.every.value
+        if not 1 <= k <= st.depth:
+            st.bag.error(
+                "SW205",
+                f"`every {k}` must be between 1 and the current depth {st.depth}",
+                s.every.span,
+            )
+            return
+        if init is None or not self._depth_allowed(st, init, s.init.span if s.init else s.span):
+            return
+        if "from" in opts:
+            st.bag.error("SW204", "`from` does not apply to `insert layers every`", s.span)
+            return
+        new_map: list[LayerSource] = []
+        for j, src in enumerate(st.layer_map):
+            new_map.append(src)
+            if (j + 1) % k == 0:
+                new_map.append(LayerSource(src.src, init))
+        self._depth_op(i, s, st, "insert", init, opts, new_map)
+
+    def _DuplicateLayersStmt(self, i, s: A.DuplicateLayersStmt, st: _State):
+        opts = self._options(st, s.options, M.DUPLICATE_OPTIONS, "`duplicate`")
+        a, b = s.start.value, s.stop.value
+        if not (0 <= a < b <= st.depth):
+            st.bag.error(
+                "SW205",
+                f"layer range {a}..{b} is not inside 0..{st.depth} (half-open, non-empty)",
+                s.span,
+                help=f"e.g. `duplicate layers {st.depth // 4}..{st.depth - st.depth // 4}`",
+            )
+            return
+        copies = [LayerSource(src.src, "copy") for src in st.layer_map[a:b]]
+        new_map = st.layer_map[:b] + copies + st.layer_map[b:]
+        self._depth_op(i, s, st, "duplicate", "copy", opts, new_map)
+
+    def _StackStmt(self, i, s: A.StackStmt, st: _State):
+        opts = self._options(st, s.options, M.DUPLICATE_OPTIONS, "`stack`")
+        k = s.factor.value
+        if k < 2:
+            st.bag.error("SW302", f"`stack x{k}` does not grow the model", s.factor.span, help="use `stack x2` or more")
+            return
+        new_map = list(st.layer_map) + [LayerSource(src.src, "copy") for _ in range(k - 1) for src in st.layer_map]
+        self._depth_op(i, s, st, "stack", "copy", opts, new_map)
+
+    # .................................................................. MoE
+    def _UpcycleStmt(self, i, s: A.UpcycleStmt, st: _State):
+        group = s.group.name
+        opts = self._options(st, s.options, M.UPCYCLE_OPTIONS, "`upcycle`")
+        if group != "ffn":
+            st.bag.error(
+                "SW202",
+                f"only the `ffn` group can be upcycled into experts, not `{group}`",
+                s.group.span,
+                help="write `upcycle ffn experts <E> top <k>`",
+            )
+            return
+        E, k = s.experts.value, s.top_k.value
+        ok = True
+        if E < 2:
+            st.bag.error("SW310", f"a mixture needs at least 2 experts, got {E}", s.experts.span)
+            ok = False
+        if not 1 <= k <= max(E, 1):
+            st.bag.error("SW310", f"top {k} is not between 1 and the number of experts {E}", s.top_k.span)
+            ok = False
+        if self.ir.moe is not None or st.upcycled:
+            st.bag.error(
+                "SW309",
+                "this model already routes its FFN through experts",
+                s.span,
+                help="to add experts, `widen experts ...`",
+            )
+            return
+        target = UPCYCLE_TARGETS.get(self.ir.model_type)
+        if target is None:
+            st.bag.error(
+                "SW309",
+                f"no mixture-of-experts family in transformers matches `{self.ir.model_type}` exactly",
+                s.span,
+                help="supported: " + ", ".join(f"{a} -> {b[0]}" for a, b in UPCYCLE_TARGETS.items()),
+            )
+            return
+        cfg = self.ir.config
+        if cfg.get("mlp_bias") or cfg.get("attention_bias"):
+            st.bag.error(
+                "SW309",
+                f"`{target[0]}` has no projection biases, but this model uses them",
+                s.span,
+            )
+            return
+        if not ok:
+            return
+        noise = opts.get("noise", 0) or 0
+        exactness = EXACT if not noise else APPROX
+        reason = (
+            f"identical experts with top-{k} weights renormalised to sum to 1 ({target[0]})"
+            if exactness == EXACT
+            else "noise on expert copies changes each expert"
+        )
+        patch = {
+            "model_type": target[0],
+            "architectures": [target[1]],
+        }
+        if target[0] == "mixtral":
+            patch.update(num_local_experts=E, num_experts_per_tok=k)
+        else:
+            patch.update(
+                num_experts=E,
+                num_experts_per_tok=k,
+                norm_topk_prob=True,
+                moe_intermediate_size=st.sizes.get("ffn"),
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            )
+        st.upcycled = (E, k)
+        st.config.update(patch)
+        st.ops.append(
+            ResolvedOp(
+                index=i,
+                kind="upcycle",
+                span=s.span,
+                text=_print_stmt(s),
+                exactness=exactness,
+                reason=reason,
+                group="ffn",
+                old_size=1,
+                new_size=E,
+                method="copy",
+                options={**opts, "top_k": k},
+                config_patch=patch,
+            )
+        )
+
+    # .................................................................. grow to
+    def _GrowToStmt(self, i, s: A.GrowToStmt, st: _State):
+        from scaler_wizard.compiler.solver import solve_grow_to
+
+        prefer = s.prefer.name if s.prefer else None
+        if prefer not in (None, "depth", "width"):
+            hint = suggest(prefer, ["depth", "width"])
+            st.bag.error(
+                "SW207",
+                f"`prefer` takes `depth` or `width`, not `{prefer}`",
+                s.prefer.span,
+                help=f"did you mean `{hint}`?" if hint else None,
+            )
+            return
+        solution = solve_grow_to(self, st, s, prefer)
+        if isinstance(solution, str):
+            st.bag.error("SW311", solution, s.span, help=groups_summary(self.ir, st.sizes, st.depth))
+            return
+        chosen, alternatives = solution
+        st.alternatives = tuple(alternatives)
+        for stmt in chosen:
+            handler = getattr(self, "_" + type(stmt).__name__)
+            handler(i, stmt, st)
+
+
+def check_plan(plan: A.Plan, ir: ModelIR, *, model_ref: str, context: int = 2048) -> ResolvedPlan:
+    """Resolve ``plan`` against ``ir``; raise :class:`PlanError` with every diagnostic if it fails."""
+    return TypeChecker(ir, context=context).check(plan, model_ref=model_ref)
