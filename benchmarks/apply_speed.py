@@ -1,0 +1,197 @@
+"""How fast is `apply` compared with just copying the bytes?
+
+Builds (once, cached under ./bench-cache/) a random TinyLlama-1.1B-shaped bf16 checkpoint (hidden 2048,
+ffn 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000), written tensor by tensor with the project's
+CheckpointWriter, then times, each in its own subprocess (so peak RSS figures do not mix):
+
+* ``raw``: a streaming copy of the same output bytes -- for each output tensor, read its source tensor
+  with safetensors and write shards of the same size with ``safetensors.torch.save_file``;
+* ``execute``: ``scaler_wizard.runtime.execute.execute`` of the program.
+
+Programs: ``depth`` (22 -> 32 layers SOLAR-style: output layers 0..15 = input 0..15, 16..31 = input
+6..21; all outputs are Loads). Plan-driven programs will be added once the passes exist.
+
+    .venv/bin/python benchmarks/apply_speed.py                # 1.1B (about 2.2 GB in, 3.2 GB out)
+    .venv/bin/python benchmarks/apply_speed.py --small        # a 4-layer toy of the same shape family
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000)
+SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, vocab_size=4000)
+
+LAYER_TENSORS = [
+    ("self_attn.q_proj.weight", lambda c: (c["hidden_size"], c["hidden_size"])),
+    ("self_attn.k_proj.weight", lambda c: (c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"], c["hidden_size"])),
+    ("self_attn.v_proj.weight", lambda c: (c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"], c["hidden_size"])),
+    ("self_attn.o_proj.weight", lambda c: (c["hidden_size"], c["hidden_size"])),
+    ("mlp.gate_proj.weight", lambda c: (c["intermediate_size"], c["hidden_size"])),
+    ("mlp.up_proj.weight", lambda c: (c["intermediate_size"], c["hidden_size"])),
+    ("mlp.down_proj.weight", lambda c: (c["hidden_size"], c["intermediate_size"])),
+    ("input_layernorm.weight", lambda c: (c["hidden_size"],)),
+    ("post_attention_layernorm.weight", lambda c: (c["hidden_size"],)),
+]
+
+
+def shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
+    out = [("model.embed_tokens.weight", (c["vocab_size"], c["hidden_size"]))]
+    for i in range(c["num_hidden_layers"]):
+        out += [(f"model.layers.{i}.{n}", f(c)) for n, f in LAYER_TENSORS]
+    out += [("model.norm.weight", (c["hidden_size"],)), ("lm_head.weight", (c["vocab_size"], c["hidden_size"]))]
+    return out
+
+
+def build_checkpoint(dst: Path, dims: dict, shard_size: str) -> Path:
+    import torch
+    from transformers import LlamaConfig
+
+    from scaler_wizard.runtime.checkpoint import CheckpointWriter
+
+    if (dst / "config.json").is_file():
+        return dst
+    cfg = LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False).to_dict()
+    cfg["dtype"] = "bfloat16"
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    with CheckpointWriter(dst, max_shard_size=shard_size) as w:
+        for name, shp in shapes(dims):
+            if name.endswith("norm.weight"):
+                t = torch.ones(shp, dtype=torch.bfloat16)
+            else:
+                t = (torch.randn(shp, generator=g) * 0.02).to(torch.bfloat16)
+            w.add(name, t)  # the writer holds at most one shard
+        w.write_config(cfg)
+        w.commit()
+    print(f"built {dst} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return dst
+
+
+def depth_program(reader, new_layers: int):
+    """SOLAR-style depth up-scaling n -> new_layers: first m layers, then the last m layers (m = new/2)."""
+    from scaler_wizard.compiler.program import Load, TensorProgram
+
+    n = reader.config["num_hidden_layers"]
+    m = new_layers // 2
+    src = list(range(0, m)) + list(range(n - (new_layers - m), n))
+    p = TensorProgram(config_patch={"num_hidden_layers": new_layers},
+                      metadata={"plan": f"depth {n} -> {new_layers} (SOLAR: layers 0..{m - 1} + {n - (new_layers - m)}..{n - 1})"})
+    p.copy_through("model.embed_tokens.weight", reader.shape("model.embed_tokens.weight"))
+    for j, i in enumerate(src):
+        for suffix, _ in LAYER_TENSORS:
+            name = f"model.layers.{i}.{suffix}"
+            p.add(f"model.layers.{j}.{suffix}", Load(name, reader.shape(name)), exactness="approx",
+                  status="original" if i == j else "new", explain=f"copy of layer {i}")
+    for name in ("model.norm.weight", "lm_head.weight"):
+        p.copy_through(name, reader.shape(name))
+    return p
+
+
+def child(args) -> dict:
+    """One timed run, in this (fresh) process."""
+    from scaler_wizard.runtime.checkpoint import open_checkpoint, parse_size, plan_shards
+
+    reader = open_checkpoint(args.src)
+    prog = depth_program(reader, args.new_layers)
+    dst = Path(args.dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    import torch  # noqa: F401  (imports outside the timed region)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from scaler_wizard.compiler.program import Load
+    from scaler_wizard.runtime.execute import execute
+
+    t0 = time.perf_counter()
+    if args.child == "raw":
+
+        src_of = {}
+        for name, out in prog.outputs.items():
+            node = out.node
+            assert isinstance(node, Load)
+            src_of[name] = node.name
+        sizes = [(n, reader.info(s).nbytes) for n, s in src_of.items()]
+        shards = plan_shards(sizes, parse_size(args.shard_size))
+        dst.mkdir(parents=True)
+        total = 0
+        for k, shard in enumerate(shards):
+            buf = {}
+            for n in shard:
+                info = reader.info(src_of[n])
+                with safe_open(info.file, "pt") as f:
+                    buf[n] = f.get_tensor(src_of[n]).clone()
+            save_file(buf, str(dst / f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in buf.values())
+            del buf
+        bytes_out = total
+        extra = {}
+    else:
+        rep = execute(prog, reader, dst, shard_size=args.shard_size, progress=False)
+        bytes_out = rep.tensor_bytes
+        extra = {"peak_held_bytes": rep.peak_held_bytes, "largest_shard_bytes": rep.largest_shard_bytes,
+                 "n_shards": rep.n_shards}
+    wall = time.perf_counter() - t0
+    return {"mode": args.child, "wall_s": wall, "bytes_out": bytes_out,
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default=str(ROOT / "bench-cache"))
+    ap.add_argument("--small", action="store_true", help="a small model of the same family (smoke test)")
+    ap.add_argument("--shard-size", default="1GB", help="input and output shard size")
+    ap.add_argument("--program", default="depth", choices=["depth"])
+    ap.add_argument("--new-layers", type=int, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the outputs")
+    ap.add_argument("--child", choices=["raw", "execute"], help=argparse.SUPPRESS)
+    ap.add_argument("--src", help=argparse.SUPPRESS)
+    ap.add_argument("--dst", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+
+    dims = SMALL if args.small else TINYLLAMA
+    name = "small-random-bf16" if args.small else "tinyllama-1.1b-random-bf16"
+    cache = Path(args.cache)
+    src = build_checkpoint(cache / name, dims, args.shard_size)
+    new_layers = args.new_layers or (dims["num_hidden_layers"] * 32 // 22)
+    results = {}
+    for mode in ("raw", "execute"):
+        dst = cache / f"out-{name}-{mode}"
+        cmd = [sys.executable, __file__, "--child", mode, "--src", str(src), "--dst", str(dst),
+               "--shard-size", args.shard_size, "--new-layers", str(new_layers)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        if not args.keep:
+            shutil.rmtree(dst, ignore_errors=True)
+    raw = results["raw"]["wall_s"]
+    print(f"program: {args.program} ({dims['num_hidden_layers']} -> {new_layers} layers), model {name}, "
+          f"shard size {args.shard_size}")
+    print(f"{'mode':<8} {'wall s':>8} {'GB out':>8} {'GB/s':>6} {'x raw':>6} {'peak RSS GB':>12} {'held GB':>8}")
+    for mode, r in results.items():
+        gb = r["bytes_out"] / 1e9
+        held = r.get("peak_held_bytes")
+        print(f"{mode:<8} {r['wall_s']:8.2f} {gb:8.3f} {gb / r['wall_s']:6.2f} {r['wall_s'] / raw:6.2f} "
+              f"{r['max_rss_bytes'] / 1e9:12.3f} {'' if held is None else f'{held / 1e9:8.3f}'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

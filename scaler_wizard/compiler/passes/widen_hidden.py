@@ -1,0 +1,149 @@
+"""`widen hidden` (tile / lemon): grow the residual stream.
+
+* residual -> [tile_k(x); residue_r]: residue 0 for RMSNorm models, mean(x) for LayerNorm (LEMON);
+* writers (embedding, o_proj, down_proj, biases, position embeddings): rows tiled, residue rows
+  zero (RMSNorm) or the mean of the rows (LayerNorm); Gemma-style sqrt(hidden) embedding scale is
+  compensated by multiplying the embedding by sqrt(d/d');
+* readers (q/k/v, gate/up, untied LM head): columns tiled and scaled by the copies' shares (unequal
+  by default: breaks symmetry), residue columns random (they read a normalised residue of 0);
+* norm gains: eta * [tile(g); rho] (Gemma (1+w): stored eta*(1+w) - 1), biases [tile(b); 0];
+  epsilon x eta^2 comes from the type checker's config patch;
+* tied LM head: the embedding is both writer and reader, so the final norm's gain carries the
+  readers' shares (and 1/embedding scale) -- the tie is kept unless the op says ``untie=true``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from scaler_wizard.compiler import program as P
+from scaler_wizard.compiler.methods.axisops import fan_out_coef, grow_units, mean_fill, random_fill
+from scaler_wizard.compiler.methods.unitmap import eta as eta_of, rng_for, tile_map
+from scaler_wizard.compiler.passes.base import LowerState, Pass, TState, normalise_axes, option
+from scaler_wizard.compiler.passes.common import rewrite_axis
+
+
+class WidenHidden(Pass):
+    name = "widen-hidden"
+
+    def requires(self, st: LowerState) -> None:
+        op = self.op
+        if op.group != "hidden" or op.method not in ("tile", "lemon"):
+            raise self.fail(st, f"expects `widen hidden` with tile or lemon, got {op.group} {op.method}")
+        if st.sizes.get("hidden") != op.old_size:
+            raise self.fail(st, f"hidden is {st.sizes.get('hidden')} at this point, the plan expected {op.old_size}")
+        r = op.new_size % op.old_size
+        kinds = {n.kind for n in st.ir.norms if n.group == "hidden"}
+        if r and st.ir.residual.placement == "post" and "layernorm" in kinds:
+            raise self.fail(st, "a LayerNorm residue is not exact in a Post-LN model (SW306)")
+        if r and op.method == "tile":
+            raise self.fail(st, "tile needs an integer factor")
+        unknown = kinds - {"rmsnorm", "layernorm", "rmsnorm_1p"}
+        if unknown:
+            raise self.fail(st, f"norm kind(s) {sorted(unknown)} over hidden are not supported")
+        if st.upcycled:
+            raise self.fail(st, "widen hidden after upcycle is not supported; put it before `upcycle`")
+
+    def apply(self, st: LowerState) -> None:
+        op, ir = self.op, st.ir
+        d, d2 = op.old_size, op.new_size
+        r = d2 % d
+        eta = eta_of(d, d2)
+        equal = option(op, "split") == "equal"
+        noise = float(option(op, "noise", st.plan.noise) or 0.0)
+        m = tile_map(d, d2, equal=equal, rng=rng_for(st.seed, f"hidden:{op.index}"))
+        kinds = {n.kind for n in ir.norms if n.group == "hidden"}
+        mean_residue = bool(r) and "layernorm" in kinds
+        std = st.init_std()
+        src = ir.residual.embed_scale_source or ""
+        s_emb = math.sqrt(d / d2) if "hidden" in src else 1.0
+        norms = {}
+        for n in ir.norms:
+            if n.group != "hidden":
+                continue
+            if n.weight:
+                norms[n.weight] = (n, "weight")
+            if n.bias:
+                norms[n.bias] = (n, "bias")
+
+        # the LM head tied to the embedding: untie it, or let the final norm carry the shares
+        tied_readers = []
+        untie = option(op, "untie") in (True, "true")
+        for alias, keep in list(st.aliases.items()):
+            info = next((t for t in ir.tensors if t.name == alias), None)
+            if info is None:
+                continue
+            axes = normalise_axes(ir, info)
+            if not any(ax.role == "in" and "hidden" in ax.groups() for ax in axes):
+                continue
+            if untie:
+                base = st.tensors[keep]
+                st.tensors[alias] = TState(base.node, info, None, axes, base.source, base.changed,
+                                           None if base.region is None else list(base.region), base.exactness,
+                                           list(base.notes))
+                del st.aliases[alias]
+                st.untied.add(alias)
+                st.tensors[alias].notes.append("untied from " + keep)
+            else:
+                tied_readers.append(alias)
+        head_share = fan_out_coef(m)
+        final_coef = tuple(c / s_emb for c in head_share) if tied_readers else None
+        if tied_readers and not any(n.placement == "final" and n.weight for n in ir.norms if n.group == "hidden"):
+            raise self.fail(st, "tied LM head without a final norm gain to absorb the readers' shares; use untie=true")
+
+        how = f"lemon {'zero' if not mean_residue else 'mean'} residue" if r else "tile"
+        ex = op.exactness
+        for name, ts, a in st.members("hidden"):
+            role = ts.axes[a].role
+            x_shape = ts.node.shape
+            if role == "out":
+                scale = s_emb if ts.info is not None and ts.info.kind == "embedding" else 1.0
+
+                def fn(x, ax, scale=scale):
+                    fresh = mean_fill(x, ax) if mean_residue else None
+                    y = grow_units(x, ax, m, fresh=fresh)
+                    return P.Scale(y, scale) if scale != 1.0 else y
+
+                rewrite_axis(st, ts, a, "hidden", m, fn, exactness=ex, keeps_values=s_emb == 1.0 or scale == 1.0,
+                             text=f"hidden {d}->{d2} ({how}): stream rows copied"
+                             + (f", x{scale:.4g} for the sqrt(hidden) embedding scale" if scale != 1.0 else ""))
+            elif role == "in":
+                def fn(x, ax, name=name):
+                    return grow_units(x, ax, m, coef=head_share, fresh=random_fill(f"{name}:hidden-residue:{op.index}", std),
+                                      noise=noise, noise_key=f"{name}:hidden-noise:{op.index}")
+
+                rewrite_axis(st, ts, a, "hidden", m, fn, exactness=ex, keeps_values=False,
+                             text=f"hidden {d}->{d2} ({how}): reader columns split among copies"
+                             + (", residue columns random" if r else ""))
+            elif role == "elem":
+                tmpl = ts.info.name if ts.info is not None else name
+                if tmpl not in norms:
+                    raise self.fail(st, f"{name}: elementwise on hidden but not a known norm")
+                norm, part = norms[tmpl]
+                carry = final_coef if (norm.placement == "final" and final_coef is not None) else None
+                if part == "weight":
+                    coef = tuple(eta * (carry[j] if carry else 1.0) for j in range(d2))
+                    one_p = norm.kind == "rmsnorm_1p"
+
+                    def fn(x, ax, coef=coef, one_p=one_p):
+                        eff = P.Add(x, P.Full(x.shape, 1.0)) if one_p else x
+                        y = grow_units(eff, ax, m, coef=coef, fresh=lambda s: P.Full(s, 1.0))
+                        return P.Add(y, P.Full(y.shape, -1.0)) if one_p else y
+
+                    text = f"hidden {d}->{d2} ({how}): norm gain tiled" + (f", x eta={eta:.4g}" if r else "")
+                    if carry:
+                        text += ", carries the tied LM head's shares"
+                else:
+                    coef = carry
+
+                    def fn(x, ax, coef=coef):
+                        return grow_units(x, ax, m, coef=coef)
+
+                    text = f"hidden {d}->{d2} ({how}): norm bias tiled, residue 0"
+                rewrite_axis(st, ts, a, "hidden", m, fn, exactness=ex, keeps_values=not r and not carry, text=text)
+            else:
+                raise self.fail(st, f"{name}: axis {a} has role `{role}` on hidden, which this pass cannot grow")
+            del x_shape
+        for alias in tied_readers:
+            st.notes.append(f"{alias} stays tied to {st.aliases[alias]}: the final norm gain carries the readers' shares")
+        st.sizes["hidden"] = d2

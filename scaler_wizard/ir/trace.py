@@ -1,0 +1,209 @@
+"""Trace a Hugging Face model built from its config on the meta device with torch.export.
+
+The model is built with the fewest layers that cover every distinct layer signature (per-layer
+config arrays such as ``layer_types``, index lists such as ``mlp_only_layers``); ``layer_map``
+records, for each traced layer, the real layers that share its signature.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from scaler_wizard.ir.errors import IRDiscoveryError
+
+SEQ_LEN = 7  # odd prime: never equal to a model dimension of the tiny configs
+
+
+@dataclass
+class Traced:
+    config: Any  # the reduced config actually traced
+    model: Any  # the meta model (reduced)
+    exported: Any  # torch.export.ExportedProgram
+    num_layers: int  # real depth
+    layers_key: str
+    layer_map: dict[int, tuple[int, ...]]  # traced layer -> real layers with the same signature
+    layer_arrays: tuple[str, ...]
+    layer_list_path: str | None  # module path of the ModuleList holding the layers ("model.layers")
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    tied_sets: list[tuple[str, ...]] = field(default_factory=list)
+    param_modules: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (module path, type)
+
+
+def layers_key_of(config) -> str:
+    amap = getattr(config, "attribute_map", {}) or {}
+    return amap.get("num_hidden_layers", "num_hidden_layers")
+
+
+def _num_layers(config) -> int:
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int):
+        raise IRDiscoveryError("config has no integer num_hidden_layers", module=type(config).__name__)
+    return n
+
+
+def layer_signatures(cfg: dict, num_layers: int) -> tuple[list[tuple], tuple[str, ...]]:
+    """Per-layer signature from config arrays: lists of length num_layers, and index lists."""
+    arrays = []
+    for k, v in sorted(cfg.items()):
+        if k.startswith("_") or not isinstance(v, list) or num_layers <= 1:
+            continue
+        ints = bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < num_layers for x in v)
+        if ints and "layers" in k and not k.endswith("types"):
+            arrays.append((k, "index_list"))
+        elif len(v) == num_layers:
+            arrays.append((k, "per_layer"))
+    sigs = []
+    for i in range(num_layers):
+        sig = []
+        for k, kind in arrays:
+            v = cfg[k]
+            sig.append(repr(v[i]) if kind == "per_layer" else (i in v))
+        sigs.append(tuple(sig))
+    return sigs, tuple(k for k, _ in arrays)
+
+
+def _array_kinds(cfg: dict, num_layers: int) -> list[tuple[str, str]]:
+    out = []
+    for k, v in sorted(cfg.items()):
+        if k.startswith("_") or not isinstance(v, list) or num_layers <= 1:
+            continue
+        ints = bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < num_layers for x in v)
+        if ints and "layers" in k and not k.endswith("types"):
+            out.append((k, "index_list"))
+        elif len(v) == num_layers:
+            out.append((k, "per_layer"))
+    return out
+
+
+def reduced_config(config):
+    """A copy of ``config`` with the fewest layers covering every distinct layer signature."""
+    n = _num_layers(config)
+    cfg = config.to_dict()
+    sigs, arrays = layer_signatures(cfg, n)
+    kinds = _array_kinds(cfg, n)
+    keep: list[int] = []
+    seen: dict[tuple, int] = {}
+    for i, s in enumerate(sigs):
+        if s not in seen:
+            seen[s] = len(keep)
+            keep.append(i)
+    layer_map = {j: tuple(i for i in range(n) if sigs[i] == sigs[keep[j]]) for j in range(len(keep))}
+    red = copy.deepcopy(config)
+    red.num_hidden_layers = len(keep)
+    for k in arrays:
+        v = cfg[k]
+        if dict(kinds)[k] == "per_layer":
+            setattr(red, k, [v[i] for i in keep])
+        else:
+            setattr(red, k, [j for j, i in enumerate(keep) if i in v])
+    red.use_cache = False
+    return red, layer_map, arrays, n
+
+
+def build_meta_model(config):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = copy.deepcopy(config)
+    if getattr(config, "model_type", None) in ("mixtral", "qwen2_moe", "qwen3_moe") or hasattr(config, "num_local_experts") or hasattr(config, "num_experts"):
+        config._experts_implementation = "batched_mm"
+    errors = []
+    with torch.device("meta"):
+        for auto in (AutoModelForCausalLM, AutoModelForMaskedLM):
+            try:
+                model = auto.from_config(config, dtype=torch.float32)
+                break
+            except ValueError as e:  # unrecognized configuration class for this auto class
+                errors.append(str(e).splitlines()[0])
+        else:
+            raise IRDiscoveryError(
+                f"no causal-LM or masked-LM class for model_type {config.model_type!r}: {errors[-1] if errors else ''}",
+                module=type(config).__name__,
+            )
+    model.eval()
+    return model
+
+
+def export_model(model, seq_len: int = SEQ_LEN):
+    import torch
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            out = self.m(input_ids=input_ids, use_cache=False) if _accepts_use_cache(self.m) else self.m(input_ids=input_ids)
+            return out.logits
+
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    try:
+        return torch.export.export(LogitsOnly(model), (ids,), strict=False)
+    except Exception as e:  # noqa: BLE001 - report which model failed and why
+        raise IRDiscoveryError(f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                               module=type(model).__name__) from e
+
+
+def _accepts_use_cache(model) -> bool:
+    import inspect
+
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def find_layer_list(model, depth: int) -> str | None:
+    import torch
+
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == depth:
+            nparams = sum(1 for _ in mod.parameters())
+            if best is None or nparams > best[1]:
+                best = (name, nparams)
+    return best[0] if best else None
+
+
+def trace_config(config) -> Traced:
+    red, layer_map, arrays, n = reduced_config(config)
+    model = build_meta_model(red)
+    ep = export_model(model)
+    t = Traced(
+        config=red,
+        model=model,
+        exported=ep,
+        num_layers=n,
+        layers_key=layers_key_of(config),
+        layer_map=layer_map,
+        layer_arrays=arrays,
+        layer_list_path=find_layer_list(model, red.num_hidden_layers),
+    )
+    by_id: dict[int, list[str]] = {}
+    mods = dict(model.named_modules())
+    for name, p in model.named_parameters(remove_duplicate=False):
+        t.param_shapes[name] = tuple(p.shape)
+        by_id.setdefault(id(p), []).append(name)
+        mpath = name.rsplit(".", 1)[0] if "." in name else ""
+        t.param_modules[name] = (mpath, type(mods.get(mpath)).__name__)
+    t.tied_sets = [tuple(v) for v in by_id.values() if len(v) > 1]
+    return t
+
+
+_LAYER_RE_CACHE: dict[str, re.Pattern] = {}
+
+
+def split_layer(name: str, layer_list_path: str | None) -> tuple[str, int | None]:
+    """``model.layers.3.mlp.up_proj.weight`` -> (``model.layers.{i}.mlp.up_proj.weight``, 3)."""
+    if not layer_list_path:
+        return name, None
+    pat = _LAYER_RE_CACHE.get(layer_list_path)
+    if pat is None:
+        pat = _LAYER_RE_CACHE[layer_list_path] = re.compile(r"^" + re.escape(layer_list_path) + r"\.(\d+)(\.|$)")
+    m = pat.match(name)
+    if not m:
+        return name, None
+    return layer_list_path + ".{i}" + name[m.end(1):], int(m.group(1))

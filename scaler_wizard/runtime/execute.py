@@ -1,0 +1,308 @@
+"""Out-of-core execution of a TensorProgram over a checkpoint, shard by shard.
+
+Schedule
+--------
+1. Check the program against the checkpoint headers (every Load exists with the recorded shape) and
+   pick each output's dtype: an explicit ``Cast`` at the root wins, then the ``dtype`` argument (for
+   floating outputs), then the dtype of the first ``Load`` the output depends on, then the
+   checkpoint's main floating dtype (outputs with no input at all).
+2. Pack outputs, in program order, into shards of at most ``shard_size`` bytes.
+3. For each shard: list the distinct nodes its outputs need (children first), count how many times
+   each is consumed, evaluate them in order (float32 compute; Loads read lazily from the reader and
+   kept in their stored dtype until consumed) and free every value at its last use. Outputs are
+   cast to their dtype and the shard is written. Nothing is kept across shards, so peak memory is
+   about one output shard plus the working set of its largest tensor, whatever the model size.
+4. Config (input config + program.config_patch), tokenizer files and the optional model card are
+   written, and the temporary directory is renamed into place (atomic; see CheckpointWriter).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scaler_wizard.compiler.program import (
+    FLOAT_DTYPES,
+    Cast,
+    EvalContext,
+    Load,
+    Node,
+    ProgramError,
+    TensorProgram,
+    _postorder,
+    dtype_name,
+    torch_dtype,
+)
+from scaler_wizard.runtime.checkpoint import (
+    DEFAULT_SHARD_SIZE,
+    ITEMSIZE,
+    CheckpointError,
+    CheckpointReader,
+    CheckpointWriter,
+    TensorNotFoundError,
+    parse_size,
+    plan_shards,
+)
+
+
+class ExecutionError(CheckpointError):
+    """A failure while computing an output tensor (names the tensor and the op)."""
+
+
+@dataclass
+class ExecutionReport:
+    out_dir: str
+    n_outputs: int
+    n_shards: int
+    tensor_bytes: int  # sum of output tensor sizes
+    bytes_written: int  # shard file bytes (with headers)
+    bytes_read: int
+    input_reads: int
+    nodes_computed: int
+    wall_s: float
+    peak_rss_bytes: int  # sampled during execution (psutil)
+    max_rss_bytes: int  # process lifetime peak (getrusage), includes anything before execute()
+    peak_held_bytes: int  # largest sum of live tensors held by the executor
+    largest_shard_bytes: int
+    dtypes: dict[str, int] = field(default_factory=dict)  # output dtype -> count
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        gb = 1e9
+        return (
+            f"wrote {self.n_outputs} tensors in {self.n_shards} shard(s), {self.bytes_written / gb:.3f} GB, "
+            f"to {self.out_dir} in {self.wall_s:.2f} s; read {self.bytes_read / gb:.3f} GB "
+            f"({self.input_reads} reads); peak RSS {self.peak_rss_bytes / gb:.3f} GB, "
+            f"peak held {self.peak_held_bytes / gb:.3f} GB (largest shard {self.largest_shard_bytes / gb:.3f} GB)"
+        )
+
+
+def check_program(program: TensorProgram, reader: CheckpointReader) -> None:
+    """Every Load names a tensor of the checkpoint with the recorded shape (all problems at once)."""
+    missing, wrong = [], []
+    for name, load in program.inputs().items():
+        if name not in reader:
+            missing.append(name)
+        elif tuple(reader.shape(name)) != tuple(load.shape):
+            wrong.append(f"{name}: program expects {tuple(load.shape)}, checkpoint has {tuple(reader.shape(name))}")
+    for n in program.nodes():  # one tensor loaded under two shapes
+        if isinstance(n, Load) and n.name in reader and tuple(reader.shape(n.name)) != n.shape:
+            msg = f"{n.name}: program expects {n.shape}, checkpoint has {tuple(reader.shape(n.name))}"
+            if msg not in wrong:
+                wrong.append(msg)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise TensorNotFoundError(
+            f"the program reads tensor(s) not in {reader.path}: {', '.join(missing[:5])}{more}"
+        )
+    if wrong:
+        raise ProgramError("the program does not match the checkpoint's shapes:\n  " + "\n  ".join(wrong))
+
+
+def output_dtypes(program: TensorProgram, reader: CheckpointReader, dtype: str | None) -> dict[str, str]:
+    default = reader.main_dtype()
+    memo: dict[str, str | None] = {}
+
+    def natural(node: Node) -> str | None:
+        # iterative: first Cast/Load found depth-first, left to right
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n.digest in memo and memo[n.digest] is not None:
+                return memo[n.digest]
+            if isinstance(n, Cast):
+                return n.dtype
+            if isinstance(n, Load):
+                return reader.dtype(n.name)
+            stack.extend(reversed(n.children()))
+        return None
+
+    res = {}
+    for name, out in program.outputs.items():
+        node = out.node
+        if isinstance(node, Cast):
+            res[name] = node.dtype
+            continue
+        nat = natural(node)
+        memo[node.digest] = nat
+        if dtype is not None and (nat is None or nat in FLOAT_DTYPES):
+            res[name] = dtype
+        else:
+            res[name] = nat or default
+    return res
+
+
+def merged_config(reader: CheckpointReader, program: TensorProgram, dtype: str | None) -> dict[str, Any]:
+    cfg = dict(reader.config)
+    cfg.update(program.config_patch)
+    if dtype is not None:
+        cfg["dtype"] = dtype
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = dtype
+    return cfg
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.p = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                              TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                              transient=False)
+            self.p.start()
+            self.task = self.p.add_task(label, total=total)
+
+    def advance(self, n: int, desc: str | None = None):
+        if self.p is not None:
+            self.p.update(self.task, advance=n, **({"description": desc} if desc else {}))
+
+    def stop(self):
+        if self.p is not None:
+            self.p.stop()
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def execute(
+    program: TensorProgram,
+    reader: CheckpointReader,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    progress: bool = True,
+    card: dict | None = None,
+    copy_tokenizer: bool = True,
+) -> ExecutionReport:
+    """Run ``program`` over ``reader`` and write a Hugging Face checkpoint to ``out_dir`` (atomically).
+
+    ``dtype``: output dtype for floating tensors (default: each output keeps its input's dtype).
+    ``card``: if given, a dict for :func:`scaler_wizard.runtime.card.render_card`, written as README.md.
+    """
+    import psutil
+    import torch
+
+    t0 = time.perf_counter()
+    proc = psutil.Process()
+    peak_rss = proc.memory_info().rss
+    dtype = None if dtype is None else dtype_name(dtype)
+    shard_size = parse_size(shard_size)
+    if not program.outputs:
+        raise ProgramError("the program has no outputs")
+
+    check_program(program, reader)
+    dts = output_dtypes(program, reader, dtype)
+    sizes = [(n, o.node.numel * ITEMSIZE[dts[n]]) for n, o in program.outputs.items()]
+    size_of = dict(sizes)
+    shards = plan_shards(sizes, shard_size)
+    total = sum(size_of.values())
+    reads0, bytes0 = reader.reads, reader.bytes_read
+
+    ctx = EvalContext(seed=program.seed)
+    bar = _Progress(progress and sys.stderr.isatty(), total, "scaler-wizard apply")
+    peak_held = 0
+    computed = 0
+    try:
+        with CheckpointWriter(out_dir, input_path=reader.path, max_shard_size=shard_size, force=force) as w:
+            for si, shard in enumerate(shards):
+                roots: dict[str, list[str]] = {}  # node digest -> output names
+                order: list[Node] = []
+                seen: set[str] = set()
+                for name in shard:
+                    node = program.outputs[name].node
+                    roots.setdefault(node.digest, []).append(name)
+                    _postorder(node, seen, order)
+                uses: dict[str, int] = {}
+                for n in order:
+                    for c in n.children():
+                        uses[c.digest] = uses.get(c.digest, 0) + 1
+                cache: dict[str, Any] = {}
+                held = 0
+                out_tensors: dict[str, Any] = {}
+                out_bytes = 0
+                for n in order:
+                    try:
+                        if isinstance(n, Load):
+                            val = reader.get(n.name)
+                        else:
+                            ins = []
+                            for c in n.children():
+                                v = cache[c.digest]
+                                if v.is_floating_point() and v.dtype != torch.float32:
+                                    v = v.float()
+                                ins.append(v)
+                            val = n.compute(ins, ctx)
+                            del ins
+                    except CheckpointError:
+                        raise
+                    except Exception as e:
+                        who = ", ".join(roots.get(n.digest, [])) or "an intermediate value"
+                        raise ExecutionError(f"computing {n!r} (for {who}) failed: {type(e).__name__}: {e}") from e
+                    computed += 1
+                    # free children at their last use
+                    for c in n.children():
+                        uses[c.digest] -= 1
+                        if uses[c.digest] == 0:
+                            dead = cache.pop(c.digest, None)
+                            if dead is not None:
+                                held -= _nbytes(dead)
+                    for name in roots.get(n.digest, []):
+                        t = val.to(torch_dtype(dts[name]))
+                        if not t.is_contiguous():
+                            t = t.contiguous()
+                        if t.untyped_storage().nbytes() > _nbytes(t):  # a view would keep its whole base alive
+                            t = t.clone()
+                        out_tensors[name] = t
+                        out_bytes += _nbytes(t)
+                        bar.advance(size_of[name])
+                    if uses.get(n.digest, 0) > 0:
+                        cache[n.digest] = val
+                        held += _nbytes(val)
+                    del val
+                    peak_held = max(peak_held, held + out_bytes)
+                    peak_rss = max(peak_rss, proc.memory_info().rss)
+                assert not cache, "executor bug: values left in cache after the shard"
+                w.write_shard(out_tensors)
+                peak_rss = max(peak_rss, proc.memory_info().rss)
+                del out_tensors
+            w.write_config(merged_config(reader, program, dtype))
+            if copy_tokenizer:
+                reader.save_tokenizer(w.dir)
+            if card is not None:
+                from scaler_wizard.runtime.card import render_card
+
+                w.write_text("README.md", render_card(card))
+            out = w.commit()
+            written = w.bytes_written
+    finally:
+        bar.stop()
+    return ExecutionReport(
+        out_dir=str(out),
+        n_outputs=len(program.outputs),
+        n_shards=len(shards),
+        tensor_bytes=total,
+        bytes_written=written,
+        bytes_read=reader.bytes_read - bytes0,
+        input_reads=reader.reads - reads0,
+        nodes_computed=computed,
+        wall_s=time.perf_counter() - t0,
+        peak_rss_bytes=peak_rss,
+        max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_held_bytes=peak_held,
+        largest_shard_bytes=max(sum(size_of[n] for n in s) for s in shards),
+        dtypes={d: list(dts.values()).count(d) for d in sorted(set(dts.values()))},
+    )

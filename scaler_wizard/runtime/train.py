@@ -1,0 +1,624 @@
+"""Continuation training: one code path for one process and many, through accelerate.
+
+``train(model_dir, run_dir, recipe)`` runs AdamW with warmup + cosine decay, gradient
+accumulation, optional gradient checkpointing and bf16/fp16 autocast, parameter groups from the
+growth record (freeze the original tensors, or a separate learning rate for new ones), a
+sequence-length curriculum, periodic held-out loss/perplexity, atomic checkpoints, exact resume
+and the capability-retention breaker. Launch it in one process, or under ``torchrun`` /
+``accelerate launch`` (DDP, DeepSpeed ZeRO 1-3, FSDP2 on GPUs): the loop is the same.
+
+Run directory::
+
+    RUN_DIR/metrics.jsonl          one JSON object per logged step (``step``, ``loss``, ...)
+    RUN_DIR/loss.png               train / eval loss
+    RUN_DIR/checkpoint-<step>/     a loadable HF model dir + training_state/ + trainer_state.json
+    RUN_DIR/final/                 the result (after a breaker trip: the last good weights)
+    RUN_DIR/summary.json           how the run ended
+
+Exit status of the command (see ``scaler_wizard.commands.train``): 0 done, 2 bad input,
+3 the breaker tripped and the run was rolled back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.runtime.data import eval_blocks, prepare_data
+from scaler_wizard.runtime.growth_record import SIDECAR, GrowthRecord
+from scaler_wizard.runtime.recipe import TrainRecipe
+
+EXIT_BREAKER = 3
+STATE_FILE = "trainer_state.json"
+METRICS = "metrics.jsonl"
+_HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "stopped" | "breaker"
+    step: int
+    run_dir: Path
+    final_dir: Path | None
+    baseline_ppl: float | None = None
+    last_eval_ppl: float | None = None
+    restored: str | None = None
+    reason: str | None = None
+    tokens_per_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_BREAKER if self.status == "breaker" else 0
+
+
+# --------------------------------------------------------------------------- helpers
+def lr_lambda(recipe: TrainRecipe):
+    """Multiplier of the peak LR for optimizer step index i (0-based): linear warmup, cosine decay
+    to ``min_lr_ratio``."""
+    warm, total, floor = recipe.warmup_steps, recipe.steps, recipe.min_lr_ratio
+
+    def f(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        progress = min(1.0, (i - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in Path(run_dir).glob("checkpoint-*"):
+        tail = p.name.split("-", 1)[1]
+        if tail.isdigit() and (p / STATE_FILE).is_file():
+            out.append((int(tail), p))
+    return sorted(out)
+
+
+def _resolve_precision(precision: str) -> str:
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if precision == "fp32":
+        return "no"
+    if precision == "fp16" and not cuda:
+        raise UsageError("--precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return precision
+
+
+def _deepspeed_plugin(config: str | dict | None, recipe: TrainRecipe):
+    if config is None:
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    if not isinstance(config, dict):
+        try:
+            config = json.loads(Path(config).read_text())
+        except OSError as e:
+            raise UsageError(f"cannot read DeepSpeed config {config}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"DeepSpeed config {config}: invalid JSON: {e.msg} (line {e.lineno})") from None
+    return DeepSpeedPlugin(hf_ds_config=config)
+
+
+def _fill_deepspeed_auto(accelerator, recipe: TrainRecipe) -> None:
+    """Concrete values for the "auto" entries accelerate would otherwise take from a DataLoader."""
+    plugin = accelerator.state.deepspeed_plugin
+    cfg = plugin.deepspeed_config
+    for key, value in (("train_micro_batch_size_per_gpu", recipe.batch_size),
+                       ("gradient_accumulation_steps", recipe.grad_accum),
+                       ("gradient_clipping", recipe.max_grad_norm)):
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+    cfg["train_batch_size"] = recipe.batch_size * recipe.grad_accum * accelerator.num_processes
+    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        cfg["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
+
+
+def _is_deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def _zero_stage(accelerator) -> int:
+    if not _is_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+class _Frozen:
+    """Keeps the original part of grown tensors bit-identical: the gradient of the region is
+    zeroed by a hook (so Adam moments stay zero there) and, after each optimizer step, the region
+    is copied back from a saved copy (undoing decoupled weight decay and any other drift)."""
+
+    def __init__(self):
+        self.regions: list[tuple[torch.nn.Parameter, tuple[slice, ...], torch.Tensor]] = []
+
+    def add(self, p: torch.nn.Parameter, sl: tuple[slice, ...]) -> None:
+        self.regions.append((p, sl, p.detach()[sl].clone()))
+
+        def hook(g, sl=sl):
+            g = g.clone()
+            g[sl] = 0
+            return g
+
+        p.register_hook(hook)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, sl, saved in self.regions:
+            p[sl] = saved.to(p.device, p.dtype)
+
+
+def _param_groups(model, recipe: TrainRecipe, record: GrowthRecord | None):
+    """AdamW groups: (new | other) x (decay | no decay); frozen tensors get no gradient."""
+    frozen = _Frozen()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if record is not None:
+        record.check_against(shapes)
+    if (recipe.freeze_original or recipe.new_lr is not None) and record is None:
+        raise UsageError(
+            "--freeze-original and --new-lr need to know which parameters are new: the model dir has no "
+            f"{SIDECAR} (written by `scaler-wizard apply`); pass one with --growth-record FILE"
+        )
+    counts = {"new": 0, "grown": 0, "original": 0, "trainable": 0, "frozen": 0}
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        status = record.status(name) if record else "original"
+        counts[status] += p.numel()
+        if recipe.freeze_original and status == "original":
+            p.requires_grad_(False)
+            counts["frozen"] += p.numel()
+            continue
+        if recipe.freeze_original and status == "grown":
+            t = record.tensors[name]
+            frozen.add(p, t.region_slices())
+            region = 1
+            for a, b in t.original_region:
+                region *= b - a
+            counts["frozen"] += region
+        counts["trainable"] += p.numel()
+        is_new = status == "new" and recipe.new_lr is not None
+        decay = p.ndim >= 2 and recipe.weight_decay > 0
+        groups.setdefault((is_new, decay), []).append(p)
+    if counts["trainable"] == 0:
+        raise UsageError("nothing to train: every parameter is original and --freeze-original is set")
+    out = []
+    for (is_new, decay), params in sorted(groups.items()):
+        out.append({"params": params, "lr": recipe.new_lr if is_new else recipe.lr,
+                    "weight_decay": recipe.weight_decay if decay else 0.0})
+    return out, frozen, counts
+
+
+@torch.no_grad()
+def _eval_loss(model, blocks: torch.Tensor, accelerator, batch_size: int) -> float:
+    """Token-weighted mean loss over the held-out blocks, split across ranks."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n = len(blocks)
+    if n == 0:
+        return float("nan")
+    shard = blocks[rank: n - n % world: world] if n >= world else blocks
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for i in range(0, len(shard), batch_size):
+        ids = shard[i:i + batch_size].to(accelerator.device)
+        with accelerator.autocast():
+            loss = model(input_ids=ids, labels=ids).loss
+        k = ids.shape[0] * (ids.shape[1] - 1)
+        total[0] += loss.double() * k
+        total[1] += k
+    if world > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+def _ppl(loss: float) -> float:
+    try:
+        return math.exp(loss) if math.isfinite(loss) else float("inf")
+    except OverflowError:
+        return float("inf")
+
+
+class _Metrics:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, rec: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(rec, allow_nan=True) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
+    """Train and eval loss against step, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    recs = _Metrics(metrics_path, False).read()
+    tr = [(r["step"], r["loss"]) for r in recs if r.get("event") is None and r.get("loss") is not None]
+    ev = [(r["step"], r["eval_loss"]) for r in recs if r.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", lw=1)
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval loss", lw=1.5)
+    for r in recs:
+        if r.get("event") == "breaker_trip":
+            ax.axvline(r["step"], color="red", ls="--", label="breaker trip")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def _copy_hf_dir(src: Path, dst: Path) -> None:
+    """Atomically materialise a loadable model dir ``dst`` from ``src`` (weights, config, tokenizer)."""
+    tmp = dst.parent / f".tmp-{dst.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+# --------------------------------------------------------------------------- the loop
+def train(
+    model_dir: str | Path,
+    run_dir: str | Path,
+    recipe: TrainRecipe,
+    *,
+    resume: str | Path | bool | None = None,
+    deepspeed_config: str | dict | None = None,
+    growth_record: str | Path | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    dump_rank_weights: bool = False,
+) -> TrainResult:
+    """Continue training ``model_dir`` into ``run_dir``. See the module docstring."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    model_dir, run_dir = Path(model_dir), Path(run_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    recipe.validate()
+
+    plugin = _deepspeed_plugin(deepspeed_config, recipe)
+    # Under torchrun on a machine without GPUs accelerate picks MULTI_CPU only when told to use the
+    # CPU; otherwise every rank silently trains alone (measured, see DEVELOPERS.md).
+    use_ds = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu_only = not torch.cuda.is_available() and not use_ds
+    if use_ds and not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+        # DeepSpeed's CPU accelerator: accelerate finds no backend on its own and would run each rank
+        # alone; naming gloo makes it initialise deepspeed.comm over gloo (measured, DEVELOPERS.md)
+        from accelerate.state import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+    accelerator = Accelerator(
+        cpu=cpu_only,
+        mixed_precision=_resolve_precision(recipe.precision),
+        gradient_accumulation_steps=recipe.grad_accum,
+        deepspeed_plugin=plugin,
+        step_scheduler_with_optimizer=False,
+    )
+    main = accelerator.is_main_process
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UsageError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes} "
+                         f"({accelerator.distributed_type}); on CPU set ACCELERATE_USE_CPU=1 (see DEVELOPERS.md)")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    # ---- resume point
+    ckpt: Path | None = None
+    if resume:
+        if resume is True or str(resume) == "auto":
+            found = checkpoints(run_dir)
+            ckpt = found[-1][1] if found else None  # none yet: a fresh start (first launch of a job)
+            if ckpt is None and main:
+                print(f"--resume: no checkpoint in {run_dir} yet, starting from {model_dir}", flush=True)
+        else:
+            ckpt = Path(resume)
+            if not (ckpt / STATE_FILE).is_file():
+                raise UsageError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE})")
+    state = json.loads((ckpt / STATE_FILE).read_text()) if ckpt else {}
+
+    set_seed(recipe.seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the tokenizer of {model_dir}: {e}") from None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    if recipe.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    record = GrowthRecord.load(growth_record) if growth_record else GrowthRecord.find(model_dir)
+    groups, frozen, counts = _param_groups(model, recipe, record)
+    targets = [(g["lr"], g["weight_decay"]) for g in groups]
+    if frozen.regions and _is_deepspeed(accelerator):
+        raise UsageError(
+            "--freeze-original on partly-grown tensors is not supported under DeepSpeed (its optimizer keeps "
+            "its own fp32 copy); use DDP/FSDP, or --new-lr without --freeze-original"
+        )
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
+
+    if _is_deepspeed(accelerator):
+        _fill_deepspeed_auto(accelerator, recipe)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    data = prepare_data(recipe, tokenizer, world=world, rank=rank)
+    held_out = eval_blocks(data.eval_tokens, recipe.max_seq_len, recipe.eval_blocks)
+    eval_bs = max(1, recipe.batch_size)
+    metrics = _Metrics(run_dir / METRICS, main)
+
+    # ---- baseline (fresh run) or restored state
+    start = 0
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt / "training_state"))
+        start = int(state["step"])
+        # the recipe of this launch wins over the saved one (same recipe: the same values, bit for bit)
+        lam = lr_lambda(recipe)
+        scheduler.base_lrs = [lr for lr, _ in targets]
+        for pg, (lr, wd) in zip(optimizer.param_groups, targets):
+            pg["initial_lr"], pg["weight_decay"] = lr, wd
+            pg["lr"] = lr * lam(scheduler.last_epoch)
+        data.batches.fast_forward(start, recipe.seq_len_at)
+        metrics.truncate_after(start)
+        baseline, baseline_orig = state.get("baseline_ppl"), state.get("original_ppl")
+        bad_streak = int(state.get("bad_streak", 0))
+        good = list(state.get("good_checkpoints", []))
+        total_tokens = int(state.get("tokens", 0))
+    else:
+        if main:
+            (run_dir / METRICS).unlink(missing_ok=True)
+        baseline = baseline_orig = None
+        if len(held_out):
+            baseline = _ppl(_eval_loss(model, held_out, accelerator, eval_bs))
+            if recipe.baseline_model:
+                orig = AutoModelForCausalLM.from_pretrained(recipe.baseline_model, dtype=torch.float32)
+                orig.to(accelerator.device)
+                baseline_orig = _ppl(_eval_loss(orig, held_out, accelerator, eval_bs))
+                del orig
+        metrics.write({"step": 0, "event": "baseline", "loss": math.log(baseline) if baseline else None,
+                       "eval_loss": math.log(baseline) if baseline else None, "eval_ppl": baseline,
+                       "original_ppl": baseline_orig, "params": counts, "world_size": world,
+                       "train_tokens": data.train_tokens, "eval_tokens": int(len(data.eval_tokens))})
+        bad_streak, good, total_tokens = 0, [], 0
+    reference = baseline_orig if baseline_orig is not None else baseline
+    breaker_on = recipe.breaker and reference is not None and len(held_out) > 0
+    limit = reference * (1.0 + recipe.breaker_threshold) if breaker_on else None
+
+    def do_eval(step: int) -> tuple[float, float, bool]:
+        loss = _eval_loss(model, held_out, accelerator, eval_bs)
+        ppl = _ppl(loss)
+        bad = breaker_on and not (ppl <= limit)
+        return loss, ppl, bad
+
+    def save(step: int, is_good: bool) -> Path:
+        final = run_dir / f"checkpoint-{step}"
+        tmp = run_dir / f".tmp-checkpoint-{step}"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "training_state"))
+        sd = accelerator.get_state_dict(model)  # collective under ZeRO-3
+        if main:
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if record is not None and record.path is not None:
+                shutil.copy2(record.path, tmp / SIDECAR)
+            st = {"step": step, "good": is_good, "baseline_ppl": baseline, "original_ppl": baseline_orig,
+                  "bad_streak": bad_streak, "good_checkpoints": good + ([step] if is_good else []),
+                  "tokens": total_tokens, "world_size": world, "recipe": recipe.to_dict()}
+            (tmp / STATE_FILE).write_text(json.dumps(st, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # atomic: a checkpoint dir either exists whole or not at all
+        accelerator.wait_for_everyone()
+        if is_good:
+            good.append(step)
+        if main and recipe.keep_checkpoints:
+            keep = {s for s, _ in checkpoints(run_dir)[-recipe.keep_checkpoints:]} | set(good[-1:])
+            for s, p in checkpoints(run_dir):
+                if s not in keep:
+                    shutil.rmtree(p, ignore_errors=True)
+        return final
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=recipe.steps, initial=start, disable=not (main and progress), unit="step",
+               dynamic_ncols=True, leave=True)
+    status, reason, restored = "completed", None, None
+    last_eval_ppl = None
+    t_run, tok_run = time.perf_counter(), 0
+    step = start
+    window_t, window_tok = time.perf_counter(), 0
+    device = accelerator.device
+    loss_sum = torch.zeros((), device=device)
+    try:
+        for step in range(start + 1, recipe.steps + 1):
+            seq_len = recipe.seq_len_at(step)
+            loss_sum.zero_()
+            accelerator.step = 0  # every optimizer step is exactly grad_accum micro-steps
+            for micro in range(recipe.grad_accum):
+                ids = data.batches.batch(step, micro, seq_len).to(device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    loss = model(input_ids=ids, labels=ids).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and recipe.max_grad_norm > 0 and not _is_deepspeed(accelerator):
+                        accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+            if frozen.regions:
+                frozen.restore()
+            lr_used = scheduler.get_last_lr()[0]
+            scheduler.step()
+            n_tok = recipe.batch_size * seq_len * recipe.grad_accum * world
+            total_tokens += n_tok
+            tok_run += n_tok
+            window_tok += n_tok
+
+            rec = None
+            if step % recipe.log_every == 0 or step == recipe.steps:
+                mean = loss_sum / recipe.grad_accum
+                if world > 1:
+                    mean = accelerator.reduce(mean, reduction="mean")
+                now = time.perf_counter()
+                tps = window_tok / max(now - window_t, 1e-9)
+                window_t, window_tok = now, 0
+                rec = {"step": step, "loss": float(mean), "lr": lr_used, "seq_len": seq_len,
+                       "tokens": total_tokens, "tokens_per_s": round(tps, 1),
+                       "elapsed_s": round(now - t_run, 3)}
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+
+            last = step == recipe.steps or step == stop_after
+            want_save = (recipe.save_every and step % recipe.save_every == 0) or last
+            want_eval = (recipe.eval_every and step % recipe.eval_every == 0) or step == recipe.steps \
+                or (want_save and breaker_on)
+            is_bad = False
+            if want_eval and len(held_out):
+                ev_loss, ev_ppl, is_bad = do_eval(step)
+                last_eval_ppl = ev_ppl
+                bad_streak = bad_streak + 1 if is_bad else 0
+                if rec is None:
+                    rec = {"step": step, "loss": float(loss_sum / recipe.grad_accum)}
+                rec.update(eval_loss=ev_loss, eval_ppl=ev_ppl)
+                if breaker_on:
+                    rec.update(breaker_limit_ppl=limit, bad_streak=bad_streak)
+            if rec is not None:
+                metrics.write(rec)
+            bar.update(1)
+
+            if breaker_on and bad_streak >= recipe.breaker_patience:
+                status = "breaker"
+                reason = (f"eval perplexity {last_eval_ppl:.4g} above {limit:.4g} (baseline {reference:.4g} "
+                          f"x (1 + {recipe.breaker_threshold})) for {bad_streak} consecutive evals")
+                break
+            if want_save:
+                save(step, is_good=not is_bad and math.isfinite(float(loss_sum)))
+            if stop_after is not None and step >= stop_after and step < recipe.steps:
+                status = "stopped"
+                break
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t_run
+    tokens_per_s = tok_run / elapsed if elapsed > 0 else None
+
+    final_dir = run_dir / "final"
+    if status == "breaker":
+        restored = _roll_back(run_dir, model_dir, good, main)
+        if main:
+            metrics.write({"step": step, "event": "breaker_trip", "loss": float(loss_sum / recipe.grad_accum),
+                           "eval_ppl": last_eval_ppl, "reference_ppl": reference, "limit_ppl": limit,
+                           "patience": recipe.breaker_patience, "restored": restored, "reason": reason})
+        accelerator.wait_for_everyone()
+    elif status == "completed" and main:
+        _copy_hf_dir(run_dir / f"checkpoint-{step}", final_dir)
+    if dump_rank_weights:
+        _dump_rank_weights(model, accelerator, run_dir / "rank-weights" / f"rank{rank}.safetensors")
+    if main:
+        plot_metrics(run_dir / METRICS, run_dir / "loss.png")
+        summary = {"status": status, "step": step, "reason": reason, "restored": restored,
+                   "baseline_ppl": baseline, "original_ppl": baseline_orig, "last_eval_ppl": last_eval_ppl,
+                   "tokens_per_s": tokens_per_s, "world_size": world, "params": counts}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    _teardown(accelerator, model)
+    return TrainResult(status, step, run_dir, final_dir if status != "stopped" else None, baseline,
+                       last_eval_ppl, restored, reason, tokens_per_s)
+
+
+def _roll_back(run_dir: Path, model_dir: Path, good: list[int], main: bool) -> str:
+    """After a trip: checkpoints newer than the last good one are set aside as ``rejected-*``
+    and ``final/`` becomes the last good checkpoint (or the starting model)."""
+    last_good = good[-1] if good else None
+    if main:
+        for s, p in checkpoints(run_dir):
+            if last_good is None or s > last_good:
+                dst = run_dir / f"rejected-{p.name}"
+                shutil.rmtree(dst, ignore_errors=True)
+                os.replace(p, dst)
+        src = run_dir / f"checkpoint-{last_good}" if last_good is not None else model_dir
+        _copy_hf_dir(src, run_dir / "final")
+    return f"checkpoint-{last_good}" if last_good is not None else "initial"
+
+
+def _dump_rank_weights(model, accelerator, path: Path) -> None:
+    """This rank's full copy of the weights (gathered under ZeRO-3), for cross-rank checks."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    inner = accelerator.unwrap_model(model)
+    params = dict(inner.named_parameters())
+    if _zero_stage(accelerator) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            sd = {n: p.detach().clone().contiguous() for n, p in params.items()}
+    else:
+        sd = {n: p.detach().clone().contiguous() for n, p in params.items()}
+    save_file(sd, str(path))
+
+
+def _teardown(accelerator, model) -> None:
+    """DeepSpeed ZeRO-3 needs its engine destroyed and the process group torn down before
+    interpreter exit, or a rank can abort in its atexit hooks."""
+    if _is_deepspeed(accelerator) and hasattr(model, "destroy"):
+        model.destroy()
+    accelerator.free_memory()
+    import torch.distributed as dist
+
+    if accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

