@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -102,8 +101,40 @@ def depth_program(reader, new_layers: int):
     return p
 
 
+class _PeakRSS:
+    """Samples this process's RSS every few ms (getrusage's ru_maxrss is inherited across exec on Linux,
+    so a child would report its parent's peak)."""
+
+    def __init__(self, period: float = 0.005):
+        import threading
+
+        import psutil
+
+        self.proc, self.period, self.peak = psutil.Process(), period, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
 def child(args) -> dict:
     """One timed run, in this (fresh) process."""
+    if args.child == "build":
+        build_checkpoint(Path(args.dst), SMALL if args.small else TINYLLAMA, args.shard_size)
+        return {}
     from scaler_wizard.runtime.checkpoint import open_checkpoint, parse_size, plan_shards
 
     reader = open_checkpoint(args.src)
@@ -118,6 +149,8 @@ def child(args) -> dict:
     from scaler_wizard.compiler.program import Load
     from scaler_wizard.runtime.execute import execute
 
+    rss = _PeakRSS().__enter__()
+    rss_before = rss.peak
     t0 = time.perf_counter()
     if args.child == "raw":
 
@@ -135,7 +168,7 @@ def child(args) -> dict:
             for n in shard:
                 info = reader.info(src_of[n])
                 with safe_open(info.file, "pt") as f:
-                    buf[n] = f.get_tensor(src_of[n]).clone()
+                    buf[n] = f.get_tensor(src_of[n])
             save_file(buf, str(dst / f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in buf.values())
             del buf
@@ -147,8 +180,9 @@ def child(args) -> dict:
         extra = {"peak_held_bytes": rep.peak_held_bytes, "largest_shard_bytes": rep.largest_shard_bytes,
                  "n_shards": rep.n_shards}
     wall = time.perf_counter() - t0
-    return {"mode": args.child, "wall_s": wall, "bytes_out": bytes_out,
-            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra}
+    rss.__exit__(None, None, None)
+    return {"mode": args.child, "wall_s": wall, "bytes_out": bytes_out, "max_rss_bytes": rss.peak,
+            "rss_before_bytes": rss_before, **extra}
 
 
 def main(argv=None) -> int:
@@ -159,29 +193,37 @@ def main(argv=None) -> int:
     ap.add_argument("--program", default="depth", choices=["depth"])
     ap.add_argument("--new-layers", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
-    ap.add_argument("--child", choices=["raw", "execute"], help=argparse.SUPPRESS)
+    ap.add_argument("--order", default="raw,execute", help="run order (comma separated)")
+    ap.add_argument("--child", choices=["raw", "execute", "build"], help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--dst", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args)))
+        res = child(args)
+        if res:
+            print(json.dumps(res))
         return 0
 
     dims = SMALL if args.small else TINYLLAMA
     name = "small-random-bf16" if args.small else "tinyllama-1.1b-random-bf16"
     cache = Path(args.cache)
-    src = build_checkpoint(cache / name, dims, args.shard_size)
+    src = cache / name
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if not (src / "config.json").is_file():  # build in a subprocess: keeps this process small
+        subprocess.run([sys.executable, __file__, "--child", "build", "--dst", str(src), "--shard-size",
+                        args.shard_size] + (["--small"] if args.small else []), check=True, env=env)
     new_layers = args.new_layers or (dims["num_hidden_layers"] * 32 // 22)
     results = {}
-    for mode in ("raw", "execute"):
+    for mode in args.order.split(","):
         dst = cache / f"out-{name}-{mode}"
+        os.sync()  # do not let one run's dirty pages slow the next one down
         cmd = [sys.executable, __file__, "--child", mode, "--src", str(src), "--dst", str(dst),
                "--shard-size", args.shard_size, "--new-layers", str(new_layers)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         if not args.keep:
             shutil.rmtree(dst, ignore_errors=True)
-    raw = results["raw"]["wall_s"]
+    raw = results.get("raw", {}).get("wall_s", float("nan"))
     print(f"program: {args.program} ({dims['num_hidden_layers']} -> {new_layers} layers), model {name}, "
           f"shard size {args.shard_size}")
     print(f"{'mode':<8} {'wall s':>8} {'GB out':>8} {'GB/s':>6} {'x raw':>6} {'peak RSS GB':>12} {'held GB':>8}")

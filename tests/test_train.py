@@ -232,7 +232,7 @@ def test_emit_config_writes_launcher_files(tmp_path, capsys):
     assert (tmp_path / "accelerate_zero3.yaml").is_file()
     ds = json.loads((tmp_path / "ds_zero3.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == "auto"
-    assert "distributed_type: MULTI_CPU" in (tmp_path / "accelerate_cpu-ddp.yaml").read_text()
+    assert 'mixed_precision: "no"' in (tmp_path / "accelerate_cpu-ddp.yaml").read_text()
     assert "fsdp_version: 2" in (tmp_path / "accelerate_fsdp2.yaml").read_text()
     assert cli(["train", "--emit-config", "zero4", "-o", str(tmp_path)]) == 2
     assert math.isfinite(1.0)

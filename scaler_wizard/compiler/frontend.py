@@ -22,10 +22,7 @@ def parse_plan_file(path: str) -> tuple[A.Plan, dict[str, str]]:
     try:
         plan = parse_file(path)
     except PlanError as e:
-        try:
-            with open(path, encoding="utf-8") as f:
-                e.sources = {path: f.read()}
-        except (OSError, UnicodeDecodeError):
+        if not getattr(e, "sources", None):
             e.sources = {}
         raise
     return plan, {plan.file: plan.source}

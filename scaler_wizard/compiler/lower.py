@@ -111,5 +111,6 @@ def emit(st: LowerState, plan: ResolvedPlan, *, input_dtypes: dict[str, str] | N
         "untied": sorted(st.untied),
         "sizes": dict(st.sizes),
         "notes": list(st.notes),
+        "symmetry_probes": [g[1:] for g in st.copies if all(n[0] in st.tensors for n in g[1:])],
     }
     return prog

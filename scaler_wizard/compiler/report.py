@@ -59,13 +59,18 @@ def render_plan(rp: ResolvedPlan, path: str = "") -> str:
     buf = io.StringIO()
     con = Console(file=buf, width=110, force_terminal=False, color_system=None, highlight=False)
     ir = rp.ir
-    con.print(f"plan {path or '<plan>'}: model {rp.model_ref} ({ir.model_type}, {ir.architecture})  exactness: {rp.exactness}")
+    con.print(
+        f"plan {path or '<plan>'}: model {rp.model_ref} ({ir.model_type}, {ir.architecture})  exactness: {rp.exactness}",
+        soft_wrap=True,
+    )
 
     ops = Table(title=None, show_lines=False, box=None, pad_edge=False)
     for col in ("#", "statement", "exactness", "what happens"):
         ops.add_column(col, overflow="fold")
     for n, o in enumerate(rp.ops, 1):
-        if o.kind == "widen" or o.kind == "upcycle":
+        if o.kind == "upcycle":
+            what = f"ffn -> {o.new_size} experts, top-{o.options.get('top_k')}: {o.reason}"
+        elif o.kind == "widen":
             what = f"{o.group} {o.old_size} -> {o.new_size} by {o.method}: {o.reason}"
         else:
             what = f"-> {len(o.layer_map)} layers: {o.reason}"

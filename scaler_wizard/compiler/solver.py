@@ -10,6 +10,7 @@ target (preferring the requested axis) wins; the runners-up are reported.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 from scaler_wizard.compiler.diagnostics import DiagnosticBag
@@ -33,6 +34,7 @@ def _simulate(checker, st, stmts):
     scratch.ops = list(st.ops)
     for s in stmts:
         getattr(checker, "_" + type(s).__name__)(-1, s, scratch)
+    checker._check_config_invariants(scratch)
     if scratch.bag.has_errors:
         return None
     return _params(checker, scratch)
@@ -44,9 +46,13 @@ def _fmt(stmts) -> str:
     return "; ".join(_print_stmt(s) for s in stmts) or "(nothing)"
 
 
-def _quantum(checker) -> int:
+def _quantum(checker, st) -> int:
+    """Hidden sizes the solver tries are multiples of this: head_dim (so derived head_dims stay
+    whole) and the head count (transformers requires hidden % heads == 0)."""
     att = checker.ir.attention
-    return att.head_dim if att is not None else 64
+    q = att.head_dim if att is not None else 64
+    heads = st.sizes.get("heads")
+    return math.lcm(q, heads) if heads else q
 
 
 def solve_grow_to(checker, st, stmt: A.GrowToStmt, prefer: str | None):
@@ -68,7 +74,7 @@ def solve_grow_to(checker, st, stmt: A.GrowToStmt, prefer: str | None):
     width_opts: list[list] = [[]]
     if "hidden" in checker.ir.groups:
         h = st.sizes["hidden"]
-        q = _quantum(checker)
+        q = _quantum(checker, st)
         ffn = st.sizes.get("ffn")
         for mult in (1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0):
             new_h = int(round(h * mult / q)) * q
@@ -77,17 +83,22 @@ def solve_grow_to(checker, st, stmt: A.GrowToStmt, prefer: str | None):
             method = "tile" if new_h % h == 0 else "lemon"
             stmts = [A.WidenStmt(A.Ident("hidden", span), A.ToSize(new_h, span), A.Ident(method, span), span=span)]
             if ffn:
-                new_f = int(round(ffn * new_h / h / q)) * q
+                new_f = int(round(ffn * new_h / h / 64)) * 64
                 if new_f > ffn:
                     stmts.append(A.WidenStmt(A.Ident("ffn", span), A.ToSize(new_f, span), A.Ident("net2net", span), span=span))
             width_opts.append(stmts)
 
     scored = []
+    seen: set[str] = set()
     for d in depth_opts:
         for w in width_opts:
             if not d and not w:
                 continue
             stmts = w + d
+            key = _fmt(stmts)
+            if key in seen:
+                continue
+            seen.add(key)
             p = _simulate(checker, st, stmts)
             if p is None:
                 continue

@@ -49,7 +49,7 @@ from scaler_wizard.compiler.resolved import (
     worst,
 )
 from scaler_wizard.grammar import ast as A
-from scaler_wizard.ir.model_ir import ModelIR
+from scaler_wizard.ir.model_ir import CANONICAL_GROUPS, ModelIR
 
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
@@ -65,7 +65,8 @@ UPCYCLE_TARGETS = {
 def groups_summary(ir: ModelIR, sizes: dict[str, int] | None = None, layers: int | None = None) -> str:
     sizes = sizes or {}
     parts = []
-    for name, g in ir.groups.items():
+    order = {name: i for i, name in enumerate(CANONICAL_GROUPS)}
+    for name, g in sorted(ir.groups.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         size = sizes.get(name, g.size)
         if g.per_layer and name in ("ffn", "experts"):
             parts.append(f"{name}({size} x{layers if layers is not None else ir.num_layers} layers)")
@@ -81,6 +82,39 @@ def _print_stmt(stmt) -> str:
         return print_statement(stmt)
     except Exception:  # printer not available or unusual node: fall back to the class name
         return type(stmt).__name__
+
+
+def _eval_derived(expr: str, config: dict[str, Any]) -> int | None:
+    """Evaluate a derived-size expression such as ``hidden_size // num_attention_heads`` or
+    ``4 * n_embd`` over config values (names, integers, + - * // only)."""
+    import ast as pyast
+
+    def ev(node):
+        if isinstance(node, pyast.Expression):
+            return ev(node.body)
+        if isinstance(node, pyast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, pyast.Name):
+            v = config.get(node.id)
+            if not isinstance(v, int):
+                raise ValueError(node.id)
+            return v
+        if isinstance(node, pyast.BinOp):
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, pyast.Add):
+                return a + b
+            if isinstance(node.op, pyast.Sub):
+                return a - b
+            if isinstance(node.op, pyast.Mult):
+                return a * b
+            if isinstance(node.op, pyast.FloorDiv) and b:
+                return a // b
+        raise ValueError(pyast.dump(node))
+
+    try:
+        return ev(pyast.parse(expr, mode="eval"))
+    except (ValueError, SyntaxError):
+        return None
 
 
 def _opt_value(v: A.Value) -> Any:
@@ -139,6 +173,7 @@ class TypeChecker:
             handler = getattr(self, "_" + type(stmt).__name__, None)
             if handler is not None:
                 handler(i, stmt, st)
+        self._check_config_invariants(st)
         if bag.has_errors:
             raise PlanError(bag.items)
         approx = [o for o in st.ops if o.exactness == APPROX]
@@ -152,6 +187,28 @@ class TypeChecker:
             )
         warnings = bag.items
         return self._finish(st, model_ref, tuple(warnings))
+
+    def _check_config_invariants(self, st: _State) -> None:
+        """transformers' config classes validate hidden_size % num_attention_heads == 0 (even
+        when head_dim is explicit); a plan must not produce a config that fails to load."""
+        hk = self.ir.groups.get("hidden")
+        qk = self.ir.groups.get("heads")
+        if not (hk and qk and hk.config_key and qk.config_key):
+            return
+        h0, q0 = self.ir.config.get(hk.config_key), self.ir.config.get(qk.config_key)
+        h1, q1 = st.config.get(hk.config_key), st.config.get(qk.config_key)
+        if not all(isinstance(v, int) and v > 0 for v in (h0, q0, h1, q1)):
+            return
+        if h0 % q0 == 0 and h1 % q1 != 0:
+            culprit = next((o for o in reversed(st.ops) if o.group in ("hidden", "heads")), None)
+            kv = st.sizes.get("kv_heads", 1)
+            options = [n for n in range(q0, h1 + 1) if h1 % n == 0 and n % kv == 0 and n > q0][:3]
+            st.bag.error(
+                "SW313",
+                f"{hk.config_key}={h1} is not a multiple of {qk.config_key}={q1}; transformers refuses such a config",
+                culprit.span if culprit else A.Span(),
+                help=f"pick heads dividing {h1}" + (": " + ", ".join(map(str, options)) if options else ""),
+            )
 
     def _finish(self, st: _State, model_ref: str, warnings) -> ResolvedPlan:
         ir = self.ir
@@ -190,9 +247,11 @@ class TypeChecker:
             if isinstance(arr, list) and len(arr) == self.ir.num_layers:
                 config[key] = [arr[src.src] for src in st.layer_map]
         # Qwen2-style "first N layers use full attention": keep the boundary on the same old layer.
-        if "max_window_layers" in config and isinstance(config["max_window_layers"], int):
-            mwl = self.ir.config["max_window_layers"]
+        mwl = self.ir.config.get("max_window_layers")
+        if isinstance(mwl, int) and mwl < self.ir.num_layers:
             config["max_window_layers"] = sum(1 for src in st.layer_map if src.src < mwl)
+        elif isinstance(mwl, int):
+            config["max_window_layers"] = max(mwl, st.depth)  # every layer stays below the boundary
 
     # ------------------------------------------------------------------ helpers
     def _options(self, st: _State, options, allowed: dict[str, str], what: str) -> dict[str, Any]:
@@ -291,6 +350,7 @@ class TypeChecker:
             method_name = M.DEFAULT_WIDTH_METHOD.get(group, "tile")
             if group == "hidden" and integer_factor:
                 method_name = "tile"
+        opts = self._options(st, s.options, M.WIDEN_OPTIONS, "`widen`")
         spec = M.WIDTH_METHODS.get(method_name)
         if spec is None or group not in spec.groups:
             applicable = [m.name for m in M.WIDTH_METHODS.values() if group in m.groups]
@@ -304,7 +364,6 @@ class TypeChecker:
                 + ", ".join(f"`{m}`" for m in applicable),
             )
             return
-        opts = self._options(st, s.options, M.WIDEN_OPTIONS, "`widen`")
         if new is None:
             return
         if spec.integer_factor_only and not integer_factor:
@@ -319,7 +378,7 @@ class TypeChecker:
         exactness, reason = self._widen_exactness(st, s, group, method_name, old, new)
         if exactness is None:
             return
-        patch = self._width_patch(st, s, group, old, new)
+        patch = self._width_patch(st, s, group, method_name, old, new)
         if patch is None:
             return
         if opts.get("untie") in (True, "true"):
@@ -352,6 +411,86 @@ class TypeChecker:
                 config_patch=patch,
             )
         )
+        self._implied_growth(i, s, st)
+
+    def _implied_growth(self, i, s: A.WidenStmt, st: _State) -> None:
+        """Grow the groups whose size the config derives from what this statement changed.
+
+        Some families have no config key for a group and compute it (GPT-2: head_dim = n_embd //
+        n_head, ffn = 4 * n_embd). After a change, re-evaluate each derived size; where it moved,
+        the plan must grow that group too, or the grown config would describe another model:
+        - head_dim moved: keep head_dim and grow `heads` instead (new heads, zero fan-out: exact);
+        - any other group moved: widen it to the derived size (net2net / tile: exact).
+        Each becomes an explicit op in the resolved plan, marked as implied by the statement.
+        """
+        stmt_text = _print_stmt(s)
+        for name, g in self.ir.groups.items():
+            if g.config_key or not g.derived:
+                continue
+            value = _eval_derived(g.derived, st.config)
+            if value is None or value == st.sizes[name]:
+                continue
+            if name == "head_dim":
+                hd = st.sizes["head_dim"]
+                heads_g = self.ir.groups.get("heads")
+                if heads_g is None or not heads_g.config_key:
+                    st.bag.error("SW308", f"head_dim would change to {value} and heads cannot compensate", s.span)
+                    return
+                hidden_now = value * st.config[heads_g.config_key]
+                new_heads, rem = divmod(hidden_now, hd)
+                kv = st.sizes.get("kv_heads")
+                if rem or (kv and new_heads % kv):
+                    st.bag.error(
+                        "SW313",
+                        f"this model derives head_dim = {g.derived}; keeping head_dim {hd} needs "
+                        f"{hidden_now / hd:g} heads" + (f", a multiple of {kv} KV heads" if kv else ""),
+                        s.amount.span,
+                        help=f"pick a hidden size that is a multiple of {hd * (kv or 1)}",
+                    )
+                    return
+                old_heads = st.sizes["heads"]
+                patch = {heads_g.config_key: new_heads}
+                st.sizes["heads"] = new_heads
+                st.config.update(patch)
+                st.ops.append(
+                    ResolvedOp(
+                        index=i,
+                        kind="widen",
+                        span=s.span,
+                        text=f"widen heads to {new_heads} zero  # implied by `{stmt_text}`",
+                        exactness=EXACT,
+                        reason=f"implied: the config derives head_dim = {g.derived}, so attention widens with hidden; new heads have zero fan-out",
+                        group="heads",
+                        old_size=old_heads,
+                        new_size=new_heads,
+                        method="zero",
+                        options={"implied": True},
+                        config_patch=patch,
+                    )
+                )
+            else:
+                old_size = st.sizes[name]
+                if value < old_size:
+                    st.bag.error("SW313", f"`{name}` (derived as {g.derived}) would shrink to {value}", s.span)
+                    return
+                method = M.DEFAULT_WIDTH_METHOD.get(name, "tile")
+                st.sizes[name] = value
+                st.ops.append(
+                    ResolvedOp(
+                        index=i,
+                        kind="widen",
+                        span=s.span,
+                        text=f"widen {name} to {value} {method}  # implied by `{stmt_text}`",
+                        exactness=EXACT if name not in ("vocab", "experts") else APPROX,
+                        reason=f"implied: the config derives {name} = {g.derived}",
+                        group=name,
+                        old_size=old_size,
+                        new_size=value,
+                        method=method,
+                        options={"implied": True},
+                        config_patch={},
+                    )
+                )
 
     def _new_size(self, st: _State, amount, old: int, group: str) -> int | None:
         if isinstance(amount, A.Factor):
@@ -411,7 +550,9 @@ class TypeChecker:
             residue = "zero" if set(kinds) <= {"rmsnorm", "rmsnorm_1p"} else "average"
             return EXACT, f"{residue} residue with gains x eta and eps x eta^2={eta2:.4g}"
         if group == "ffn":
-            return EXACT, f"{method}: copies' fan-out splits sum to the original (elementwise activation)"
+            if method == "zero":
+                return EXACT, "new units: random fan-in, zero fan-out (they start learning at once)"
+            return EXACT, "copied units' fan-out splits sum to the original (any elementwise activation, GLU included)"
         if group in ("heads", "kv_heads"):
             att = ir.attention
             if att is None:
@@ -493,7 +634,7 @@ class TypeChecker:
             return APPROX, "copied experts and router rows change the routing distribution"
         return EXACT, ""
 
-    def _width_patch(self, st: _State, s: A.WidenStmt, group: str, old: int, new: int) -> dict | None:
+    def _width_patch(self, st: _State, s: A.WidenStmt, group: str, method: str, old: int, new: int) -> dict | None:
         g = self.ir.groups[group]
         patch: dict[str, Any] = {}
         if g.config_key:
@@ -506,24 +647,11 @@ class TypeChecker:
             )
             return None
         if group == "hidden":
-            method = M.WIDTH_ALIASES.get(s.method.name, s.method.name) if s.method else None
             r = new % old
             if method == "lemon" and r:
                 eta2 = (new // old) * old / new
                 for key in sorted({n.eps_key for n in self.hidden_norms() if n.eps_key}):
                     patch[key] = st.config.get(key, self.ir.config.get(key)) * eta2
-            att = self.ir.attention
-            hd = self.ir.groups.get("head_dim")
-            if att is not None and hd is not None and hd.config_key is None and hd.derived:
-                # head_dim = hidden // heads: heads must follow hidden so head_dim stays fixed.
-                if new % att.head_dim != 0:
-                    st.bag.error(
-                        "SW313",
-                        f"this model derives head_dim = hidden / heads; hidden {new} is not a multiple of head_dim {att.head_dim}",
-                        s.amount.span,
-                        help=f"pick a multiple of {att.head_dim}, e.g. `to {(new // att.head_dim + 1) * att.head_dim}`",
-                    )
-                    return None
         return patch
 
     # .................................................................. depth

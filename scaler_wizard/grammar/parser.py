@@ -500,7 +500,7 @@ class _Walker:
     def ident(self, tok) -> A.Ident:
         return A.Ident(str(tok), self.tspan(tok))
 
-    def int_(self, tok, what: str, minimum: int) -> A.Int:
+    def int_(self, tok, what: str, minimum: int | None) -> A.Int:
         text = str(tok)
         if not _INT_RE.match(text):
             if text.startswith(".") and self.lines.text[: self.base + tok.start_pos].endswith(".."):
@@ -514,7 +514,7 @@ class _Walker:
             self.bad(tok, f"number {_show(text)} is too long")
             return A.Int(0, self.tspan(tok))
         value = int(text)
-        if value < minimum:
+        if minimum is not None and value < minimum:
             bound = "0 or more" if minimum == 0 else f"at least {minimum}"
             self.bad(tok, f"{what} must be {bound}, found {_show(text)}")
         return A.Int(value, self.tspan(tok))
@@ -545,7 +545,7 @@ class _Walker:
         if t == "NUMBER":
             text = str(node)
             if _INT_RE.match(text):
-                return self.int_(node, "an integer value", -(10**_MAX_DIGITS))
+                return self.int_(node, "an integer value", None)
             return A.Number(self.float_(node, text, "expected an integer like `3` or a float like `3e-4`"), self.tspan(node))
         if t == "STRING":
             return self.string(node)

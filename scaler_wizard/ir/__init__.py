@@ -1,1 +1,142 @@
+"""The model IR: discovered by tracing, cached on disk.
 
+    model_ir_for(ref_or_config_dict, *, use_cache=True) -> ModelIR
+    discover(config) -> ModelIR            # always traces (imports torch + transformers)
+    instantiate(ir, num_layers) -> ModelIR # per-layer tensors for another depth
+
+The cache-hit path imports neither torch nor transformers: the key is a hash of the config dict
+with the depth and per-layer arrays normalised away, the transformers version (read from package
+metadata) and IR_FORMAT_VERSION; the cached IR is re-instantiated for the real depth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from scaler_wizard.ir.errors import IRDiscoveryError
+from scaler_wizard.ir.model_ir import IR_FORMAT_VERSION, ModelIR, NormInfo
+
+__all__ = ["model_ir_for", "discover", "instantiate", "cache_dir", "cache_key", "IRDiscoveryError", "ModelIR"]
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SCALER_WIZARD_CACHE")
+    root = Path(base) if base else Path.home() / ".cache" / "scaler_wizard"
+    return root / "ir"
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "none"
+
+
+def _normalised(cfg: dict) -> dict:
+    """The config with depth and per-layer arrays removed (they do not change the traced IR)."""
+    n = next((cfg[k] for k in _LAYER_KEYS if isinstance(cfg.get(k), int)), None)
+    out = {}
+    for k, v in cfg.items():
+        if k in _LAYER_KEYS or k.startswith("_") or k in ("transformers_version", "_name_or_path", "architectures_"):
+            continue
+        if isinstance(v, list) and n and len(v) == n:
+            v = sorted({json.dumps(x, sort_keys=True) for x in v})  # which layer kinds exist, not where
+        out[k] = v
+    return out
+
+
+def cache_key(cfg: dict) -> str:
+    blob = json.dumps({"cfg": _normalised(cfg), "tf": _transformers_version(), "fmt": IR_FORMAT_VERSION},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def discover(config) -> ModelIR:
+    """Trace ``config`` (a transformers PretrainedConfig or a config dict) and build its IR."""
+    if isinstance(config, dict):
+        config = _config_from_dict(config)
+    from scaler_wizard.ir.discovery import build_ir
+
+    return build_ir(config)
+
+
+def _config_from_dict(d: dict):
+    from transformers import AutoConfig
+
+    d = dict(d)
+    mt = d.pop("model_type", None)
+    if not mt:
+        raise IRDiscoveryError("config has no model_type")
+    try:
+        return AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k not in ("transformers_version",)})
+    except (ValueError, KeyError) as e:
+        raise IRDiscoveryError(f"transformers does not know model_type {mt!r}: {e}") from e
+
+
+def _layer_lists(cfg: dict, n: int) -> tuple[str, ...]:
+    return tuple(k for k, v in cfg.items() if isinstance(v, list) and len(v) == n and not k.startswith("_"))
+
+
+def instantiate(ir: ModelIR, cfg: dict) -> ModelIR:
+    """Re-index per-layer facts for the real depth and per-layer arrays of ``cfg``.
+
+    Each real layer is mapped to the traced layer with the same signature (its per-layer array
+    entries); tensors, norms and MoE facts list the real layers that have them."""
+    from scaler_wizard.ir.trace import layer_signatures
+
+    n = next((cfg[k] for k in (ir.layers_key,) + _LAYER_KEYS if isinstance(cfg.get(k), int)), ir.num_layers)
+    old_sigs, _ = layer_signatures(ir.config, ir.num_layers)
+    new_sigs, _ = layer_signatures(cfg, n)
+    # traced-kind representative: old layer index -> signature; new layer -> old layers with that signature
+    by_sig: dict[tuple, set[int]] = {}
+    for i, s in enumerate(new_sigs):
+        by_sig.setdefault(s, set()).add(i)
+
+    def remap(layers):
+        if layers is None:
+            return None
+        sigs = {old_sigs[i] for i in layers if i < len(old_sigs)}
+        return tuple(sorted(i for s in sigs for i in by_sig.get(s, ())))
+
+    tensors = tuple(replace(t, layers=remap(t.layers)) for t in ir.tensors)
+    norms = tuple(replace(x, layers=remap(x.layers)) for x in ir.norms)
+    moe = replace(ir.moe, layers=remap(ir.moe.layers) or ()) if ir.moe else None
+    notes = tuple(x for x in ir.notes if not x.startswith("traced layer "))
+    return replace(ir, config=cfg, num_layers=n, tensors=tensors, norms=norms, moe=moe, notes=notes)
+
+
+def model_ir_for(ref_or_config_dict: Any, *, use_cache: bool = True) -> ModelIR:
+    """The IR of a model reference (path, GGUF, short name, hub id) or a config dict."""
+    if isinstance(ref_or_config_dict, dict):
+        cfg = ref_or_config_dict
+    else:
+        from scaler_wizard.ir.config import load_config_dict
+
+        cfg, _ = load_config_dict(str(ref_or_config_dict))
+    key = cache_key(cfg)
+    path = cache_dir() / f"{key}.json"
+    if use_cache and path.is_file():
+        try:
+            ir = ModelIR.from_json(path.read_text())
+            return instantiate(ir, cfg)
+        except (ValueError, KeyError, TypeError):
+            pass  # a stale or corrupt entry: trace again
+    ir = discover(cfg)
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(ir.to_json())
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return ir

@@ -299,16 +299,6 @@ class Propagator:
         if roles:
             self.uses.append(ParamUse(pname, roles, op, _owner(node)))
 
-    def unify_axes(self, x: Axes, y: Axes) -> None:
-        if x is None or y is None:
-            return
-        self.a.unify_lists(x, y) if False else None
-        xs = [sum(1 for _ in ()) for _ in ()]
-        del xs
-        if not x and not y:
-            return
-        self.a.unify_lists(x, y)
-
     def broadcast(self, arrs: list[Axes], out_shape) -> Axes:
         """Elementwise with broadcasting: unify aligned axes of size > 1."""
         rank = len(out_shape)

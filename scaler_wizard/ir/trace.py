@@ -111,8 +111,13 @@ def build_meta_model(config):
     if getattr(config, "model_type", None) in ("mixtral", "qwen2_moe", "qwen3_moe") or hasattr(config, "num_local_experts") or hasattr(config, "num_experts"):
         config._experts_implementation = "batched_mm"
     errors = []
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    autos = (AutoModelForCausalLM, AutoModelForMaskedLM)
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and getattr(config, "is_decoder", None) is False:
+        autos = (AutoModelForMaskedLM, AutoModelForCausalLM)  # an encoder: trace its masked-LM head
     with torch.device("meta"):
-        for auto in (AutoModelForCausalLM, AutoModelForMaskedLM):
+        for auto in autos:
             try:
                 model = auto.from_config(config, dtype=torch.float32)
                 break

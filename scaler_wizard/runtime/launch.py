@@ -46,7 +46,8 @@ def _yaml(d: dict, indent: int = 0) -> str:
         elif isinstance(v, bool):
             out.append(f"{pad}{k}: {'true' if v else 'false'}")
         else:
-            plain = isinstance(v, str) and v and all(c.isalnum() or c in "_-./" for c in v)
+            plain = isinstance(v, str) and v and all(c.isalnum() or c in "_-./" for c in v) \
+                and v.lower() not in ("no", "yes", "on", "off", "true", "false", "null", "y", "n")
             out.append(f"{pad}{k}: {v if plain or not isinstance(v, str) else json.dumps(v)}")
     return "\n".join(out)
 
@@ -66,8 +67,10 @@ def emit_config(kind: str, out_dir: str | Path, *, num_processes: int = 2, num_m
     if kind == "ddp":
         cfg["distributed_type"] = "MULTI_GPU"
     elif kind == "cpu-ddp":
-        # measured: `--cpu` with num_processes > 1 starts ONE process; MULTI_CPU over gloo works
-        cfg.update(distributed_type="MULTI_CPU", use_cpu=True, mixed_precision="no")
+        # measured: `use_cpu: true` (like `--cpu`) makes accelerate launch start ONE process whatever
+        # num_processes says; the multi-GPU launcher starts them all and `train` then picks
+        # MULTI_CPU over gloo because no GPU is visible (ACCELERATE_USE_CPU=1 does the same)
+        cfg.update(distributed_type="MULTI_GPU", use_cpu=False, mixed_precision="no")
     elif kind.startswith("zero"):
         stage = int(kind[-1])
         ds_path = out / f"ds_{kind}.json"

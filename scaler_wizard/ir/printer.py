@@ -1,0 +1,91 @@
+"""A stable text dump of a ModelIR (for golden files and `scaler-wizard ir`)."""
+
+from __future__ import annotations
+
+from scaler_wizard.ir.model_ir import Axis, ModelIR
+
+
+def axis_str(ax: Axis) -> str:
+    segs = []
+    for s in ax.segments:
+        if not s.factors:
+            segs.append("1")
+            continue
+        segs.append(" x ".join(f"{f.group}({f.size})" for f in s.factors))
+    body = " | ".join(segs)
+    return f"{ax.role}[{body}]"
+
+
+def _layers(ls) -> str:
+    if ls is None:
+        return ""
+    xs = sorted(ls)
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return " layers " + ",".join(out)
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.6g}"
+    return str(x)
+
+
+def render_ir(ir: ModelIR) -> str:
+    L: list[str] = []
+    L.append(f"model {ir.model_type} ({ir.architecture}): {ir.num_layers} layers [{ir.layers_key}], "
+             f"traced {ir.traced_layers}, {ir.total_params():,} params")
+    L.append("groups:")
+    for g in ir.groups.values():
+        bind = g.config_key or (f"= {g.derived}" if g.derived else "unbound")
+        L.append(f"  {g.name:<10} {g.size:>8}  {bind:<28} {len(g.members)} members{'' if g.per_layer else ' (model-wide)'}")
+    L.append("tensors (globals and one layer template):")
+    for t in ir.tensors:
+        axes = " ; ".join(axis_str(a) for a in t.axes)
+        sub = f" {t.sublayer}" if t.sublayer else ""
+        L.append(f"  {t.name} {list(t.shape)} {t.kind}{sub} <{t.module_type}>: {axes}{_layers(t.layers)}")
+    L.append("norms:")
+    for n in ir.norms:
+        sub = f" {n.sublayer}" if n.sublayer else ""
+        L.append(f"  {n.placement:<13} {n.kind:<10} over {n.group} eps={_fmt(n.eps)} [{n.eps_key}]{sub}: "
+                 f"{n.weight}{' + ' + n.bias if n.bias else ''}{_layers(n.layers)}")
+    a = ir.attention
+    if a is not None:
+        L.append(f"attention: heads {a.heads}, kv_heads {a.kv_heads}, head_dim {a.head_dim}, "
+                 f"scale {_fmt(a.scaling)} ({a.scaling_source})"
+                 + (f", sliding_window {a.sliding_window}" if a.sliding_window else ""))
+        if a.fused_qkv:
+            L.append(f"  fused qkv ({a.fused_layout}): {a.fused_qkv}")
+        else:
+            L.append(f"  q {a.q}\n  k {a.k}\n  v {a.v}")
+        L.append(f"  o {a.o}")
+        if a.rope:
+            r = a.rope
+            L.append(f"rope: {r.style}, rotary_dim {r.rotary_dim} of {r.head_dim}, theta {_fmt(r.theta)}"
+                     + (f", partial via {r.partial_key}" if r.partial_key else ""))
+        else:
+            L.append("rope: none")
+    else:
+        L.append("attention: none found")
+    if ir.moe:
+        m = ir.moe
+        L.append(f"moe: {m.num_experts} experts [{m.experts_key}], top_k {m.top_k} [{m.top_k_key}], "
+                 f"renormalize {m.renormalize}, router {m.router}{_layers(m.layers)}")
+    r = ir.residual
+    L.append(f"residual: {r.placement}-norm"
+             + (f", embed scale {_fmt(r.embed_scale)} ({r.embed_scale_source})" if r.embed_scale else ""))
+    L.append("  writers: " + ", ".join(r.writers))
+    L.append("  readers: " + ", ".join(r.readers))
+    L.append("tied: " + ("; ".join(" = ".join(s) for s in ir.tied) if ir.tied else "none"))
+    if ir.layer_arrays:
+        L.append("per-layer config arrays: " + ", ".join(ir.layer_arrays))
+    if ir.tp_plan:
+        L.append("tp plan: " + ", ".join(f"{k}={v}" for k, v in sorted(ir.tp_plan.items())))
+    for n in ir.notes:
+        L.append(f"note: {n}")
+    return "\n".join(L) + "\n"
