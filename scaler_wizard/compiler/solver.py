@@ -18,6 +18,7 @@ from scaler_wizard.compiler.predict import costs, predict_shapes
 from scaler_wizard.grammar import ast as A
 
 TOLERANCE = 0.05  # a candidate within 5% of the target counts as reaching it
+MAX_CANDIDATES = 16  # per axis, so the search stays well under a second on 405B-sized configs
 
 
 def _params(checker, st) -> int:
@@ -66,45 +67,62 @@ def solve_grow_to(checker, st, stmt: A.GrowToStmt, prefer: str | None):
 
     depth_opts: list[list] = [[]]
     L = st.depth
-    for k in range(L, 0, -1):
+    ks = sorted({max(1, round(L / n)) for n in range(1, L + 1)}, reverse=True)
+    if len(ks) > MAX_CANDIDATES:
+        ks = [ks[round(i * (len(ks) - 1) / (MAX_CANDIDATES - 1))] for i in range(MAX_CANDIDATES)]
+    for k in ks:
         depth_opts.append([A.InsertEveryStmt(A.Int(k, span), A.Ident("identity", span), span=span)])
     for n in (2, 3, 4):  # deeper than 2x: stack of identity insertions every layer, then again
         depth_opts.append([A.InsertEveryStmt(A.Int(1, span), A.Ident("identity", span), span=span)] * (n - 1))
 
-    width_opts: list[list] = [[]]
+    # Width candidates: hidden sizes on the quantum grid; for each, the FFN size is solved for
+    # (parameters are affine in the FFN width) so width plans can land close to the target.
+    hidden_opts: list[list] = [[]]
+    ffn = st.sizes.get("ffn") if "ffn" in checker.ir.groups and checker.ir.groups["ffn"].config_key else None
+    qf = max(8, 2 ** max(0, int(math.log2(ffn)) - 5)) if ffn else 0
     if "hidden" in checker.ir.groups:
         h = st.sizes["hidden"]
         q = _quantum(checker, st)
-        ffn = st.sizes.get("ffn")
-        for mult in (1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0):
-            new_h = int(round(h * mult / q)) * q
-            if new_h <= h:
-                continue
+        sizes = list(range((h // q + 1) * q, 4 * h + 1, q))
+        if len(sizes) > MAX_CANDIDATES:
+            sizes = [sizes[round(i * (len(sizes) - 1) / (MAX_CANDIDATES - 1))] for i in range(MAX_CANDIDATES)]
+        for new_h in sizes:
             method = "tile" if new_h % h == 0 else "lemon"
-            stmts = [A.WidenStmt(A.Ident("hidden", span), A.ToSize(new_h, span), A.Ident(method, span), span=span)]
-            if ffn:
-                new_f = int(round(ffn * new_h / h / 64)) * 64
-                if new_f > ffn:
-                    stmts.append(A.WidenStmt(A.Ident("ffn", span), A.ToSize(new_f, span), A.Ident("net2net", span), span=span))
-            width_opts.append(stmts)
+            hidden_opts.append([A.WidenStmt(A.Ident("hidden", span), A.ToSize(new_h, span), A.Ident(method, span), span=span)])
+
+    def widen_ffn(size):
+        return A.WidenStmt(A.Ident("ffn", span), A.ToSize(size, span), A.Ident("net2net", span), span=span)
 
     scored = []
     seen: set[str] = set()
+
+    def consider(stmts, has_width, has_depth):
+        key = _fmt(stmts)
+        if key in seen or not stmts:
+            return
+        seen.add(key)
+        p = _simulate(checker, st, stmts)
+        if p is None:
+            return
+        err = abs(p - target) / target
+        axis = "both" if has_width and has_depth else "width" if has_width else "depth"
+        scored.append((err, axis, p, stmts))
+
     for d in depth_opts:
-        for w in width_opts:
-            if not d and not w:
+        for w in hidden_opts:
+            consider(w + d, bool(w), bool(d))
+            if not ffn:
                 continue
-            stmts = w + d
-            key = _fmt(stmts)
-            if key in seen:
+            # FFN sized to hit the target with this hidden size and depth.
+            p0 = _simulate(checker, st, w + [widen_ffn(ffn + qf)] + d)
+            p1 = _simulate(checker, st, w + [widen_ffn(ffn + 2 * qf)] + d)
+            if p0 is None or p1 is None or p1 <= p0:
                 continue
-            seen.add(key)
-            p = _simulate(checker, st, stmts)
-            if p is None:
-                continue
-            err = abs(p - target) / target
-            axis = "depth" if d and not w else "width" if w and not d else "both"
-            scored.append((err, axis, p, stmts))
+            best_f = ffn + qf + (target - p0) / ((p1 - p0) / qf)
+            best_f = int(round(best_f / qf)) * qf
+            if ffn < best_f <= 8 * ffn:
+                consider(w + [widen_ffn(best_f)] + d, True, bool(d))
+
     if not scored:
         return "no exact plan reaches that size for this model"
 
