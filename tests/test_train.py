@@ -236,3 +236,14 @@ def test_emit_config_writes_launcher_files(tmp_path, capsys):
     assert "fsdp_version: 2" in (tmp_path / "accelerate_fsdp2.yaml").read_text()
     assert cli(["train", "--emit-config", "zero4", "-o", str(tmp_path)]) == 2
     assert math.isfinite(1.0)
+
+
+def test_streaming_local_files_train_and_resume(tiny, corpus, tmp_path):
+    kw = dict(steps=4, streaming=True, eval_blocks=2, save_every=2)
+    full = train(tiny, tmp_path / "a", recipe(corpus, **kw), progress=False)
+    train(tiny, tmp_path / "b", recipe(corpus, **kw), stop_after=2, progress=False)
+    train(tiny, tmp_path / "b", recipe(corpus, **kw), resume=True, progress=False)
+    assert full.status == "completed"
+    la = [(r["step"], r["loss"]) for r in metrics(tmp_path / "a") if r.get("event") is None]
+    lb = [(r["step"], r["loss"]) for r in metrics(tmp_path / "b") if r.get("event") is None]
+    assert la == lb and len(la) == 4  # the stream is fast-forwarded past the consumed blocks

@@ -189,10 +189,15 @@ def test_derived_sizes_grow_together():
     ir = ir_of("gpt2")  # head_dim = n_embd // n_head, ffn = 4 * n_embd
     rp = resolve("widen hidden x2", ir)
     grown = {o.group: (o.old_size, o.new_size) for o in rp.ops}
-    assert grown == {"hidden": (64, 128), "heads": (4, 8), "ffn": (256, 512)}
+    assert grown == {"hidden": (64, 128), "heads": (4, 8)}
     assert rp.config_after["n_head"] == 8
+    assert rp.config_after["n_inner"] == 256  # ffn = 4 * n_embd unless n_inner is set: pinned
+    assert ir.groups["ffn"].override_key == "n_inner"  # found by differential tracing
+    rp = resolve("widen ffn x2", ir)
+    assert rp.config_after["n_inner"] == 512 and rp.ops[0].exactness == EXACT
     assert codes("widen hidden to 72", ir) == ["SW313"]  # not a multiple of head_dim 16
     assert codes("widen heads x2", ir) == ["SW308"]
+    assert codes("widen head_dim x2", ir) == ["SW308"]
 
 
 def test_upcycle_rules():
@@ -254,6 +259,7 @@ def test_parameter_count_matches_the_real_model(family):
         ("llama", "widen hidden x2\nwiden ffn to 160 net2net\nwiden heads to 8\ninsert layers every 1 identity"),
         ("qwen2", "widen hidden x2\ninsert layer 0 identity"),
         ("gpt2", "widen hidden x2\nstack x2"),
+        ("gpt2", "widen ffn to 320\nwiden hidden x2"),
         ("llama", "upcycle ffn experts 4 top 2"),
         ("gemma2", "widen hidden to 96 lemon\nwiden kv_heads x2"),
     ],

@@ -427,8 +427,15 @@ class TypeChecker:
         for name, g in self.ir.groups.items():
             if g.config_key or not g.derived:
                 continue
+            if g.override_key and st.config.get(g.override_key) is not None:
+                continue  # already pinned
             value = _eval_derived(g.derived, st.config)
             if value is None or value == st.sizes[name]:
+                continue
+            if g.override_key:
+                # The group has a config key that fixes it: pin it at its current size.
+                st.config[g.override_key] = st.sizes[name]
+                st.ops[-1].config_patch[g.override_key] = st.sizes[name]
                 continue
             if name == "head_dim":
                 hd = st.sizes["head_dim"]
@@ -637,8 +644,8 @@ class TypeChecker:
     def _width_patch(self, st: _State, s: A.WidenStmt, group: str, method: str, old: int, new: int) -> dict | None:
         g = self.ir.groups[group]
         patch: dict[str, Any] = {}
-        if g.config_key:
-            patch[g.config_key] = new
+        if g.config_key or g.override_key:
+            patch[g.config_key or g.override_key] = new
         else:
             st.bag.error(
                 "SW308",

@@ -451,6 +451,29 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
             d = _derive(sz, bound, ikeys)
             if d:
                 derived[g] = d
+    # -- a derived group may still have a config key that overrides it when set (GPT-2's n_inner
+    # is None and ffn = 4 * n_embd): try each None-valued key with a distinct value and see
+    # whether exactly that group follows.
+    overrides: dict[str, str] = {}
+    if derived and differential:
+        none_keys = sorted(k for k, v in cfg.items() if v is None and not k.startswith("_"))
+        for g in sorted(derived):
+            if g == "head_dim":
+                continue  # head_dim follows heads (see the type checker), never an override
+            want = an.sizes[g] * 3
+            for k in none_keys:
+                if k in overrides.values():
+                    continue
+                c2 = copy.deepcopy(config)
+                try:
+                    setattr(c2, k, want)
+                    sizes2 = _sizes_for(c2)
+                except Exception:  # noqa: BLE001 - the model rejects this key: not an override
+                    continue
+                if sizes2.get(g) == want and all(sizes2.get(o) == an.sizes[o] for o in an.sizes if o != g):
+                    overrides[g] = k
+                    notes.append(f"differential trace: setting {k} overrides derived {g}")
+                    break
 
     # -- extra (non-canonical) classes of parameter axes, named by their config key
     extra: dict[int, str] = {}
@@ -561,6 +584,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
     order += sorted(g for g in an.sizes if g not in order)
     for g in order:
         groups[g] = Group(name=g, size=an.sizes[g], config_key=bound.get(g), derived=derived.get(g),
+                          override_key=overrides.get(g),
                           per_layer=g not in ("hidden", "vocab"), members=tuple(members.get(g, ())))
     for r, k in sorted(extra.items(), key=lambda kv: kv[1]):
         if k not in groups and members.get(k):

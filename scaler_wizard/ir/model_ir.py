@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-IR_FORMAT_VERSION = 1
+IR_FORMAT_VERSION = 2
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
@@ -103,6 +103,7 @@ class Group:
     size: int
     config_key: str | None  # the config field it binds to, found by differential tracing
     derived: str | None = None  # when no key binds directly: e.g. "hidden_size // num_attention_heads"
+    override_key: str | None = None  # a None-valued config key that, when set, fixes a derived size (n_inner)
     per_layer: bool = True  # False for hidden/vocab (one value model-wide)
     members: tuple[tuple[str, int], ...] = ()  # (tensor template, axis index)
 

@@ -43,6 +43,8 @@ def render_ir(ir: ModelIR) -> str:
     L.append("groups:")
     for g in ir.groups.values():
         bind = g.config_key or (f"= {g.derived}" if g.derived else "unbound")
+        if g.override_key:
+            bind += f" (set {g.override_key} to override)"
         L.append(f"  {g.name:<10} {g.size:>8}  {bind:<28} {len(g.members)} members{'' if g.per_layer else ' (model-wide)'}")
     L.append("tensors (globals and one layer template):")
     for t in ir.tensors:

@@ -381,6 +381,9 @@ def train(
     record = GrowthRecord.load(growth_record) if growth_record else GrowthRecord.find(model_dir)
     groups, frozen, counts = _param_groups(model, recipe, record)
     targets = [(g["lr"], g["weight_decay"]) for g in groups]
+    if frozen.regions and str(accelerator.distributed_type).endswith("FSDP"):
+        raise UsageError("--freeze-original on partly-grown tensors is not supported under FSDP (sharded "
+                         "parameters); use DDP, or --new-lr without --freeze-original")
     if frozen.regions and _is_deepspeed(accelerator):
         raise UsageError(
             "--freeze-original on partly-grown tensors is not supported under DeepSpeed (its optimizer keeps "

@@ -1,0 +1,192 @@
+"""Lowering + apply end to end on tiny models: every exact plan preserves fp32 logits (padding +
+KV cache), approx plans report drift, outputs load with no missing / unexpected keys, same plan +
+seed gives byte-identical safetensors, refusals come from the type checker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from families import build_model
+
+from scaler_wizard import api
+from scaler_wizard.compiler.diagnostics import PlanError, UsageError
+
+RTOL = 1e-5
+
+LLAMA_EXACT = [
+    "widen hidden x2",
+    "widen hidden to 96 lemon",
+    "widen ffn x2 net2net",
+    "widen ffn to 130 zero",
+    "widen ffn to 150 lemon split=equal",
+    "widen heads x2 dup",
+    "widen heads to 8 zero",
+    "widen kv_heads x2",
+    "widen head_dim x2",
+    "insert layers every 1 identity",
+    "insert 2 layers after 0 zero",
+    "insert layer 1 cancel",
+    "upcycle ffn experts 4 top 2",
+    "widen hidden x2\nwiden ffn x2 net2net\nwiden heads x2\ninsert layers every 2 identity",
+]
+LLAMA_APPROX = ["duplicate layers 0..2", "stack x2"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lower")
+    out = {}
+    for fam in ("llama", "qwen2", "gemma", "phi3", "gpt2"):
+        _, m = build_model(fam)
+        d = root / fam
+        m.save_pretrained(d)
+        out[fam] = d
+    return out
+
+
+def _apply(plan, model_dir, out, **kw):
+    return api.apply(plan, str(model_dir), out=str(out), progress=False, **kw)
+
+
+def _load_clean(out):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m, info = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    assert not bad, bad
+    return m
+
+
+@pytest.mark.parametrize("plan", LLAMA_EXACT)
+def test_llama_exact(models, tmp_path, plan):
+    res = _apply(plan, models["llama"], tmp_path / "out")
+    assert res["exactness"] == "exact"
+    ver = res["verification"]
+    assert ver["passed"], ver
+    assert ver["max_rel"] <= RTOL
+    names = {c["name"] for c in ver["checks"]}
+    assert {"padding_left", "padding_right", "kv_cache_vs_original"} <= names
+    m = _load_clean(tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert m.config.num_hidden_layers == cfg["num_hidden_layers"]
+    side = json.loads((tmp_path / "out" / "scaler_wizard_growth.json").read_text())
+    assert side["format"] == 1 and side["plan"].strip() == plan.strip()
+    assert set(side["tensors"]) == set(dict(m.named_parameters())) - {"lm_head.weight"} | (
+        {"lm_head.weight"} if "lm_head.weight" in side["tensors"] else set())
+    assert (tmp_path / "out" / "README.md").read_text().count("verif") >= 1
+
+
+@pytest.mark.parametrize("plan", LLAMA_APPROX)
+def test_llama_approx_reports_drift(models, tmp_path, plan):
+    res = _apply(plan, models["llama"], tmp_path / "out")
+    assert res["exactness"] == "approx"
+    ver = res["verification"]
+    assert ver["judged"] is False and ver["passed"]
+    assert ver["max_rel"] > 1e-4  # a copied layer really changes the function
+    _load_clean(tmp_path / "out")
+
+
+@pytest.mark.parametrize("fam,plan", [
+    ("qwen2", "widen hidden x2"),  # tied embeddings: final norm carries the shares
+    ("qwen2", "widen hidden x2 untie=true"),
+    ("qwen2", "widen ffn x2 net2net\ninsert layers every 1 identity"),
+    ("gemma", "widen hidden x2"),  # (1+w) norms, sqrt(hidden) embedding scale, tied head
+    ("gemma", "widen hidden to 96 lemon"),
+    ("phi3", "widen hidden x2\nwiden ffn x2 net2net"),  # fused qkv_proj / gate_up_proj
+    ("phi3", "widen heads x2 dup"),
+    ("gpt2", "widen hidden x2\ninsert layers every 1 identity"),  # Conv1D, c_attn [q|k|v], LayerNorm
+])
+def test_other_families_exact(models, tmp_path, fam, plan):
+    res = _apply(plan, models[fam], tmp_path / "out")
+    ver = res["verification"]
+    assert ver["exactness"] in ("exact", "exact-eps")
+    assert ver["passed"], ver
+    _load_clean(tmp_path / "out")
+
+
+def _digest(d: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(d.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_deterministic_and_seed(models, tmp_path):
+    plan = "widen ffn x2 net2net\ninsert 1 layers after 0 zero"
+    a = _apply(plan, models["llama"], tmp_path / "a", verify=False)
+    b = _apply(plan, models["llama"], tmp_path / "b", verify=False)
+    c = _apply(plan, models["llama"], tmp_path / "c", verify=False, seed=7)
+    assert _digest(Path(a["out"])) == _digest(Path(b["out"]))
+    assert _digest(Path(a["out"])) != _digest(Path(c["out"]))
+
+
+def test_symmetry_broken_after_one_step(models, tmp_path):
+    _apply("widen ffn x2 net2net", models["llama"], tmp_path / "out", verify=False)
+    d = api.verify(tmp_path / "out", models["llama"])
+    assert d["passed"]
+    assert d["symmetry"]["passed"] is True
+
+
+def test_refusals_and_overwrite(models, tmp_path):
+    with pytest.raises(PlanError) as e:
+        api.check("widen heads to 5", model=str(models["llama"]))
+    assert any(d.code == "SW304" for d in e.value.diagnostics)
+    with pytest.raises(PlanError) as e:
+        api.check("widen hidden x1.5 tile", model=str(models["llama"]))
+    assert any(d.code == "SW303" for d in e.value.diagnostics)
+    out = tmp_path / "o"
+    _apply("widen ffn x2", models["llama"], out, verify=False)
+    with pytest.raises(UsageError):
+        _apply("widen ffn x2", models["llama"], out, verify=False)
+    _apply("widen ffn x2", models["llama"], out, verify=False, force=True)
+
+
+def test_program_shapes_match_prediction(models):
+    from scaler_wizard.compiler.predict import predict_shapes
+
+    rp = api.check("widen hidden to 96 lemon\nwiden ffn x2\ninsert layers every 1 identity", model=str(models["llama"]))
+    prog = api.compile(rp)
+    sizes = {"hidden": 96, "ffn": 192}
+    pred = {p.name: p for p in predict_shapes(rp.ir, {**{k: g.size for k, g in rp.ir.groups.items()}, **sizes},
+                                                rp.layer_map)}
+    for name, o in prog.outputs.items():
+        tmpl = ".".join("{i}" if part.isdigit() else part for part in name.split("."))
+        if tmpl in pred:
+            assert tuple(o.node.shape) == tuple(pred[tmpl].shape), name
+    again = type(prog).from_json(prog.to_json())
+    assert again.to_json() == prog.to_json()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "scaler_wizard", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli(models, tmp_path):
+    plan = tmp_path / "p.expand"
+    plan.write_text("widen ffn x2 net2net\ninsert layers every 1 identity\n")
+    out = tmp_path / "out"
+    r = _cli("apply", str(plan), "--model", str(models["llama"]), "-o", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = _cli("apply", str(plan), "--model", str(models["llama"]), "-o", str(out), "--no-progress")
+    assert r.returncode == 2 and "already exists" in r.stderr
+    r = _cli("verify", str(out), "--against", str(models["llama"]), "--format", "json", "--no-symmetry")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["passed"] is True
+    r = _cli("explain", str(plan), "--model", str(models["llama"]))
+    assert r.returncode == 0 and "identity" in r.stdout
+    r = _cli("compile", str(plan), "--model", str(models["llama"]), "-o", str(tmp_path / "prog.json"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "prog.json").read_text())["format"] == "scaler-wizard/tensor-program"
+    bad = tmp_path / "bad.expand"
+    bad.write_text("widen fnn x2\n")
+    r = _cli("apply", str(bad), "--model", str(models["llama"]), "-o", str(tmp_path / "x"))
+    assert r.returncode == 1 and "SW201" in r.stderr and not (tmp_path / "x").exists()
+    r = _cli("apply", str(plan), "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "y"))
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr
