@@ -25,6 +25,7 @@ SW310  experts / top-k out of range
 SW311  ``grow to`` target unreachable or not larger than the model
 SW312  the group does not exist in this model (``experts`` on a dense model)
 SW313  the plan would leave a config value inconsistent
+SW314  the result would be absurdly large (more than 10,000 layers or 2^31 units)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 =====  ==================================================================================
@@ -52,6 +53,8 @@ from scaler_wizard.grammar import ast as A
 from scaler_wizard.ir.model_ir import CANONICAL_GROUPS, ModelIR
 
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_LAYERS = 10_000  # beyond any real model; keeps layer maps small
+MAX_WIDTH = 2**31 - 1  # tensor dimensions above this are not addressable by safetensors readers
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 
 # transformers' MoE family for each dense family that upcycles exactly (top-k renormalised).
@@ -515,6 +518,9 @@ class TypeChecker:
             new = amount.value
         else:
             new = old + amount.value
+        if new > MAX_WIDTH:
+            st.bag.error("SW314", f"`{group}` of {new:,} units is beyond any model this tool can write", amount.span)
+            return None
         if new <= old:
             st.bag.error(
                 "SW302",
@@ -688,6 +694,16 @@ class TypeChecker:
             return None
         return name
 
+    def _too_deep(self, st: _State, added: int, span) -> bool:
+        if st.depth + added > MAX_LAYERS:
+            st.bag.error(
+                "SW314",
+                f"this would make {st.depth + added:,} layers (the limit is {MAX_LAYERS:,})",
+                span,
+            )
+            return True
+        return False
+
     def _depth_op(self, i, s, st: _State, kind: str, init: str | None, opts: dict, new_map: list[LayerSource]):
         exactness = APPROX if init in (None, "copy") else EXACT
         reason = (
@@ -740,6 +756,8 @@ class TypeChecker:
             return
         if init is None or not self._depth_allowed(st, init, s.init.span if s.init else s.span):
             return
+        if self._too_deep(st, 1, s.span):
+            return
         src = self._source_for_new(st, idx, opts, s.span)
         if src is None:
             return
@@ -763,6 +781,8 @@ class TypeChecker:
             ok = False
         if not ok or init is None or not self._depth_allowed(st, init, s.init.span if s.init else s.span):
             return
+        if self._too_deep(st, n, s.count.span):
+            return
         src = self._source_for_new(st, after + 1, opts, s.span)
         if src is None:
             return
@@ -785,6 +805,8 @@ class TypeChecker:
         if "from" in opts:
             st.bag.error("SW204", "`from` does not apply to `insert layers every`", s.span)
             return
+        if self._too_deep(st, st.depth // k, s.span):
+            return
         new_map: list[LayerSource] = []
         for j, src in enumerate(st.layer_map):
             new_map.append(src)
@@ -803,6 +825,8 @@ class TypeChecker:
                 help=f"e.g. `duplicate layers {st.depth // 4}..{st.depth - st.depth // 4}`",
             )
             return
+        if self._too_deep(st, b - a, s.span):
+            return
         copies = [LayerSource(src.src, "copy") for src in st.layer_map[a:b]]
         new_map = st.layer_map[:b] + copies + st.layer_map[b:]
         self._depth_op(i, s, st, "duplicate", "copy", opts, new_map)
@@ -812,6 +836,10 @@ class TypeChecker:
         k = s.factor.value
         if k < 2:
             st.bag.error("SW302", f"`stack x{k}` does not grow the model", s.factor.span, help="use `stack x2` or more")
+            return
+        if k > MAX_LAYERS or self._too_deep(st, (k - 1) * st.depth, s.factor.span):
+            if k > MAX_LAYERS:
+                st.bag.error("SW314", f"`stack x{k}` is beyond any model this tool can write", s.factor.span)
             return
         new_map = list(st.layer_map) + [LayerSource(src.src, "copy") for _ in range(k - 1) for src in st.layer_map]
         self._depth_op(i, s, st, "stack", "copy", opts, new_map)
@@ -832,6 +860,9 @@ class TypeChecker:
         ok = True
         if E < 2:
             st.bag.error("SW310", f"a mixture needs at least 2 experts, got {E}", s.experts.span)
+            ok = False
+        if E > 4096:
+            st.bag.error("SW314", f"{E:,} experts is beyond any model this tool can write (limit 4,096)", s.experts.span)
             ok = False
         if not 1 <= k <= max(E, 1):
             st.bag.error("SW310", f"top {k} is not between 1 and the number of experts {E}", s.top_k.span)
