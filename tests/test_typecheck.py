@@ -362,3 +362,33 @@ def test_check_cli_runs_every_example_on_tiny_llama(tmp_path, capsys, monkeypatc
         rc = main(["check", ex, "--model", str(d)])
         captured = capsys.readouterr()
         assert rc == 0, f"{ex}:\n{captured.err}"
+
+
+# ---------------------------------------------------------------- every example x every family
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.expand"))
+PRE_LN = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "mixtral"]
+POST_LN = ["opt_postln", "bert"]
+
+
+@pytest.mark.parametrize("family", PRE_LN + POST_LN)
+def test_examples_on_every_family(family):
+    ir = ir_deep(family, 30)
+    outcomes = {}
+    for ex in EXAMPLES:
+        text = ex.read_text()
+        try:
+            check_plan(parse(text, file=ex.name), ir, model_ref=family)
+            outcomes[ex.name] = "ok"
+        except PlanError as e:
+            outcomes[ex.name] = sorted({d.code for d in e.diagnostics})
+            # Only refusals with reasons, or a group this family does not have (MHA: no kv_heads).
+            for d in e.diagnostics:
+                assert d.code.startswith("SW3") or (d.code == "SW201" and "kv_heads" in d.message), (ex.name, render([d], {ex.name: text}))
+    user_example = outcomes["smollm2-grow.expand"]
+    if family in POST_LN:
+        assert user_example == ["SW305"]  # identity layers do not exist under Post-LN
+    else:
+        assert user_example == "ok"
+        assert outcomes["llama-pro.expand"] == "ok" and outcomes["solar-dus.expand"] == "ok"
+    if family in ("llama", "mistral", "qwen3"):
+        assert outcomes["moe-upcycle.expand"] == "ok"
