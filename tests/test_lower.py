@@ -100,7 +100,7 @@ def test_llama_approx_reports_drift(models, tmp_path, plan):
     ("gemma", "widen hidden x2"),  # (1+w) norms, sqrt(hidden) embedding scale, tied head
     ("gemma", "widen hidden to 96 lemon"),
     ("phi3", "widen hidden x2\nwiden ffn x2 net2net"),  # fused qkv_proj / gate_up_proj
-    ("phi3", "widen heads x2 dup"),
+    ("phi3", "widen ffn to 150 zero\ninsert 1 layers after 0 zero"),
     ("gpt2", "widen hidden x2\ninsert layers every 1 identity"),  # Conv1D, c_attn [q|k|v], LayerNorm
 ])
 def test_other_families_exact(models, tmp_path, fam, plan):

@@ -26,6 +26,7 @@ SW311  ``grow to`` target unreachable or not larger than the model
 SW312  the group does not exist in this model (``experts`` on a dense model)
 SW313  the plan would leave a config value inconsistent
 SW314  the result would be absurdly large (more than 10,000 layers or 2^31 units)
+SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=true``)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 =====  ==================================================================================
@@ -536,6 +537,15 @@ class TypeChecker:
         bag = st.bag
         if group == "hidden":
             norms = self.hidden_norms()
+            untie = any(o.key.name == "untie" and getattr(o.value, "value", None) is True for o in s.options)
+            if ir.tied and not untie and not any(n.placement == "final" and n.weight for n in norms):
+                bag.error(
+                    "SW315",
+                    "the LM head is tied to the embedding and no final norm gain can absorb the readers' split",
+                    s.span,
+                    help="add `untie=true` (the head gets its own copy; memory grows by vocab x hidden)",
+                )
+                return None, ""
             kinds = sorted({n.kind for n in norms}) or ["none"]
             place = self.placement()
             r = new % old
@@ -571,7 +581,7 @@ class TypeChecker:
             if att is None:
                 bag.error("SW312", "this model has no attention heads the compiler understands", s.group.span)
                 return None, ""
-            if "head_dim" in ir.groups and ir.groups["head_dim"].config_key is None:
+            if group == "heads" and "head_dim" in ir.groups and ir.groups["head_dim"].config_key is None:
                 g = ir.groups["head_dim"]
                 bag.error(
                     "SW308",
@@ -652,6 +662,8 @@ class TypeChecker:
         patch: dict[str, Any] = {}
         if g.config_key or g.override_key:
             patch[g.config_key or g.override_key] = new
+            for k in g.companion_keys:  # structural switches that must keep the group's value
+                patch[k] = new
         else:
             st.bag.error(
                 "SW308",

@@ -423,6 +423,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
             bound[g] = cands[0]
         elif len(cands) > 1:
             ambiguous[g] = cands
+    moved_by: dict[str, list[str]] = {}
     if ambiguous and differential:
         keys = sorted({k for c in ambiguous.values() for k in c})
         for k in keys:
@@ -437,6 +438,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
                 if k in ambiguous[g] and sizes2.get(g) == old * 2 and g not in bound:
                     bound[g] = k
             moved = sorted(g for g in an.sizes if sizes2.get(g) != an.sizes[g])
+            moved_by[k] = moved
             notes.append(f"differential trace: {k} x2 moved " + (", ".join(moved) or "no group"))
     for g, c in ambiguous.items():
         if g not in bound:
@@ -445,6 +447,14 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
                 bound[g] = free[0]
             else:
                 notes.append(f"group {g}: config keys {c} all equal {an.sizes[g]}; not bound")
+    # A key that shares a group's value but moved no group when changed alone is a structural
+    # switch (OPT's word_embed_proj_dim adds projections when it differs from hidden_size): it
+    # must follow the group when the group grows.
+    companions: dict[str, list[str]] = {}
+    for g, c in ambiguous.items():
+        for k in c:
+            if g in bound and k != bound[g] and moved_by.get(k) == []:
+                companions.setdefault(g, []).append(k)
     derived = {}
     for g, sz in an.sizes.items():
         if g not in bound:
@@ -584,7 +594,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
     order += sorted(g for g in an.sizes if g not in order)
     for g in order:
         groups[g] = Group(name=g, size=an.sizes[g], config_key=bound.get(g), derived=derived.get(g),
-                          override_key=overrides.get(g),
+                          override_key=overrides.get(g), companion_keys=tuple(companions.get(g, ())),
                           per_layer=g not in ("hidden", "vocab"), members=tuple(members.get(g, ())))
     for r, k in sorted(extra.items(), key=lambda kv: kv[1]):
         if k not in groups and members.get(k):

@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-IR_FORMAT_VERSION = 2
+IR_FORMAT_VERSION = 3
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
@@ -104,6 +104,7 @@ class Group:
     config_key: str | None  # the config field it binds to, found by differential tracing
     derived: str | None = None  # when no key binds directly: e.g. "hidden_size // num_attention_heads"
     override_key: str | None = None  # a None-valued config key that, when set, fixes a derived size (n_inner)
+    companion_keys: tuple[str, ...] = ()  # keys that must keep the group's value (OPT word_embed_proj_dim)
     per_layer: bool = True  # False for hidden/vocab (one value model-wide)
     members: tuple[tuple[str, int], ...] = ()  # (tensor template, axis index)
 
@@ -237,7 +238,14 @@ def _ir_from_dict(d: dict) -> ModelIR:
         for t in d["tensors"]
     )
     groups = {
-        k: Group(**{**g, "members": tuple((m[0], m[1]) for m in g["members"])}) for k, g in d["groups"].items()
+        k: Group(
+            **{
+                **g,
+                "members": tuple((m[0], m[1]) for m in g["members"]),
+                "companion_keys": tuple(g.get("companion_keys", ())),
+            }
+        )
+        for k, g in d["groups"].items()
     }
     norms = tuple(NormInfo(**{**n, "layers": _tuple_or_none(n["layers"])}) for n in d["norms"])
     att = d.get("attention")

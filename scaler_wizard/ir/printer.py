@@ -45,6 +45,8 @@ def render_ir(ir: ModelIR) -> str:
         bind = g.config_key or (f"= {g.derived}" if g.derived else "unbound")
         if g.override_key:
             bind += f" (set {g.override_key} to override)"
+        if g.companion_keys:
+            bind += " (with " + ", ".join(g.companion_keys) + ")"
         L.append(f"  {g.name:<10} {g.size:>8}  {bind:<28} {len(g.members)} members{'' if g.per_layer else ' (model-wide)'}")
     L.append("tensors (globals and one layer template):")
     for t in ir.tensors:

@@ -177,6 +177,8 @@ class CheckpointReader:
         self.config = config
         self._infos: dict[str, TensorInfo] = {}
         self.tied: dict[str, str] = {}  # absent name -> stored name
+        self.aliases: dict[str, str] = {}  # in-memory (model) name -> stored name, where they differ
+        self.unconverted: list = []  # transformers converters (merges) this reader does not apply
         self.bytes_read = 0
         self.reads = 0
 
@@ -190,7 +192,33 @@ class CheckpointReader:
         return list(self._infos)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._infos or name in self.tied
+        return name in self._infos or name in self.tied or name in self.aliases
+
+    def _find_aliases(self) -> None:
+        """transformers 5 renames some weights between disk and memory (GPT-NeoX stores
+        ``embed_out`` for the module ``lm_head``). Expose the in-memory names, which the IR uses,
+        through transformers' own renaming table. Converters that merge several stored tensors
+        into one (legacy per-expert MoE layouts) are not renames and are reported instead."""
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+            from transformers.core_model_loading import WeightRenaming, apply_renamings
+        except ImportError:  # an older transformers: names on disk are names in memory
+            return
+        arch = (self.config.get("architectures") or [None])[0]
+        transforms = (arch and get_checkpoint_conversion_mapping(arch)) or get_checkpoint_conversion_mapping(
+            self.config.get("model_type")
+        ) or []
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.unconverted = [t for t in transforms if not isinstance(t, WeightRenaming)]
+        for stored in list(self._infos):
+            model_name = apply_renamings(stored, renamings)
+            if model_name != stored and model_name not in self._infos:
+                self.aliases[model_name] = stored
+        # ties were found under stored names; make them reachable under model names too
+        for absent, stored in list(self.tied.items()):
+            renamed = apply_renamings(absent, renamings)
+            if renamed != absent:
+                self.tied[renamed] = stored
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._infos)
@@ -201,8 +229,10 @@ class CheckpointReader:
     def _resolve(self, name: str) -> str:
         if name in self._infos:
             return name
+        if name in self.aliases:
+            return self.aliases[name]
         if name in self.tied:
-            return self.tied[name]
+            return self._resolve(self.tied[name]) if self.tied[name] not in self._infos else self.tied[name]
         import difflib
 
         close = difflib.get_close_matches(name, list(self._infos), n=3)
@@ -331,6 +361,7 @@ class SafetensorsReader(CheckpointReader):
         else:
             raise NoCheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
         self._find_ties()
+        self._find_aliases()
 
     def _read(self, name: str):
         from safetensors import safe_open
@@ -357,6 +388,7 @@ class InMemoryReader(CheckpointReader):
                 raise UnsupportedDtypeError(f"{source}: tensor {n!r} has unsupported dtype {dt}")
             self._infos[n] = TensorInfo(n, tuple(t.shape), dt, source)
         self._find_ties()
+        self._find_aliases()
 
     def _read(self, name: str):
         return self._tensors[name].clone()

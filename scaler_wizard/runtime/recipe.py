@@ -98,7 +98,16 @@ class TrainRecipe:
             data = data["train"]  # accept a [train] table too
         if not isinstance(data, dict):
             raise RecipeError(f"{p}: a training recipe must be a table of key = value")
-        return cls.from_options(data, where=str(p))
+        return cls.from_options(data, where=str(p))._relative_to(p.parent)
+
+    def _relative_to(self, base: Path) -> "TrainRecipe":
+        """Data paths written in a recipe or plan file are relative to that file."""
+        for key in ("data", "eval_data"):
+            setattr(self, key, [str(base / d) if not Path(d).is_absolute() and (base / d).exists() else d
+                                for d in getattr(self, key)])
+        if self.baseline_model and not Path(self.baseline_model).is_absolute() and (base / self.baseline_model).exists():
+            self.baseline_model = str(base / self.baseline_model)
+        return self
 
     def update(self, options: dict[str, Any], where: str = "train recipe") -> "TrainRecipe":
         known = self.keys()
@@ -278,5 +287,5 @@ def recipe_from_plan(path: str | Path) -> TrainRecipe:
                 recipe = TrainRecipe.from_file(ref)
             else:
                 opts = {o.key.name: o.value for o in stmt.options}
-                recipe = TrainRecipe.from_options(opts, where=f"{p}: train")
+                recipe = TrainRecipe.from_options(opts, where=f"{p}: train")._relative_to(p.parent)
     return recipe

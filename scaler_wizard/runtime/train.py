@@ -481,7 +481,7 @@ def train(
                dynamic_ncols=True, leave=True)
     status, reason, restored = "completed", None, None
     last_eval_ppl = None
-    t_run, tok_run = time.perf_counter(), 0
+    t_run, tok_run, cpu_run = time.perf_counter(), 0, time.process_time()
     step = start
     window_t, window_tok = time.perf_counter(), 0
     device = accelerator.device
@@ -520,7 +520,7 @@ def train(
                 window_t, window_tok = now, 0
                 rec = {"step": step, "loss": float(mean), "lr": lr_used, "seq_len": seq_len,
                        "tokens": total_tokens, "tokens_per_s": round(tps, 1),
-                       "elapsed_s": round(now - t_run, 3)}
+                       "elapsed_s": round(now - t_run, 3), "cpu_s": round(time.process_time() - cpu_run, 3)}
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
 
             last = step == recipe.steps or step == stop_after

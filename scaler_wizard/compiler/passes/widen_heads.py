@@ -22,7 +22,7 @@ class WidenHeads(Pass):
         op = self.op
         if op.group != "heads" or op.method not in ("dup", "tile", "zero"):
             raise self.fail(st, f"expects `widen heads` with dup/tile/zero, got {op.group} {op.method}")
-        kv = st.sizes.get("kv_heads", st.sizes.get("heads"))
+        kv = st.sizes.get("kv_heads", 1)  # no kv_heads group: multi-head attention, K/V grow with Q
         if op.new_size % kv:
             raise self.fail(st, f"{op.new_size} query heads cannot be shared by {kv} KV heads (SW304)")
         if st.sizes.get("heads") != op.old_size:
@@ -31,7 +31,9 @@ class WidenHeads(Pass):
     def apply(self, st: LowerState) -> None:
         op = self.op
         d, d2 = op.old_size, op.new_size
-        kv = st.sizes.get("kv_heads", d)
+        # Without a kv_heads group (multi-head attention) k and v are members of `heads` and grow
+        # with the same map, so the whole head set is one group.
+        kv = st.sizes.get("kv_heads", 1)
         equal = option(op, "split") == "equal"
         noise = float(option(op, "noise", st.plan.noise) or 0.0)
         std = st.init_std()
