@@ -162,7 +162,8 @@ def test_post_ln_refuses_identity_layers_and_fractional_lemon():
     assert codes("insert layers every 1 zero", ir) == ["SW305"]
     assert codes("widen hidden x1.5 lemon", ir) == ["SW306"]
     assert resolve("insert layer 1 copy", ir).exactness == APPROX
-    assert resolve("widen hidden x2 lemon", ir).exactness == EXACT
+    assert resolve("widen hidden x2 lemon untie=true", ir).exactness == EXACT
+    assert codes("widen hidden x2 lemon", ir) == ["SW315"]  # tied head, no final norm to absorb the split
 
 
 def test_gqa_divisibility():
@@ -385,7 +386,9 @@ def test_examples_on_every_family(family):
             for d in e.diagnostics:
                 assert d.code.startswith("SW3") or (d.code == "SW201" and "kv_heads" in d.message), (ex.name, render([d], {ex.name: text}))
     user_example = outcomes["smollm2-grow.expand"]
-    if family in POST_LN:
+    if family == "opt_postln":
+        assert user_example == ["SW305", "SW315"]  # no identity layer under Post-LN; tied head, no final norm
+    elif family in POST_LN:
         assert user_example == ["SW305"]  # identity layers do not exist under Post-LN
     else:
         assert user_example == "ok"

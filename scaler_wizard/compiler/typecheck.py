@@ -536,9 +536,10 @@ class TypeChecker:
         ir = self.ir
         bag = st.bag
         if group == "hidden":
+            exactness, reason = self._hidden_exactness(st, s, method, old, new)
             norms = self.hidden_norms()
             untie = any(o.key.name == "untie" and getattr(o.value, "value", None) is True for o in s.options)
-            if ir.tied and not untie and not any(n.placement == "final" and n.weight for n in norms):
+            if exactness and ir.tied and not untie and not any(n.placement == "final" and n.weight for n in norms):
                 bag.error(
                     "SW315",
                     "the LM head is tied to the embedding and no final norm gain can absorb the readers' split",
@@ -546,32 +547,42 @@ class TypeChecker:
                     help="add `untie=true` (the head gets its own copy; memory grows by vocab x hidden)",
                 )
                 return None, ""
-            kinds = sorted({n.kind for n in norms}) or ["none"]
-            place = self.placement()
-            r = new % old
-            if method == "tile":
-                return EXACT, f"tiling keeps {'/'.join(kinds)} statistics unchanged ({place}-norm)"
-            # lemon
-            if r == 0:
-                return EXACT, f"integer factor: lemon reduces to tiling ({'/'.join(kinds)}, {place}-norm)"
-            if place == "post" and "layernorm" in kinds:
-                bag.error(
-                    "SW306",
-                    f"LEMON's LayerNorm residue is exact in Post-LN models only for integer factors ({old} -> {new})",
-                    s.amount.span,
-                    help=f"this model normalises after the residual add; use `x{max(2, round(new / old))}` (or `to {old * max(2, round(new / old))}`)",
-                )
-                return None, ""
-            shared = self._eps_shared_with_other_groups()
-            eta2 = (new // old) * old / new
-            if shared:
-                return (
-                    EXACT_EPS,
-                    f"eps rescaled by eta^2={eta2:.4g} for the hidden norms, but the same config eps also serves "
-                    + ", ".join(shared),
-                )
-            residue = "zero" if set(kinds) <= {"rmsnorm", "rmsnorm_1p"} else "average"
-            return EXACT, f"{residue} residue with gains x eta and eps x eta^2={eta2:.4g}"
+            return exactness, reason
+        return self._other_exactness(st, s, group, method, old, new)
+
+    def _hidden_exactness(self, st: _State, s: A.WidenStmt, method: str, old: int, new: int):
+        bag = st.bag
+        norms = self.hidden_norms()
+        kinds = sorted({n.kind for n in norms}) or ["none"]
+        place = self.placement()
+        r = new % old
+        if method == "tile":
+            return EXACT, f"tiling keeps {'/'.join(kinds)} statistics unchanged ({place}-norm)"
+        # lemon
+        if r == 0:
+            return EXACT, f"integer factor: lemon reduces to tiling ({'/'.join(kinds)}, {place}-norm)"
+        if place == "post" and "layernorm" in kinds:
+            bag.error(
+                "SW306",
+                f"LEMON's LayerNorm residue is exact in Post-LN models only for integer factors ({old} -> {new})",
+                s.amount.span,
+                help=f"this model normalises after the residual add; use `x{max(2, round(new / old))}` (or `to {old * max(2, round(new / old))}`)",
+            )
+            return None, ""
+        shared = self._eps_shared_with_other_groups()
+        eta2 = (new // old) * old / new
+        if shared:
+            return (
+                EXACT_EPS,
+                f"eps rescaled by eta^2={eta2:.4g} for the hidden norms, but the same config eps also serves "
+                + ", ".join(shared),
+            )
+        residue = "zero" if set(kinds) <= {"rmsnorm", "rmsnorm_1p"} else "average"
+        return EXACT, f"{residue} residue with gains x eta and eps x eta^2={eta2:.4g}"
+
+    def _other_exactness(self, st: _State, s: A.WidenStmt, group: str, method: str, old: int, new: int):
+        ir = self.ir
+        bag = st.bag
         if group == "ffn":
             if method == "zero":
                 return EXACT, "new units: random fan-in, zero fan-out (they start learning at once)"
