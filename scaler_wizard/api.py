@@ -107,9 +107,14 @@ def compile(plan, model: str | None = None, *, seed: int | None = None, dtype: s
     return prog
 
 
-def sidecar(prog, plan_text: str, base_model: str | None) -> dict:
+def sidecar(prog, plan_text: str, base_model: str | None, rp=None) -> dict:
+    predicted = {}
+    if rp is not None:  # what the compiler predicts the re-traced output IR will show
+        predicted = {"groups": dict(rp.sizes_after), "layers": len(rp.layer_map), "params": rp.costs_after.params,
+                     "model_type": rp.config_after.get("model_type", rp.ir.model_type)}
     return {
         "format": 1,
+        "predicted": predicted,
         "plan": plan_text,
         "base_model": base_model,
         "exactness": prog.metadata.get("exactness"),
@@ -154,10 +159,10 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     outp = Path(report.out_dir)
-    _write_atomic(outp / SIDECAR, json.dumps(sidecar(prog, text, rp.model_ref), indent=1) + "\n")
+    _write_atomic(outp / SIDECAR, json.dumps(sidecar(prog, text, rp.model_ref, rp), indent=1) + "\n")
     result: dict[str, Any] = {"out": str(outp), "report": report, "verification": None,
                               "exactness": rp.exactness, "passed": None, "program": prog}
-    if verify and reader.path.is_dir():
+    if verify:
         rep = verify_dirs(outp, rp.model_ref, exactness=rp.exactness, symmetry=False)
         result["verification"] = rep
         result["passed"] = rep["passed"]
@@ -217,8 +222,17 @@ def _ir_check(out, side) -> dict:
             mismatches.append(f"{name}: traced {g.size}, config {g.config_key}={cfg[g.config_key]}")
     if ir.num_layers != cfg.get(ir.layers_key, ir.num_layers):
         mismatches.append(f"layers: traced {ir.num_layers}")
-    return {"done": True, "passed": not mismatches, "mismatches": mismatches,
-            "groups": {k: g.size for k, g in ir.groups.items()}}
+    # The strongest oracle: the IR re-traced from OUT equals what the compiler predicted.
+    pred = side.get("predicted") or {}
+    for name, size in (pred.get("groups") or {}).items():
+        if name in ir.groups and ir.groups[name].size != size:
+            mismatches.append(f"{name}: predicted {size}, traced {ir.groups[name].size}")
+    if pred.get("layers") is not None and pred["layers"] != ir.num_layers:
+        mismatches.append(f"layers: predicted {pred['layers']}, traced {ir.num_layers}")
+    if pred.get("params") is not None and pred["params"] != ir.total_params():
+        mismatches.append(f"parameters: predicted {pred['params']:,}, traced {ir.total_params():,}")
+    return {"done": True, "passed": not mismatches, "mismatches": mismatches, "compared_to_prediction": bool(pred),
+            "groups": {k: g.size for k, g in ir.groups.items()}, "params": ir.total_params()}
 
 
 def verify(out, against, *, texts=None, tolerance: float | None = None, symmetry: bool = True) -> dict[str, Any]:

@@ -69,6 +69,10 @@ def test_loss_falls_and_run_dir_layout(tiny, corpus, tmp_path):
 
     assert AutoModelForCausalLM.from_pretrained(run / "checkpoint-12") is not None
     assert torch.equal(weights(run / "final")["model.norm.weight"], weights(run / "checkpoint-24")["model.norm.weight"])
+    from scaler_wizard.compiler.diagnostics import UsageError
+
+    with pytest.raises(UsageError, match="already holds checkpoints"):  # never mix two runs in one dir
+        train(tiny, run, recipe(corpus), progress=False)
 
 
 def test_resume_reproduces_trajectory_bit_for_bit(tiny, corpus, tmp_path):

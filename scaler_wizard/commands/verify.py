@@ -30,9 +30,13 @@ def run(args) -> int:
     from scaler_wizard import api
     from scaler_wizard.compiler.diagnostics import UsageError
 
-    for path in (args.out, args.against):
-        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-            raise UsageError(f"{path}: not a model directory (no config.json)")
+    from scaler_wizard.runtime.verify import resolve_model_path
+
+    if not os.path.isdir(args.out) or not os.path.isfile(os.path.join(args.out, "config.json")):
+        raise UsageError(f"{args.out}: not a model directory (no config.json)")
+    against = resolve_model_path(args.against)
+    if not (against.suffix == ".gguf" and against.is_file()) and not (against / "config.json").is_file():
+        raise UsageError(f"{args.against}: not a model directory (no config.json), .gguf file or known model name")
     texts = None
     if args.texts:
         try:
@@ -62,7 +66,9 @@ def run(args) -> int:
             print(f"  symmetry after 1 step: {'broken' if sym.get('passed') else 'NOT broken' if sym.get('passed') is False else sym.get('error')}")
         irc = d.get("ir_check") or {}
         if irc.get("done"):
-            print(f"  re-traced IR: {'matches the config' if irc['passed'] else '; '.join(irc['mismatches'])}")
+            what = "the compiler's prediction and the config" if irc.get("compared_to_prediction") else "the config"
+            print(f"  re-traced IR: {'matches ' + what if irc['passed'] else 'MISMATCH: ' + '; '.join(irc['mismatches'])}")
         else:
             print(f"  re-traced IR: skipped ({irc.get('reason')})")
-    return 0 if d["passed"] else 1
+    ir_ok = (d.get("ir_check") or {}).get("passed") is not False
+    return 0 if d["passed"] and ir_ok else 1

@@ -18,6 +18,7 @@ from scaler_wizard.compiler import program as P
 from scaler_wizard.compiler.passes.base import LowerState, Pass, PassError, initial_state
 from scaler_wizard.compiler.passes.depth import Depth
 from scaler_wizard.compiler.passes.upcycle import Upcycle
+from scaler_wizard.compiler.passes.widen_experts import WidenExperts
 from scaler_wizard.compiler.passes.widen_ffn import WidenFFN
 from scaler_wizard.compiler.passes.widen_head_dim import WidenHeadDim
 from scaler_wizard.compiler.passes.widen_heads import WidenHeads
@@ -31,6 +32,7 @@ WIDTH_PASSES = {
     "heads": WidenHeads,
     "kv_heads": WidenKVHeads,
     "head_dim": WidenHeadDim,
+    "experts": WidenExperts,  # approx: copies of old experts, router rows copied
 }
 
 __all__ = ["lower", "build_passes", "PassError"]

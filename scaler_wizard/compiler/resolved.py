@@ -87,6 +87,7 @@ class ResolvedPlan:
     train: dict[str, Any] = field(default_factory=dict)  # `train { ... }` options, or {"ref": path}
     alternatives: tuple[str, ...] = ()  # `grow to`: other plans considered, for the report
     warnings: tuple = ()  # Diagnostic objects of severity "warning"
+    sizes_after: dict[str, int] = field(default_factory=dict)  # predicted group sizes of the grown model
 
     @property
     def exactness(self) -> str:

@@ -242,6 +242,7 @@ class TypeChecker:
             train=st.train,
             alternatives=st.alternatives,
             warnings=tuple(warnings),
+            sizes_after=dict(st.sizes),
         )
         return plan
 

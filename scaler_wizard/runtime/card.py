@@ -56,7 +56,7 @@ def render_card(info: dict) -> str:
     if info.get("base_model"):
         lines.append(f"base_model: {info['base_model']}")
     lines += ["---", "", f"# {title}", ""]
-    lines.append("This checkpoint was produced by [Scaler Wizard](https://github.com/) from a trained model by a "
+    lines.append("This checkpoint was produced by Scaler Wizard from a trained model by a "
                  "function-preserving (or declared approximate) growth plan.")
     lines.append("")
     if info.get("plan"):

@@ -14,6 +14,13 @@ Reading
 Tied weights: when ``config.tie_word_embeddings`` holds and the output embedding is absent from the
 files, ``reader.tied`` maps the absent name to the stored one and ``get``/``info`` resolve it.
 
+In-memory names: transformers 5 renames some weights between disk and memory and builds others from
+several stored tensors (legacy per-expert MoE layouts -> stacked ``experts.gate_up_proj``). The reader
+applies transformers' own conversion table: renames become ``reader.aliases``; converters
+(``MergeModulelist``, ``Concatenate``, ...) become ``reader.virtual`` tensors whose shape and dtype
+come from running the converter on meta tensors (no data read) and whose ``get`` reads just their
+source tensors and runs the converter on them.
+
 Writing
 -------
 :class:`CheckpointWriter` writes sharded safetensors into a temporary directory next to the output and
@@ -167,6 +174,39 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], di
     return infos, meta
 
 
+@dataclass(frozen=True)
+class VirtualTensor:
+    """An in-memory (model) tensor that transformers builds at load time from several stored ones.
+
+    ``sources``: (converter source pattern, stored names in transformers' load order) per pattern;
+    ``layer_name``: the converter's target key for this group (transformers' ``layer_name``), used
+    to expand the converter's target patterns into full names; ``info``: shape/dtype from headers."""
+
+    name: str
+    converter: Any  # transformers.core_model_loading.WeightConverter (never mutated; copied per use)
+    layer_name: str
+    sources: tuple[tuple[str, tuple[str, ...]], ...]
+    info: TensorInfo
+
+    @property
+    def stored(self) -> list[str]:
+        return [n for _, names in self.sources for n in names]
+
+
+def _run_converter(converter, layer_name: str, sources, load) -> dict[str, Any]:
+    """Run a transformers WeightConverter the way ``convert_and_load_state_dict_in_model`` does:
+    collect the tensors per source pattern (in load order), then ``converter.convert(layer_name)``
+    (which applies the operations in order and expands target patterns to full names).
+    ``load(name)`` gives the stored tensor (real, or a meta tensor for shapes)."""
+    import copy as _copy
+
+    conv = _copy.deepcopy(converter)  # convert() consumes the collected tensors; keep the table clean
+    for pattern, names in sources:
+        for n in names:
+            conv.add_tensor(layer_name, n, pattern, load(n))
+    return conv.convert(layer_name)
+
+
 class CheckpointReader:
     """Common interface. Subclasses fill ``_infos`` and implement ``_read``."""
 
@@ -178,7 +218,8 @@ class CheckpointReader:
         self._infos: dict[str, TensorInfo] = {}
         self.tied: dict[str, str] = {}  # absent name -> stored name
         self.aliases: dict[str, str] = {}  # in-memory (model) name -> stored name, where they differ
-        self.unconverted: list = []  # transformers converters (merges) this reader does not apply
+        self.virtual: dict[str, VirtualTensor] = {}  # in-memory name -> tensor built from stored ones
+        self.unconverted: list = []  # (converter, error) pairs: matched stored names but could not be applied
         self.bytes_read = 0
         self.reads = 0
 
@@ -192,16 +233,20 @@ class CheckpointReader:
         return list(self._infos)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._infos or name in self.tied or name in self.aliases
+        return name in self._infos or name in self.tied or name in self.aliases or name in self.virtual
 
     def _find_aliases(self) -> None:
         """transformers 5 renames some weights between disk and memory (GPT-NeoX stores
-        ``embed_out`` for the module ``lm_head``). Expose the in-memory names, which the IR uses,
-        through transformers' own renaming table. Converters that merge several stored tensors
-        into one (legacy per-expert MoE layouts) are not renames and are reported instead."""
+        ``embed_out`` for the module ``lm_head``) and merges others (Mixtral's legacy
+        ``block_sparse_moe.experts.E.w1/w3`` -> stacked ``mlp.experts.gate_up_proj``). Expose the
+        in-memory names, which the IR uses, through transformers' own conversion table, applied as
+        its loader does (every renaming in turn, then at most one converter per stored key):
+        renames become ``aliases``, converters become lazy ``virtual`` tensors."""
         try:
             from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-            from transformers.core_model_loading import WeightRenaming, apply_renamings
+            from transformers.core_model_loading import (
+                WeightConverter, WeightRenaming, apply_converters, apply_renamings, dot_natural_key,
+            )
         except ImportError:  # an older transformers: names on disk are names in memory
             return
         arch = (self.config.get("architectures") or [None])[0]
@@ -209,16 +254,47 @@ class CheckpointReader:
             self.config.get("model_type")
         ) or []
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        self.unconverted = [t for t in transforms if not isinstance(t, WeightRenaming)]
-        for stored in list(self._infos):
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        # target key -> (converter, {source pattern -> stored names})
+        groups: dict[str, tuple[Any, dict[str, list[str]]]] = {}
+        # transformers collects a converter's tensors in natural key order (expert 2 before 10)
+        for stored in sorted(self._infos, key=dot_natural_key):
             model_name = apply_renamings(stored, renamings)
-            if model_name != stored and model_name not in self._infos:
+            target, pattern = apply_converters(model_name, converters) if converters else (model_name, None)
+            if pattern is not None and target not in self._infos:
+                conv = next(c for c in converters if pattern in c.source_patterns)
+                groups.setdefault(target, (conv, {}))[1].setdefault(pattern, []).append(stored)
+            elif model_name != stored and model_name not in self._infos:
                 self.aliases[model_name] = stored
+        for target, (conv, by_pattern) in groups.items():
+            self._add_virtual(conv, target, by_pattern)
         # ties were found under stored names; make them reachable under model names too
         for absent, stored in list(self.tied.items()):
             renamed = apply_renamings(absent, renamings)
             if renamed != absent:
                 self.tied[renamed] = stored
+
+    def _add_virtual(self, conv, layer_name: str, by_pattern: dict[str, list[str]]) -> None:
+        """Shapes/dtypes of a converter's outputs from running it on meta tensors (headers only)."""
+        import torch
+
+        # keep the converter's pattern order (Concatenate relies on it), not dict insertion order
+        sources = tuple((p, tuple(by_pattern[p])) for p in conv.source_patterns if p in by_pattern)
+
+        def meta(n: str):
+            i = self._infos[n]
+            return torch.empty(i.shape, dtype=getattr(torch, i.dtype), device="meta")
+
+        try:
+            outs = _run_converter(conv, layer_name, sources, meta)
+        except Exception as e:  # an op needing the model or a config object (Split, Chunk by config)
+            self.unconverted.append((conv, f"{type(e).__name__}: {e}"))
+            return
+        for name, t in outs.items():
+            if name in self._infos:
+                continue
+            info = TensorInfo(name, tuple(t.shape), str(t.dtype).replace("torch.", ""), "")
+            self.virtual[name] = VirtualTensor(name, conv, layer_name, sources, info)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._infos)
@@ -240,6 +316,8 @@ class CheckpointReader:
         raise TensorNotFoundError(f"tensor {name!r} not found in checkpoint {self.path}{hint}")
 
     def info(self, name: str) -> TensorInfo:
+        if name in self.virtual and name not in self._infos:
+            return self.virtual[name].info
         return self._infos[self._resolve(name)]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -263,6 +341,8 @@ class CheckpointReader:
     # -- data
     def get(self, name: str):
         """Read one tensor (a fresh CPU tensor in its stored dtype)."""
+        if name in self.virtual and name not in self._infos:
+            return self._get_virtual(self.virtual[name])
         real = self._resolve(name)
         t = self._read(real)
         self.reads += 1
@@ -271,6 +351,22 @@ class CheckpointReader:
 
     def _read(self, name: str):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _get_virtual(self, vt: VirtualTensor):
+        """Read just the sources of ``vt`` (one at a time) and run the converter on them."""
+        def load(n: str):
+            t = self._read(n)
+            self.bytes_read += t.numel() * t.element_size()
+            return t
+
+        outs = _run_converter(vt.converter, vt.layer_name, vt.sources, load)
+        self.reads += 1
+        t = outs[vt.name]
+        if tuple(t.shape) != vt.info.shape:  # cannot happen unless transformers' ops change under us
+            raise CorruptCheckpointError(
+                f"{self.path}: building {vt.name!r} from {len(vt.stored)} stored tensors gave shape "
+                f"{tuple(t.shape)}, headers said {vt.info.shape}")
+        return t.contiguous()
 
     def tokenizer_files(self) -> list[Path]:
         d = self.model_dir
@@ -465,8 +561,17 @@ def _bin_reader(d: Path, config: dict) -> CheckpointReader:
 
 
 def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> CheckpointReader:
-    """Open a model directory (safetensors, or .bin with ``allow_pickle``) or a ``.gguf`` file."""
+    """Open a model directory (safetensors, or .bin with ``allow_pickle``) or a ``.gguf`` file.
+
+    Short names known to the IR front end (``SmolLM2-135M``: the GGUF shipped by a package) resolve
+    the same way here, so every command accepts the same model references."""
     p = Path(path)
+    if not p.exists():
+        from scaler_wizard.ir.config import resolve_short_name
+
+        short = resolve_short_name(str(path))
+        if short is not None:
+            p = short
     if not p.exists():
         raise NoCheckpointError(f"{p}: no such file or directory")
     if p.is_file():
@@ -647,6 +752,14 @@ class CheckpointWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        # mkdtemp/mkstemp create private (0700/0600) entries; give the output the modes a plain
+        # mkdir/open would have (the umask applies), so the model can be shared like any other.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)
+        for f in self.tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         # re-check right before the swap (another process may have created it meanwhile)
         check_output_path(self.out, self.input_path, self.force)
         if self.out.exists():

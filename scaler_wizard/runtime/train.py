@@ -312,6 +312,24 @@ def train(
     dump_rank_weights: bool = False,
 ) -> TrainResult:
     """Continue training ``model_dir`` into ``run_dir``. See the module docstring."""
+    try:
+        return _train(model_dir, run_dir, recipe, resume=resume, deepspeed_config=deepspeed_config,
+                      growth_record=growth_record, stop_after=stop_after, progress=progress,
+                      dump_rank_weights=dump_rank_weights)
+    except BaseException:
+        _reset_accelerate()  # a failed run must not leave its accelerate singletons to the next one
+        raise
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_record, stop_after, progress,
+           dump_rank_weights) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -365,6 +383,9 @@ def train(
             ckpt = Path(resume)
             if not (ckpt / STATE_FILE).is_file():
                 raise UsageError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE})")
+    elif checkpoints(run_dir):
+        raise UsageError(f"{run_dir} already holds checkpoints of another run: pass --resume to continue it, "
+                         "or choose a new -o RUN_DIR")
     state = json.loads((ckpt / STATE_FILE).read_text()) if ckpt else {}
 
     set_seed(recipe.seed)
@@ -623,7 +644,4 @@ def _teardown(accelerator, model) -> None:
     if accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    _reset_accelerate()

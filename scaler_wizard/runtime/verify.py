@@ -8,6 +8,11 @@
   real (non-pad) positions,
 * incremental decoding with the KV cache (prefill half, then token by token with
   ``past_key_values``), compared with the grown model's own full forward and with the original,
+* seeded random ``token_type_ids`` when the model has more than one token type (BERT),
+
+Models load with their own class when ``config.architectures`` names one that is not a causal LM
+(``BertForMaskedLM``: its MLM head is what gets compared), otherwise with AutoModelForCausalLM. The
+KV-cache checks need a causal decoder; for other models they are skipped and a note says so.
 
 and reports, per check: max |grown - original| over logits, the same divided by max |original logit|,
 and the mean KL(original || grown) of next-token distributions. When the vocabulary grew, only the
@@ -99,13 +104,77 @@ class VerifyReport:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def resolve_model_path(m) -> "Path":
+    """A model reference as a path: directories and files as given, short names such as
+    ``SmolLM2-135M`` through the IR front end (the GGUF a package ships), a directory holding a
+    single .gguf as that file."""
+    from pathlib import Path
+
+    p = Path(m)
+    if not p.exists():
+        from scaler_wizard.ir.config import resolve_short_name
+
+        p = resolve_short_name(str(m)) or p
+    if p.is_dir() and not (p / "config.json").is_file():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            p = ggufs[0]
+    return p
+
+
+def load_tokenizer(m):
+    from transformers import AutoTokenizer
+
+    p = resolve_model_path(m)
+    if p.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def _causal_class_names() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out: set[str] = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        out.update(v if isinstance(v, (list, tuple)) else [v])
+    return out
+
+
+def model_class_for(path) -> Any:
+    """AutoModelForCausalLM, or the model's own class when ``config.architectures`` names a
+    transformers class that is not a causal LM (an encoder's masked-LM head: BertForMaskedLM).
+    Loading BERT through AutoModelForCausalLM would build BertLMHeadModel instead."""
+    import json
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return AutoModelForCausalLM
+    arch = (cfg.get("architectures") or [None])[0]
+    if arch and arch not in _causal_class_names() and hasattr(transformers, arch):
+        return getattr(transformers, arch)
+    return AutoModelForCausalLM
+
+
+def is_causal_lm(model) -> bool:
+    """A causal decoder (the KV-cache checks apply): its class is one of transformers' causal LMs."""
+    return type(model).__name__ in _causal_class_names()
+
+
 def load_model(m, dtype=None):
     """A model in float32 eval mode: loads a directory, or copies a module that is not float32."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if isinstance(m, (str, os.PathLike)):
-        model = AutoModelForCausalLM.from_pretrained(str(m), dtype=torch.float32)
+        path = resolve_model_path(m)
+        if path.suffix == ".gguf":  # dequantised by transformers
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        else:  # the model's own class for a non-causal architecture (BertForMaskedLM), see model_class_for
+            model = model_class_for(path).from_pretrained(str(path), dtype=torch.float32)
     else:
         model = m
         if any(p.dtype != torch.float32 for p in model.parameters()):
@@ -145,15 +214,17 @@ def compare_logits(name: str, grown, orig, mask=None, *, rtol: float = DEFAULT_R
                        bool(math.isfinite(max_abs) and max_abs <= tol))
 
 
-def _forward(model, ids, mask=None, position_ids=None):
+def _forward(model, ids, mask=None, position_ids=None, token_type_ids=None):
     import torch
 
     with torch.no_grad():
-        kw: dict[str, Any] = {"use_cache": False}
+        kw: dict[str, Any] = {"use_cache": False} if is_causal_lm(model) else {}
         if mask is not None:
             kw["attention_mask"] = mask
         if position_ids is not None:
             kw["position_ids"] = position_ids
+        if token_type_ids is not None:
+            kw["token_type_ids"] = token_type_ids
         return model(input_ids=ids, **kw).logits.float()
 
 
@@ -233,7 +304,16 @@ def compare_models(
                 rep.checks.append(compare_logits(f"padding_{side}", _forward(g, pids, mask, pos),
                                                  _forward(o, pids, mask, pos), mask, rtol=rtol, vocab=v))
 
-        if check_kv and seq_len >= 2:
+        n_types = int(getattr(o.config, "type_vocab_size", 0) or 0)
+        if n_types > 1:  # token type embeddings write the residual stream too (BERT)
+            tt = torch.randint(0, n_types, ids.shape, generator=gen)
+            rep.checks.append(compare_logits("token_type_ids", _forward(g, ids, token_type_ids=tt),
+                                             _forward(o, ids, token_type_ids=tt), rtol=rtol, vocab=v))
+
+        causal = is_causal_lm(g) and is_causal_lm(o)
+        if check_kv and seq_len >= 2 and not causal:
+            rep.notes.append(f"KV-cache checks skipped: {type(o).__name__} is not a causal LM (no incremental decoding)")
+        if check_kv and seq_len >= 2 and causal:
             prefill = max(1, seq_len // 2)
             kv = kv_decode_logits(g, ids, prefill)
             rep.checks.append(compare_logits("kv_cache_vs_full", kv, lg, rtol=rtol, vocab=v))
@@ -245,9 +325,7 @@ def compare_models(
             src = original if isinstance(original, (str, os.PathLike)) else grown
             if not isinstance(src, (str, os.PathLike)):
                 raise ValueError("texts given but no tokenizer: pass tokenizer= or model directories")
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(src))
+            tok = load_tokenizer(src)
         worst: CheckResult | None = None
         total_pos = 0
         for t in texts:
