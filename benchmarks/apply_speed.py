@@ -8,8 +8,16 @@ CheckpointWriter, then times, each in its own subprocess (so peak RSS figures do
   with safetensors and write shards of the same size with ``safetensors.torch.save_file``;
 * ``execute``: ``scaler_wizard.runtime.execute.execute`` of the program.
 
-Programs: ``depth`` (22 -> 32 layers SOLAR-style: output layers 0..15 = input 0..15, 16..31 = input
-6..21; all outputs are Loads). Plan-driven programs will be added once the passes exist.
+Programs (``--program``):
+
+* ``depth``: the plan ``duplicate layers 6..16`` (scaled to the model) compiled by the real compiler: 22 -> 32 layers,
+  SOLAR-style (copies of layers 6..15 inserted after layer 15);
+* ``width``: the plan ``widen ffn x2 net2net`` + ``widen hidden to 2560 lemon`` (computed outputs:
+  gathers, splits, random fan-in, LEMON residues);
+* ``loads``: a hand-built program of pure Loads (the same 22 -> 32 depth map), the executor's floor.
+
+The raw baseline writes, for every output tensor, bytes of the same shape and dtype made from one
+input tensor it reads (so it reads and writes as much as a copy can), in the same shards.
 
     .venv/bin/python benchmarks/apply_speed.py                # 1.1B (about 2.2 GB in, 3.2 GB out)
     .venv/bin/python benchmarks/apply_speed.py --small        # a 4-layer toy of the same shape family
@@ -45,6 +53,17 @@ LAYER_TENSORS = [
     ("input_layernorm.weight", lambda c: (c["hidden_size"],)),
     ("post_attention_layernorm.weight", lambda c: (c["hidden_size"],)),
 ]
+
+
+def plan_for(program: str, dims: dict, new_layers: int) -> str:
+    """The benchmark plans, scaled to the model (TinyLlama: `duplicate layers 6..16` for 22 -> 32;
+    `widen ffn x2 net2net` + `widen hidden to 2560 lemon`)."""
+    n = dims["num_hidden_layers"]
+    if program == "depth":
+        k = new_layers - n
+        a = (n - k) // 2
+        return f"duplicate layers {a}..{a + k}\n"
+    return f"widen ffn x2 net2net\nwiden hidden to {dims['hidden_size'] * 5 // 4} lemon\n"
 
 
 def shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -138,7 +157,12 @@ def child(args) -> dict:
     from scaler_wizard.runtime.checkpoint import open_checkpoint, parse_size, plan_shards
 
     reader = open_checkpoint(args.src)
-    prog = depth_program(reader, args.new_layers)
+    if args.program == "loads":
+        prog = depth_program(reader, args.new_layers)
+    else:
+        from scaler_wizard import api
+
+        prog = api.compile(plan_for(args.program, reader.config, args.new_layers), str(args.src))
     dst = Path(args.dst)
     if dst.exists():
         shutil.rmtree(dst)
@@ -154,12 +178,22 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     if args.child == "raw":
 
-        src_of = {}
+        def first_load(node):
+            if isinstance(node, Load):
+                return node
+            for c in node.children():
+                found = first_load(c)
+                if found is not None:
+                    return found
+            return None
+
+        src_of, shape_of = {}, {}
         for name, out in prog.outputs.items():
-            node = out.node
-            assert isinstance(node, Load)
-            src_of[name] = node.name
-        sizes = [(n, reader.info(s).nbytes) for n, s in src_of.items()]
+            ld = first_load(out.node)
+            src_of[name] = ld.name if ld is not None else next(iter(reader.names()))
+            shape_of[name] = tuple(out.node.shape)
+        esize = {n: 2 for n in src_of}  # the benchmark model is bf16 throughout
+        sizes = [(n, esize[n] * int(torch.tensor(shape_of[n]).prod())) for n in src_of]
         shards = plan_shards(sizes, parse_size(args.shard_size))
         dst.mkdir(parents=True)
         total = 0
@@ -168,7 +202,12 @@ def child(args) -> dict:
             for n in shard:
                 info = reader.info(src_of[n])
                 with safe_open(info.file, "pt") as f:
-                    buf[n] = f.get_tensor(src_of[n])
+                    t = f.get_tensor(reader._resolve(src_of[n]))
+                numel = int(torch.tensor(shape_of[n]).prod())
+                flat = t.reshape(-1)
+                if flat.numel() < numel:
+                    flat = flat.repeat((numel + flat.numel() - 1) // flat.numel())
+                buf[n] = flat[:numel].reshape(shape_of[n]).clone()
             save_file(buf, str(dst / f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in buf.values())
             del buf
@@ -190,7 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=str(ROOT / "bench-cache"))
     ap.add_argument("--small", action="store_true", help="a small model of the same family (smoke test)")
     ap.add_argument("--shard-size", default="1GB", help="input and output shard size")
-    ap.add_argument("--program", default="depth", choices=["depth"])
+    ap.add_argument("--program", default="depth", choices=["depth", "width", "loads"])
     ap.add_argument("--new-layers", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
     ap.add_argument("--order", default="raw,execute", help="run order (comma separated)")
@@ -218,14 +257,15 @@ def main(argv=None) -> int:
         dst = cache / f"out-{name}-{mode}"
         os.sync()  # do not let one run's dirty pages slow the next one down
         cmd = [sys.executable, __file__, "--child", mode, "--src", str(src), "--dst", str(dst),
-               "--shard-size", args.shard_size, "--new-layers", str(new_layers)]
+               "--shard-size", args.shard_size, "--new-layers", str(new_layers), "--program", args.program]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         if not args.keep:
             shutil.rmtree(dst, ignore_errors=True)
     raw = results.get("raw", {}).get("wall_s", float("nan"))
-    print(f"program: {args.program} ({dims['num_hidden_layers']} -> {new_layers} layers), model {name}, "
-          f"shard size {args.shard_size}")
+    what = (f"loads ({dims['num_hidden_layers']} -> {new_layers} layers)" if args.program == "loads"
+            else plan_for(args.program, dims, new_layers).strip().replace("\n", "; "))
+    print(f"program: {args.program}: {what}; model {name}, shard size {args.shard_size}")
     print(f"{'mode':<8} {'wall s':>8} {'GB out':>8} {'GB/s':>6} {'x raw':>6} {'peak RSS GB':>12} {'held GB':>8}")
     for mode, r in results.items():
         gb = r["bytes_out"] / 1e9

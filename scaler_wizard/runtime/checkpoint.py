@@ -651,6 +651,68 @@ def check_output_path(out_dir: str | os.PathLike, input_path: str | os.PathLike 
     return out
 
 
+_ST_DTYPES = {
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+_ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class ShardStream:
+    """One safetensors file written header-first, then tensor by tensor (see CheckpointWriter.shard)."""
+
+    def __init__(self, path: Path, entries, metadata: dict[str, str]):
+        self.path = path
+        self.entries = [(n, tuple(int(d) for d in shape), _ST_DTYPES[str(dt).replace("torch.", "")]) for n, shape, dt in entries]
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        off = 0
+        for n, shape, st in self.entries:
+            nb = _ST_ITEMSIZE[st]
+            for d in shape:
+                nb *= d
+            header[n] = {"dtype": st, "shape": list(shape), "data_offsets": [off, off + nb]}
+            off += nb
+        self.data_bytes = off
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._f = open(path, "wb")
+        self._f.write(len(blob).to_bytes(8, "little"))
+        self._f.write(blob)
+        self._next = 0
+
+    def write(self, name: str, tensor) -> None:
+        import torch
+
+        if self._next >= len(self.entries):
+            raise CheckpointError(f"{self.path.name}: more tensors than declared ({name})")
+        want, shape, st = self.entries[self._next]
+        if name != want:
+            raise CheckpointError(f"{self.path.name}: expected tensor {want!r} next, got {name!r}")
+        if tuple(tensor.shape) != shape or _ST_DTYPES[str(tensor.dtype).replace("torch.", "")] != st:
+            raise CheckpointError(f"{name}: declared {st}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}")
+        t = tensor.detach().contiguous()
+        if t.numel():
+            self._f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        self._f.close()
+        if self._next != len(self.entries):
+            raise CheckpointError(f"{self.path.name}: {len(self.entries) - self._next} declared tensor(s) never written")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
+        return False
+
+
 class CheckpointWriter:
     """Atomic sharded safetensors writer.
 
@@ -721,6 +783,25 @@ class CheckpointWriter:
         self.total_size += nb
         self.bytes_written += (self.tmp / fname).stat().st_size
         return nb
+
+    def shard(self, entries: list[tuple[str, tuple[int, ...], str]]) -> "ShardStream":
+        """Open a shard whose tensors (name, shape, dtype name) are known before any is computed.
+
+        The safetensors header is written first; each tensor's bytes then go straight to the file as
+        it is produced (``stream.write(name, tensor)``, in ``entries`` order), so the writer holds at
+        most one tensor, whatever the shard size."""
+        dup = self._names.intersection(n for n, _, _ in entries)
+        if dup:
+            raise CheckpointError(f"tensor(s) written twice: {sorted(dup)[:5]}")
+        fname = f"shard-{len(self._shard_files):05d}.tmp"
+        stream = ShardStream(self.tmp / fname, entries, self.metadata)
+        self._shard_files.append((fname, [n for n, _, _ in entries]))
+        self._names.update(n for n, _, _ in entries)
+        self.total_size += stream.data_bytes
+        return stream
+
+    def _shard_done(self, stream: "ShardStream") -> None:
+        self.bytes_written += stream.path.stat().st_size
 
     # -- side files
     def write_config(self, config: dict) -> None:

@@ -232,9 +232,12 @@ def execute(
                         uses[c.digest] = uses.get(c.digest, 0) + 1
                 cache: dict[str, Any] = {}
                 held = 0
-                out_tensors: dict[str, Any] = {}
-                out_bytes = 0
+                # Outputs are streamed to the shard file as they are computed, in the order their
+                # roots complete; the header (names, shapes, dtypes) is known before computing.
+                emit = [name for n in order for name in roots.get(n.digest, [])]
+                stream = w.shard([(name, program.outputs[name].node.shape, dts[name]) for name in emit])
                 for n in order:
+                    out_bytes = 0  # bytes of this node's outputs, held only while written
                     try:
                         if isinstance(n, Load):
                             val = reader.get(n.name)
@@ -262,12 +265,9 @@ def execute(
                                 held -= _nbytes(dead)
                     for name in roots.get(n.digest, []):
                         t = val.to(torch_dtype(dts[name]))
-                        if not t.is_contiguous():
-                            t = t.contiguous()
-                        if t.untyped_storage().nbytes() > _nbytes(t):  # a view would keep its whole base alive
-                            t = t.clone()
-                        out_tensors[name] = t
-                        out_bytes += _nbytes(t)
+                        out_bytes = _nbytes(t)
+                        stream.write(name, t)
+                        del t
                         bar.advance(size_of[name])
                     if uses.get(n.digest, 0) > 0:
                         cache[n.digest] = val
@@ -276,9 +276,9 @@ def execute(
                     peak_held = max(peak_held, held + out_bytes)
                     peak_rss = max(peak_rss, proc.memory_info().rss)
                 assert not cache, "executor bug: values left in cache after the shard"
-                w.write_shard(out_tensors)
+                stream.close()
+                w._shard_done(stream)
                 peak_rss = max(peak_rss, proc.memory_info().rss)
-                del out_tensors
             w.write_config(merged_config(reader, program, dtype))
             if copy_tokenizer:
                 reader.save_tokenizer(w.dir)

@@ -9,7 +9,12 @@
 * norm gains: eta * [tile(g); rho] (Gemma (1+w): stored eta*(1+w) - 1), biases [tile(b); 0];
   epsilon x eta^2 comes from the type checker's config patch;
 * tied LM head: the embedding is both writer and reader, so the final norm's gain carries the
-  readers' shares (and 1/embedding scale) -- the tie is kept unless the op says ``untie=true``.
+  readers' shares (and 1/embedding scale) -- the tie is kept unless the op says ``untie=true``;
+* a norm epsilon that is not a config value (OPT's ``nn.LayerNorm`` default 1e-5) cannot be
+  rescaled by eta^2. With a residue (non-integer factor) in a Pre-LN model, the whole stream is
+  scaled by 1/eta instead: every writer's rows x 1/eta make the grown stream's variance (LayerNorm)
+  or mean-square (RMSNorm) equal the original's, so the fixed epsilon stays exact, and the gains
+  eta * g already undo the 1/eta at every norm's output.
 """
 
 from __future__ import annotations
@@ -57,6 +62,18 @@ class WidenHidden(Pass):
         std = st.init_std()
         src = ir.residual.embed_scale_source or ""
         s_emb = math.sqrt(d / d2) if "hidden" in src else 1.0
+        # LEMON's eps -> eta^2 * eps comes from the type checker's config patch; it cannot reach an
+        # epsilon that is not a config value (eps_key None). Then scale the stream by 1/eta (see the
+        # module docstring); with both kinds of norm neither construction is exact.
+        hidden_norms = [n for n in ir.norms if n.group == "hidden"]
+        s_stream = 1.0
+        if r and any(not n.eps_key and n.eps for n in hidden_norms):
+            if any(n.eps_key for n in hidden_norms):
+                raise self.fail(st, "some hidden norms take epsilon from the config and some have a fixed one; "
+                                    "a residue cannot keep both exact (use an integer factor)")
+            if ir.residual.placement != "pre":
+                raise self.fail(st, "a fixed norm epsilon with a residue is exact only in a Pre-LN model")
+            s_stream = 1.0 / eta
         norms = {}
         for n in ir.norms:
             if n.group != "hidden":
@@ -87,7 +104,8 @@ class WidenHidden(Pass):
             else:
                 tied_readers.append(alias)
         head_share = fan_out_coef(m)
-        final_coef = tuple(c / s_emb for c in head_share) if tied_readers else None
+        # the tied head reads the embedding as stored: undo its embedding and stream scales too
+        final_coef = tuple(c / (s_emb * s_stream) for c in head_share) if tied_readers else None
         if tied_readers and not any(n.placement == "final" and n.weight for n in ir.norms if n.group == "hidden"):
             raise self.fail(st, "tied LM head without a final norm gain to absorb the readers' shares; use untie=true")
 
@@ -97,16 +115,18 @@ class WidenHidden(Pass):
             role = ts.axes[a].role
             x_shape = ts.node.shape
             if role == "out":
-                scale = s_emb if ts.info is not None and ts.info.kind == "embedding" else 1.0
+                e_scale = s_emb if ts.info is not None and ts.info.kind == "embedding" else 1.0
+                scale = e_scale * s_stream
 
                 def fn(x, ax, scale=scale):
                     fresh = mean_fill(x, ax) if mean_residue else None
                     y = grow_units(x, ax, m, fresh=fresh)
                     return P.Scale(y, scale) if scale != 1.0 else y
 
-                rewrite_axis(st, ts, a, "hidden", m, fn, exactness=ex, keeps_values=s_emb == 1.0 or scale == 1.0,
+                rewrite_axis(st, ts, a, "hidden", m, fn, exactness=ex, keeps_values=scale == 1.0,
                              text=f"hidden {d}->{d2} ({how}): stream rows copied"
-                             + (f", x{scale:.4g} for the sqrt(hidden) embedding scale" if scale != 1.0 else ""))
+                             + (f", x{e_scale:.4g} for the sqrt(hidden) embedding scale" if e_scale != 1.0 else "")
+                             + (f", x1/eta={s_stream:.4g} (fixed norm epsilon)" if s_stream != 1.0 else ""))
             elif role == "in":
                 def fn(x, ax, name=name):
                     return grow_units(x, ax, m, coef=head_share, fresh=random_fill(f"{name}:hidden-residue:{op.index}", std),
@@ -146,4 +166,7 @@ class WidenHidden(Pass):
             del x_shape
         for alias in tied_readers:
             st.notes.append(f"{alias} stays tied to {st.aliases[alias]}: the final norm gain carries the readers' shares")
+        if s_stream != 1.0:
+            st.notes.append(f"hidden norms have a fixed epsilon (not in the config): residual stream scaled by "
+                            f"1/eta = {s_stream:.6g} instead of rescaling epsilon")
         st.sizes["hidden"] = d2
