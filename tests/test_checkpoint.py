@@ -193,3 +193,39 @@ def test_gguf_reader_dequantises_with_hf_names(tmp_path):
         w.add("x", torch.zeros(1))
         w.commit()
     assert "tokenizer.json" in names or "tokenizer_config.json" in names
+
+
+def test_virtual_tensors_from_transformers_converters(tmp_path):
+    """Mixtral is saved in the legacy per-expert layout (block_sparse_moe.experts.E.w1/w2/w3); the
+    reader exposes the in-memory stacked names through transformers' conversion table: shapes from
+    headers alone, data built from just the source tensors, experts in natural order (10 after 9)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=8, vocab_size=64, num_local_experts=11,
+                        num_experts_per_tok=2, tie_word_embeddings=False)
+    m = MixtralForCausalLM(cfg).eval()
+    d = tmp_path / "mixtral"
+    m.save_pretrained(d, max_shard_size="20KB")  # sources spread over several shard files
+    r = open_checkpoint(d)
+    stored = set(r.names())
+    assert "model.layers.1.block_sparse_moe.experts.10.w3.weight" in stored  # really the legacy layout
+    sd = m.state_dict()
+    gu, down = "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"
+    assert gu not in stored and gu in r and down in r
+    assert r.shape(gu) == (11, 48, 16) and r.shape(down) == (11, 16, 24) and r.dtype(gu) == "float32"
+    assert r.aliases["model.layers.1.mlp.gate.weight"] == "model.layers.1.block_sparse_moe.gate.weight"
+    assert not any(".experts.0." in a for a in r.aliases)  # consumed sources are not exposed as renames
+    assert r.unconverted == []
+    assert r.reads == 0  # every shape above came from headers
+    vt = r.virtual[gu]
+    assert len(vt.stored) == 22 and vt.stored[10].endswith("experts.10.w1.weight")
+    assert len({r.info(n).file for n in vt.stored}) > 1
+    t = r.get(gu)
+    assert torch.equal(t, sd[gu])
+    assert r.bytes_read == sum(r.info(n).nbytes for n in vt.stored)  # read its sources, nothing else
+    for n, want in sd.items():  # every in-memory name resolves, with the loaded model's values
+        assert n in r, n
+        assert r.shape(n) == tuple(want.shape), n
+        assert torch.equal(r.get(n), want), n

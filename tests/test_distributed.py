@@ -80,3 +80,13 @@ def test_deepspeed_zero_two_cpu_processes_end_with_identical_weights(setup, stag
     run = launch(root, model, corpus, f"zero{stage}", "--deepspeed", str(root / "cfg" / f"ds_zero{stage}.json"))
     check_ranks_identical(run, model)
     assert (run / "checkpoint-3" / "training_state").is_dir()
+    if stage == 2:  # resume from a DeepSpeed checkpoint replays the trajectory exactly
+        ds = ("--deepspeed", str(root / "cfg" / "ds_zero2.json"), "--save-every", "1")
+        launch(root, model, corpus, "zero2-resumed", *ds, "--stop-after", "1")
+        resumed = launch(root, model, corpus, "zero2-resumed", *ds, "--resume")
+
+        def losses(r):
+            return [(m["step"], m["loss"]) for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
+                    if m.get("event") is None]
+
+        assert losses(resumed) == losses(run) and len(losses(run)) == 3

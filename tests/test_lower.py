@@ -42,7 +42,7 @@ LLAMA_APPROX = ["duplicate layers 0..2", "stack x2"]
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("lower")
     out = {}
-    for fam in ("llama", "qwen2", "gemma", "phi3", "gpt2"):
+    for fam in ("llama", "qwen2", "gemma", "phi3", "gpt2", "mixtral", "bert", "opt"):
         _, m = build_model(fam)
         d = root / fam
         m.save_pretrained(d)
@@ -56,9 +56,11 @@ def _apply(plan, model_dir, out, **kw):
 
 def _load_clean(out):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    m, info = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
+    from scaler_wizard.runtime.verify import model_class_for
+
+    # the model's own class for an encoder (BertForMaskedLM), AutoModelForCausalLM otherwise
+    m, info = model_class_for(out).from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     assert not bad, bad
     return m
@@ -190,3 +192,96 @@ def test_cli(models, tmp_path):
     assert r.returncode == 1 and "SW201" in r.stderr and not (tmp_path / "x").exists()
     r = _cli("apply", str(plan), "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "y"))
     assert r.returncode in (1, 2) and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- legacy MoE checkpoints, BERT, OPT
+
+
+@pytest.mark.parametrize("plan", [
+    "widen hidden x2",
+    "widen hidden to 96 lemon",
+    "widen ffn x2 net2net",  # the experts' FFN
+    "insert layers every 1 identity",
+])
+def test_mixtral_legacy_checkpoint_exact(models, tmp_path, plan):
+    """transformers saves Mixtral per expert (block_sparse_moe.experts.E.w1/w2/w3); the reader's
+    virtual tensors give the stacked in-memory names the program reads."""
+    from scaler_wizard.runtime.checkpoint import open_checkpoint
+
+    assert open_checkpoint(models["mixtral"]).virtual  # the input really is in the legacy layout
+    res = _apply(plan, models["mixtral"], tmp_path / "out")
+    ver = res["verification"]
+    assert res["exactness"] == "exact" and ver["passed"], ver
+    assert ver["max_rel"] <= RTOL
+    assert "kv_cache_vs_original" in {c["name"] for c in ver["checks"]}
+    _load_clean(tmp_path / "out")
+
+
+def test_mixtral_widen_experts_copy(models, tmp_path):
+    res = _apply("widen experts to 8", models["mixtral"], tmp_path / "out")
+    ver = res["verification"]
+    assert res["exactness"] == "approx" and ver["judged"] is False
+    assert ver["max_rel"] > 1e-4  # the routing really changes
+    m = _load_clean(tmp_path / "out")
+    assert m.config.num_local_experts == 8
+    assert tuple(m.model.layers[0].mlp.experts.gate_up_proj.shape) == (8, 192, 64)
+    # the five old experts and their router rows are kept in place
+    orig = _load_clean(models["mixtral"])
+    import torch
+
+    for a, b in ((m.model.layers[1].mlp.experts.down_proj, orig.model.layers[1].mlp.experts.down_proj),
+                 (m.model.layers[1].mlp.gate.weight, orig.model.layers[1].mlp.gate.weight)):
+        assert torch.equal(a[:5], b)
+    new_rows = m.model.layers[1].mlp.gate.weight[5:]
+    assert all(any(torch.equal(r, o) for o in orig.model.layers[1].mlp.gate.weight) for r in new_rows)
+
+
+def test_qwen3_moe_legacy_checkpoint(tmp_path):
+    """Qwen3-MoE is saved per expert too (mlp.experts.E.gate_proj/up_proj/down_proj)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen3_moe", hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                               vocab_size=128, max_position_embeddings=32, num_key_value_heads=2, head_dim=16,
+                               intermediate_size=96, moe_intermediate_size=48, num_experts=5, num_experts_per_tok=3,
+                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                               tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "in")
+    res = _apply("widen hidden x2\ninsert layers every 1 identity", tmp_path / "in", tmp_path / "out")
+    assert res["exactness"] == "exact" and res["verification"]["passed"], res["verification"]
+    assert res["verification"]["max_rel"] <= RTOL
+    _load_clean(tmp_path / "out")
+
+
+@pytest.mark.parametrize("plan", ["widen hidden x2", "widen hidden x2\nwiden ffn x2 net2net"])
+def test_bert_masked_lm_exact(models, tmp_path, plan):
+    """BERT (Post-LN, embedding LayerNorm, token-type and position embeddings, tied decoder +
+    cls.predictions.bias) is verified through BertForMaskedLM's MLM logits; the KV-cache checks do
+    not apply to a bidirectional encoder and are skipped with a note."""
+    res = _apply(plan, models["bert"], tmp_path / "out")
+    ver = res["verification"]
+    assert res["exactness"] == "exact" and ver["passed"], ver
+    assert ver["max_rel"] <= RTOL
+    names = {c["name"] for c in ver["checks"]}
+    assert {"random_ids", "padding_left", "padding_right", "token_type_ids"} <= names
+    assert not any(n.startswith("kv_cache") for n in names)
+    assert any("KV-cache checks skipped" in n and "BertForMaskedLM" in n for n in ver["notes"])
+    m = _load_clean(tmp_path / "out")
+    assert type(m).__name__ == "BertForMaskedLM" and m.config.hidden_size == 128
+
+
+@pytest.mark.parametrize("plan", [
+    "widen hidden to 96 lemon",
+    "widen hidden to 96 lemon untie=true",
+    "widen hidden to 80 lemon\nwiden ffn x2\ninsert layers every 1 identity",
+])
+def test_opt_lemon_fixed_epsilon(models, tmp_path, plan):
+    """OPT's LayerNorm epsilon is not a config value, so LEMON cannot rescale it; the stream is
+    scaled by 1/eta instead (before the fix: max_rel 2e-3)."""
+    res = _apply(plan, models["opt"], tmp_path / "out")
+    ver = res["verification"]
+    assert res["exactness"] == "exact" and ver["passed"], ver
+    assert ver["max_rel"] <= RTOL
+    assert any("fixed epsilon" in n for n in res["program"].metadata["notes"])
+    _load_clean(tmp_path / "out")
