@@ -170,27 +170,36 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "scaler_wizard", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_cli(models, tmp_path):
+def _main(capsys, *args):
+    """The CLI in-process (same entry point as the console script, without a fresh interpreter)."""
+    from scaler_wizard.cli import main
+
+    rc = main(list(args))
+    cap = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, cap.out, cap.err)
+
+
+def test_cli(models, tmp_path, capsys):
     plan = tmp_path / "p.expand"
     plan.write_text("widen ffn x2 net2net\ninsert layers every 1 identity\n")
     out = tmp_path / "out"
     r = _cli("apply", str(plan), "--model", str(models["llama"]), "-o", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
-    r = _cli("apply", str(plan), "--model", str(models["llama"]), "-o", str(out), "--no-progress")
+    r = _main(capsys, "apply", str(plan), "--model", str(models["llama"]), "-o", str(out), "--no-progress")
     assert r.returncode == 2 and "already exists" in r.stderr
     r = _cli("verify", str(out), "--against", str(models["llama"]), "--format", "json", "--no-symmetry")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["passed"] is True
-    r = _cli("explain", str(plan), "--model", str(models["llama"]))
+    r = _main(capsys, "explain", str(plan), "--model", str(models["llama"]))
     assert r.returncode == 0 and "identity" in r.stdout
-    r = _cli("compile", str(plan), "--model", str(models["llama"]), "-o", str(tmp_path / "prog.json"))
+    r = _main(capsys, "compile", str(plan), "--model", str(models["llama"]), "-o", str(tmp_path / "prog.json"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "prog.json").read_text())["format"] == "scaler-wizard/tensor-program"
     bad = tmp_path / "bad.expand"
     bad.write_text("widen fnn x2\n")
-    r = _cli("apply", str(bad), "--model", str(models["llama"]), "-o", str(tmp_path / "x"))
+    r = _main(capsys, "apply", str(bad), "--model", str(models["llama"]), "-o", str(tmp_path / "x"))
     assert r.returncode == 1 and "SW201" in r.stderr and not (tmp_path / "x").exists()
-    r = _cli("apply", str(plan), "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "y"))
+    r = _main(capsys, "apply", str(plan), "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "y"))
     assert r.returncode in (1, 2) and "Traceback" not in r.stderr
 
 

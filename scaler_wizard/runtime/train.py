@@ -475,6 +475,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "training_state"))
         sd = accelerator.get_state_dict(model)  # collective under ZeRO-3
+        accelerator.wait_for_everyone()  # every rank's files are in tmp before rank 0 renames it
         if main:
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
