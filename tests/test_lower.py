@@ -42,7 +42,8 @@ LLAMA_APPROX = ["duplicate layers 0..2", "stack x2"]
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("lower")
     out = {}
-    for fam in ("llama", "qwen2", "gemma", "phi3", "gpt2", "mixtral", "bert", "opt"):
+    for fam in ("llama", "qwen2", "gemma", "phi3", "gpt2", "mixtral", "bert", "opt", "mistral", "qwen3", "gemma2",
+                "gpt_neox", "opt_postln"):
         _, m = build_model(fam)
         d = root / fam
         m.save_pretrained(d)
@@ -104,6 +105,15 @@ def test_llama_approx_reports_drift(models, tmp_path, plan):
     ("phi3", "widen hidden x2\nwiden ffn x2 net2net"),  # fused qkv_proj / gate_up_proj
     ("phi3", "widen ffn to 150 zero\ninsert 1 layers after 0 zero"),
     ("gpt2", "widen hidden x2\ninsert layers every 1 identity"),  # Conv1D, c_attn [q|k|v], LayerNorm
+    ("gpt2", "widen ffn x2"),  # ffn = 4 * n_embd unless n_inner is set: the plan sets it
+    ("gpt2", "widen hidden to 96 lemon"),  # LayerNorm average residue; implied heads 4 -> 6
+    ("phi3", "widen kv_heads x2"),
+    ("mistral", "widen hidden x2\nwiden kv_heads x2"),
+    ("gemma2", "widen hidden x2\ninsert layer 1 identity"),  # sandwich norms, softcapping, sliding window
+    ("gpt_neox", "widen hidden x2\nwiden ffn x2 net2net\ninsert layers every 1 identity"),  # [heads,3,hd]
+    ("opt_postln", "widen hidden x2 untie=true"),  # Post-LN, tied head without a final norm
+    ("qwen3", "widen hidden to 96 lemon"),  # exact-eps: rms_norm_eps also serves q/k norms
+    ("qwen3", "widen head_dim x2"),  # exact-eps: q/k norms over head_dim
 ])
 def test_other_families_exact(models, tmp_path, fam, plan):
     res = _apply(plan, models[fam], tmp_path / "out")

@@ -107,6 +107,8 @@ def _record_layer1_new(model_dir: Path) -> GrowthRecord:
             t[n] = TensorGrowth("new")
         elif n == "model.layers.0.mlp.up_proj.weight":
             t[n] = TensorGrowth("grown", ((0, 64), (0, 64)))
+        elif n == "model.layers.0.mlp.down_proj.weight":
+            t[n] = TensorGrowth("grown")  # rescaled by a widening: no slice kept its values, so it trains
         else:
             t[n] = TensorGrowth("original")
     rec = GrowthRecord(t, plan="insert layer 1", base_model="tiny")
@@ -132,10 +134,12 @@ def test_freeze_original_keeps_original_tensors_bit_identical(grown, corpus, tmp
     assert res.status == "completed"
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     up = "model.layers.0.mlp.up_proj.weight"
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert down in changed
     for n in before:
         if n.startswith("model.layers.1."):
             assert n in changed, n  # new: trained
-        elif n != up:
+        elif n not in (up, down):
             assert n not in changed, n  # original: bit-identical
     assert torch.equal(before[up][:64, :64], after[up][:64, :64])  # the original region of a grown tensor
     assert not torch.equal(before[up][64:], after[up][64:])  # ... while the rest of it trains

@@ -6,7 +6,8 @@
                                   "original_region": [[start, stop], ...]}}}
 
 ``original_region`` (only for ``grown``) is, per axis, the slice of the new tensor that still holds
-the original values. Training uses the record to freeze the original parameters (LLaMA Pro style)
+the original values; a grown tensor without one (e.g. a down projection rescaled by a
+function-preserving widening) has no unchanged slice and trains like a new tensor. Training uses the record to freeze the original parameters (LLaMA Pro style)
 or to give new ones their own learning rate. No torch import at module level.
 """
 
@@ -57,8 +58,8 @@ class GrowthRecord:
             if status not in STATUSES:
                 raise UsageError(f"{p}: tensor `{name}`: status must be one of {', '.join(STATUSES)}, got {status!r}")
             region = None
-            if status == "grown":
-                raw = entry.get("original_region")
+            raw = entry.get("original_region")
+            if status == "grown" and raw is not None:  # absent: no slice kept its original values
                 try:
                     region = tuple((int(a), int(b)) for a, b in raw)
                 except (TypeError, ValueError):

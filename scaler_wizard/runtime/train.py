@@ -182,8 +182,8 @@ def _param_groups(model, recipe: TrainRecipe, record: GrowthRecord | None):
             p.requires_grad_(False)
             counts["frozen"] += numel
             continue
-        if recipe.freeze_original and status == "grown":
-            t = record.tensors[name]
+        t = record.tensors.get(name) if record else None
+        if recipe.freeze_original and status == "grown" and t is not None and t.original_region is not None:
             frozen.add(p, t.region_slices())
             region = 1
             for a, b in t.original_region:
