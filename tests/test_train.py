@@ -5,6 +5,7 @@ and bad input is a clear exit 2."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,20 @@ def test_plan_train_block_is_the_recipe(tmp_path, capsys):
     plan.write_text('model "m"\ntrain {\n  stepz = 5\n}\n')
     assert cli(["train", str(tmp_path), "--plan", str(plan), "-o", str(tmp_path / "r")]) == 2
     assert "unknown key `stepz` (did you mean `steps`?)" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_bf16_and_original_baseline(grown, tiny, corpus, tmp_path):
+    plain = train(tiny, tmp_path / "p", recipe(corpus, steps=3), progress=False)
+    ckpt = train(tiny, tmp_path / "c", recipe(corpus, steps=3, gradient_checkpointing=True), progress=False)
+    lp = [r["loss"] for r in metrics(tmp_path / "p") if r.get("event") is None]
+    lc = [r["loss"] for r in metrics(tmp_path / "c") if r.get("event") is None]
+    assert lc == pytest.approx(lp, rel=1e-5) and plain.status == ckpt.status == "completed"
+    # bf16 autocast runs on CPU too
+    res = train(tiny, tmp_path / "b", recipe(corpus, steps=2, precision="bf16"), progress=False)
+    assert res.status == "completed" and math.isfinite(res.last_eval_ppl)
+    # the original (un-grown) model's perplexity becomes the breaker's reference
+    res = train(grown, tmp_path / "g", recipe(corpus, steps=2, baseline_model=str(tiny)), progress=False)
+    head = metrics(tmp_path / "g")[0]
+    assert head["event"] == "baseline" and head["original_ppl"] == pytest.approx(head["eval_ppl"])
+    assert [r for r in metrics(tmp_path / "g") if "breaker_limit_ppl" in r][0]["breaker_limit_ppl"] == \
+        pytest.approx(head["original_ppl"] * 1.25)

@@ -396,7 +396,10 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
     if recipe.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
     record = GrowthRecord.load(growth_record) if growth_record else GrowthRecord.find(model_dir)
@@ -410,6 +413,9 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
             "--freeze-original on partly-grown tensors is not supported under DeepSpeed (its optimizer keeps "
             "its own fp32 copy); use DDP/FSDP, or --new-lr without --freeze-original"
         )
+    if recipe.baseline_model and _zero_stage(accelerator) == 3:
+        raise UsageError("--baseline-model is not supported under ZeRO-3 (the original model would be partitioned "
+                         "too); use ZeRO-1/2 or DDP for the run, or compare with `scaler-wizard eval`")
     optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
 
