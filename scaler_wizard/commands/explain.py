@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 import sys
 
+from scaler_wizard.ir.printer import ranges
+
 HELP = "show what a plan does to every tensor"
 
 
@@ -17,18 +19,6 @@ def _template(name: str) -> tuple[str, int | None]:
     if not m:
         return name, None
     return f"{m.group(1)}{{i}}{m.group(3)}", int(m.group(2))
-
-
-def _ranges(xs: list[int]) -> str:
-    xs = sorted(xs)
-    out, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 def explain_lines(prog, rp) -> list[str]:
@@ -63,7 +53,7 @@ def explain_lines(prog, rp) -> list[str]:
     for key in order:
         tmpl, old, new, status, ex, explain = key
         layers = groups[key]
-        name = tmpl.replace("{i}", "{" + _ranges(layers) + "}") if layers else tmpl
+        name = tmpl.replace("{i}", "{" + ranges(layers) + "}") if layers else tmpl
         shape = f"{list(old) if old else '-'} -> {list(new)}"
         lines.append(f"{name}  {shape}  [{status}, {ex}]")
         if explain and explain != "unchanged":

@@ -16,6 +16,7 @@ from typing import Any
 
 from scaler_wizard.ir.dims import CAT, PROD, DimGraph, op_name, owner, propagate, shape_of
 from scaler_wizard.ir.errors import IRDiscoveryError
+from scaler_wizard.ir.printer import ranges
 from scaler_wizard.ir.model_ir import (
     AttentionInfo,
     Axis,
@@ -614,7 +615,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
         notes.append("ops without a rule (fresh dims): " + ", ".join(sorted(set(u.split("@")[0] for u in an.dg.unhandled))))
     for j, real in sorted(tp.layer_map.items()):
         if len(tp.layer_map) > 1:
-            notes.append(f"traced layer {j} stands for layers {_ranges(real)}")
+            notes.append(f"traced layer {j} stands for layers {ranges(real)}")
     ir = ModelIR(
         model_type=cfg.get("model_type", ""),
         architecture=type(tp.model).__name__,
@@ -634,19 +635,6 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
         traced_layers=tp.config.num_hidden_layers,
     )
     return ir
-
-
-def _ranges(xs) -> str:
-    xs = sorted(xs)
-    out = []
-    i = 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 def _jsonable(x):

@@ -16,10 +16,9 @@ def axis_str(ax: Axis) -> str:
     return f"{ax.role}[{body}]"
 
 
-def _layers(ls) -> str:
-    if ls is None:
-        return ""
-    xs = sorted(ls)
+def ranges(xs) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (sorted, runs of consecutive integers collapsed)."""
+    xs = sorted(xs)
     out, i = [], 0
     while i < len(xs):
         j = i
@@ -27,7 +26,11 @@ def _layers(ls) -> str:
             j += 1
         out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
         i = j + 1
-    return " layers " + ",".join(out)
+    return ",".join(out)
+
+
+def _layers(ls) -> str:
+    return "" if ls is None else " layers " + ranges(ls)
 
 
 def _fmt(x) -> str:
