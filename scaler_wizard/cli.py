@@ -64,13 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     if m is None:
         sys.stderr.write(f"scaler-wizard: `{args.command}` is not available in this build\n")
         return 2
-    from scaler_wizard.compiler.diagnostics import UsageError
+    from scaler_wizard.compiler.diagnostics import PlanError, UsageError, render
 
     try:
         return int(m.run(args) or 0)
     except UsageError as e:
         sys.stderr.write(f"scaler-wizard {args.command}: error: {e}\n")
         return 2
+    except PlanError as e:  # every command that reads a plan reports its diagnostics the same way
+        sys.stderr.write(render(e.diagnostics, getattr(e, "sources", None), color=sys.stderr.isatty()) + "\n")
+        return 1
+    except Exception as e:
+        if type(e).__name__ != "PassError":  # a lowering pass refused: named, not a traceback
+            raise
+        sys.stderr.write(f"scaler-wizard {args.command}: {e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

@@ -1,7 +1,6 @@
 """Checkpoint reader/writer on real safetensors files written by transformers."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 

@@ -4,7 +4,6 @@ tasks and a user YAML task, several models in one table, JSON output, clear erro
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

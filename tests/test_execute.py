@@ -13,7 +13,7 @@ from scaler_wizard.compiler.program import (
     Cast, Concat, Load, MulAxis, ProgramError, Random, Scale, Slice, TensorProgram, Tile, Zeros,
 )
 from scaler_wizard.runtime.checkpoint import (
-    CheckpointError, MissingShardError, OutputExistsError, TensorNotFoundError, UnsafeOutputError, open_checkpoint,
+    CheckpointError, OutputExistsError, TensorNotFoundError, UnsafeOutputError, open_checkpoint,
 )
 from scaler_wizard.runtime.execute import execute
 

@@ -1,7 +1,6 @@
 """Runtime verify on real tiny Llama models (fp32, CPU)."""
 
 import copy
-import math
 
 import pytest
 import torch

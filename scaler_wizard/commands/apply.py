@@ -31,19 +31,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from scaler_wizard import api
-    from scaler_wizard.compiler.diagnostics import PlanError, render
-    from scaler_wizard.compiler.passes.base import PassError
 
-    try:
-        res = api.apply(args.plan, args.model, out=args.out, force=args.force, allow_bin=args.allow_bin,
-                        seed=args.seed, dtype=args.dtype, progress=not args.no_progress, verify=not args.no_verify,
-                        shard_size=args.shard_size)
-    except PlanError as e:
-        sys.stderr.write(render(e.diagnostics, getattr(e, "sources", None), color=sys.stderr.isatty()) + "\n")
-        return 1
-    except PassError as e:
-        sys.stderr.write(f"scaler-wizard apply: {e}\n")
-        return 1
+    res = api.apply(args.plan, args.model, out=args.out, force=args.force, allow_bin=args.allow_bin,
+                    seed=args.seed, dtype=args.dtype, progress=not args.no_progress, verify=not args.no_verify,
+                    shard_size=args.shard_size)
     rep, ver = res["report"], res["verification"]
     if args.format == "json":
         out = {"out": res["out"], "exactness": res["exactness"], "execution": rep.to_dict(), "verification": ver}

@@ -20,17 +20,9 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from scaler_wizard import api
-    from scaler_wizard.compiler.diagnostics import PlanError, UsageError, render
-    from scaler_wizard.compiler.passes.base import PassError
+    from scaler_wizard.compiler.diagnostics import UsageError
 
-    try:
-        prog = api.compile(args.plan, args.model, seed=args.seed)
-    except PlanError as e:
-        sys.stderr.write(render(e.diagnostics, getattr(e, "sources", None), color=sys.stderr.isatty()) + "\n")
-        return 1
-    except PassError as e:
-        sys.stderr.write(f"scaler-wizard compile: {e}\n")
-        return 1
+    prog = api.compile(args.plan, args.model, seed=args.seed)
     text = prog.to_json()
     if args.out:
         try:

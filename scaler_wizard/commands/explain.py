@@ -69,17 +69,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from scaler_wizard import api
-    from scaler_wizard.compiler.diagnostics import PlanError, render
-    from scaler_wizard.compiler.passes.base import PassError
 
-    try:
-        rp = api.check(args.plan, args.model, seed=args.seed)
-        prog = api.compile(rp)
-    except PlanError as e:
-        sys.stderr.write(render(e.diagnostics, getattr(e, "sources", None), color=sys.stderr.isatty()) + "\n")
-        return 1
-    except PassError as e:
-        sys.stderr.write(f"scaler-wizard explain: {e}\n")
-        return 1
+    rp = api.check(args.plan, args.model, seed=args.seed)
+    prog = api.compile(rp)
     sys.stdout.write("\n".join(explain_lines(prog, rp)) + "\n")
     return 0

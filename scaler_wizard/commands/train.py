@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping, 0 disables (default 1.0)")
     g.add_argument("--freeze-original", action="store_true", default=None,
                    help="train only new parameters (needs the growth record)")
-    g.add_argument("--growth-record", help=f"growth record file (default: MODEL_DIR/scaler_wizard_growth.json)")
+    g.add_argument("--growth-record", help="growth record file (default: MODEL_DIR/scaler_wizard_growth.json)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="autocast (default auto)")
     g.add_argument("--gradient-checkpointing", action="store_true", default=None)
     g.add_argument("--seed", type=int)

@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 PROGRAM_FORMAT = "scaler-wizard/tensor-program"
 PROGRAM_VERSION = 1

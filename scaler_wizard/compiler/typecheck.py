@@ -48,7 +48,6 @@ from scaler_wizard.compiler.resolved import (
     LayerSource,
     ResolvedOp,
     ResolvedPlan,
-    worst,
 )
 from scaler_wizard.grammar import ast as A
 from scaler_wizard.ir.model_ir import CANONICAL_GROUPS, ModelIR

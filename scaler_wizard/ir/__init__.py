@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from scaler_wizard.ir.errors import IRDiscoveryError
-from scaler_wizard.ir.model_ir import IR_FORMAT_VERSION, ModelIR, NormInfo
+from scaler_wizard.ir.model_ir import IR_FORMAT_VERSION, ModelIR
 
 __all__ = ["model_ir_for", "discover", "instantiate", "cache_dir", "cache_key", "IRDiscoveryError", "ModelIR"]
 

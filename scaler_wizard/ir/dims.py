@@ -804,7 +804,6 @@ def _reduce(p: Propagator, node, shape):
 @rule("var_mean")
 def _var_mean(p: Propagator, node, shape):
     xa = _t(p, node.args[0])
-    val = node.meta.get("val")
     if xa is None:
         return None
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")

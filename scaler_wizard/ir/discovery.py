@@ -711,7 +711,6 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
     res_adds = [x for x in res_adds if _layer_of(tp, owner(x[0])) is not None]
     skip_names = {_skip_trivial_back(s).name for _, s, _ in res_adds} | {s.name for _, s, _ in res_adds}
     branch_names = {_skip_trivial_back(b).name for _, _, b in res_adds} | {b.name for _, _, b in res_adds}
-    add_names = {n.name for n, _, _ in res_adds}
     branch_of = {n.name: b for n, _, b in res_adds}
     first_layer_idx = min((i for i, n in enumerate(nodes) if _layer_of(tp, owner(n)) is not None), default=0)
     idx = {n.name: i for i, n in enumerate(nodes)}
@@ -906,7 +905,6 @@ def _attention(tp: Traced, an: Analysis, cfg, bound, tensors) -> AttentionInfo |
     ep = tp.exported
     at = an.attn_nodes[0]
     n = at.node
-    A = an.dg.atoms
     q, k, v = at.q, at.k, at.v
     qs = _linears_feeding(an, ep, q)
     ks = _linears_feeding(an, ep, k)
@@ -944,7 +942,6 @@ def _attention(tp: Traced, an: Analysis, cfg, bound, tensors) -> AttentionInfo |
         qn = kn = vn = None
     else:
         qn, kn, vn = (t(x[-1]) if x else None for x in (qw, kw, vw))
-    qa = an.dg.values[q.name]
     heads = an.sizes.get("heads", 0)
     hd = an.sizes.get("head_dim", 0)
     kvh = an.sizes.get("kv_heads", heads)

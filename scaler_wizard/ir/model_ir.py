@@ -28,7 +28,7 @@ Vocabulary
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 IR_FORMAT_VERSION = 3

@@ -23,7 +23,6 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from scaler_wizard.compiler.program import (

@@ -257,26 +257,14 @@ def _field_kind(key: str) -> type:
 def recipe_from_plan(path: str | Path) -> TrainRecipe:
     """The recipe of a plan file's ``train`` statement (inline block or referenced file).
 
-    Uses the plan parser (``scaler_wizard.grammar.parse``) when it exists; a plan without a
-    ``train`` statement yields the defaults.
+    A plan without a ``train`` statement yields the defaults. An unreadable plan raises
+    UsageError, a malformed one PlanError (the CLI renders its diagnostics, exit 1).
     """
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise UsageError(f"cannot read plan {p}: {e.strerror or e}") from None
-    try:
-        from scaler_wizard.grammar import parse  # type: ignore[attr-defined]
-    except ImportError:
-        parse = None
-    if parse is None:
-        raise UsageError("--plan needs the plan parser (scaler_wizard.grammar.parse), not in this build")
+    from scaler_wizard.grammar import parse_file
     from scaler_wizard.grammar.ast import TrainStmt
 
-    try:
-        plan = parse(text, file=str(p))
-    except TypeError:
-        plan = parse(text)
+    p = Path(path)
+    plan = parse_file(p)
     recipe = TrainRecipe()
     for stmt in plan.statements:
         if isinstance(stmt, TrainStmt):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from scaler_wizard.compiler import program as P
 from scaler_wizard.compiler.methods.axisops import map_group_on_axis
 from scaler_wizard.compiler.passes.base import LowerState, Pass, TState, split_layer_name
-from scaler_wizard.compiler.resolved import APPROX, EXACT
+from scaler_wizard.compiler.resolved import APPROX
 
 
 class Depth(Pass):
