@@ -15,6 +15,7 @@ Outputs land in ./demo-out (git-ignored). Set SW_DEMO_STEPS to change the traini
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 OUT = Path("demo-out")
+# transformers' and datasets' progress bars (GGUF dequantisation, weight loading, map): not the demo
+_PROGRESS = re.compile(r"(it/s\]|s/it\]|\d+/\d+ \[\d|^\s*$)")
 PROMPT = "The king of Denmark"
 
 
@@ -40,8 +43,9 @@ def sw(*args: str, head: int | None = None) -> str:
         out = "\n".join(lines[:head] + ([f"... ({len(lines) - head} more lines)"] if len(lines) > head else []))
     if out.strip():
         print(out.rstrip())
-    if p.stderr.strip():
-        print(p.stderr.rstrip()[-4000:])
+    err = "\n".join(line for line in p.stderr.splitlines() if not _PROGRESS.search(line)).strip()
+    if err:
+        print(err[-4000:])
     print(f"[{time.perf_counter() - t0:.1f} s, exit {p.returncode}]", flush=True)
     if p.returncode != 0:
         raise SystemExit(f"demo step failed: scaler-wizard {' '.join(args)} (exit {p.returncode})")
