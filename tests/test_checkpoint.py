@@ -186,6 +186,7 @@ def test_gguf_reader_dequantises_with_hf_names(tmp_path):
     assert r.format == "gguf"
     assert "model.embed_tokens.weight" in r.names()
     assert r.config["model_type"] == "llama"
+    assert "quantization_config" not in r.config  # what is written from a dequantised GGUF is plain
     t = r.get("model.layers.0.self_attn.q_proj.weight")
     assert t.dtype == torch.float32 and t.shape == (576, 576)
     if r.config.get("tie_word_embeddings"):

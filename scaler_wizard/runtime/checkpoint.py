@@ -504,6 +504,9 @@ class GGUFCheckpointReader(InMemoryReader):
         except Exception as e:
             raise CheckpointError(f"{gguf_path}: cannot load GGUF file: {e}") from None
         config = model.config.to_dict()
+        # The tensors are dequantised here: whatever is written from them is a plain checkpoint,
+        # and a leftover quantization_config would make transformers treat it as GGUF-quantised.
+        config.pop("quantization_config", None)
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if config.get("tie_word_embeddings"):
             out = model.get_output_embeddings()
