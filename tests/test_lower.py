@@ -304,3 +304,23 @@ def test_opt_lemon_fixed_epsilon(models, tmp_path, plan):
     assert ver["max_rel"] <= RTOL
     assert any("fixed epsilon" in n for n in res["program"].metadata["notes"])
     _load_clean(tmp_path / "out")
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen2", "gpt2"])  # untied head; tied head; tied Conv1D family
+def test_widen_vocab_appends_mean_rows(models, tmp_path, fam):
+    import torch
+
+    res = _apply("widen vocab by 32", models[fam], tmp_path / "out")
+    ver = res["verification"]
+    assert res["exactness"] == "approx" and ver["judged"] is False
+    # The old tokens' logits are unchanged (verify compares the old vocabulary's slice); what is
+    # approximate is the softmax, which now also sums over the new rows.
+    assert ver["max_rel"] <= RTOL
+    grown, orig = _load_clean(tmp_path / "out"), _load_clean(models[fam])
+    e_new, e_old = grown.get_input_embeddings().weight, orig.get_input_embeddings().weight
+    v = e_old.shape[0]
+    assert e_new.shape[0] == v + 32 and grown.config.vocab_size == v + 32
+    assert torch.equal(e_new[:v], e_old)  # old rows kept exactly
+    assert torch.allclose(e_new[v:], e_old.mean(0, keepdim=True).expand(32, -1), atol=1e-6)
+    h_new, h_old = grown.get_output_embeddings().weight, orig.get_output_embeddings().weight
+    assert torch.allclose(h_new[v:], h_old.mean(0, keepdim=True).expand(32, -1), atol=1e-6)

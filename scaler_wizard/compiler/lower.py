@@ -24,6 +24,7 @@ from scaler_wizard.compiler.passes.widen_head_dim import WidenHeadDim
 from scaler_wizard.compiler.passes.widen_heads import WidenHeads
 from scaler_wizard.compiler.passes.widen_hidden import WidenHidden
 from scaler_wizard.compiler.passes.widen_kv_heads import WidenKVHeads
+from scaler_wizard.compiler.passes.widen_vocab import WidenVocab
 from scaler_wizard.compiler.resolved import APPROX, ResolvedPlan
 
 WIDTH_PASSES = {
@@ -33,6 +34,7 @@ WIDTH_PASSES = {
     "kv_heads": WidenKVHeads,
     "head_dim": WidenHeadDim,
     "experts": WidenExperts,  # approx: copies of old experts, router rows copied
+    "vocab": WidenVocab,  # approx: new token rows are the mean row
 }
 
 __all__ = ["lower", "build_passes", "PassError"]
