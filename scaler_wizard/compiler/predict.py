@@ -124,12 +124,10 @@ def costs(
     # QK^T and AV: 2 matmuls of (context x attn_width) per token per layer, 2 FLOPs per MAC.
     attention_flops = 2 * 2 * num_layers * context * attn_width
     flops = int(2 * matmul_active + attention_flops)
-    # Streaming apply: one output tensor and its inputs in fp32 at a time (upper bound: 3 x the
-    # largest tensor), plus one output shard buffered by the writer (<= 5 GB default cap, or the
-    # model if smaller).
-    total_bytes_in = params * 2
-    shard = min(5 * 1024**3, total_bytes_in)
-    apply_peak = 3 * largest * 4 + shard
+    # Streaming apply: the writer streams each tensor into its shard file as it is computed, so
+    # what is held is one output tensor and its inputs in fp32 (bounded by 3 x the largest tensor),
+    # whatever the model size. The interpreter and torch themselves (~0.3 GB) are not counted.
+    apply_peak = 3 * largest * 4
     return Costs(
         params=params,
         params_non_embedding=non_embedding,

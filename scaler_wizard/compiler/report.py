@@ -112,7 +112,7 @@ def render_plan(rp: ResolvedPlan, path: str = "") -> str:
         f"x{ca.flops_per_token / max(cb.flops_per_token, 1):.2f}",
     )
     t.add_row("memory to train", human(cb.train_bytes, "B"), human(ca.train_bytes, "B"), "")
-    t.add_row("memory to apply (peak)", "", human(ca.apply_peak_bytes, "B"), "")
+    t.add_row("memory to apply (tensors)", "", human(ca.apply_peak_bytes, "B"), "")
     con.print()
     con.print(t)
     con.print("memory to train: bf16 weights + grads, fp32 master + Adam moments (16 B/param), activations excluded")

@@ -67,7 +67,7 @@ class Costs:
     params_non_embedding: int
     flops_per_token: int  # forward, 2 * matmul params + attention at the given context
     context: int
-    apply_peak_bytes: int  # peak memory to apply (streaming: largest tensor in + out, fp32)
+    apply_peak_bytes: int  # tensors held while applying (streaming: 3 x the largest tensor in fp32)
     train_bytes: int  # bf16 weights + fp32 master + fp32 Adam m, v + bf16 grads, no activations
 
 
