@@ -1,10 +1,13 @@
-"""Python API mirroring the CLI: ``check``, ``compile``, ``apply``, ``verify``.
+"""Python API mirroring the CLI: ``ir``, ``check``, ``compile``, ``apply``, ``verify``, ``train``,
+``evaluate``.
 
     >>> from scaler_wizard import api
     >>> rp = api.check("widen ffn x2 net2net", model="path/to/model")      # plan text or a .expand path
     >>> prog = api.compile("plan.expand", model="path/to/model")            # TensorProgram
     >>> res = api.apply("plan.expand", model="path/to/model", out="grown")  # dict: report, verification
-    >>> rep = api.verify("grown", against="path/to/model")                  # VerifyReport
+    >>> rep = api.verify("grown", against="path/to/model")                  # dict, as `verify --format json`
+    >>> res = api.train("grown", "run", data=["corpus.txt"], steps=100)    # TrainResult
+    >>> table = api.evaluate(["grown", "run/final"], ["perplexity"], text_files=["held_out.txt"])
 
 Plan errors raise :class:`~scaler_wizard.compiler.diagnostics.PlanError` (with ``.sources`` for
 rendering), bad inputs raise :class:`~scaler_wizard.compiler.diagnostics.UsageError`, lowering
@@ -46,31 +49,12 @@ def _parse(plan: str):
         raise
 
 
-def _ir(ref: str, plan, sources):
-    try:
-        from scaler_wizard.ir import model_ir_for  # noqa: F401
-    except ImportError:
-        model_ir_for = None
-    if model_ir_for is not None:
-        from scaler_wizard.compiler.frontend import ir_for
-
-        return ir_for(ref, plan, sources)
-    raise UsageError("model discovery (scaler_wizard.ir.model_ir_for) is not available in this build")
-
-
 def check(plan: str, model: str | None = None, *, seed: int | None = None, dtype: str | None = None, context: int = 2048):
     """Parse and type-check ``plan`` (text or path). Returns a ResolvedPlan."""
-    from scaler_wizard.compiler.frontend import model_ref_for
-    from scaler_wizard.compiler.typecheck import check_plan
+    from scaler_wizard.compiler.frontend import check_parsed
 
     ast, sources = _parse(plan)
-    ref = model_ref_for(ast, model, sources)
-    ir = _ir(ref, ast, sources)
-    try:
-        rp = check_plan(ast, ir, model_ref=ref, context=context)
-    except PlanError as e:
-        e.sources = sources
-        raise
+    rp = check_parsed(ast, sources, model=model, context=context)
     if seed is not None:
         rp = dataclasses.replace(rp, seed=int(seed))
     if dtype is not None:
@@ -237,3 +221,30 @@ def _ir_check(out, side) -> dict:
 
 def verify(out, against, *, texts=None, tolerance: float | None = None, symmetry: bool = True) -> dict[str, Any]:
     return verify_dirs(out, against, texts=texts, tolerance=tolerance, symmetry=symmetry)
+
+
+def ir(model: str, *, use_cache: bool = True):
+    """The model's IR, as `scaler-wizard ir` prints it (a ModelIR value)."""
+    from scaler_wizard.ir import model_ir_for
+
+    return model_ir_for(model, use_cache=use_cache)
+
+
+def train(model_dir, run_dir, *, plan: str | None = None, resume=None, progress: bool = False, **options):
+    """Continue training, as `scaler-wizard train`: ``options`` are recipe keys (``steps``, ``lr``,
+    ``data``, ``freeze_original``, ...), overriding the plan's ``train { }`` block when ``plan`` is
+    given."""
+    from scaler_wizard.runtime.recipe import TrainRecipe, recipe_from_plan
+    from scaler_wizard.runtime.train import train as _train
+
+    recipe = recipe_from_plan(plan) if plan else TrainRecipe()
+    recipe.update(options, "api.train options")  # validated like a recipe file: unknown keys are named
+    return _train(model_dir, run_dir, recipe, resume=resume, progress=progress)
+
+
+def evaluate(models: list[str], tasks: list[str], **kw):
+    """lm-eval over several models, as `scaler-wizard eval` (keyword arguments as in
+    :func:`scaler_wizard.runtime.evaluate.evaluate`)."""
+    from scaler_wizard.runtime.evaluate import evaluate as _evaluate
+
+    return _evaluate(models, tasks, **kw)
