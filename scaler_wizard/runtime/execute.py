@@ -28,11 +28,17 @@ from typing import Any
 from scaler_wizard.compiler.program import (
     FLOAT_DTYPES,
     Cast,
+    Concat,
     EvalContext,
+    Index,
     Load,
     Node,
+    Permute,
     ProgramError,
+    Reshape,
+    Slice,
     TensorProgram,
+    Tile,
     _postorder,
     dtype_name,
     torch_dtype,
@@ -171,6 +177,9 @@ class _Progress:
             self.p.stop()
 
 
+_MOVES = (Slice, Index, Tile, Concat, Reshape, Permute)  # ops that only move values
+
+
 def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
@@ -241,12 +250,15 @@ def execute(
                         if isinstance(n, Load):
                             val = reader.get(n.name)
                         else:
-                            ins = []
-                            for c in n.children():
-                                v = cache[c.digest]
-                                if v.is_floating_point() and v.dtype != torch.float32:
-                                    v = v.float()
-                                ins.append(v)
+                            ins = [cache[c.digest] for c in n.children()]
+                            floats = [v for v in ins if v.is_floating_point()]
+                            # Arithmetic runs in fp32. Ops that only move values (slice, gather,
+                            # tile, concat, reshape, permute) keep the input dtype: the values are
+                            # exactly those an fp32 round trip would give, at half the bytes. Mixed
+                            # float inputs of a concat are brought to fp32.
+                            if not isinstance(n, _MOVES) or len({v.dtype for v in floats}) > 1:
+                                ins = [v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+                                       for v in ins]
                             val = n.compute(ins, ctx)
                             del ins
                     except CheckpointError:
