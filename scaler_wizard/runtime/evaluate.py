@@ -61,7 +61,10 @@ def _template(name: str) -> str:
     return (resources.files("scaler_wizard") / "data" / "lm_eval" / name).read_text()
 
 
-def _write_task(include: Path, template: str, task: str, data: Path) -> None:
+def _write_task(include: Path, template: str, task: str, rows: list[dict]) -> None:
+    """The task's documents as jsonl beside its YAML (lm-eval's `dataset_path: json`)."""
+    data = include / f"{task}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = _template(template).replace("@TASK@", task).replace("@DATA@", str(data.resolve()))
     (include / f"{task}.yaml").write_text(text)
 
@@ -90,9 +93,7 @@ def write_perplexity_task(include: Path, text_files: list[str], task: str = "sw_
         rows += [{"text": d, "source": Path(f).name} for d in _split_docs(text, doc_chars)]
     if not rows:
         raise UsageError(f"--text {' '.join(text_files)}: no text to evaluate")
-    data = include / f"{task}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _write_task(include, "perplexity.yaml.tmpl", task, data)
+    _write_task(include, "perplexity.yaml.tmpl", task, rows)
     return task
 
 
@@ -122,9 +123,7 @@ def write_mc_task(include: Path, mc_files: list[str], task: str = "sw_mc") -> st
             rows.append({"question": q, "choices": choices, "answer": ans})
     if not rows:
         raise UsageError(f"--mc {' '.join(mc_files)}: no questions")
-    data = include / f"{task}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _write_task(include, "multiple_choice.yaml.tmpl", task, data)
+    _write_task(include, "multiple_choice.yaml.tmpl", task, rows)
     return task
 
 
