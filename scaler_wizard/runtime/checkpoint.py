@@ -691,11 +691,19 @@ class ShardStream:
         want, shape, st = self.entries[self._next]
         if name != want:
             raise CheckpointError(f"{self.path.name}: expected tensor {want!r} next, got {name!r}")
-        if tuple(tensor.shape) != shape or _ST_DTYPES[str(tensor.dtype).replace("torch.", "")] != st:
+        if tuple(tensor.shape) != shape:
             raise CheckpointError(f"{name}: declared {st}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}")
-        t = tensor.detach().contiguous()
-        if t.numel():
-            self._f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        target = next(getattr(torch, k) for k, v in _ST_DTYPES.items() if v == st)
+        if tensor.dtype != target and not (tensor.is_floating_point() and target.is_floating_point):
+            raise CheckpointError(f"{name}: declared {st}, got {tensor.dtype} (only float casts are done here)")
+        t = tensor.detach().contiguous().reshape(-1)
+        # Cast while writing, in blocks, so a float32 value never needs a whole second copy.
+        step = max(1, (64 << 20) // max(t.element_size(), 1))
+        for a in range(0, t.numel(), step):
+            block = t[a:a + step]
+            if block.dtype != target:
+                block = block.to(target)
+            self._f.write(block.view(torch.uint8).numpy().data)
         self._next += 1
 
     def close(self) -> None:

@@ -41,7 +41,6 @@ from scaler_wizard.compiler.program import (
     Tile,
     _postorder,
     dtype_name,
-    torch_dtype,
 )
 from scaler_wizard.runtime.checkpoint import (
     DEFAULT_SHARD_SIZE,
@@ -275,10 +274,8 @@ def execute(
                             if dead is not None:
                                 held -= _nbytes(dead)
                     for name in roots.get(n.digest, []):
-                        t = val.to(torch_dtype(dts[name]))
-                        out_bytes = _nbytes(t)
-                        stream.write(name, t)
-                        del t
+                        out_bytes = size_of[name]
+                        stream.write(name, val)  # cast to the output dtype block by block
                         bar.advance(size_of[name])
                     if uses.get(n.digest, 0) > 0:
                         cache[n.digest] = val
