@@ -41,6 +41,7 @@ from scaler_wizard.compiler.program import (
     Tile,
     _postorder,
     dtype_name,
+    torch_dtype,
 )
 from scaler_wizard.runtime.checkpoint import (
     DEFAULT_SHARD_SIZE,
@@ -254,8 +255,16 @@ def execute(
                             # Arithmetic runs in fp32. Ops that only move values (slice, gather,
                             # tile, concat, reshape, permute) keep the input dtype: the values are
                             # exactly those an fp32 round trip would give, at half the bytes. Mixed
-                            # float inputs of a concat are brought to fp32.
-                            if not isinstance(n, _MOVES) or len({v.dtype for v in floats}) > 1:
+                            # float inputs of a concat are brought to fp32 -- unless the concat is
+                            # an output whose value feeds nothing else: then each piece is cast to
+                            # the output dtype first, which rounds every element exactly as casting
+                            # the joined tensor would, without an fp32 copy of the whole output.
+                            out_dts = {dts[name] for name in roots.get(n.digest, [])}
+                            final = (torch_dtype(out_dts.pop()) if len(out_dts) == 1 and not uses.get(n.digest)
+                                     and isinstance(n, _MOVES) else None)
+                            if final is not None and final.is_floating_point:
+                                ins = [v.to(final) if v.is_floating_point() and v.dtype != final else v for v in ins]
+                            elif not isinstance(n, _MOVES) or len({v.dtype for v in floats}) > 1:
                                 ins = [v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
                                        for v in ins]
                             val = n.compute(ins, ctx)
