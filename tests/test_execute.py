@@ -221,3 +221,27 @@ def test_card_written(ckpt, tmp_path):
     execute(p, r, tmp_path / "o", card=info, progress=False)
     text = (tmp_path / "o" / "README.md").read_text()
     assert "widen ffn x2 net2net" in text and "## Verification" in text and "## Parameters" in text
+
+
+def test_mixed_dtype_execution_is_bit_identical_to_fp32_evaluation(tmp_path):
+    """Value-moving ops run in the input dtype and output concats cast their pieces first: the
+    written bf16 bytes must equal an all-fp32 evaluation of the same program cast at the end."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    from scaler_wizard import api
+    from scaler_wizard.compiler.program import EvalContext, evaluate
+
+    src = tmp_path / "bf16"
+    tiny_llama(dtype=torch.bfloat16).save_pretrained(src)
+    reader = open_checkpoint(src)
+    prog = api.compile("widen ffn x2 net2net\nwiden hidden to 80 lemon\ninsert layer 1 identity", str(src))
+    execute(prog, reader, tmp_path / "out", progress=False)
+    out = {}
+    for f in glob.glob(str(tmp_path / "out" / "*.safetensors")):
+        out.update(load_file(f))
+    ctx = EvalContext(seed=prog.seed, loader=lambda n: reader.get(n).float())
+    assert {t.dtype for t in out.values()} == {torch.bfloat16}
+    for name, o in prog.outputs.items():
+        assert torch.equal(evaluate(o.node, ctx).to(torch.bfloat16), out[name]), name
