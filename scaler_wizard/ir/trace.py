@@ -78,12 +78,37 @@ def _array_kinds(cfg: dict, num_layers: int) -> list[tuple[str, str]]:
     return out
 
 
+def _per_layer_by_construction(config) -> tuple[str, ...]:
+    """Per-layer lists of a 1-layer config, told apart by the config class itself: rebuilt with two
+    layers and without the list, which lists does it re-create with two entries?"""
+    cfg = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if isinstance(cfg.get(k), int)), None)
+    found = []
+    for k, v in sorted(cfg.items()):
+        if key is None or not isinstance(v, list) or len(v) != 1:
+            continue
+        trial = {kk: vv for kk, vv in cfg.items() if kk != k}
+        trial[key] = 2
+        try:
+            rebuilt = type(config)(**trial)
+        except Exception:  # noqa: BLE001 - the class needs the list: it is not a derived per-layer array
+            continue
+        again = getattr(rebuilt, k, None)
+        if isinstance(again, list) and len(again) == 2:
+            found.append(k)
+    return tuple(found)
+
+
 def reduced_config(config):
     """A copy of ``config`` with the fewest layers covering every distinct layer signature."""
     n = _num_layers(config)
     cfg = config.to_dict()
     sigs, arrays = layer_signatures(cfg, n)
     kinds = _array_kinds(cfg, n)
+    if n == 1:
+        # One layer: a list of length 1 may be per-layer (layer_types) or not (architectures).
+        arrays = _per_layer_by_construction(config)
+        kinds = [(k, "per_layer") for k in arrays]
     keep: list[int] = []
     seen: dict[tuple, int] = {}
     for i, s in enumerate(sigs):
