@@ -44,28 +44,9 @@ def _num_layers(config) -> int:
     return n
 
 
-def layer_signatures(cfg: dict, num_layers: int) -> tuple[list[tuple], tuple[str, ...]]:
-    """Per-layer signature from config arrays: lists of length num_layers, and index lists."""
-    arrays = []
-    for k, v in sorted(cfg.items()):
-        if k.startswith("_") or not isinstance(v, list) or num_layers <= 1:
-            continue
-        ints = bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < num_layers for x in v)
-        if ints and "layers" in k and not k.endswith("types"):
-            arrays.append((k, "index_list"))
-        elif len(v) == num_layers:
-            arrays.append((k, "per_layer"))
-    sigs = []
-    for i in range(num_layers):
-        sig = []
-        for k, kind in arrays:
-            v = cfg[k]
-            sig.append(repr(v[i]) if kind == "per_layer" else (i in v))
-        sigs.append(tuple(sig))
-    return sigs, tuple(k for k, _ in arrays)
-
-
 def _array_kinds(cfg: dict, num_layers: int) -> list[tuple[str, str]]:
+    """Config arrays indexed by layer: ``per_layer`` lists of length num_layers and ``index_list``
+    lists of layer indices (mlp_only_layers). Ambiguous for one layer: see reduced_config."""
     out = []
     for k, v in sorted(cfg.items()):
         if k.startswith("_") or not isinstance(v, list) or num_layers <= 1:
@@ -76,6 +57,19 @@ def _array_kinds(cfg: dict, num_layers: int) -> list[tuple[str, str]]:
         elif len(v) == num_layers:
             out.append((k, "per_layer"))
     return out
+
+
+def _signatures(cfg: dict, num_layers: int, kinds: list[tuple[str, str]]) -> list[tuple]:
+    return [
+        tuple(repr(cfg[k][i]) if kind == "per_layer" else (i in cfg[k]) for k, kind in kinds)
+        for i in range(num_layers)
+    ]
+
+
+def layer_signatures(cfg: dict, num_layers: int) -> tuple[list[tuple], tuple[str, ...]]:
+    """Per-layer signature from config arrays, and the names of those arrays."""
+    kinds = _array_kinds(cfg, num_layers)
+    return _signatures(cfg, num_layers, kinds), tuple(k for k, _ in kinds)
 
 
 def _per_layer_by_construction(config) -> tuple[str, ...]:
@@ -103,12 +97,12 @@ def reduced_config(config):
     """A copy of ``config`` with the fewest layers covering every distinct layer signature."""
     n = _num_layers(config)
     cfg = config.to_dict()
-    sigs, arrays = layer_signatures(cfg, n)
     kinds = _array_kinds(cfg, n)
     if n == 1:
         # One layer: a list of length 1 may be per-layer (layer_types) or not (architectures).
-        arrays = _per_layer_by_construction(config)
-        kinds = [(k, "per_layer") for k in arrays]
+        kinds = [(k, "per_layer") for k in _per_layer_by_construction(config)]
+    arrays = tuple(k for k, _ in kinds)
+    sigs = _signatures(cfg, n, kinds)
     keep: list[int] = []
     seen: dict[tuple, int] = {}
     for i, s in enumerate(sigs):
@@ -118,9 +112,9 @@ def reduced_config(config):
     layer_map = {j: tuple(i for i in range(n) if sigs[i] == sigs[keep[j]]) for j in range(len(keep))}
     red = copy.deepcopy(config)
     red.num_hidden_layers = len(keep)
-    for k in arrays:
+    for k, kind in kinds:
         v = cfg[k]
-        if dict(kinds)[k] == "per_layer":
+        if kind == "per_layer":
             setattr(red, k, [v[i] for i in keep])
         else:
             setattr(red, k, [j for j, i in enumerate(keep) if i in v])
