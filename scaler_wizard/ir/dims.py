@@ -781,6 +781,12 @@ def _stack(p: Propagator, node, shape):
     return True
 
 
+def _reduced_axes(xa, dims, keep: bool):
+    """The input's axis lists after reducing over ``dims`` (kept as size-1 axes with ``keep``)."""
+    dims = {d % len(xa) for d in dims}
+    return [([] if k in dims else a) for k, a in enumerate(xa) if keep or k not in dims]
+
+
 @rule("mean", "sum", "amax", "amin", "max", "min", "prod", "var", "std", "all", "any", "argmax")
 def _reduce(p: Propagator, node, shape):
     xa = _t(p, node.args[0])
@@ -793,8 +799,7 @@ def _reduce(p: Propagator, node, shape):
     if dims is None or dims == []:
         p.set(node, [[] for _ in shape])
         return True
-    dims = {d % len(xa) for d in dims}
-    out = [([] if k in dims else a) for k, a in enumerate(xa) if keep or k not in dims]
+    out = _reduced_axes(xa, dims, keep)
     if len(out) != len(shape):
         return None
     p.set(node, out)
@@ -807,9 +812,7 @@ def _var_mean(p: Propagator, node, shape):
     if xa is None:
         return None
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = {d % len(xa) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
-    keep = node.kwargs.get("keepdim", False)
-    out = [([] if k in dims else a) for k, a in enumerate(xa) if keep or k not in dims]
+    out = _reduced_axes(xa, dims if isinstance(dims, (list, tuple)) else [dims], node.kwargs.get("keepdim", False))
     p.values[node.name] = (out, out)
     return True
 
