@@ -192,6 +192,22 @@ def _scan(text: str, lines: _Lines, diags: list[Diagnostic]) -> list[_Chunk]:
         m = _FIRST_WORD.match(text, s)
         return m.group(0) if m else None
 
+    def unclosed(where: str) -> None:
+        """SW106 for the innermost open block of the current statement; marks it broken."""
+        nonlocal broken
+        open_at = braces[0]
+        kw = keyword_of(start) if start is not None else None
+        what = "`train { }` block" if kw == "train" else "`{ }` block"
+        diags.append(
+            Diagnostic(
+                "SW106",
+                f"{what} is not closed: {where}",
+                lines.span(open_at, open_at + 1),
+                help=f"close the block with `}}`; the form is `{FORMS['train']}`",
+            )
+        )
+        broken = True
+
     while i < n:
         c = text[i]
         if c in " \t":
@@ -214,18 +230,7 @@ def _scan(text: str, lines: _Lines, diags: list[Diagnostic]) -> list[_Chunk]:
                 while k < n and text[k] in " \t":
                     k += 1
                 if not text.startswith("=", k):
-                    open_at = braces[0]
-                    kw = keyword_of(start) if start is not None else None
-                    what = f"`{kw} {{ }}` block" if kw in ("train",) else "`{ }` block"
-                    diags.append(
-                        Diagnostic(
-                            "SW106",
-                            f"{what} is not closed: `}}` expected before line {lines.pos(j)[0]}",
-                            lines.span(open_at, open_at + 1),
-                            help=f"close the block with `}}`; the form is `{FORMS['train']}`",
-                        )
-                    )
-                    broken = True
+                    unclosed(f"`}}` expected before line {lines.pos(j)[0]}")
                     finish()
         elif c == ";" and not braces:
             i += 1
@@ -272,18 +277,7 @@ def _scan(text: str, lines: _Lines, diags: list[Diagnostic]) -> list[_Chunk]:
             i += 1
             last = i
     if braces and start is not None:
-        open_at = braces[0]
-        kw = keyword_of(start)
-        what = "`train { }` block" if kw == "train" else "`{ }` block"
-        diags.append(
-            Diagnostic(
-                "SW106",
-                f"{what} is not closed: the file ends before its `}}`",
-                lines.span(open_at, open_at + 1),
-                help=f"close the block with `}}`; the form is `{FORMS['train']}`",
-            )
-        )
-        broken = True
+        unclosed("the file ends before its `}`")
     finish()
     return chunks
 
