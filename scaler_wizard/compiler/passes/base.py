@@ -94,6 +94,24 @@ class Pass:
     def fail(self, st: LowerState, message: str) -> PassError:
         return PassError(self.name, message, before=st.done, statement=self.statement)
 
+    def require_widen(self, st: LowerState, group: str, methods: tuple[str, ...], roles: tuple[str, ...] | None = None):
+        """The preconditions every width pass shares: the op is `widen <group>` with one of
+        ``methods``, the group has the size the plan expected at this point, and (with ``roles``)
+        every tensor axis on the group is used in one of those roles. Returns the members."""
+        op = self.op
+        if op.group != group or op.method not in methods:
+            raise self.fail(st, f"expects `widen {group}` with {'/'.join(methods)}, got {op.group} {op.method}")
+        if st.sizes.get(group) != op.old_size:
+            raise self.fail(st, f"{group} is {st.sizes.get(group)} at this point, the plan expected {op.old_size}")
+        members = st.members(group)
+        if roles is not None:
+            if not members:
+                raise self.fail(st, f"no tensor has a {group} axis")
+            for name, ts, a in members:
+                if ts.axes[a].role not in roles:
+                    raise self.fail(st, f"{name}: axis {a} has role `{ts.axes[a].role}` on {group}; not supported")
+        return members
+
     def requires(self, st: LowerState) -> None:
         pass
 

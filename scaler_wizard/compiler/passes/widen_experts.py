@@ -22,18 +22,9 @@ class WidenExperts(Pass):
 
     def requires(self, st: LowerState) -> None:
         op = self.op
-        if op.group != "experts" or op.method != "copy":
-            raise self.fail(st, f"expects `widen experts` with copy, got {op.group} {op.method}")
-        if st.sizes.get("experts") != op.old_size:
-            raise self.fail(st, f"experts is {st.sizes.get('experts')} at this point, the plan expected {op.old_size}")
+        self.require_widen(st, "experts", ("copy",), roles=("expert", "out"))
         if op.new_size < op.old_size:
             raise self.fail(st, f"cannot shrink experts {op.old_size} -> {op.new_size}")
-        members = st.members("experts")
-        if not members:
-            raise self.fail(st, "no tensor has an experts axis")
-        for name, ts, a in members:
-            if ts.axes[a].role not in ("expert", "out"):
-                raise self.fail(st, f"{name}: axis {a} has role `{ts.axes[a].role}` on experts; not supported")
 
     def apply(self, st: LowerState) -> None:
         op = self.op

@@ -19,14 +19,8 @@ class WidenFFN(Pass):
     name = "widen-ffn"
 
     def requires(self, st: LowerState) -> None:
-        op = self.op
-        if op.group != "ffn" or op.method not in ("net2net", "tile", "lemon", "zero"):
-            raise self.fail(st, f"expects `widen ffn` with net2net/tile/lemon/zero, got {op.group} {op.method}")
-        if st.sizes.get("ffn") != op.old_size:
-            raise self.fail(st, f"ffn is {st.sizes.get('ffn')} at this point, the plan expected {op.old_size}")
-        for name, ts, a in st.members("ffn"):
-            if ts.axes[a].role not in ("out", "in"):
-                raise self.fail(st, f"{name}: axis {a} has role `{ts.axes[a].role}` on ffn (a norm over the FFN?)")
+        # an axis in another role would be a norm over the FFN, which this pass does not grow
+        self.require_widen(st, "ffn", ("net2net", "tile", "lemon", "zero"), roles=("out", "in"))
 
     def unit_map(self, st: LowerState, layer):
         op = self.op

@@ -33,10 +33,7 @@ class WidenHidden(Pass):
 
     def requires(self, st: LowerState) -> None:
         op = self.op
-        if op.group != "hidden" or op.method not in ("tile", "lemon"):
-            raise self.fail(st, f"expects `widen hidden` with tile or lemon, got {op.group} {op.method}")
-        if st.sizes.get("hidden") != op.old_size:
-            raise self.fail(st, f"hidden is {st.sizes.get('hidden')} at this point, the plan expected {op.old_size}")
+        self.require_widen(st, "hidden", ("tile", "lemon"))
         r = op.new_size % op.old_size
         kinds = {n.kind for n in st.ir.norms if n.group == "hidden"}
         if r and st.ir.residual.placement == "post" and "layernorm" in kinds:

@@ -20,17 +20,7 @@ class WidenVocab(Pass):
     name = "widen-vocab"
 
     def requires(self, st: LowerState) -> None:
-        op = self.op
-        if op.group != "vocab" or op.method != "mean":
-            raise self.fail(st, f"expects `widen vocab` with mean, got {op.group} {op.method}")
-        if st.sizes.get("vocab") != op.old_size:
-            raise self.fail(st, f"vocab is {st.sizes.get('vocab')} at this point, the plan expected {op.old_size}")
-        members = st.members("vocab")
-        if not members:
-            raise self.fail(st, "no tensor has a vocab axis")
-        for name, ts, a in members:
-            if ts.axes[a].role not in ("index", "out"):
-                raise self.fail(st, f"{name}: axis {a} has role `{ts.axes[a].role}` on vocab; not supported")
+        self.require_widen(st, "vocab", ("mean",), roles=("index", "out"))
 
     def apply(self, st: LowerState) -> None:
         op = self.op
