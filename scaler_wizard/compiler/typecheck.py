@@ -428,6 +428,14 @@ class TypeChecker:
         Each becomes an explicit op in the resolved plan, marked as implied by the statement.
         """
         stmt_text = _print_stmt(s)
+
+        def implied(group: str, old: int, new: int, method: str, exactness: str, reason: str, patch: dict):
+            st.ops.append(ResolvedOp(
+                index=i, kind="widen", span=s.span, text=f"widen {group} to {new} {method}  # implied by `{stmt_text}`",
+                exactness=exactness, reason=reason, group=group, old_size=old, new_size=new, method=method,
+                options={"implied": True}, config_patch=patch,
+            ))
+
         for name, g in self.ir.groups.items():
             if g.config_key or not g.derived:
                 continue
@@ -463,22 +471,9 @@ class TypeChecker:
                 patch = {heads_g.config_key: new_heads}
                 st.sizes["heads"] = new_heads
                 st.config.update(patch)
-                st.ops.append(
-                    ResolvedOp(
-                        index=i,
-                        kind="widen",
-                        span=s.span,
-                        text=f"widen heads to {new_heads} zero  # implied by `{stmt_text}`",
-                        exactness=EXACT,
-                        reason=f"implied: the config derives head_dim = {g.derived}, so attention widens with hidden; new heads have zero fan-out",
-                        group="heads",
-                        old_size=old_heads,
-                        new_size=new_heads,
-                        method="zero",
-                        options={"implied": True},
-                        config_patch=patch,
-                    )
-                )
+                implied("heads", old_heads, new_heads, "zero", EXACT,
+                        f"implied: the config derives head_dim = {g.derived}, so attention widens with hidden; "
+                        "new heads have zero fan-out", patch)
             else:
                 old_size = st.sizes[name]
                 if value < old_size:
@@ -486,22 +481,8 @@ class TypeChecker:
                     return
                 method = M.DEFAULT_WIDTH_METHOD.get(name, "tile")
                 st.sizes[name] = value
-                st.ops.append(
-                    ResolvedOp(
-                        index=i,
-                        kind="widen",
-                        span=s.span,
-                        text=f"widen {name} to {value} {method}  # implied by `{stmt_text}`",
-                        exactness=EXACT if name not in ("vocab", "experts") else APPROX,
-                        reason=f"implied: the config derives {name} = {g.derived}",
-                        group=name,
-                        old_size=old_size,
-                        new_size=value,
-                        method=method,
-                        options={"implied": True},
-                        config_patch={},
-                    )
-                )
+                implied(name, old_size, value, method, EXACT if name not in ("vocab", "experts") else APPROX,
+                        f"implied: the config derives {name} = {g.derived}", {})
 
     def _new_size(self, st: _State, amount, old: int, group: str) -> int | None:
         if isinstance(amount, A.Factor):
