@@ -64,13 +64,7 @@ def check(plan: str, model: str | None = None, *, seed: int | None = None, dtype
         if d not in DTYPES:
             raise UsageError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
         rp = dataclasses.replace(rp, dtype=d)
-    object.__setattr__(rp, "_sources", sources)  # the plan text, for the sidecar and the card
     return rp
-
-
-def _plan_text(rp) -> str:
-    src = getattr(rp, "_sources", None) or {}
-    return "\n".join(src.values())
 
 
 def compile(plan, model: str | None = None, *, seed: int | None = None, dtype: str | None = None, stored=None):
@@ -87,7 +81,7 @@ def compile(plan, model: str | None = None, *, seed: int | None = None, dtype: s
         except Exception:
             stored = None
     prog = lower(rp, stored=stored)
-    prog.metadata["plan"] = _plan_text(rp)
+    prog.metadata["plan"] = rp.plan_text
     return prog
 
 
@@ -134,7 +128,7 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     prog = compile(rp, stored=set(reader.names()))
-    text = _plan_text(rp)
+    text = rp.plan_text
     card = card_info(prog, reader, plan_text=text, base_model=rp.model_ref)
     card["ops"] = [{"name": o.text, "exactness": o.exactness, "status": o.kind, "explain": o.reason} for o in rp.ops]
     try:

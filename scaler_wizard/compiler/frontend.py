@@ -5,6 +5,8 @@ Shared by `check`, `explain`, `compile` and `apply`, and by the Python API.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from scaler_wizard.compiler.diagnostics import Diagnostic, PlanError, UsageError
 from scaler_wizard.compiler.resolved import ResolvedPlan
 from scaler_wizard.grammar import ast as A
@@ -68,10 +70,11 @@ def check_parsed(plan: A.Plan, sources: dict[str, str], *, model: str | None = N
     ref = model_ref_for(plan, model, sources)
     ir = ir_for(ref, plan, sources, use_cache=use_cache)
     try:
-        return check_plan(plan, ir, model_ref=ref, context=context)
+        rp = check_plan(plan, ir, model_ref=ref, context=context)
     except PlanError as e:
         e.sources = sources
         raise
+    return replace(rp, plan_text="\n".join(sources.values()))
 
 
 def load_and_check(path: str, *, model: str | None = None, context: int = 2048, use_cache: bool = True):

@@ -88,6 +88,7 @@ class ResolvedPlan:
     alternatives: tuple[str, ...] = ()  # `grow to`: other plans considered, for the report
     warnings: tuple = ()  # Diagnostic objects of severity "warning"
     sizes_after: dict[str, int] = field(default_factory=dict)  # predicted group sizes of the grown model
+    plan_text: str = ""  # the plan's source, for the model card and the growth sidecar
 
     @property
     def exactness(self) -> str:
