@@ -81,6 +81,13 @@ def compile(plan, model: str | None = None, *, seed: int | None = None, dtype: s
         except Exception:
             stored = None
     prog = lower(rp, stored=stored)
+    # Every output name and shape against the model transformers builds from the config to be
+    # written (meta device; cached): a difference is a PlanError before any byte is written.
+    from scaler_wizard.compiler.conform import conform
+
+    rp2 = conform(rp, prog=prog)
+    if rp2.config_after != rp.config_after or rp2.config_before != rp.config_before:
+        prog.config_patch = {k: after for k, (_, after) in rp2.config_diff().items()}
     prog.metadata["plan"] = rp.plan_text
     return prog
 
