@@ -87,7 +87,7 @@ def render_plan(rp: ResolvedPlan, path: str = "") -> str:
         t.add_column("before", justify="right")
         t.add_column("after", justify="right")
         for k, (a, b) in diff.items():
-            t.add_row(k, _fmt(a), _fmt(b))
+            t.add_row(k, _fmt(a) if k in rp.config_before else "(unset)", _fmt(b))
         con.print()
         con.print(t)
         for note in rp.config_notes:
