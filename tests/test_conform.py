@@ -78,16 +78,17 @@ def test_mismatch_is_a_compile_time_error(inputs, tmp_path, monkeypatch):
     nothing is written."""
     from scaler_wizard.compiler import conform
 
-    real = conform.program_tensors
+    def short(real):
+        def f(x):
+            t = dict(real(x))
+            for n in t:
+                if n.endswith("q_proj.weight"):
+                    t[n] = (t[n][0] - 16, t[n][1])
+            return t
+        return f
 
-    def short(prog):
-        t = dict(real(prog))
-        for n in t:
-            if n.endswith("q_proj.weight"):
-                t[n] = (t[n][0] - 16, t[n][1])
-        return t
-
-    monkeypatch.setattr(conform, "program_tensors", short)
+    monkeypatch.setattr(conform, "program_tensors", short(conform.program_tensors))  # compile / apply
+    monkeypatch.setattr(conform, "predicted_tensors", short(conform.predicted_tensors))  # check
     monkeypatch.setattr(conform, "_cache_path", lambda key: tmp_path / "verdicts" / f"{key}.json")
     d = str(inputs["b_llama_kv4_heads"])
     with pytest.raises(PlanError) as e:

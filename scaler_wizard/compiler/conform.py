@@ -46,6 +46,32 @@ def program_tensors(prog) -> dict[str, tuple[int, ...]]:
     return {name: tuple(o.node.shape) for name, o in prog.outputs.items()}
 
 
+def predicted_tensors(rp) -> dict[str, tuple[int, ...]] | None:
+    """Names and shapes the program will write, predicted from the IR, the grown group sizes and the
+    layer map without lowering (the passes' postconditions hold the program to these shapes); tied
+    duplicates are listed too. None when the plan renames tensors (``upcycle``: dense -> experts)."""
+    from scaler_wizard.compiler.predict import tensor_shape
+
+    if any(o.kind == "upcycle" for o in rp.ops):
+        return None
+    out: dict[str, tuple[int, ...]] = {}
+    for t in rp.ir.tensors:
+        shape = tuple(tensor_shape(t, rp.sizes_after))
+        if t.layers is None:
+            out[t.name] = shape
+            continue
+        have = set(t.layers)
+        for j, src in enumerate(rp.layer_map):
+            if src.src in have:
+                out[t.name.replace("{i}", str(j))] = shape
+    for tset in rp.ir.tied:
+        known = next((out[n] for n in tset if n in out), None)
+        if known is not None:
+            for n in tset:
+                out.setdefault(n, known)
+    return out
+
+
 _CLASS_CACHE: dict[tuple, Any] = {}
 _MODEL_CACHE: dict[str, tuple[dict, dict] | str] = {}
 
@@ -293,10 +319,10 @@ def _cache_path(key: str) -> Path:
     return cache_dir().parent / "conform" / f"{key}.json"
 
 
-def _key(input_cfg, rp, companions) -> str:
+def _key(input_cfg, rp, companions, source: str) -> str:
     from scaler_wizard.ir import _transformers_version
 
-    blob = json.dumps({"in": input_cfg, "after": rp.config_after, "sizes": rp.sizes_after,
+    blob = json.dumps({"src": source, "in": input_cfg, "after": rp.config_after, "sizes": rp.sizes_after,
                        "map": [[s.src, s.init] for s in rp.layer_map], "ops": [[o.kind, o.group, o.method, o.new_size,
                                                                            sorted(o.options)] for o in rp.ops],
                        "comp": companions, "tf": _transformers_version(), "fmt": CONFORM_FORMAT},
@@ -334,12 +360,17 @@ def _culprit_span(rp, text: str):
 def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
     """``rp`` with a config_after whose model has exactly the program's tensors, or PlanError SW316.
 
-    ``prog``: the lowered program (lowered here without weights when not given)."""
+    ``prog``: the lowered program (``compile``/``apply``: its outputs are compared); without it
+    (``check``) the tensors predicted from the IR are, and a plan whose tensor names only lowering
+    knows (``upcycle``) is left to ``compile``."""
     if not rp.ops:
+        return rp
+    tensors = program_tensors(prog) if prog is not None else predicted_tensors(rp)
+    if tensors is None:
         return rp
     input_cfg = input_config(rp)
     companions = _companions(rp)
-    key = _key(input_cfg, rp, companions)
+    key = _key(input_cfg, rp, companions, "program" if prog is not None else "predicted")
     path = _cache_path(key)
     verdict = None
     if use_cache and path.is_file():
@@ -348,19 +379,11 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
         except (OSError, ValueError):
             verdict = None
     if verdict is None:
-        if prog is None:
-            from scaler_wizard.compiler.lower import lower
-            from scaler_wizard.compiler.passes.base import PassError
-
-            try:
-                prog = lower(rp)
-            except PassError:
-                return rp  # lowering refuses: compile reports it with the pass that failed
         patch = {k: after for k, (_, after) in rp.config_diff().items() if k in rp.config_after}
         removed = [k for k, (_, after) in rp.config_diff().items() if k not in rp.config_after]
         old_sizes = {k: g.size for k, g in rp.ir.groups.items()}
         new_patch, notes, errors = settle_config(rp.ir, input_cfg, patch, old_sizes, dict(rp.sizes_after),
-                                                 program_tensors(prog), companions)
+                                                 tensors, companions)
         verdict = {"patch": new_patch, "removed": removed, "notes": notes, "errors": errors}
         if use_cache:
             try:
