@@ -81,6 +81,13 @@ def compile(plan, model: str | None = None, *, seed: int | None = None, dtype: s
         except Exception:
             stored = None
     prog = lower(rp, stored=stored)
+    # Every output name and shape against the model transformers builds from the config to be
+    # written (meta device; cached): a difference is a PlanError before any byte is written.
+    from scaler_wizard.compiler.conform import conform
+
+    rp2 = conform(rp, prog=prog)
+    if rp2.config_after != rp.config_after or rp2.config_before != rp.config_before:
+        prog.config_patch = {k: after for k, (_, after) in rp2.config_diff().items()}
     prog.metadata["plan"] = rp.plan_text
     return prog
 
@@ -114,39 +121,132 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def apply(plan, model: str | None = None, *, out: str, force: bool = False, allow_bin: bool = False,
           seed: int | None = None, dtype: str | None = None, progress: bool = False, verify: bool = True,
-          shard_size: str | int = "5GB") -> dict[str, Any]:
-    """Grow a checkpoint. Returns {"out", "report" (ExecutionReport), "verification" (dict or None),
-    "exactness", "passed" (None when not verified)}."""
-    from scaler_wizard.runtime.card import card_info, render_card
+          shard_size: str | int = "5GB", keep_failed: bool = False) -> dict[str, Any]:
+    """Grow a checkpoint; the output lands at ``out`` only after it verifies.
+
+    The program is executed into a staging directory next to ``out`` and verified there (fp32
+    logits against the original). It is renamed into place when an exact / exact-eps plan passes
+    within its tolerance, or when the plan is approx (the drift is reported, not judged). Otherwise
+    nothing is left at ``out`` -- with ``keep_failed`` the output is kept at ``out + ".failed"`` --
+    and ``passed`` is False. A grown model that fails to load or run counts as a failed
+    verification (``verification["error"]`` holds the message). ``verify=False`` lands the output
+    unverified.
+
+    Returns {"out" (the landed path, or None), "landed" (bool), "kept" (OUT.failed or None),
+    "report" (ExecutionReport), "verification" (dict or None), "exactness", "passed" (None when not
+    verified), "program"}. Raises PlanError / UsageError before anything is written."""
+    from scaler_wizard.runtime.card import card_info
     from scaler_wizard.runtime.checkpoint import CheckpointError, check_output_path, open_checkpoint
     from scaler_wizard.runtime.execute import execute
 
     rp = plan if hasattr(plan, "layer_map") else check(plan, model, seed=seed, dtype=dtype)
     try:
         reader = open_checkpoint(rp.model_ref, allow_pickle=allow_bin)
-        check_output_path(out, reader.path, force)
+        final = check_output_path(out, reader.path, force)
+        failed_dir = final.with_name(final.name + ".failed")
+        if keep_failed and verify and failed_dir.exists() and not force:
+            raise CheckpointError(f"{failed_dir} already exists (a previous failed output); remove it or pass --force")
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     prog = compile(rp, stored=set(reader.names()))
-    text = rp.plan_text
-    card = card_info(prog, reader, plan_text=text, base_model=rp.model_ref)
+    card = card_info(prog, reader, plan_text=rp.plan_text, base_model=rp.model_ref)
     card["ops"] = [{"name": o.text, "exactness": o.exactness, "status": o.kind, "explain": o.reason} for o in rp.ops]
+    # Stage next to OUT (same file system: the final rename is atomic); OUT is untouched until then.
+    staging = final.parent / f".{final.name}.unverified-{os.getpid()}"
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
     try:
-        report = execute(prog, reader, out, dtype=rp.dtype, force=force, progress=progress, card=card,
-                         shard_size=shard_size)
+        report = execute(prog, reader, staging if verify else final, dtype=rp.dtype, force=force, progress=progress,
+                         card=card, shard_size=shard_size)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     outp = Path(report.out_dir)
+    try:
+        return _verify_and_land(rp, prog, card, report, outp, final, failed_dir, reader.path, force, verify,
+                                keep_failed)
+    except BaseException:
+        if verify and outp.exists() and outp != final:
+            import shutil
+
+            shutil.rmtree(outp, ignore_errors=True)  # never a half-landed output
+        raise
+
+
+def _verify_and_land(rp, prog, card, report, outp: Path, final: Path, failed_dir: Path, input_path, force: bool,
+                     verify: bool, keep_failed: bool) -> dict[str, Any]:
+    import shutil
+
+    from scaler_wizard.runtime.card import render_card
+
+    text = rp.plan_text
     _write_atomic(outp / SIDECAR, json.dumps(sidecar(prog, text, rp.model_ref, rp), indent=1) + "\n")
-    result: dict[str, Any] = {"out": str(outp), "report": report, "verification": None,
+    result: dict[str, Any] = {"out": str(outp), "landed": True, "kept": None, "report": report, "verification": None,
                               "exactness": rp.exactness, "passed": None, "program": prog}
-    if verify:
+    if not verify:
+        return result
+    try:
         rep = verify_dirs(outp, rp.model_ref, exactness=rp.exactness, symmetry=False)
-        result["verification"] = rep
-        result["passed"] = rep["passed"]
-        card["verification"] = rep
-        _write_atomic(outp / "README.md", render_card(card))
+    except Exception as e:  # noqa: BLE001 - a grown model that does not load or run failed verification
+        msg = " ".join(str(e).split()) or type(e).__name__
+        tol = tolerance_for(rp.exactness, None)
+        rep = {"passed": False, "error": f"{type(e).__name__}: {msg[:2000]}", "exactness": rp.exactness,
+               "judged": tol is not None, "tolerance": tol, "max_abs": float("nan"), "max_rel": float("nan"),
+               "mean_kl": float("nan"), "checks": []}
+    result["verification"] = rep
+    result["passed"] = bool(rep["passed"])
+    card["verification"] = {k: v for k, v in rep.items() if k != "ir_check"}
+    _write_atomic(outp / "README.md", render_card(card))
+    if result["passed"]:
+        _land(outp, final, input_path, force)
+        result["out"] = str(final)
+        result["report"] = dataclasses.replace(report, out_dir=str(final))
+        return result
+    result["landed"] = False
+    result["out"] = None
+    if keep_failed:
+        if failed_dir.exists():
+            shutil.rmtree(failed_dir)
+        os.replace(outp, failed_dir)
+        result["kept"] = str(failed_dir)
+    else:
+        shutil.rmtree(outp, ignore_errors=True)
+    result["report"] = dataclasses.replace(report, out_dir=result["kept"] or "(removed: verification failed)")
     return result
+
+
+def _land(staged: Path, final: Path, input_path, force: bool) -> None:
+    """Rename a verified output into place (replacing an existing OUT only with ``force``)."""
+    import shutil
+    import tempfile
+
+    from scaler_wizard.runtime.checkpoint import CheckpointError, check_output_path
+
+    try:
+        check_output_path(final, input_path, force)  # re-checked: another process may have made OUT meanwhile
+    except CheckpointError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise UsageError(str(e)) from None
+    if final.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, trash / "old")
+        os.replace(staged, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+
+
+def failed_checks(ver: dict) -> list[str]:
+    """What failed in a verification dict, one line each (the load/run error, or each failing check)."""
+    if ver.get("error"):
+        return [f"the grown model could not be loaded or run: {ver['error']}"]
+    out = []
+    for c in ver.get("checks") or []:
+        if isinstance(c, dict) and not c.get("passed", True):
+            out.append(f"{c.get('name')}: max rel {c.get('max_rel', float('nan')):.3e} > tolerance "
+                       f"{c.get('tol', float('nan')):.3e} (max|d| {c.get('max_abs', float('nan')):.3e})")
+    return out or ["the grown model does not match the original within tolerance"]
 
 
 def tolerance_for(exactness: str | None, tolerance: float | None) -> float | None:

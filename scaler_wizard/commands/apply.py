@@ -3,8 +3,10 @@
 Reads the input lazily, writes through the atomic writer (never into the input, never over an
 existing OUT without --force), then config.json, generation/tokenizer files, README.md (model card
 with the plan, config diff and verification figures) and the training sidecar
-OUT/scaler_wizard_growth.json. A quick verify runs afterwards unless --no-verify.
-Exit codes: 0 ok, 1 plan errors or an exact plan failing verification, 2 usage / I-O errors.
+OUT/scaler_wizard_growth.json. The output is verified in a staging directory and lands at OUT only
+when it passes (approx plans: drift reported, lands); otherwise nothing is left at OUT (the output
+goes to OUT.failed with --keep-failed). --no-verify lands it unverified.
+Exit codes: 0 ok, 1 plan errors or a failed verification, 2 usage / I-O errors.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, help="override the plan's seed")
     p.add_argument("--dtype", help="output dtype (float32, bfloat16, float16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-verify", action="store_true", help="skip the verification after writing")
+    p.add_argument("--no-verify", action="store_true", help="land the output without verifying it")
+    p.add_argument("--keep-failed", action="store_true", help="keep an output that fails verification at OUT.failed")
     p.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
     p.add_argument("--format", choices=("text", "json"), default="text")
 
@@ -34,19 +37,30 @@ def run(args) -> int:
 
     res = api.apply(args.plan, args.model, out=args.out, force=args.force, allow_bin=args.allow_bin,
                     seed=args.seed, dtype=args.dtype, progress=not args.no_progress, verify=not args.no_verify,
-                    shard_size=args.shard_size)
+                    shard_size=args.shard_size, keep_failed=args.keep_failed)
     rep, ver = res["report"], res["verification"]
+    failed = ver is not None and not ver["passed"]
     if args.format == "json":
-        out = {"out": res["out"], "exactness": res["exactness"], "execution": rep.to_dict(), "verification": ver}
+        out = {"out": res["out"], "landed": res["landed"], "kept": res["kept"], "exactness": res["exactness"],
+               "execution": rep.to_dict(), "verification": ver}
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
     else:
         sys.stdout.write(rep.summary() + "\n")
-        if ver is not None:
+        if ver is None:
+            sys.stdout.write(f"not verified (--no-verify): landed at {res['out']} unverified\n")
+        elif ver.get("error"):
+            sys.stdout.write(f"verify ({ver['exactness']}): FAIL: {ver['error']}\n")
+        else:
             status = "PASS" if ver["passed"] else "FAIL"
             judged = f"tolerance {ver['tolerance']:g}" if ver["judged"] else "approx: drift reported, not judged"
             sys.stdout.write(f"verify ({ver['exactness']}): {status} max|d|={ver['max_abs']:.3e} "
                              f"rel={ver['max_rel']:.3e} KL={ver['mean_kl']:.3e} ({judged})\n")
-    if ver is not None and not ver["passed"]:
-        sys.stderr.write("scaler-wizard apply: the grown model does not match the original within tolerance\n")
+            if not failed:
+                sys.stdout.write(f"landed at {res['out']}\n")
+    if failed:
+        where = (f"the output is kept at {res['kept']} for inspection" if res["kept"]
+                 else "nothing was written at " + str(args.out) + " (--keep-failed keeps it at OUT.failed)")
+        sys.stderr.write("scaler-wizard apply: verification failed: " + "; ".join(api.failed_checks(ver))
+                         + f"\n{where}\n")
         return 1
     return 0

@@ -69,11 +69,15 @@ def check_parsed(plan: A.Plan, sources: dict[str, str], *, model: str | None = N
 
     ref = model_ref_for(plan, model, sources)
     ir = ir_for(ref, plan, sources, use_cache=use_cache)
+    from scaler_wizard.compiler.conform import conform
+
     try:
         rp = check_plan(plan, ir, model_ref=ref, context=context)
     except PlanError as e:
         e.sources = sources
         raise
+    # the config the writer will produce must rebuild exactly the grown tensors (SW316 otherwise)
+    rp = conform(rp, sources=sources, use_cache=use_cache)
     return replace(rp, plan_text="\n".join(sources.values()))
 
 

@@ -39,6 +39,7 @@ def plan_to_dict(rp: ResolvedPlan) -> dict:
         ],
         "layers": {"before": rp.ir.num_layers, "after": len(rp.layer_map), "map": [[s.src, s.init] for s in rp.layer_map]},
         "config_diff": {k: {"before": a, "after": b} for k, (a, b) in rp.config_diff().items()},
+        "config_notes": list(rp.config_notes),
         "params": {"before": cb.params, "after": ca.params},
         "params_non_embedding": {"before": cb.params_non_embedding, "after": ca.params_non_embedding},
         "flops_per_token": {"before": cb.flops_per_token, "after": ca.flops_per_token, "context": ca.context},
@@ -86,9 +87,11 @@ def render_plan(rp: ResolvedPlan, path: str = "") -> str:
         t.add_column("before", justify="right")
         t.add_column("after", justify="right")
         for k, (a, b) in diff.items():
-            t.add_row(k, _fmt(a), _fmt(b))
+            t.add_row(k, _fmt(a) if k in rp.config_before else "(unset)", _fmt(b))
         con.print()
         con.print(t)
+        for note in rp.config_notes:
+            con.print(f"  {note}", soft_wrap=True)
 
     cb, ca = rp.costs_before, rp.costs_after
     ratio = ca.params / cb.params if cb.params else float("nan")

@@ -89,6 +89,7 @@ class ResolvedPlan:
     warnings: tuple = ()  # Diagnostic objects of severity "warning"
     sizes_after: dict[str, int] = field(default_factory=dict)  # predicted group sizes of the grown model
     plan_text: str = ""  # the plan's source, for the model card and the growth sidecar
+    config_notes: tuple[str, ...] = ()  # keys written explicitly or confirmed by building (compiler/conform.py)
 
     @property
     def exactness(self) -> str:

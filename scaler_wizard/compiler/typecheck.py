@@ -27,6 +27,7 @@ SW312  the group does not exist in this model (``experts`` on a dense model)
 SW313  the plan would leave a config value inconsistent
 SW314  the result would be absurdly large (more than 10,000 layers or 2^31 units)
 SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=true``)
+SW316  the grown config would not describe the grown tensors (raised by compiler/conform.py)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 =====  ==================================================================================

@@ -1,0 +1,424 @@
+"""The output config must describe the output tensors: checked before anything is written.
+
+The grown model is loaded by transformers from the config the compiler writes, so that config must
+re-derive every tensor's shape. This module predicts the written config (the input config.json +
+the plan's config patch), builds the class ``from_pretrained`` would pick on the meta device from
+exactly that config, and compares every tensor name and shape with the program's outputs.
+
+Settling (:func:`settle`, run by ``check`` / ``compile`` / ``apply`` through the frontend):
+
+* a key the tensors depend on that the input left implicit is written explicitly when the output
+  config would re-derive it wrongly (``head_dim`` missing from a Llama-2 config when hidden grows;
+  an override such as GPT-J's ``n_inner``);
+* a key whose value merely coincides with a grown group's size (GPT-2 ``n_positions == n_embd``;
+  ``num_key_value_heads == num_attention_heads``) is confirmed by building: it follows the group
+  only when the model built with it unchanged does not match the program and the model built with
+  it changed does. A key the plan did not grow never changes otherwise.
+* anything still different is a compile-time error (SW316) naming the config key(s) whose value
+  gives the wrong size, raised before any byte is written.
+
+Verdicts are cached on disk (next to the IR cache, keyed by the input config, the plan's sizes and
+layer map, the predicted patch and the transformers version), so a warm ``check`` imports neither
+torch nor transformers. :func:`program_tensors` is the one place that says which names and shapes
+a program writes (in-memory names today).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from scaler_wizard.compiler.diagnostics import Diagnostic, PlanError
+from scaler_wizard.grammar import ast as A
+
+CONFORM_FORMAT = 1
+_SKIP_SUFFIX = ("_token_id", "_token_ids")
+
+
+# ---------------------------------------------------------------------------- tensors on each side
+def program_tensors(prog) -> dict[str, tuple[int, ...]]:
+    """Names and shapes the program writes (transformers' in-memory names). The one function to
+    adapt if the writer's on-disk naming changes."""
+    return {name: tuple(o.node.shape) for name, o in prog.outputs.items()}
+
+
+def predicted_tensors(rp) -> dict[str, tuple[int, ...]] | None:
+    """Names and shapes the program will write, predicted from the IR, the grown group sizes and the
+    layer map without lowering (the passes' postconditions hold the program to these shapes); tied
+    duplicates are listed too. None when the plan renames tensors (``upcycle``: dense -> experts)."""
+    from scaler_wizard.compiler.predict import tensor_shape
+
+    if any(o.kind == "upcycle" for o in rp.ops):
+        return None
+    out: dict[str, tuple[int, ...]] = {}
+    for t in rp.ir.tensors:
+        shape = tuple(tensor_shape(t, rp.sizes_after))
+        if t.layers is None:
+            out[t.name] = shape
+            continue
+        have = set(t.layers)
+        for j, src in enumerate(rp.layer_map):
+            if src.src in have:
+                out[t.name.replace("{i}", str(j))] = shape
+    for tset in rp.ir.tied:
+        known = next((out[n] for n in tset if n in out), None)
+        if known is not None:
+            for n in tset:
+                out.setdefault(n, known)
+    return out
+
+
+_OPTIONAL = "\0optional"  # marks a persistent buffer in the tied map of expected_tensors
+_CLASS_CACHE: dict[tuple, Any] = {}
+_MODEL_CACHE: dict[str, tuple[dict, dict] | str] = {}
+
+
+def model_class_for_config(cfg: dict):
+    """The class ``from_pretrained`` would build for ``cfg`` (the loader's rule: the class named by
+    ``architectures`` when it is a transformers class that is not a causal LM -- BERT's masked LM --
+    else AutoModelForCausalLM's pick for the model type). Cached per (architecture, model type)."""
+    key = ((cfg.get("architectures") or [None])[0], cfg.get("model_type"))
+    if key not in _CLASS_CACHE:
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        from scaler_wizard.runtime.verify import _causal_class_names
+
+        arch = key[0]
+        cls = None
+        if arch and arch not in _causal_class_names() and hasattr(transformers, arch):
+            cls = getattr(transformers, arch)
+        _CLASS_CACHE[key] = cls or AutoModelForCausalLM
+    return _CLASS_CACHE[key]
+
+
+class _Quiet:
+    """transformers' logger at ERROR: the validation warnings it prints for the input config
+    (token ids outside a tiny vocabulary, ...) are not this check's findings."""
+
+    def __enter__(self):
+        import logging
+
+        self.log = logging.getLogger("transformers")
+        self.level = self.log.level
+        self.log.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.log.setLevel(self.level)
+        return False
+
+
+def config_object(cfg: dict):
+    """transformers' config object for a config dict, as ``from_pretrained`` would read it."""
+    from transformers import AutoConfig
+
+    d = {k: v for k, v in cfg.items() if k not in ("transformers_version",)}
+    mt = d.pop("model_type")
+    with _Quiet():
+        return AutoConfig.for_model(mt, **d)
+
+
+def expected_tensors(cfg: dict) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(name -> shape, tied duplicate -> canonical name) of the model transformers builds from
+    ``cfg`` on the meta device: parameters and persistent buffers, as ``state_dict`` names them.
+    Raises ValueError with transformers' message when the config does not build."""
+    key = json.dumps(cfg, sort_keys=True, default=str)
+    hit = _MODEL_CACHE.get(key)
+    if hit is None:
+        try:
+            hit = _build(cfg)
+        except Exception as e:  # noqa: BLE001 - transformers' validation: the config itself is the problem
+            hit = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if len(_MODEL_CACHE) > 64:
+            _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = hit
+    if isinstance(hit, str):
+        raise ValueError(hit)
+    return hit
+
+
+def _build(cfg: dict):
+    import torch
+
+    conf = config_object(cfg)
+    cls = model_class_for_config(cfg)
+    with _Quiet(), torch.device("meta"):
+        model = cls.from_config(conf) if hasattr(cls, "from_config") else cls._from_config(conf)
+    shapes: dict[str, tuple[int, ...]] = {}
+    canon: dict[str, str] = {}
+    by_id: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first = by_id.setdefault(id(p), name)
+        if first != name:
+            canon[name] = first
+        shapes[name] = tuple(p.shape)
+    non_persistent = set()
+    for mname, mod in model.named_modules():
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            non_persistent.add(f"{mname}.{b}" if mname else b)
+    for name, b in model.named_buffers():
+        if name not in non_persistent:  # persistent buffers: checked when written, not required
+            shapes[name] = tuple(b.shape)
+            canon[name] = _OPTIONAL
+    return shapes, canon
+
+
+def compare(expected: dict[str, tuple[int, ...]], tied: dict[str, str], got: dict[str, tuple[int, ...]]) -> list[tuple]:
+    """Differences as (kind, name, expected shape, got shape): kind 'shape', 'missing' (the config's
+    model has it, the program does not write it) or 'extra'. A tied duplicate may be written or not."""
+    diffs = []
+    for name, shape in got.items():
+        want = expected.get(name)
+        if want is None:
+            diffs.append(("extra", name, None, shape))
+        elif tuple(want) != tuple(shape):
+            diffs.append(("shape", name, tuple(want), tuple(shape)))
+    for name, shape in expected.items():
+        if name in got:
+            continue
+        src = tied.get(name)
+        if src == _OPTIONAL:  # a buffer the model computes when the checkpoint lacks it
+            continue
+        if src is not None and (src in got or any(tied.get(n) == src and n in got for n in expected)):
+            continue
+        if any(tied.get(n) == name and n in got for n in got):
+            continue
+        diffs.append(("missing", name, tuple(shape), None))
+    return sorted(diffs, key=lambda d: (d[0], d[1]))
+
+
+# ---------------------------------------------------------------------------- settling the config
+def _int_keys(cfg: dict) -> dict[str, int]:
+    return {k: v for k, v in cfg.items()
+            if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_") and not k.endswith(_SKIP_SUFFIX)}
+
+
+def _template(ir, name: str):
+    """The IR template a concrete tensor name instantiates (``layers.3.`` -> ``layers.{i}.``)."""
+    import re
+
+    for cand in {name, re.sub(r"\.(\d+)\.", ".{i}.", name, count=1)}:
+        for t in ir.tensors:
+            if t.name == cand:
+                return t
+    return None
+
+
+def _render(ir, d: tuple, cfg_full: dict, new_sizes: dict) -> str:
+    """One difference in words, naming the config key whose value gives the wrong size."""
+    kind, name, want, got = d
+    if kind == "shape":
+        t = _template(ir, name)
+        culprits, keys = [], []
+        if t is not None and t.axes:
+            for a, (w, g) in enumerate(zip(want, got)):
+                if w == g or a >= len(t.axes):
+                    continue
+                for grp in t.axes[a].groups():
+                    gi = ir.groups.get(grp)
+                    k = gi and (gi.config_key or gi.override_key)
+                    if not k:
+                        continue
+                    keys.append(f"`{k}` = {cfg_full.get(k)}")
+                    if cfg_full.get(k) != new_sizes.get(grp):
+                        culprits.append(f"`{k}` = {cfg_full.get(k)} where the tensors need {new_sizes.get(grp)}")
+        why = "; ".join(dict.fromkeys(culprits or keys))
+        return (f"{name}: the grown config builds {list(want)}, the program writes {list(got)}"
+                + (f" ({why})" if why else " (internal error: no config key explains it; please report)"))
+    if kind == "missing":
+        return (f"{name}: the grown config's model has {list(want)}, the program does not write it "
+                "(internal error: please report)")
+    return (f"{name}: the program writes {list(got)}, the grown config's model has no such tensor "
+            "(internal error: please report)")
+
+
+def _full_dict(cfg: dict) -> dict:
+    try:
+        return config_object(cfg).to_dict()
+    except Exception:  # noqa: BLE001
+        return dict(cfg)
+
+
+def settle_config(ir, input_cfg: dict, patch: dict, old_sizes: dict, new_sizes: dict, tensors: dict,
+                  companions: dict[str, str]) -> tuple[dict, list[str], list[str]]:
+    """Find the config the grown tensors need. Returns (patch to write, notes, errors).
+
+    ``patch``: the type checker's changes; ``companions``: key -> group for keys that follow a
+    group only if building confirms it (reverted to their input value first); ``tensors``: the
+    program's outputs (name -> shape)."""
+    patch = dict(patch)
+    notes: list[str] = []
+    for k in companions:
+        if k in input_cfg:
+            patch[k] = input_cfg[k]
+        else:
+            patch.pop(k, None)
+    changed = {g: (old_sizes[g], new_sizes[g]) for g in new_sizes if g in old_sizes and old_sizes[g] != new_sizes[g]}
+    bound = {g.config_key for g in ir.groups.values() if g.config_key} | \
+            {g.override_key for g in ir.groups.values() if g.override_key} | {ir.layers_key}
+
+    def built(p):
+        cfg = dict(input_cfg)
+        cfg.update(p)
+        return cfg
+
+    # 1. keys bound to a group that the output config would re-derive to another value: write them
+    try:
+        full = config_object(built(patch)).to_dict()
+    except Exception:  # noqa: BLE001 - reported by the comparison below
+        full = {}
+    for g in ir.groups.values():
+        for k in (g.config_key, g.override_key if g.override_key in patch else None):
+            if not k or g.name not in new_sizes or k not in full:
+                continue
+            if full.get(k) != new_sizes[g.name] and k not in patch:
+                patch[k] = new_sizes[g.name]
+                notes.append(f"`{k}` = {new_sizes[g.name]} written explicitly (the input config left it implicit: "
+                             f"transformers would derive {full.get(k)})")
+
+    def diffs_of(p):
+        try:
+            exp, tied = expected_tensors(built(p))
+        except ValueError as e:
+            return [("config", str(e), None, None)]
+        return compare(exp, tied, tensors)
+
+    diffs = diffs_of(patch)
+    # 2. keys whose value coincides with a grown group's old size: candidates, confirmed by building
+    if diffs:
+        cands: list[tuple[str, int]] = []
+        for k, g in companions.items():
+            if g in changed:
+                cands.append((k, changed[g][1]))
+        for k, v in _int_keys(input_cfg).items():
+            if k in bound or k in patch and k not in companions:
+                continue
+            for g, (old, new) in changed.items():
+                if v == old and (k, new) not in cands:
+                    cands.append((k, new))
+        while diffs and cands:
+            best = None
+            for k, v in cands:
+                d2 = diffs_of({**patch, k: v})
+                if len(d2) < len(diffs) and (best is None or len(d2) < len(best[2])):
+                    best = (k, v, d2)
+            if best is None:
+                break
+            k, v, diffs = best
+            patch[k] = v
+            cands = [c for c in cands if c[0] != k]
+            notes.append(f"`{k}` follows the grown group ({input_cfg.get(k)} -> {v}): confirmed by building the "
+                         "output model (unchanged, its tensors would not match)")
+    errors = []
+    if diffs:
+        if diffs[0][0] == "config":
+            errors.append(f"transformers refuses the grown config: {diffs[0][1]}")
+        else:
+            full = _full_dict(built(patch))
+            errors = [_render(ir, d, full, new_sizes) for d in diffs[:6]]
+            if len(diffs) > 6:
+                errors.append(f"... and {len(diffs) - 6} more")
+    return patch, notes, errors
+
+
+# ---------------------------------------------------------------------------- the compiler's hook
+def _cache_path(key: str) -> Path:
+    from scaler_wizard.ir import cache_dir
+
+    return cache_dir().parent / "conform" / f"{key}.json"
+
+
+def _key(input_cfg, rp, companions, source: str) -> str:
+    from scaler_wizard.ir import _transformers_version
+
+    blob = json.dumps({"src": source, "in": input_cfg, "after": rp.config_after, "sizes": rp.sizes_after,
+                       "map": [[s.src, s.init] for s in rp.layer_map], "ops": [[o.kind, o.group, o.method, o.new_size,
+                                                                           sorted(o.options)] for o in rp.ops],
+                       "comp": companions, "tf": _transformers_version(), "fmt": CONFORM_FORMAT},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def input_config(rp) -> dict:
+    """The config the writer starts from (config.json as stored, or the GGUF header's)."""
+    try:
+        from scaler_wizard.ir.config import load_config_dict
+
+        cfg, _ = load_config_dict(str(rp.model_ref))
+        return dict(cfg)
+    except Exception:  # noqa: BLE001 - a config dict or an unreadable ref: the IR's copy
+        return dict(rp.ir.config)
+
+
+def _companions(rp) -> dict[str, str]:
+    """Keys the type checker moved with a group only because their value equals the group's size."""
+    out = {}
+    for g in rp.ir.groups.values():
+        for k in g.companion_keys:
+            out[k] = g.name
+    return out
+
+
+def _culprit_span(rp, text: str):
+    for o in rp.ops:
+        if o.span is not None:
+            return o.span
+    return A.Span()
+
+
+def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
+    """``rp`` with a config_after whose model has exactly the program's tensors, or PlanError SW316.
+
+    ``prog``: the lowered program (``compile``/``apply``: its outputs are compared); without it
+    (``check``) the tensors predicted from the IR are, and a plan whose tensor names only lowering
+    knows (``upcycle``) is left to ``compile``."""
+    if not rp.ops:
+        return rp
+    tensors = program_tensors(prog) if prog is not None else predicted_tensors(rp)
+    if tensors is None:
+        return rp
+    input_cfg = input_config(rp)
+    companions = _companions(rp)
+    key = _key(input_cfg, rp, companions, "program" if prog is not None else "predicted")
+    path = _cache_path(key)
+    verdict = None
+    if use_cache and path.is_file():
+        try:
+            verdict = json.loads(path.read_text())
+        except (OSError, ValueError):
+            verdict = None
+    if verdict is None:
+        patch = {k: after for k, (_, after) in rp.config_diff().items() if k in rp.config_after}
+        removed = [k for k, (_, after) in rp.config_diff().items() if k not in rp.config_after]
+        old_sizes = {k: g.size for k, g in rp.ir.groups.items()}
+        new_patch, notes, errors = settle_config(rp.ir, input_cfg, patch, old_sizes, dict(rp.sizes_after),
+                                                 tensors, companions)
+        verdict = {"patch": new_patch, "removed": removed, "notes": notes, "errors": errors}
+        if use_cache:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(verdict, sort_keys=True, default=str))
+                os.replace(tmp, path)
+            except OSError:
+                pass
+    if verdict["errors"]:
+        span = _culprit_span(rp, "")
+        err = PlanError([Diagnostic(
+            "SW316", "the grown config would not describe the grown tensors: " + verdict["errors"][0], span,
+            help="transformers re-derives tensor shapes from config.json; this plan cannot be written so that they "
+                 "match (nothing was written)",
+            notes=tuple(verdict["errors"][1:]))])
+        err.sources = sources or {}
+        raise err
+    # config_before is what the writer starts from (the input's config.json), so that the diff --
+    # what the program patches -- holds every key written explicitly.
+    after = dict(input_cfg)
+    after.update(verdict["patch"])
+    for k in verdict.get("removed", ()):
+        after.pop(k, None)
+    return replace(rp, config_before=input_cfg, config_after=after, config_notes=tuple(verdict["notes"]))
