@@ -468,7 +468,7 @@ class TypeChecker:
                     )
                     return
                 old_heads = st.sizes["heads"]
-                patch = {heads_g.config_key: new_heads}
+                patch = {heads_g.config_key: new_heads, **{k: new_heads for k in heads_g.companion_keys}}
                 st.sizes["heads"] = new_heads
                 st.config.update(patch)
                 implied("heads", old_heads, new_heads, "zero", EXACT,
