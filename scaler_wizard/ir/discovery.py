@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from scaler_wizard.compiler.rope import rope_dicts
 from scaler_wizard.ir.dims import CAT, PROD, DimGraph, op_name, owner, propagate, shape_of
 from scaler_wizard.ir.errors import IRDiscoveryError
 from scaler_wizard.ir.printer import ranges
@@ -1045,19 +1046,6 @@ def _weighted_values(an: Analysis, ep) -> set[str]:
     for n in ep.graph.nodes:
         if n.name in params or any(a.name in out for a in n.all_input_nodes):
             out.add(n.name)
-    return out
-
-
-def rope_dicts(cfg: dict) -> list[dict]:
-    """The rope parameter dicts of a config dict: ``rope_parameters`` (transformers 5) and/or
-    ``rope_scaling`` (older files), each flat or nested by layer type (one dict per type)."""
-    out = []
-    for key in ("rope_parameters", "rope_scaling"):
-        d = cfg.get(key)
-        if not isinstance(d, dict):
-            continue
-        nested = [v for v in d.values() if isinstance(v, dict)]
-        out.extend(nested if nested and not any(k in d for k in ("rope_type", "type", "rope_theta")) else [d])
     return out
 
 
