@@ -1062,26 +1062,22 @@ def per_frequency_keys(cfg: dict, pairs: int) -> tuple[str, ...]:
 
 
 def _rotary_module_facts(model, cfg) -> tuple[str, float]:
-    """(rope_type, attention_factor) from the model's rotary embedding module (the module holding an
-    ``inv_freq`` buffer): transformers' rotary modules record the type they computed inv_freq with and
-    the factor they multiply cos and sin by. Falls back to the config's rope dict."""
-    rtype, factor = None, None
+    """(rope_type, attention_factor): the type from the config's rope dict (else the rotary module's),
+    the factor from the model's rotary embedding module (the module holding an ``inv_freq`` buffer),
+    which records what it multiplies cos and sin by."""
+    from scaler_wizard.compiler.rope import rope_type_of
+
+    rtype, factor = rope_type_of(cfg, default=None), None  # the config's type: the trace may use a static stand-in
     for _, mod in model.named_modules():
         if "inv_freq" not in dict(mod.named_buffers(recurse=False)):
             continue
         t = getattr(mod, "rope_type", None)
         f = getattr(mod, "attention_scaling", None)
-        if isinstance(t, str):
+        if isinstance(t, str) and rtype is None:
             rtype = t
         if isinstance(f, (int, float)) and not isinstance(f, bool):
             factor = float(f)
         break
-    if rtype is None:
-        for d in rope_dicts(cfg):
-            t = d.get("rope_type", d.get("type"))
-            if isinstance(t, str):
-                rtype = t
-                break
     return rtype or "default", 1.0 if factor is None else factor
 
 
