@@ -1,12 +1,14 @@
 """RoPE scaling variants (issue 7 section 2): discovery of the rope type, the attention factor folded
 into cos/sin and per-frequency lists; what `widen hidden / heads / head_dim` do under each type
-transformers supports (default, linear, dynamic, yarn, longrope, llama3), on a Llama (explicit
-head_dim, separate q/k/v) and a Phi-3 (derived head_dim, fused qkv, partial rotary).
+transformers supports (default, linear, dynamic, yarn, longrope, llama3), on Llama and Mistral
+(explicit head_dim, separate q/k/v), Qwen2 (derived head_dim, tied embeddings) and Phi-3 (derived
+head_dim, fused qkv, partial rotary; its config class accepts only default and longrope).
 
 Exact plans are applied and verified in fp32 (the usual verify: 32 tokens, which crosses
-original_max_position_embeddings = 16, so longrope's long factors and yarn's scaled range are
-exercised), then compared again at 12 tokens (short regime) and 80 tokens (past
-max_position_embeddings = 64: dynamic NTK re-basing). Refusals are diagnostics with nothing written.
+original_max_position_embeddings = 20, so longrope's long factors and yarn's scaled range are
+exercised; the KV-cache prefill of 16 tokens stays in the short regime), and where the frequencies
+moved or depend on length, compared again at 100 tokens (past max_position_embeddings = 80: dynamic
+NTK re-basing). Refusals are diagnostics with nothing written.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def make_config(fam: str, rtype: str):
     if fam == "llama":  # head_dim 16, full rotary: 8 pairs
         return AutoConfig.for_model("llama", head_dim=16, tie_word_embeddings=False,
                                     rope_parameters=rope_params(rtype, 8), **common)
+    if fam == "mistral":  # a second family with an explicit head_dim (separate q/k/v, full rotary: 8 pairs)
+        return AutoConfig.for_model("mistral", head_dim=16, sliding_window=None, rope_parameters=rope_params(rtype, 8),
+                                    **common)
     if fam == "qwen2":  # head_dim = hidden // heads = 16, tied embeddings
         return AutoConfig.for_model("qwen2", tie_word_embeddings=True, rope_parameters=rope_params(rtype, 8),
                                     **{**common, "intermediate_size": 160})
@@ -82,6 +87,7 @@ def saved_model(tmp_path_factory, fam: str, rtype: str):
 # (family, op) -> types refused, with the diagnostic code; every other type must be exact.
 REFUSED = {
     ("llama", "widen head_dim x2"): {"dynamic": "SW307", "yarn": "SW307"},
+    ("mistral", "widen head_dim x2"): {"dynamic": "SW307", "yarn": "SW307"},
     # Phi-3 and Qwen2 derive head_dim = hidden // heads: heads and head_dim cannot grow alone (the
     # type checker refuses before looking at the rope); hidden grows with implied heads, head_dim kept
     ("phi3", "widen heads x2"): "all:SW308",
@@ -91,8 +97,9 @@ REFUSED = {
 }
 TYPES = ("default", "linear", "dynamic", "yarn", "yarn_notrunc", "longrope", "llama3")
 # Phi3Config itself accepts only default and longrope (it rewrites yarn to longrope, rejects the rest)
-FAMILY_TYPES = {"llama": TYPES, "qwen2": TYPES, "phi3": ("default", "longrope")}
+FAMILY_TYPES = {"llama": TYPES, "mistral": TYPES, "qwen2": TYPES, "phi3": ("default", "longrope")}
 OPS = ("widen hidden x2", "widen heads x2", "widen head_dim x2")
+FAMILY_OPS = {"mistral": OPS[1:]}  # Mistral's hidden growth is Llama's: only what touches attention
 
 
 def expected(fam: str, op: str, rtype: str) -> str | None:
@@ -153,7 +160,7 @@ FAST = {("llama", "longrope", "widen head_dim x2"), ("llama", "yarn", "widen hea
 
 @pytest.mark.parametrize("fam,rtype,op", [
     pytest.param(f, t, o, marks=() if (f, t, o) in FAST else pytest.mark.slow)
-    for f in ("llama", "qwen2", "phi3") for t in FAMILY_TYPES[f] for o in OPS
+    for f in ("llama", "mistral", "qwen2", "phi3") for t in FAMILY_TYPES[f] for o in FAMILY_OPS.get(f, OPS)
 ])
 def test_rope_type_x_op(tmp_path_factory, tmp_path, fam, rtype, op):
     got = run_case(tmp_path_factory, tmp_path, fam, rtype, op)
