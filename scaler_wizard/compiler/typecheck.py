@@ -18,7 +18,7 @@ SW303  the method needs an integer factor
 SW304  grouped-query attention divisibility violated
 SW305  identity-style layer insertion in a Post-LN model
 SW306  non-integer LayerNorm residue in a Post-LN model
-SW307  head_dim growth that RoPE makes inexact
+SW307  head_dim growth that RoPE (or its scaling type) makes inexact, or rope lists that no longer fit
 SW308  the group's size is derived from other config values and cannot change alone
 SW309  upcycling not supported for this model
 SW310  experts / top-k out of range
@@ -178,6 +178,7 @@ class TypeChecker:
             if handler is not None:
                 handler(i, stmt, st)
         self._check_config_invariants(st)
+        self._check_rope_lists(st)
         if bag.has_errors:
             raise PlanError(bag.items)
         approx = [o for o in st.ops if o.exactness == APPROX]
@@ -469,7 +470,7 @@ class TypeChecker:
                     )
                     return
                 old_heads = st.sizes["heads"]
-                patch = {heads_g.config_key: new_heads}
+                patch = {heads_g.config_key: new_heads, **{k: new_heads for k in heads_g.companion_keys}}
                 st.sizes["heads"] = new_heads
                 st.config.update(patch)
                 implied("heads", old_heads, new_heads, "zero", EXACT,
@@ -636,19 +637,79 @@ class TypeChecker:
                     help=f"an integer factor keeps every old frequency (old pair i -> new pair k*i): try `x{max(2, round(new / old))}`",
                 )
                 return None, ""
+            rope_note = ""
+            if att.rope is not None:
+                rope_note = self._rope_head_dim(st, s, old, new)
+                if rope_note is None:
+                    return None, ""
             qk_norms = [n for n in ir.norms if n.group == "head_dim"]
             if att.scaling_source.startswith("config:"):
                 scal = f"softmax scale from {att.scaling_source[7:]} is unchanged"
             else:
                 scal = "q rows scaled to keep 1/sqrt(head_dim)"
             if qk_norms:
-                return EXACT_EPS, f"{scal}; q/k norms over head_dim see mean-square / k, so their eps is off by that factor"
-            return EXACT, f"new dims zero in q/k/v fan-out; {scal}" + ("; rotary pair i -> k*i" if att.rope else "")
+                return EXACT_EPS, f"{scal}; q/k norms over head_dim see mean-square / k, so their eps is off by that factor" + rope_note
+            return EXACT, f"new dims zero in q/k/v fan-out; {scal}" + ("; rotary pair i -> k*i" if att.rope else "") + rope_note
         if group == "vocab":
             return APPROX, "new token rows change the softmax denominator"
         if group == "experts":
             return APPROX, "copied experts and router rows change the routing distribution"
         return EXACT, ""
+
+    def _rope_head_dim(self, st: _State, s: A.WidenStmt, old: int, new: int) -> str | None:
+        """head_dim old -> new (an integer factor) under RoPE: None (and an SW307 error) when some old
+        rotary frequency would move, else a note for the op's reason."""
+        from scaler_wizard.compiler.rope import PROVEN_TYPES, frequencies_kept, grow_per_frequency
+
+        rope = self.ir.attention.rope
+        if rope.rotary_dim != rope.head_dim:
+            st.bag.error(
+                "SW307",
+                f"head_dim growth with partial rotary ({rope.rotary_dim} of {rope.head_dim} dims rotated) is not supported: "
+                "rotated and pass-through dims would need separate placement",
+                s.group.span,
+                help="only fully rotary models keep every frequency under `widen head_dim` (old pair i -> new pair k*i)",
+            )
+            return None
+        k = new // old
+        pairs = old // 2
+        if rope.rope_type in PROVEN_TYPES and not rope.per_frequency:
+            return ""
+        key = self.ir.groups["head_dim"].config_key
+        after = {**st.config, key: new, **grow_per_frequency(st.config, rope.per_frequency, pairs, k)}
+        why = frequencies_kept(st.config, after, k, pairs)
+        if why is not None:
+            st.bag.error(
+                "SW307",
+                f"RoPE type `{rope.rope_type}` makes head_dim growth {old} -> {new} inexact: {why}",
+                s.group.span,
+                help="under `widen head_dim`, default, linear, llama3 and longrope keep every old frequency, "
+                     "yarn only with `truncate: false`; widen `heads` instead (head_dim and every frequency kept)",
+            )
+            return None
+        lists = f"; {'/'.join(rope.per_frequency)} grown {pairs} -> {k * pairs} entries (old entry i at k*i)" \
+            if rope.per_frequency else ""
+        return f"; {rope.rope_type} RoPE: old frequencies kept (checked with transformers in every regime){lists}"
+
+    def _check_rope_lists(self, st: _State) -> None:
+        """Per-frequency rope lists must have one entry per rotary pair of the grown model, or
+        transformers loads the config and fails at the first forward."""
+        from scaler_wizard.compiler.rope import list_length_problems
+
+        att = self.ir.attention
+        if att is None or att.rope is None or not att.rope.per_frequency or not att.rope.head_dim:
+            return
+        hd = st.sizes.get("head_dim", att.head_dim)
+        pairs = hd * att.rope.rotary_dim // att.rope.head_dim // 2
+        problems = list_length_problems(st.config, att.rope.per_frequency, pairs)
+        if problems:
+            culprit = next((o for o in reversed(st.ops) if o.group in ("head_dim", "hidden", "heads")), None)
+            st.bag.error(
+                "SW307",
+                f"the grown config's rope parameters do not fit head_dim {hd}: " + "; ".join(problems),
+                culprit.span if culprit else A.Span(),
+                help="per-frequency rope lists (longrope's short/long factors) grow only with `widen head_dim` by an integer factor",
+            )
 
     def _width_patch(self, st: _State, s: A.WidenStmt, group: str, method: str, old: int, new: int) -> dict | None:
         g = self.ir.groups[group]
@@ -664,6 +725,12 @@ class TypeChecker:
                 s.group.span,
             )
             return None
+        att = self.ir.attention
+        if group == "head_dim" and att is not None and att.rope is not None and att.rope.per_frequency and new % old == 0:
+            from scaler_wizard.compiler.rope import grow_per_frequency
+
+            patch.update(grow_per_frequency(st.config, att.rope.per_frequency, old * att.rope.rotary_dim // att.rope.head_dim // 2,
+                                            new // old))
         if group == "hidden":
             r = new % old
             if method == "lemon" and r:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from scaler_wizard.compiler.rope import rope_dicts
 from scaler_wizard.ir.dims import CAT, PROD, DimGraph, op_name, owner, propagate, shape_of
 from scaler_wizard.ir.errors import IRDiscoveryError
 from scaler_wizard.ir.printer import ranges
@@ -403,6 +404,41 @@ def build_ir(config, *, differential: bool = True) -> ModelIR:
     return assemble(config, traced, an, differential=differential)
 
 
+def _rotary_pairs(config) -> int | None:
+    """Rotary pairs a transformers config gives its rotary module: int(head_dim * partial) // 2, with
+    head_dim = config.head_dim or hidden_size // num_attention_heads (as every rope init function
+    in transformers computes it)."""
+    try:
+        hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return None
+    rp = getattr(config, "rope_parameters", None)
+    partial = rp.get("partial_rotary_factor") if isinstance(rp, dict) else None
+    if partial is None:
+        partial = getattr(config, "partial_rotary_factor", None) or 1.0
+    return int(hd * partial) // 2 if isinstance(hd, int) else None
+
+
+def fit_rope_lists(changed, original) -> None:
+    """Differential tracing changes one size of a config copy; when that moves the rotary dimension,
+    per-frequency rope lists (longrope's factors) must follow or the copy cannot be built at all (the
+    reason a Phi-3 with kv_heads == heads used to leave heads unbound). Their values do not matter to
+    a shape trace: resampled to the new number of pairs."""
+    old_pairs, new_pairs = _rotary_pairs(original), _rotary_pairs(changed)
+    if not old_pairs or not new_pairs or old_pairs == new_pairs:
+        return
+    for key in ("rope_parameters", "rope_scaling"):
+        d = getattr(changed, key, None)
+        if not isinstance(d, dict):
+            continue
+        d = copy.deepcopy(d)
+        for sub in [d] + [v for v in d.values() if isinstance(v, dict)]:
+            for k, v in list(sub.items()):
+                if isinstance(v, list) and len(v) == old_pairs and all(isinstance(x, (int, float)) for x in v):
+                    sub[k] = [v[i * old_pairs // new_pairs] for i in range(new_pairs)]
+        setattr(changed, key, d)
+
+
 def _sizes_for(config) -> dict[str, int]:
     an = analyse(trace_config(config))
     return dict(an.sizes)
@@ -428,19 +464,29 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
     if ambiguous and differential:
         keys = sorted({k for c in ambiguous.values() for k in c})
         for k in keys:
-            c2 = copy.deepcopy(config)
-            old = getattr(c2, k)
-            try:
-                setattr(c2, k, old * 2)
-                sizes2 = _sizes_for(c2)
-            except Exception:  # noqa: BLE001 - a value the model rejects tells us nothing
+            old = getattr(config, k)
+            # x2 first; when the model rejects that (num_key_value_heads == num_attention_heads cannot
+            # double), /2 tells as much about which groups follow the key.
+            sizes2, trial = None, None
+            for trial, how in ((old * 2, "x2"), (old // 2 if old % 2 == 0 and old > 1 else None, "/2")):
+                if trial is None:
+                    continue
+                c2 = copy.deepcopy(config)
+                try:
+                    setattr(c2, k, trial)
+                    fit_rope_lists(c2, config)  # per-frequency rope lists follow a moved rotary dim
+                    sizes2 = _sizes_for(c2)
+                    break
+                except Exception:  # noqa: BLE001 - a value the model rejects tells us nothing
+                    sizes2 = None
+            if sizes2 is None:
                 continue
             for g in ambiguous:
-                if k in ambiguous[g] and sizes2.get(g) == old * 2 and g not in bound:
+                if k in ambiguous[g] and sizes2.get(g) == trial and g not in bound:
                     bound[g] = k
             moved = sorted(g for g in an.sizes if sizes2.get(g) != an.sizes[g])
             moved_by[k] = moved
-            notes.append(f"differential trace: {k} x2 moved " + (", ".join(moved) or "no group"))
+            notes.append(f"differential trace: {k} {how} moved " + (", ".join(moved) or "no group"))
     for g, c in ambiguous.items():
         if g not in bound:
             free = [k for k in c if k not in bound.values()]
@@ -478,6 +524,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
                 c2 = copy.deepcopy(config)
                 try:
                     setattr(c2, k, want)
+                    fit_rope_lists(c2, config)
                     sizes2 = _sizes_for(c2)
                 except Exception:  # noqa: BLE001 - the model rejects this key: not an override
                     continue
@@ -948,7 +995,7 @@ def _attention(tp: Traced, an: Analysis, cfg, bound, tensors) -> AttentionInfo |
     scale = at.scale
     if scale is None:
         scale = 1.0 / math.sqrt(hd) if hd else 1.0
-    pre = _q_prescale(q)
+    pre = _q_prescale(q, _weighted_values(an, ep))
     if pre is not None:
         scale = scale * pre
     if scale == 1.0:
@@ -962,21 +1009,27 @@ def _attention(tp: Traced, an: Analysis, cfg, bound, tensors) -> AttentionInfo |
                 if abs(val ** -0.5 - scale) < 1e-9:
                     source = f"config:{key}"
                     break
-    rope = _rope(an, ep, n, cfg, hd)
+    rope = _rope(tp, an, ep, n, cfg, hd)
     sw = cfg.get("sliding_window")
     return AttentionInfo(heads=heads, kv_heads=kvh, head_dim=hd, scaling=float(scale), scaling_source=source,
                          q=qn, k=kn, v=vn, o=t(o), fused_qkv=fused, fused_layout=layout, rope=rope,
                          sliding_window=sw if isinstance(sw, int) and not isinstance(sw, bool) else None)
 
 
-def _q_prescale(q):
-    """A scalar multiplying the queries between their projection and the attention op."""
+def _q_prescale(q, weighted: set[str] | None = None):
+    """A scalar multiplying the queries between their projection and the attention op.
+
+    Only values computed from the projection count (``weighted``: names of graph values that depend
+    on a parameter): rotary embeddings multiply cos and sin by their attention factor (yarn,
+    longrope), which is a property of the position encoding, not a softmax scale."""
     stack, seen, f = [q], set(), None
     while stack:
         n = stack.pop()
         if n.name in seen or n.op != "call_function":
             continue
         seen.add(n.name)
+        if weighted is not None and n.name not in weighted:
+            continue  # cos / sin and other position-only values
         b = _base(n)
         if b in ("linear", "addmm"):
             continue
@@ -986,7 +1039,49 @@ def _q_prescale(q):
     return f
 
 
-def _rope(an: Analysis, ep, attn, cfg, hd) -> RopeInfo | None:
+def _weighted_values(an: Analysis, ep) -> set[str]:
+    """Names of graph values that depend on at least one model parameter."""
+    params = set(an.dg.placeholder_param)
+    out: set[str] = set()
+    for n in ep.graph.nodes:
+        if n.name in params or any(a.name in out for a in n.all_input_nodes):
+            out.add(n.name)
+    return out
+
+
+def per_frequency_keys(cfg: dict, pairs: int) -> tuple[str, ...]:
+    """Rope parameter keys whose value is a list with one number per rotary pair (longrope's
+    ``short_factor`` / ``long_factor``)."""
+    keys = []
+    for d in rope_dicts(cfg):
+        for k, v in d.items():
+            if (isinstance(v, list) and v and len(v) == pairs and k not in keys
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+                keys.append(k)
+    return tuple(sorted(keys))
+
+
+def _rotary_module_facts(model, cfg) -> tuple[str, float]:
+    """(rope_type, attention_factor): the type from the config's rope dict (else the rotary module's),
+    the factor from the model's rotary embedding module (the module holding an ``inv_freq`` buffer),
+    which records what it multiplies cos and sin by."""
+    from scaler_wizard.compiler.rope import rope_type_of
+
+    rtype, factor = rope_type_of(cfg, default=None), None  # the config's type: the trace may use a static stand-in
+    for _, mod in model.named_modules():
+        if "inv_freq" not in dict(mod.named_buffers(recurse=False)):
+            continue
+        t = getattr(mod, "rope_type", None)
+        f = getattr(mod, "attention_scaling", None)
+        if isinstance(t, str) and rtype is None:
+            rtype = t
+        if isinstance(f, (int, float)) and not isinstance(f, bool):
+            factor = float(f)
+        break
+    return rtype or "default", 1.0 if factor is None else factor
+
+
+def _rope(tp: Traced, an: Analysis, ep, attn, cfg, hd) -> RopeInfo | None:
     m = owner(attn)
     for n in ep.graph.nodes:
         if _base(n) not in ("cat", "stack") or not owner(n).startswith(m.rsplit(".", 1)[0]):
@@ -1016,7 +1111,10 @@ def _rope(an: Analysis, ep, attn, cfg, hd) -> RopeInfo | None:
                         for k, v in rp.items():
                             if isinstance(v, float) and abs(v * hd - rot) < 1e-6:
                                 pkey = f"rope_parameters.{k}"
-                return RopeInfo(rotary_dim=rot, head_dim=hd, style=style, theta=float(theta) if theta else None, partial_key=pkey)
+                rtype, afactor = _rotary_module_facts(tp.model, cfg)
+                return RopeInfo(rotary_dim=rot, head_dim=hd, style=style, theta=float(theta) if theta else None,
+                                partial_key=pkey, rope_type=rtype, attention_factor=afactor,
+                                per_frequency=per_frequency_keys(cfg, rot // 2))
     return None
 
 

@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-IR_FORMAT_VERSION = 3
+IR_FORMAT_VERSION = 4
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
@@ -129,6 +129,9 @@ class RopeInfo:
     style: str  # "half" (rotate_half: pair i <-> i + rotary_dim/2) | "interleaved" (pairs 2i, 2i+1)
     theta: float | None = None
     partial_key: str | None = None  # config key for partial rotary (partial_rotary_factor, rotary_pct)
+    rope_type: str = "default"  # transformers' rope_type: default | linear | dynamic | yarn | longrope | llama3 | ...
+    attention_factor: float = 1.0  # multiplier the rotary module folds into cos and sin (scores see its square)
+    per_frequency: tuple[str, ...] = ()  # rope parameter keys with one entry per rotary pair (longrope's factors)
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,9 @@ def _ir_from_dict(d: dict) -> ModelIR:
     att = d.get("attention")
     if att is not None:
         rope = att.get("rope")
-        att = AttentionInfo(**{**att, "rope": RopeInfo(**rope) if rope else None})
+        if rope:
+            rope = RopeInfo(**{**rope, "per_frequency": tuple(rope.get("per_frequency", ()))})
+        att = AttentionInfo(**{**att, "rope": rope or None})
     moe = d.get("moe")
     if moe is not None:
         moe = MoEInfo(**{**moe, "layers": tuple(moe["layers"])})

@@ -74,7 +74,10 @@ def render_ir(ir: ModelIR) -> str:
         if a.rope:
             r = a.rope
             L.append(f"rope: {r.style}, rotary_dim {r.rotary_dim} of {r.head_dim}, theta {_fmt(r.theta)}"
-                     + (f", partial via {r.partial_key}" if r.partial_key else ""))
+                     + (f", partial via {r.partial_key}" if r.partial_key else "")
+                     + (f", type {r.rope_type}" if r.rope_type != "default" else "")
+                     + (f", attention factor {_fmt(r.attention_factor)} on cos/sin" if r.attention_factor != 1.0 else "")
+                     + (f", per-frequency {'/'.join(r.per_frequency)} ({r.rotary_dim // 2} pairs)" if r.per_frequency else ""))
         else:
             L.append("rope: none")
     else:

@@ -119,7 +119,26 @@ def reduced_config(config):
         else:
             setattr(red, k, [j for j, i in enumerate(keep) if i in v])
     red.use_cache = False
+    _static_rope(red)
     return red, layer_map, arrays, n
+
+
+def _static_rope(config) -> None:
+    """Dynamic NTK rope re-computes its frequencies in Python when a sequence outgrows the cache (a
+    data-dependent branch torch.export cannot trace). Shapes and the graph do not depend on it: the
+    reduced config traces with the default rope; discovery reads the real type from the config."""
+    for key in ("rope_parameters", "rope_scaling"):
+        d = getattr(config, key, None)
+        if not isinstance(d, dict):
+            continue
+        d = copy.deepcopy(d)
+        for sub in [d] + [v for v in d.values() if isinstance(v, dict)]:
+            t = sub.get("rope_type", sub.get("type"))
+            if isinstance(t, str) and "dynamic" in t:
+                sub["rope_type"] = "default"
+                sub.pop("type", None)
+                sub.pop("factor", None)
+        setattr(config, key, d)
 
 
 def build_meta_model(config):

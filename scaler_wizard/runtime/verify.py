@@ -316,8 +316,21 @@ def compare_models(
         if check_kv and seq_len >= 2 and causal:
             prefill = max(1, seq_len // 2)
             kv = kv_decode_logits(g, ids, prefill)
-            rep.checks.append(compare_logits("kv_cache_vs_full", kv, lg, rtol=rtol, vocab=v))
-            rep.checks.append(compare_logits("kv_cache_vs_original", kv, lo, rtol=rtol, vocab=v))
+            self_check = compare_logits("kv_cache_vs_full", kv, lg, rtol=rtol, vocab=v)
+            kv_o = kv_decode_logits(o, ids, prefill)
+            orig_self = compare_logits("kv_cache_vs_full", kv_o, lo, rtol=rtol, vocab=v)
+            if self_check.passed or orig_self.passed:
+                rep.checks.append(self_check)
+                kv_ref = lo
+            else:
+                # The original itself decodes differently from its full forward (longrope switching
+                # to long factors past original_max_position_embeddings, dynamic NTK re-basing): the
+                # grown model is held to the original's cached decoding instead.
+                rep.notes.append(f"kv_cache_vs_full not judged: the original's own cached decoding differs from its full "
+                                 f"forward (rel {orig_self.max_rel:.3g}; position-dependent RoPE frequencies), grown rel "
+                                 f"{self_check.max_rel:.3g}; kv_cache_vs_original compares the two cached decodings")
+                kv_ref = kv_o
+            rep.checks.append(compare_logits("kv_cache_vs_original", kv, kv_ref, rtol=rtol, vocab=v))
 
     if texts:
         tok = tokenizer
