@@ -229,6 +229,47 @@ def test_names_options_and_values():
     assert rp.train == {"steps": 10, "lr": 3e-4}
 
 
+def test_plan_wide_noise_reaches_every_op_that_takes_it():
+    """issue 7 §4: `noise` written once holds for the whole plan, before or after the ops."""
+    ir = ir_of("llama")
+    # upcycle: the plan-wide noise perturbs the experts, so the op is approx (and says why)
+    for text in ("upcycle ffn experts 4 top 2\nnoise 0.001", "noise 0.001\nupcycle ffn experts 4 top 2"):
+        rp = resolve(text, ir)
+        (op,) = rp.ops
+        assert op.exactness == APPROX and op.options["noise"] == 0.001 and "plan-wide" in op.reason
+        assert [w.code for w in rp.warnings] == ["SW601"]
+    assert resolve("upcycle ffn experts 4 top 2 noise=0", ir).exactness == EXACT
+    # identity layers: the noise lands on the new layers' copied fan-in, and stays exact
+    rp = resolve("insert layer 1 identity\nnoise 0.01", ir)
+    assert rp.exactness == EXACT and [s.noise for s in rp.layer_map] == [0.0, 0.01, 0.0]
+    rp = resolve("insert layer 1 identity noise=0.2\ninsert layer 0 identity", ir)
+    assert [s.noise for s in rp.layer_map] == [0.0, 0.0, 0.2, 0.0]  # per op, not the first op's for all
+    # ops that cannot take noise: a warning naming the op, never a silent no-op
+    rp = resolve("noise 0.01\nwiden kv_heads x2\nwiden ffn x2 net2net\nduplicate layers 0..1\ninsert layer 1 zero", ir)
+    warned = [w for w in rp.warnings if w.code == "SW603"]
+    assert sorted(w.message.split("`")[3] for w in warned) == [
+        "duplicate layers 0..1", "insert layer 1 zero", "widen kv_heads x2"]
+    assert resolve("noise 0.01\nwiden ffn x2 net2net\nwiden hidden x2", ir).warnings == ()
+
+
+def test_options_an_op_would_not_read_are_errors():
+    ir = ir_of("llama")
+    assert codes("widen ffn x2 seed=3", ir) == ["SW204"]  # per-op seed was accepted and never read
+    d = errors("insert layer 1 identity seed=3", ir)[0]
+    assert "seed <n>" in d.help
+    assert codes("upcycle ffn experts 4 top 2 seed=1", ir) == ["SW204"]
+    assert codes("upcycle ffn experts 4 top 2 router=randm", ir) == ["SW207"]
+    assert resolve("upcycle ffn experts 4 top 2 router=random", ir).exactness == EXACT
+    assert codes("widen hidden x2 untie=maybe", ir_of("qwen2")) == ["SW207"]
+    assert codes("widen kv_heads x2 noise=0.1", ir) == ["SW204"]
+    assert codes("widen kv_heads x2 split=equal", ir) == ["SW204"]
+    assert codes("widen ffn to 130 zero noise=0.1", ir) == ["SW204"]
+    assert codes("widen heads to 8 zero split=equal", ir) == ["SW204"]
+    assert codes("insert layer 1 zero noise=0.1", ir) == ["SW204"]
+    assert codes("insert layer 1 copy noise=0.1", ir) == ["SW204"]
+    resolve("widen ffn x2 net2net noise=0.1 split=equal\ninsert layer 1 identity noise=0.1", ir)
+
+
 # ---------------------------------------------------------------- grow to
 def test_grow_to_reaches_the_target_with_exact_ops():
     ir = ir_of("llama")

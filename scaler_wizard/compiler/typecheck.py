@@ -29,13 +29,15 @@ SW314  the result would be absurdly large (more than 10,000 layers or 2^31 units
 SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=true``)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
+SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
+SW604  (warning) a scalar config key can no longer describe the grown per-layer layout
 =====  ==================================================================================
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scaler_wizard.compiler import methods as M
@@ -172,10 +174,16 @@ class TypeChecker:
             layer_map=list(identity_layer_map(ir.num_layers)),
             config=dict(ir.config),
         )
-        for i, stmt in enumerate(plan.statements):
+        # Plan-wide settings hold for the whole plan wherever they are written: resolve them first,
+        # so that every op sees the final `noise` / `seed` / `dtype`.
+        settings = (A.SeedStmt, A.NoiseStmt, A.DtypeStmt)
+        order = [(i, s) for i, s in enumerate(plan.statements) if isinstance(s, settings)]
+        order += [(i, s) for i, s in enumerate(plan.statements) if not isinstance(s, settings)]
+        for i, stmt in order:
             handler = getattr(self, "_" + type(stmt).__name__, None)
             if handler is not None:
                 handler(i, stmt, st)
+        self._plan_wide_noise(st)
         self._check_config_invariants(st)
         if bag.has_errors:
             raise PlanError(bag.items)
@@ -190,6 +198,53 @@ class TypeChecker:
             )
         warnings = bag.items
         return self._finish(st, model_ref, tuple(warnings))
+
+    @staticmethod
+    def _noise_unused(kind: str, group: str | None, method: str | None) -> str | None:
+        """Why an op would not read `noise` (None: it does). Noise perturbs copies: of units
+        (zero-sum across them, exact), of an identity layer's fan-in (exact), of experts (approx)."""
+        if kind == "widen":
+            if group not in ("hidden", "ffn", "heads", "experts"):
+                return f"`widen {group}` makes no copies whose symmetry noise could break"
+            if method == "zero":
+                return f"`{method}` adds fresh units, not copies"
+            return None
+        if kind == "insert":
+            return None if method == "identity" else f"`{method}` layers do not copy fan-in weights"
+        if kind == "upcycle":
+            return None
+        return f"`{kind}` copies layers whole"
+
+    @staticmethod
+    def _split_unused(group: str | None, method: str | None) -> str | None:
+        if group not in ("hidden", "ffn", "heads"):
+            return f"`widen {group}` splits no fan-out among copies"
+        if method == "zero":
+            return "`zero` adds fresh units, not copies"
+        return None
+
+    def _unread_options(self, st: _State, s, opts: dict, kind: str, group, method) -> None:
+        """Options the op accepts in general but would not read for this group / method / init."""
+        checks = {"noise": self._noise_unused(kind, group, method)}
+        if kind == "widen":
+            checks["split"] = self._split_unused(group, method)
+        for key, why in checks.items():
+            if key in opts and why is not None:
+                span = next((o.key.span for o in s.options if o.key.name == key), s.span)
+                st.bag.error("SW204", f"`{key}=` has no effect on `{_print_stmt(s)}`: {why}", span,
+                             help=f"remove `{key}=`")
+
+    def _plan_wide_noise(self, st: _State) -> None:
+        if not st.noise:
+            return
+        for op in st.ops:
+            if op.kind == "widen" and op.options.get("implied"):
+                continue
+            why = self._noise_unused(op.kind, op.group, op.method)
+            if why is not None and "noise" not in op.options:
+                st.bag.warning("SW603", f"the plan-wide `noise {st.noise:g}` does not apply to `{op.text}`: {why}",
+                               op.span, help="noise applies to widen hidden/ffn/heads/experts (copies), "
+                               "insert identity (fan-in) and upcycle (experts)")
 
     def _check_config_invariants(self, st: _State) -> None:
         """transformers' config classes validate hidden_size % num_attention_heads == 0 (even
@@ -265,11 +320,15 @@ class TypeChecker:
             if key not in allowed:
                 hint = suggest(key, allowed)
                 known = ", ".join(f"`{k}`" for k in allowed) or "none"
+                if key == "seed":
+                    hint_text = "random choices are seeded plan-wide: write `seed <n>` on its own line; "
+                else:
+                    hint_text = f"did you mean `{hint}`? " if hint else ""
                 st.bag.error(
                     "SW204",
                     f"unknown option `{key}` for {what}",
                     o.key.span,
-                    help=(f"did you mean `{hint}`? " if hint else "") + f"options of {what}: {known}",
+                    help=hint_text + f"options of {what}: {known}",
                 )
                 continue
             out[key] = _opt_value(o.value)
@@ -277,10 +336,15 @@ class TypeChecker:
         if noise is not None and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0):
             span = next(o.value.span for o in options if o.key.name == "noise")
             st.bag.error("SW207", f"`noise` must be a non-negative number, got `{noise}`", span)
-        split = out.get("split")
-        if split is not None and split not in ("equal", "random"):
-            span = next(o.value.span for o in options if o.key.name == "split")
-            st.bag.error("SW207", f"`split` must be `equal` or `random`, got `{split}`", span)
+        for key, allowed_values in (("split", ("equal", "random")), ("router", ("zero", "random")),
+                                    ("untie", (True, False, "true", "false"))):
+            value = out.get(key)
+            if value is not None and (value not in allowed_values or isinstance(value, (int, float)) and
+                                      not isinstance(value, bool)):
+                span = next(o.value.span for o in options if o.key.name == key)
+                names = " or ".join(f"`{v}`" for v in allowed_values if isinstance(v, str))
+                st.bag.error("SW207", f"`{key}` must be {names}, got `{value}`", span)
+                out.pop(key)
         return out
 
     def _group(self, st: _State, ident: A.Ident) -> str | None:
@@ -368,6 +432,7 @@ class TypeChecker:
                 + ", ".join(f"`{m}`" for m in applicable),
             )
             return
+        self._unread_options(st, s, opts, "widen", group, method_name)
         if new is None:
             return
         if spec.integer_factor_only and not integer_factor:
@@ -709,6 +774,12 @@ class TypeChecker:
         return False
 
     def _depth_op(self, i, s, st: _State, kind: str, init: str | None, opts: dict, new_map: list[LayerSource]):
+        if kind == "insert":
+            self._unread_options(st, s, opts, "insert", None, init)
+            noise = opts.get("noise", st.noise) or 0.0
+            if init == "identity" and noise:
+                old = {id(x) for x in st.layer_map}
+                new_map = [x if id(x) in old else replace(x, noise=float(noise)) for x in new_map]
         exactness = APPROX if init in (None, "copy") else EXACT
         reason = (
             "copied layers change the function (SOLAR / G_stack style)"
@@ -898,13 +969,16 @@ class TypeChecker:
             return
         if not ok:
             return
-        noise = opts.get("noise", 0) or 0
+        noise = opts.get("noise", st.noise) or 0
         exactness = EXACT if not noise else APPROX
         reason = (
             f"identical experts with top-{k} weights renormalised to sum to 1 ({target[0]})"
             if exactness == EXACT
-            else "noise on expert copies changes each expert"
+            else f"noise {noise:g}" + (" (plan-wide)" if "noise" not in opts else "")
+            + " on the expert copies changes each expert: the top-k mixture no longer equals the dense FFN"
         )
+        if noise:
+            opts = {**opts, "noise": noise}
         patch = {
             "model_type": target[0],
             "architectures": [target[1]],
