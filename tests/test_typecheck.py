@@ -270,6 +270,43 @@ def test_options_an_op_would_not_read_are_errors():
     resolve("widen ffn x2 net2net noise=0.1 split=equal\ninsert layer 1 identity noise=0.1", ir)
 
 
+@lru_cache(maxsize=None)
+def _qwen2_windowed():
+    """Qwen2, 6 layers: full,full,full,sliding,sliding,sliding (max_window_layers 3)."""
+    from transformers import AutoConfig
+
+    from scaler_wizard.ir import discover
+
+    cfg = AutoConfig.for_model("qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=160, num_hidden_layers=6, vocab_size=256, max_position_embeddings=64,
+                               use_sliding_window=True, sliding_window=16, max_window_layers=3)
+    assert cfg.layer_types == ["full_attention"] * 3 + ["sliding_attention"] * 3
+    return discover(cfg)
+
+
+@pytest.mark.parametrize("plan,mwl,layout,warned", [
+    ("duplicate layers 2..4", 3, "FFFSFSSS", True),  # no "first N full" describes it
+    ("insert layer 1 identity", 4, "FFFFSSS", False),  # a new full layer inside the full prefix
+    ("insert layer 4 identity", 3, "FFFSSSS", False),
+    ("duplicate layers 0..3", 6, "FFFFFFSSS", False),
+    ("stack x2", 3, "FFFSSSFFFSSS", True),
+    ("widen ffn x2", 3, "FFFSSS", False),
+])
+def test_layer_types_and_max_window_layers(plan, mwl, layout, warned):
+    """issue 7 §7: the per-layer array follows the layer map; the scalar that summarises it under the
+    older convention is re-derived where one value fits, and named in a warning where none does."""
+    rp = resolve(plan, _qwen2_windowed())
+    types = rp.config_after["layer_types"]
+    assert "".join("F" if t == "full_attention" else "S" for t in types) == layout
+    assert rp.config_after["max_window_layers"] == mwl
+    sw604 = [w for w in rp.warnings if w.code == "SW604"]
+    assert bool(sw604) == warned
+    if warned:
+        assert "`max_window_layers`" in sw604[0].message and layout.replace("", ",")[1:-1] in sw604[0].message
+    else:  # the older convention reproduces the layout exactly
+        assert [("full_attention" if i < mwl else "sliding_attention") for i in range(len(types))] == types
+
+
 # ---------------------------------------------------------------- grow to
 def test_grow_to_reaches_the_target_with_exact_ops():
     ir = ir_of("llama")

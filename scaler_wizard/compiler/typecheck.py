@@ -36,6 +36,7 @@ SW604  (warning) a scalar config key can no longer describe the grown per-layer 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -141,6 +142,7 @@ class _State:
     noise: float = 0.0
     train: dict[str, Any] = field(default_factory=dict)
     alternatives: tuple[str, ...] = ()
+    layer_summaries: dict[str, int] = field(default_factory=dict)  # scalar keys re-derived from layer_types
 
     @property
     def depth(self) -> int:
@@ -185,6 +187,7 @@ class TypeChecker:
                 handler(i, stmt, st)
         self._plan_wide_noise(st)
         self._check_config_invariants(st)
+        self._layer_summaries(st)
         if bag.has_errors:
             raise PlanError(bag.items)
         approx = [o for o in st.ops if o.exactness == APPROX]
@@ -301,16 +304,58 @@ class TypeChecker:
         return plan
 
     def _reindex_layer_arrays(self, st: _State, config: dict) -> None:
+        """Per-layer arrays follow the layer map: new layer j takes old layer ``src``'s entry."""
         for key in self.ir.layer_arrays:
             arr = self.ir.config.get(key)
             if isinstance(arr, list) and len(arr) == self.ir.num_layers:
                 config[key] = [arr[src.src] for src in st.layer_map]
-        # Qwen2-style "first N layers use full attention": keep the boundary on the same old layer.
-        mwl = self.ir.config.get("max_window_layers")
-        if isinstance(mwl, int) and mwl < self.ir.num_layers:
-            config["max_window_layers"] = sum(1 for src in st.layer_map if src.src < mwl)
-        elif isinstance(mwl, int):
-            config["max_window_layers"] = max(mwl, st.depth)  # every layer stays below the boundary
+        config.update(st.layer_summaries)
+
+    def _layer_summaries(self, st: _State) -> None:
+        """Scalar keys that summarise `layer_types` under an older config convention.
+
+        transformers' config classes derive `layer_types` from such a key when the array is absent
+        (Qwen2 / Qwen3 `max_window_layers`: the first N layers use full attention, the rest the
+        sliding window; Gemma-3-style `sliding_window_pattern`: every N-th layer is full). Where the
+        input's layout follows the convention, the grown layout is re-summarised: the value that
+        reproduces it is written when one exists; otherwise the key keeps the closest value and
+        SW604 names it (transformers 5 reads `layer_types`, which is always right). A key whose
+        convention the input does not follow (sliding window off, an explicit layout) is left as is.
+        """
+        old = self.ir.config.get("layer_types")
+        if not (isinstance(old, list) and len(old) == self.ir.num_layers):
+            return
+        if [s.src for s in st.layer_map] == list(range(self.ir.num_layers)):
+            return  # the layout did not change
+        new = [old[s.src] for s in st.layer_map]
+        full = "full_attention"
+        conventions = {
+            "max_window_layers": lambda n, i: i < n,
+            "sliding_window_pattern": lambda n, i: (i + 1) % n == 0,
+        }
+        for key, is_full in conventions.items():
+            value = self.ir.config.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key != "max_window_layers" else 0):
+                continue
+            if [full if is_full(value, i) else "x" for i in range(len(old))] != [full if t == full else "x" for t in old]:
+                continue  # the input does not follow this convention: the key does not describe its layout
+            target = [t == full for t in new]
+            fits = [n for n in range(0, len(new) + 2) if n >= 1 or key == "max_window_layers"
+                    if [is_full(n, i) for i in range(len(new))] == target]
+            if fits:
+                st.layer_summaries[key] = value if value in fits else fits[0]
+                continue
+            closest = sum(1 for _ in itertools.takewhile(bool, target)) if key == "max_window_layers" else value
+            st.layer_summaries[key] = closest
+            depth_ops = [o for o in st.ops if o.layer_map]
+            layout = ",".join("F" if t else "S" for t in target)
+            st.bag.warning(
+                "SW604",
+                f"`{key}` cannot describe the grown layer layout {layout} (F full, S sliding attention); "
+                f"`layer_types` holds it, `{key}` is written as {closest}",
+                depth_ops[-1].span if depth_ops else A.Span(),
+                help=f"transformers 5 reads `layer_types`; tools reading only `{key}` would take another layout",
+            )
 
     # ------------------------------------------------------------------ helpers
     def _options(self, st: _State, options, allowed: dict[str, str], what: str) -> dict[str, Any]:
