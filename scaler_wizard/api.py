@@ -127,7 +127,14 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
         check_output_path(out, reader.path, force)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
-    prog = compile(rp, stored=set(reader.names()))
+    prog = compile(rp, stored=set(reader.names()) | set(reader.aliases))
+    if reader.base_prefix:  # a headless base class stored (LlamaModel): write what it holds, as it names it
+        from scaler_wizard.runtime.naming import StoredClassError, to_stored_class
+
+        try:
+            to_stored_class(prog, reader, grows_width=rp.sizes_after != {k: g.size for k, g in rp.ir.groups.items()})
+        except StoredClassError as e:
+            raise UsageError(str(e)) from None
     text = rp.plan_text
     card = card_info(prog, reader, plan_text=text, base_model=rp.model_ref)
     card["ops"] = [{"name": o.text, "exactness": o.exactness, "status": o.kind, "explain": o.reason} for o in rp.ops]
