@@ -138,8 +138,14 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
     text = rp.plan_text
     card = card_info(prog, reader, plan_text=text, base_model=rp.model_ref)
     card["ops"] = [{"name": o.text, "exactness": o.exactness, "status": o.kind, "explain": o.reason} for o in rp.ops]
+    # Files other tools read: the names and shapes save_pretrained of the output class writes
+    # (per-expert tensors, `embed_out`), computed from the in-memory outputs by transformers' reverse ops.
+    from scaler_wizard.runtime.execute import merged_config
+    from scaler_wizard.runtime.naming import to_disk_names
+
+    on_disk = to_disk_names(prog, merged_config(reader, prog, rp.dtype))
     try:
-        report = execute(prog, reader, out, dtype=rp.dtype, force=force, progress=progress, card=card,
+        report = execute(on_disk, reader, out, dtype=rp.dtype, force=force, progress=progress, card=card,
                          shard_size=shard_size)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
