@@ -132,7 +132,9 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
         from scaler_wizard.runtime.naming import StoredClassError, to_stored_class
 
         try:
-            to_stored_class(prog, reader, grows_width=rp.sizes_after != {k: g.size for k, g in rp.ir.groups.items()})
+            traced = {n for t in rp.ir.tensors for n in t.names()}
+            to_stored_class(prog, reader, traced=traced,
+                            grows_width=rp.sizes_after != {k: g.size for k, g in rp.ir.groups.items()})
         except StoredClassError as e:
             raise UsageError(str(e)) from None
     text = rp.plan_text
@@ -143,7 +145,12 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
     from scaler_wizard.runtime.execute import merged_config
     from scaler_wizard.runtime.naming import to_disk_names
 
-    on_disk = to_disk_names(prog, merged_config(reader, prog, rp.dtype))
+    from scaler_wizard.runtime.naming import DiskNamingError
+
+    try:
+        on_disk = to_disk_names(prog, merged_config(reader, prog, rp.dtype))
+    except DiskNamingError as e:
+        raise UsageError(f"cannot write the on-disk layout transformers saves for this model: {e}") from None
     try:
         report = execute(on_disk, reader, out, dtype=rp.dtype, force=force, progress=progress, card=card,
                          shard_size=shard_size)

@@ -41,23 +41,27 @@ def bases(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("plan,exactness", [("widen hidden x2", "exact"), ("insert layer 1 identity", "exact"),
-                                            ("widen ffn x2 net2net\nwiden heads x2", "exact")])
-def test_base_llama_grows_as_llamamodel(bases, tmp_path, plan, exactness):
+@pytest.mark.parametrize("plan,cls", [("widen hidden x2", "LlamaModel"), ("insert layer 1 identity", "LlamaModel"),
+                                      ("widen ffn x2 net2net\nwiden heads x2", "LlamaModel"),
+                                      ("upcycle ffn experts 3 top 2", "MixtralModel")])
+def test_base_llama_grows_as_llamamodel(bases, tmp_path, plan, cls):
     import torch
     from transformers import AutoModel
 
     out = tmp_path / "out"
     res = api.apply(plan, str(bases / "llama"), out=str(out))
     ver = res["verification"]
-    assert res["exactness"] == exactness and ver["passed"] and ver["judged"], ver
+    assert res["exactness"] == "exact" and ver["passed"] and ver["judged"], ver
     assert {"random_ids", "padding_left", "kv_cache_vs_original"} <= {c["name"] for c in ver["checks"]}
     assert any("last hidden states" in n for n in ver["notes"])
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaModel"]
+    assert json.loads((out / "config.json").read_text())["architectures"] == [cls]
     names = _names(out)
     assert "embed_tokens.weight" in names and not any(n.startswith("model.") or "lm_head" in n for n in names)
     m, info = AutoModel.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
-    assert type(m).__name__ == "LlamaModel" and not any(info[k] for k in ("missing_keys", "unexpected_keys"))
+    assert type(m).__name__ == cls and not any(info[k] for k in ("missing_keys", "unexpected_keys"))
+    from test_disk_names import headers, reference
+
+    assert headers(out) == reference(out, tmp_path / "ref")  # what save_pretrained of the stored class writes
     # the hidden states themselves, compared here as well as by verify
     o = AutoModel.from_pretrained(str(bases / "llama"), dtype=torch.float32).eval()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))

@@ -51,11 +51,12 @@ def headless_prefix(config: dict[str, Any], stored: Iterable[str]) -> str | None
     return prefix
 
 
-def to_stored_class(program, reader, *, grows_width: bool) -> None:
+def to_stored_class(program, reader, *, traced: set[str], grows_width: bool) -> None:
     """Rewrite ``program`` (in place) for a headless checkpoint (``reader.base_prefix`` set).
 
-    Raises :class:`StoredClassError` when the checkpoint stores tensors that the traced class does
-    not have and the plan changes a dimension they may span."""
+    ``traced``: the in-memory names of the traced (head) class. Raises :class:`StoredClassError` when
+    the checkpoint stores tensors that the traced class does not have and the plan changes a
+    dimension they may span."""
     from scaler_wizard.compiler.program import Load
 
     prefix = reader.base_prefix
@@ -68,8 +69,7 @@ def to_stored_class(program, reader, *, grows_width: bool) -> None:
             continue  # the head: not part of the stored class
         out.name = name[len(dot):]
         kept[out.name] = out
-    covered = set(kept)
-    extra = [n for n in reader.names() if n not in covered]
+    extra = [n for n in reader.names() if dot + n not in traced]
     if extra and grows_width:
         raise StoredClassError(
             f"{reader.path} stores the headless {reader.config.get('architectures', ['?'])[0]} with "
@@ -228,7 +228,10 @@ def to_disk_names(program, config: dict[str, Any]):
 
     from scaler_wizard.compiler import program as P
 
-    model = meta_model_for(config)
+    try:
+        model = meta_model_for(config)
+    except Exception as e:  # noqa: BLE001 - transformers refuses the output config: say so, never a traceback
+        raise DiskNamingError(f"the output class cannot be built from the output config: {type(e).__name__}: {e}")
     layout = disk_layout(model, {n: o.node.shape for n, o in program.outputs.items()})
     if set(layout) == set(program.outputs) and all(
             isinstance(v, P.Load) and v.name == k for k, v in layout.items()):

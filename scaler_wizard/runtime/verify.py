@@ -457,7 +457,10 @@ def symmetry_check(model, duplicated_groups, steps: int = 1, *, optimizer: str =
     the same shape. ``optimizer``: 'adamw' or 'sgd'. The passed model is not modified."""
     import torch
 
-    m = copy.deepcopy(load_model(model))
+    m = load_model(model)
+    if is_headless(m):
+        raise ValueError(f"the symmetry check trains with an LM loss; {type(m).__name__} has no head")
+    m = copy.deepcopy(m)
     m.eval()  # no dropout: dropout noise would break symmetry for the wrong reason
     params = dict(m.named_parameters())
     groups = []
