@@ -93,3 +93,26 @@ def test_base_bert_width_refused_naming_the_pooler(bases, tmp_path):
     with pytest.raises(UsageError, match="pooler.dense"):
         api.apply("widen hidden x2", str(bases / "bert"), out=str(out))
     assert not out.exists()
+
+
+def test_head_class_stored_without_its_prefix(tmp_path):
+    """The hub's gpt2 stores GPT2LMHeadModel as `h.0.attn...`, `wte.weight` (no `transformer.`, the
+    head tied to wte): the reader adds the prefix as transformers does on load, the tie resolves, and
+    the output is written as save_pretrained names it."""
+    from safetensors.torch import load_file, save_file
+
+    from families import build_model
+    from test_disk_names import headers, reference
+
+    _, m = build_model("gpt2")
+    src = tmp_path / "in"
+    m.save_pretrained(src)
+    sd = load_file(str(src / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in sd.items()}, str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert "wte.weight" in _names(src)
+    out = tmp_path / "out"
+    res = api.apply("widen hidden x2\ninsert layer 1 identity", str(src), out=str(out))
+    assert res["exactness"] == "exact" and res["verification"]["passed"], res["verification"]
+    assert headers(out) == reference(out, tmp_path / "ref")
+    assert "transformer.wte.weight" in _names(out)

@@ -239,12 +239,14 @@ class CheckpointReader:
     def _find_base_prefix(self) -> None:
         """A checkpoint of the headless base class (``LlamaModel``, ``BertModel``): its tensors are
         reachable under the head class's in-memory names (``model.`` / ``bert.`` + stored name)."""
-        from scaler_wizard.runtime.naming import headless_prefix
+        from scaler_wizard.runtime.naming import headless_prefix, missing_prefix
 
         self.base_prefix = headless_prefix(self.config, self._infos)
-        if self.base_prefix:
+        prefix = missing_prefix(self.config, self._infos)
+        if prefix:
             for n in self._infos:
-                self.aliases.setdefault(f"{self.base_prefix}.{n}", n)
+                self.aliases.setdefault(f"{prefix}.{n}", n)
+            self._find_ties()  # the tie's stored member is reachable now (hub gpt2: wte.weight)
 
     def _find_aliases(self) -> None:
         """transformers 5 renames some weights between disk and memory (GPT-NeoX stores
@@ -412,10 +414,11 @@ class CheckpointReader:
                                                               "word_embeddings.weight", "embed_in.weight"))), None)
             if emb is not None:
                 pairs = [("lm_head.weight", emb)]
+        have = set(self._infos) | set(self.aliases)
         for absent, stored in pairs:
-            if absent not in self._infos and stored in self._infos:
+            if absent not in have and stored in have:
                 self.tied[absent] = stored
-            elif stored not in self._infos and absent in self._infos:
+            elif stored not in have and absent in have:
                 self.tied[stored] = absent
 
 

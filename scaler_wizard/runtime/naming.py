@@ -37,16 +37,30 @@ def headless_prefix(config: dict[str, Any], stored: Iterable[str]) -> str | None
     """``base_model_prefix`` of the head class when the checkpoint holds the headless base class:
     ``architectures`` names the base class and no stored tensor is under the prefix. None otherwise."""
     arch = (config.get("architectures") or [None])[0]
-    base = base_class_name(config)
-    if not arch or arch != base:
+    if not arch or arch != base_class_name(config):
         return None
+    return missing_prefix(config, stored)
+
+
+def missing_prefix(config: dict[str, Any], stored: Iterable[str]) -> str | None:
+    """The head class's ``base_model_prefix`` when no stored tensor carries it: a base class saved
+    headless, or a head-class checkpoint stored in the base model's names (the hub's ``gpt2`` keeps
+    ``h.0.attn...`` for ``GPT2LMHeadModel``, whose tied head has no tensor of its own); transformers
+    adds the prefix on load, and so does the reader. None when the names carry it."""
     try:
         import transformers
-
-        prefix = getattr(getattr(transformers, arch), "base_model_prefix", None)
-    except (ImportError, AttributeError):
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    except ImportError:
         return None
-    if not prefix or any(n.startswith(prefix + ".") for n in stored):
+    arch = (config.get("architectures") or [None])[0]
+    mt = config.get("model_type")
+    head = arch if arch and arch != base_class_name(config) else None
+    if head is None:  # the class the IR is traced from (see scaler_wizard.ir.trace.build_meta_model)
+        head = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) or MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(mt)
+    prefix = getattr(getattr(transformers, head, None), "base_model_prefix", None) if isinstance(head, str) else None
+    stored = list(stored)
+    if not prefix or not stored or any(n.startswith(prefix + ".") for n in stored):
         return None
     return prefix
 
