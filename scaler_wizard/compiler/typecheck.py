@@ -207,8 +207,14 @@ class TypeChecker:
         """Why an op would not read `noise` (None: it does). Noise perturbs copies: of units
         (zero-sum across them, exact), of an identity layer's fan-in (exact), of experts (approx)."""
         if kind == "widen":
+            why_not = {
+                "kv_heads": "copied key/value heads are read by different query groups, so no zero-sum noise "
+                            "cancels there; it is not applied",
+                "head_dim": "the new head_dim units are zero, not copies",
+                "vocab": "new vocabulary rows are means, not copies",
+            }
             if group not in ("hidden", "ffn", "heads", "experts"):
-                return f"`widen {group}` makes no copies whose symmetry noise could break"
+                return why_not.get(group, f"`widen {group}` makes no copies whose symmetry noise could break")
             if method == "zero":
                 return f"`{method}` adds fresh units, not copies"
             return None
