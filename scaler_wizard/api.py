@@ -148,9 +148,27 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
             raise CheckpointError(f"{failed_dir} already exists (a previous failed output); remove it or pass --force")
     except CheckpointError as e:
         raise UsageError(str(e)) from None
-    prog = compile(rp, stored=set(reader.names()))
+    prog = compile(rp, stored=set(reader.names()) | set(reader.aliases))
+    if reader.base_prefix:  # a headless base class stored (LlamaModel): write what it holds, as it names it
+        from scaler_wizard.runtime.naming import StoredClassError, to_stored_class
+
+        try:
+            traced = {n for t in rp.ir.tensors for n in t.names()}
+            to_stored_class(prog, reader, traced=traced,
+                            grows_width=rp.sizes_after != {k: g.size for k, g in rp.ir.groups.items()})
+        except StoredClassError as e:
+            raise UsageError(str(e)) from None
     card = card_info(prog, reader, plan_text=rp.plan_text, base_model=rp.model_ref)
     card["ops"] = [{"name": o.text, "exactness": o.exactness, "status": o.kind, "explain": o.reason} for o in rp.ops]
+    # Files other tools read: the names and shapes save_pretrained of the output class writes
+    # (per-expert tensors, `embed_out`), computed from the in-memory outputs by transformers' reverse ops.
+    from scaler_wizard.runtime.execute import merged_config
+    from scaler_wizard.runtime.naming import DiskNamingError, to_disk_names
+
+    try:
+        on_disk = to_disk_names(prog, merged_config(reader, prog, rp.dtype))
+    except DiskNamingError as e:
+        raise UsageError(f"cannot write the on-disk layout transformers saves for this model: {e}") from None
     # Stage next to OUT (same file system: the final rename is atomic); OUT is untouched until then.
     staging = final.parent / f".{final.name}.unverified-{os.getpid()}"
     if staging.exists():
@@ -158,7 +176,7 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
 
         shutil.rmtree(staging)
     try:
-        report = execute(prog, reader, staging if verify else final, dtype=rp.dtype, force=force, progress=progress,
+        report = execute(on_disk, reader, staging if verify else final, dtype=rp.dtype, force=force, progress=progress,
                          card=card, shard_size=shard_size)
     except CheckpointError as e:
         raise UsageError(str(e)) from None

@@ -324,3 +324,27 @@ def test_widen_vocab_appends_mean_rows(models, tmp_path, fam):
     assert torch.allclose(e_new[v:], e_old.mean(0, keepdim=True).expand(32, -1), atol=1e-6)
     h_new, h_old = grown.get_output_embeddings().weight, orig.get_output_embeddings().weight
     assert torch.allclose(h_new[v:], h_old.mean(0, keepdim=True).expand(32, -1), atol=1e-6)
+
+
+def test_plan_wide_noise_reaches_upcycle_and_identity_layers(models, tmp_path):
+    """issue 7 §4: examples/moe-upcycle.expand's plan-wide `noise` used to leave identical experts
+    (reported exact). Now the experts differ, the op is approx and its drift is measured; on
+    identity layers the same noise perturbs only the copied fan-in (still exact)."""
+    import torch
+
+    res = _apply("upcycle ffn experts 4 top 2\nnoise 0.001", models["llama"], tmp_path / "moe")
+    assert res["exactness"] == "approx"
+    ver = res["verification"]
+    assert ver["judged"] is False and ver["passed"]
+    assert 0 < ver["max_rel"] < 0.05, ver["max_rel"]  # small, measured, not zero
+    m = _load_clean(tmp_path / "moe")
+    gu = m.model.layers[0].mlp.experts.gate_up_proj.detach()
+    assert not torch.equal(gu[0], gu[1])
+    assert (gu[0] - gu[1]).abs().max() < 0.02  # copies plus noise of std 0.001
+
+    res = _apply("noise 0.01\ninsert layer 1 identity", models["llama"], tmp_path / "id")
+    assert res["exactness"] == "exact" and res["verification"]["passed"]
+    m = _load_clean(tmp_path / "id")
+    q0, q1 = m.model.layers[0].self_attn.q_proj.weight, m.model.layers[1].self_attn.q_proj.weight
+    assert not torch.equal(q0, q1) and (q0 - q1).abs().max() < 0.1
+    assert torch.count_nonzero(m.model.layers[1].mlp.down_proj.weight) == 0

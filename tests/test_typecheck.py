@@ -229,6 +229,84 @@ def test_names_options_and_values():
     assert rp.train == {"steps": 10, "lr": 3e-4}
 
 
+def test_plan_wide_noise_reaches_every_op_that_takes_it():
+    """issue 7 §4: `noise` written once holds for the whole plan, before or after the ops."""
+    ir = ir_of("llama")
+    # upcycle: the plan-wide noise perturbs the experts, so the op is approx (and says why)
+    for text in ("upcycle ffn experts 4 top 2\nnoise 0.001", "noise 0.001\nupcycle ffn experts 4 top 2"):
+        rp = resolve(text, ir)
+        (op,) = rp.ops
+        assert op.exactness == APPROX and op.options["noise"] == 0.001 and "plan-wide" in op.reason
+        assert [w.code for w in rp.warnings] == ["SW601"]
+    assert resolve("upcycle ffn experts 4 top 2 noise=0", ir).exactness == EXACT
+    # identity layers: the noise lands on the new layers' copied fan-in, and stays exact
+    rp = resolve("insert layer 1 identity\nnoise 0.01", ir)
+    assert rp.exactness == EXACT and [s.noise for s in rp.layer_map] == [0.0, 0.01, 0.0]
+    rp = resolve("insert layer 1 identity noise=0.2\ninsert layer 0 identity", ir)
+    assert [s.noise for s in rp.layer_map] == [0.0, 0.0, 0.2, 0.0]  # per op, not the first op's for all
+    # ops that cannot take noise: a warning naming the op, never a silent no-op
+    rp = resolve("noise 0.01\nwiden kv_heads x2\nwiden ffn x2 net2net\nduplicate layers 0..1\ninsert layer 1 zero", ir)
+    warned = [w for w in rp.warnings if w.code == "SW603"]
+    assert sorted(w.message.split("`")[3] for w in warned) == [
+        "duplicate layers 0..1", "insert layer 1 zero", "widen kv_heads x2"]
+    assert resolve("noise 0.01\nwiden ffn x2 net2net\nwiden hidden x2", ir).warnings == ()
+
+
+def test_options_an_op_would_not_read_are_errors():
+    ir = ir_of("llama")
+    assert codes("widen ffn x2 seed=3", ir) == ["SW204"]  # per-op seed was accepted and never read
+    d = errors("insert layer 1 identity seed=3", ir)[0]
+    assert "seed <n>" in d.help
+    assert codes("upcycle ffn experts 4 top 2 seed=1", ir) == ["SW204"]
+    assert codes("upcycle ffn experts 4 top 2 router=randm", ir) == ["SW207"]
+    assert resolve("upcycle ffn experts 4 top 2 router=random", ir).exactness == EXACT
+    assert codes("widen hidden x2 untie=maybe", ir_of("qwen2")) == ["SW207"]
+    assert codes("widen kv_heads x2 noise=0.1", ir) == ["SW204"]
+    assert codes("widen kv_heads x2 split=equal", ir) == ["SW204"]
+    assert codes("widen ffn to 130 zero noise=0.1", ir) == ["SW204"]
+    assert codes("widen heads to 8 zero split=equal", ir) == ["SW204"]
+    assert codes("insert layer 1 zero noise=0.1", ir) == ["SW204"]
+    assert codes("insert layer 1 copy noise=0.1", ir) == ["SW204"]
+    resolve("widen ffn x2 net2net noise=0.1 split=equal\ninsert layer 1 identity noise=0.1", ir)
+
+
+@lru_cache(maxsize=None)
+def _qwen2_windowed():
+    """Qwen2, 6 layers: full,full,full,sliding,sliding,sliding (max_window_layers 3)."""
+    from transformers import AutoConfig
+
+    from scaler_wizard.ir import discover
+
+    cfg = AutoConfig.for_model("qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=160, num_hidden_layers=6, vocab_size=256, max_position_embeddings=64,
+                               use_sliding_window=True, sliding_window=16, max_window_layers=3)
+    assert cfg.layer_types == ["full_attention"] * 3 + ["sliding_attention"] * 3
+    return discover(cfg)
+
+
+@pytest.mark.parametrize("plan,mwl,layout,warned", [
+    ("duplicate layers 2..4", 3, "FFFSFSSS", True),  # no "first N full" describes it
+    ("insert layer 1 identity", 4, "FFFFSSS", False),  # a new full layer inside the full prefix
+    ("insert layer 4 identity", 3, "FFFSSSS", False),
+    ("duplicate layers 0..3", 6, "FFFFFFSSS", False),
+    ("stack x2", 3, "FFFSSSFFFSSS", True),
+    ("widen ffn x2", 3, "FFFSSS", False),
+])
+def test_layer_types_and_max_window_layers(plan, mwl, layout, warned):
+    """issue 7 §7: the per-layer array follows the layer map; the scalar that summarises it under the
+    older convention is re-derived where one value fits, and named in a warning where none does."""
+    rp = resolve(plan, _qwen2_windowed())
+    types = rp.config_after["layer_types"]
+    assert "".join("F" if t == "full_attention" else "S" for t in types) == layout
+    assert rp.config_after["max_window_layers"] == mwl
+    sw604 = [w for w in rp.warnings if w.code == "SW604"]
+    assert bool(sw604) == warned
+    if warned:
+        assert "`max_window_layers`" in sw604[0].message and layout.replace("", ",")[1:-1] in sw604[0].message
+    else:  # the older convention reproduces the layout exactly
+        assert [("full_attention" if i < mwl else "sliding_attention") for i in range(len(types))] == types
+
+
 # ---------------------------------------------------------------- grow to
 def test_grow_to_reaches_the_target_with_exact_ops():
     ir = ir_of("llama")

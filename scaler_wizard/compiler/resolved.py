@@ -34,10 +34,13 @@ class LayerSource:
     approx), "identity" (fan-in copied from old layer ``src``, writers zero: exact), "zero"
     (fan-in random, writers zero: exact), "cancel" (non-zero paired writers summing to zero: exact).
     ``src`` is always an old layer index: the layer whose weights (or shapes) seed the new one.
+    ``noise``: std of the noise added to an identity layer's copied fan-in (exact: its writers are
+    zero); 0 for every other init.
     """
 
     src: int
     init: str = "original"
+    noise: float = field(default=0.0, repr=False)
 
     @property
     def is_new(self) -> bool:

@@ -30,13 +30,16 @@ SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=t
 SW316  the grown config would not describe the grown tensors (raised by compiler/conform.py)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
+SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
+SW604  (warning) a scalar config key can no longer describe the grown per-layer layout
 =====  ==================================================================================
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scaler_wizard.compiler import methods as M
@@ -140,6 +143,7 @@ class _State:
     noise: float = 0.0
     train: dict[str, Any] = field(default_factory=dict)
     alternatives: tuple[str, ...] = ()
+    layer_summaries: dict[str, int] = field(default_factory=dict)  # scalar keys re-derived from layer_types
 
     @property
     def depth(self) -> int:
@@ -173,12 +177,19 @@ class TypeChecker:
             layer_map=list(identity_layer_map(ir.num_layers)),
             config=dict(ir.config),
         )
-        for i, stmt in enumerate(plan.statements):
+        # Plan-wide settings hold for the whole plan wherever they are written: resolve them first,
+        # so that every op sees the final `noise` / `seed` / `dtype`.
+        settings = (A.SeedStmt, A.NoiseStmt, A.DtypeStmt)
+        order = [(i, s) for i, s in enumerate(plan.statements) if isinstance(s, settings)]
+        order += [(i, s) for i, s in enumerate(plan.statements) if not isinstance(s, settings)]
+        for i, stmt in order:
             handler = getattr(self, "_" + type(stmt).__name__, None)
             if handler is not None:
                 handler(i, stmt, st)
+        self._plan_wide_noise(st)
         self._check_config_invariants(st)
         self._check_rope_lists(st)
+        self._layer_summaries(st)
         if bag.has_errors:
             raise PlanError(bag.items)
         approx = [o for o in st.ops if o.exactness == APPROX]
@@ -192,6 +203,59 @@ class TypeChecker:
             )
         warnings = bag.items
         return self._finish(st, model_ref, tuple(warnings))
+
+    @staticmethod
+    def _noise_unused(kind: str, group: str | None, method: str | None) -> str | None:
+        """Why an op would not read `noise` (None: it does). Noise perturbs copies: of units
+        (zero-sum across them, exact), of an identity layer's fan-in (exact), of experts (approx)."""
+        if kind == "widen":
+            why_not = {
+                "kv_heads": "copied key/value heads are read by different query groups, so no zero-sum noise "
+                            "cancels there; it is not applied",
+                "head_dim": "the new head_dim units are zero, not copies",
+                "vocab": "new vocabulary rows are means, not copies",
+            }
+            if group not in ("hidden", "ffn", "heads", "experts"):
+                return why_not.get(group, f"`widen {group}` makes no copies whose symmetry noise could break")
+            if method == "zero":
+                return f"`{method}` adds fresh units, not copies"
+            return None
+        if kind == "insert":
+            return None if method == "identity" else f"`{method}` layers do not copy fan-in weights"
+        if kind == "upcycle":
+            return None
+        return f"`{kind}` copies layers whole"
+
+    @staticmethod
+    def _split_unused(group: str | None, method: str | None) -> str | None:
+        if group not in ("hidden", "ffn", "heads"):
+            return f"`widen {group}` splits no fan-out among copies"
+        if method == "zero":
+            return "`zero` adds fresh units, not copies"
+        return None
+
+    def _unread_options(self, st: _State, s, opts: dict, kind: str, group, method) -> None:
+        """Options the op accepts in general but would not read for this group / method / init."""
+        checks = {"noise": self._noise_unused(kind, group, method)}
+        if kind == "widen":
+            checks["split"] = self._split_unused(group, method)
+        for key, why in checks.items():
+            if key in opts and why is not None:
+                span = next((o.key.span for o in s.options if o.key.name == key), s.span)
+                st.bag.error("SW204", f"`{key}=` has no effect on `{_print_stmt(s)}`: {why}", span,
+                             help=f"remove `{key}=`")
+
+    def _plan_wide_noise(self, st: _State) -> None:
+        if not st.noise:
+            return
+        for op in st.ops:
+            if op.kind == "widen" and op.options.get("implied"):
+                continue
+            why = self._noise_unused(op.kind, op.group, op.method)
+            if why is not None and "noise" not in op.options:
+                st.bag.warning("SW603", f"the plan-wide `noise {st.noise:g}` does not apply to `{op.text}`: {why}",
+                               op.span, help="noise applies to widen hidden/ffn/heads/experts (copies), "
+                               "insert identity (fan-in) and upcycle (experts)")
 
     def _check_config_invariants(self, st: _State) -> None:
         """transformers' config classes validate hidden_size % num_attention_heads == 0 (even
@@ -248,16 +312,58 @@ class TypeChecker:
         return plan
 
     def _reindex_layer_arrays(self, st: _State, config: dict) -> None:
+        """Per-layer arrays follow the layer map: new layer j takes old layer ``src``'s entry."""
         for key in self.ir.layer_arrays:
             arr = self.ir.config.get(key)
             if isinstance(arr, list) and len(arr) == self.ir.num_layers:
                 config[key] = [arr[src.src] for src in st.layer_map]
-        # Qwen2-style "first N layers use full attention": keep the boundary on the same old layer.
-        mwl = self.ir.config.get("max_window_layers")
-        if isinstance(mwl, int) and mwl < self.ir.num_layers:
-            config["max_window_layers"] = sum(1 for src in st.layer_map if src.src < mwl)
-        elif isinstance(mwl, int):
-            config["max_window_layers"] = max(mwl, st.depth)  # every layer stays below the boundary
+        config.update(st.layer_summaries)
+
+    def _layer_summaries(self, st: _State) -> None:
+        """Scalar keys that summarise `layer_types` under an older config convention.
+
+        transformers' config classes derive `layer_types` from such a key when the array is absent
+        (Qwen2 / Qwen3 `max_window_layers`: the first N layers use full attention, the rest the
+        sliding window; Gemma-3-style `sliding_window_pattern`: every N-th layer is full). Where the
+        input's layout follows the convention, the grown layout is re-summarised: the value that
+        reproduces it is written when one exists; otherwise the key keeps the closest value and
+        SW604 names it (transformers 5 reads `layer_types`, which is always right). A key whose
+        convention the input does not follow (sliding window off, an explicit layout) is left as is.
+        """
+        old = self.ir.config.get("layer_types")
+        if not (isinstance(old, list) and len(old) == self.ir.num_layers):
+            return
+        if [s.src for s in st.layer_map] == list(range(self.ir.num_layers)):
+            return  # the layout did not change
+        new = [old[s.src] for s in st.layer_map]
+        full = "full_attention"
+        conventions = {
+            "max_window_layers": lambda n, i: i < n,
+            "sliding_window_pattern": lambda n, i: (i + 1) % n == 0,
+        }
+        for key, is_full in conventions.items():
+            value = self.ir.config.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key != "max_window_layers" else 0):
+                continue
+            if [full if is_full(value, i) else "x" for i in range(len(old))] != [full if t == full else "x" for t in old]:
+                continue  # the input does not follow this convention: the key does not describe its layout
+            target = [t == full for t in new]
+            fits = [n for n in range(0, len(new) + 2) if n >= 1 or key == "max_window_layers"
+                    if [is_full(n, i) for i in range(len(new))] == target]
+            if fits:
+                st.layer_summaries[key] = value if value in fits else fits[0]
+                continue
+            closest = sum(1 for _ in itertools.takewhile(bool, target)) if key == "max_window_layers" else value
+            st.layer_summaries[key] = closest
+            depth_ops = [o for o in st.ops if o.layer_map]
+            layout = ",".join("F" if t else "S" for t in target)
+            st.bag.warning(
+                "SW604",
+                f"`{key}` cannot describe the grown layer layout {layout} (F full, S sliding attention); "
+                f"`layer_types` holds it, `{key}` is written as {closest}",
+                depth_ops[-1].span if depth_ops else A.Span(),
+                help=f"transformers 5 reads `layer_types`; tools reading only `{key}` would take another layout",
+            )
 
     # ------------------------------------------------------------------ helpers
     def _options(self, st: _State, options, allowed: dict[str, str], what: str) -> dict[str, Any]:
@@ -267,11 +373,15 @@ class TypeChecker:
             if key not in allowed:
                 hint = suggest(key, allowed)
                 known = ", ".join(f"`{k}`" for k in allowed) or "none"
+                if key == "seed":
+                    hint_text = "random choices are seeded plan-wide: write `seed <n>` on its own line; "
+                else:
+                    hint_text = f"did you mean `{hint}`? " if hint else ""
                 st.bag.error(
                     "SW204",
                     f"unknown option `{key}` for {what}",
                     o.key.span,
-                    help=(f"did you mean `{hint}`? " if hint else "") + f"options of {what}: {known}",
+                    help=hint_text + f"options of {what}: {known}",
                 )
                 continue
             out[key] = _opt_value(o.value)
@@ -279,10 +389,15 @@ class TypeChecker:
         if noise is not None and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0):
             span = next(o.value.span for o in options if o.key.name == "noise")
             st.bag.error("SW207", f"`noise` must be a non-negative number, got `{noise}`", span)
-        split = out.get("split")
-        if split is not None and split not in ("equal", "random"):
-            span = next(o.value.span for o in options if o.key.name == "split")
-            st.bag.error("SW207", f"`split` must be `equal` or `random`, got `{split}`", span)
+        for key, allowed_values in (("split", ("equal", "random")), ("router", ("zero", "random")),
+                                    ("untie", (True, False, "true", "false"))):
+            value = out.get(key)
+            if value is not None and (value not in allowed_values or isinstance(value, (int, float)) and
+                                      not isinstance(value, bool)):
+                span = next(o.value.span for o in options if o.key.name == key)
+                names = " or ".join(f"`{v}`" for v in allowed_values if isinstance(v, str))
+                st.bag.error("SW207", f"`{key}` must be {names}, got `{value}`", span)
+                out.pop(key)
         return out
 
     def _group(self, st: _State, ident: A.Ident) -> str | None:
@@ -370,6 +485,7 @@ class TypeChecker:
                 + ", ".join(f"`{m}`" for m in applicable),
             )
             return
+        self._unread_options(st, s, opts, "widen", group, method_name)
         if new is None:
             return
         if spec.integer_factor_only and not integer_factor:
@@ -777,6 +893,12 @@ class TypeChecker:
         return False
 
     def _depth_op(self, i, s, st: _State, kind: str, init: str | None, opts: dict, new_map: list[LayerSource]):
+        if kind == "insert":
+            self._unread_options(st, s, opts, "insert", None, init)
+            noise = opts.get("noise", st.noise) or 0.0
+            if init == "identity" and noise:
+                old = {id(x) for x in st.layer_map}
+                new_map = [x if id(x) in old else replace(x, noise=float(noise)) for x in new_map]
         exactness = APPROX if init in (None, "copy") else EXACT
         reason = (
             "copied layers change the function (SOLAR / G_stack style)"
@@ -966,13 +1088,16 @@ class TypeChecker:
             return
         if not ok:
             return
-        noise = opts.get("noise", 0) or 0
+        noise = opts.get("noise", st.noise) or 0
         exactness = EXACT if not noise else APPROX
         reason = (
             f"identical experts with top-{k} weights renormalised to sum to 1 ({target[0]})"
             if exactness == EXACT
-            else "noise on expert copies changes each expert"
+            else f"noise {noise:g}" + (" (plan-wide)" if "noise" not in opts else "")
+            + " on the expert copies changes each expert: the top-k mixture no longer equals the dense FFN"
         )
+        if noise:
+            opts = {**opts, "noise": noise}
         patch = {
             "model_type": target[0],
             "architectures": [target[1]],

@@ -220,6 +220,7 @@ class CheckpointReader:
         self.aliases: dict[str, str] = {}  # in-memory (model) name -> stored name, where they differ
         self.virtual: dict[str, VirtualTensor] = {}  # in-memory name -> tensor built from stored ones
         self.unconverted: list = []  # (converter, error) pairs: matched stored names but could not be applied
+        self.base_prefix: str | None = None  # headless base class stored (LlamaModel): the head class's prefix
         self.bytes_read = 0
         self.reads = 0
 
@@ -234,6 +235,18 @@ class CheckpointReader:
 
     def __contains__(self, name: str) -> bool:
         return name in self._infos or name in self.tied or name in self.aliases or name in self.virtual
+
+    def _find_base_prefix(self) -> None:
+        """A checkpoint of the headless base class (``LlamaModel``, ``BertModel``): its tensors are
+        reachable under the head class's in-memory names (``model.`` / ``bert.`` + stored name)."""
+        from scaler_wizard.runtime.naming import headless_prefix, missing_prefix
+
+        self.base_prefix = headless_prefix(self.config, self._infos)
+        prefix = missing_prefix(self.config, self._infos)
+        if prefix:
+            for n in self._infos:
+                self.aliases.setdefault(f"{prefix}.{n}", n)
+            self._find_ties()  # the tie's stored member is reachable now (hub gpt2: wte.weight)
 
     def _find_aliases(self) -> None:
         """transformers 5 renames some weights between disk and memory (GPT-NeoX stores
@@ -401,10 +414,11 @@ class CheckpointReader:
                                                               "word_embeddings.weight", "embed_in.weight"))), None)
             if emb is not None:
                 pairs = [("lm_head.weight", emb)]
+        have = set(self._infos) | set(self.aliases)
         for absent, stored in pairs:
-            if absent not in self._infos and stored in self._infos:
+            if absent not in have and stored in have:
                 self.tied[absent] = stored
-            elif stored not in self._infos and absent in self._infos:
+            elif stored not in have and absent in have:
                 self.tied[stored] = absent
 
 
@@ -458,6 +472,7 @@ class SafetensorsReader(CheckpointReader):
             raise NoCheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
         self._find_ties()
         self._find_aliases()
+        self._find_base_prefix()
 
     def _read(self, name: str):
         from safetensors import safe_open
@@ -485,6 +500,7 @@ class InMemoryReader(CheckpointReader):
             self._infos[n] = TensorInfo(n, tuple(t.shape), dt, source)
         self._find_ties()
         self._find_aliases()
+        self._find_base_prefix()
 
     def _read(self, name: str):
         return self._tensors[name].clone()

@@ -159,9 +159,31 @@ def model_class_for(path) -> Any:
     return AutoModelForCausalLM
 
 
+def is_headless(model) -> bool:
+    """The family's headless base class (LlamaModel, BertModel): it returns hidden states, not logits."""
+    from scaler_wizard.runtime.naming import base_class_name
+
+    return type(model).__name__ == base_class_name({"model_type": getattr(model.config, "model_type", None)})
+
+
 def is_causal_lm(model) -> bool:
-    """A causal decoder (the KV-cache checks apply): its class is one of transformers' causal LMs."""
-    return type(model).__name__ in _causal_class_names()
+    """A causal decoder (the KV-cache checks apply): its class is one of transformers' causal LMs, or
+    the headless base class of a decoder-only family (LlamaModel: a causal LM without its head)."""
+    if type(model).__name__ in _causal_class_names():
+        return True
+    if is_headless(model):
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+        mt = model.config.model_type
+        return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return False
+
+
+def _scores(out):
+    """Logits, or the last hidden states of a headless base class."""
+    logits = getattr(out, "logits", None)
+    return (logits if logits is not None else out.last_hidden_state).float()
 
 
 def load_model(m, dtype=None):
@@ -225,7 +247,7 @@ def _forward(model, ids, mask=None, position_ids=None, token_type_ids=None):
             kw["position_ids"] = position_ids
         if token_type_ids is not None:
             kw["token_type_ids"] = token_type_ids
-        return model(input_ids=ids, **kw).logits.float()
+        return _scores(model(input_ids=ids, **kw))
 
 
 def kv_decode_logits(model, ids, prefill: int):
@@ -236,11 +258,11 @@ def kv_decode_logits(model, ids, prefill: int):
     with torch.no_grad():
         out = model(input_ids=ids[:, :prefill], use_cache=True)
         past = out.past_key_values
-        chunks = [out.logits.float()]
+        chunks = [_scores(out)]
         for t in range(prefill, ids.shape[1]):
             out = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
             past = out.past_key_values
-            chunks.append(out.logits.float())
+            chunks.append(_scores(out))
     return torch.cat(chunks, dim=1)
 
 
@@ -290,10 +312,16 @@ def compare_models(
     rep = VerifyReport(rtol=rtol, vocab_compared=v, vocab_grown=v_grown)
     if v_grown != v_orig:
         rep.notes.append(f"vocabulary {v_orig} -> {v_grown}: comparing the first {v} logits (softmax over them)")
+    ids_v = v
+    if is_headless(o) and is_headless(g):
+        # no logits: compare the last hidden states; widening keeps the original units first (copies after)
+        v = int(o.config.hidden_size)
+        rep.notes.append(f"headless {type(o).__name__}: comparing last hidden states (the first {v} units; "
+                         "the KL column is over those units, not a vocabulary)")
 
     gen = torch.Generator().manual_seed(seed)
     if n_random > 0:
-        ids = torch.randint(0, v, (n_random, seq_len), generator=gen)
+        ids = torch.randint(0, ids_v, (n_random, seq_len), generator=gen)
         lg, lo = _forward(g, ids), _forward(o, ids)
         rep.checks.append(compare_logits("random_ids", lg, lo, rtol=rtol, vocab=v))
 
@@ -442,7 +470,10 @@ def symmetry_check(model, duplicated_groups, steps: int = 1, *, optimizer: str =
     the same shape. ``optimizer``: 'adamw' or 'sgd'. The passed model is not modified."""
     import torch
 
-    m = copy.deepcopy(load_model(model))
+    m = load_model(model)
+    if is_headless(m):
+        raise ValueError(f"the symmetry check trains with an LM loss; {type(m).__name__} has no head")
+    m = copy.deepcopy(m)
     m.eval()  # no dropout: dropout noise would break symmetry for the wrong reason
     params = dict(m.named_parameters())
     groups = []

@@ -72,16 +72,13 @@ WIDEN_OPTIONS = {
     "noise": "symmetry-breaking noise scale (zero-sum across copies: exact in the forward pass)",
     "split": "how readers' copies share the original: `random` (default, unequal, breaks symmetry) or `equal`",
     "untie": "hidden only: untie the LM head from the embedding (`true`); default keeps the tie",
-    "seed": "seed for this statement's random choices",
 }
 INSERT_OPTIONS = {
     "from": "the old layer whose fan-in weights seed the new layer (default: the neighbour before it)",
-    "noise": "noise on copied fan-in weights",
-    "seed": "seed for this statement's random choices",
+    "noise": "identity layers only: noise on the copied fan-in weights (exact: the writers are zero)",
 }
 UPCYCLE_OPTIONS = {
     "noise": "noise on expert copies (breaks expert symmetry; makes the op approx)",
     "router": "router initialisation: `zero` (default) or `random`",
-    "seed": "seed for this statement's random choices",
 }
 DUPLICATE_OPTIONS: dict[str, str] = {}

@@ -47,12 +47,6 @@ class Depth(Pass):
         if st.layer_prefix is None and any(s.init != "original" for s in self.layer_map):
             raise self.fail(st, "the IR names no per-layer tensors")
 
-    def _option(self, key, default=None):
-        for o in self.ops:
-            if key in o.options:
-                return o.options[key]
-        return default
-
     def apply(self, st: LowerState) -> None:
         by_layer: dict[int, list[tuple[str, str, TState]]] = {}
         globals_: dict[str, TState] = {}
@@ -64,8 +58,8 @@ class Depth(Pass):
                 by_layer.setdefault(sp[0], []).append((sp[1], name, ts))
         new: dict[str, TState] = dict(globals_)
         std = st.init_std()
-        noise = float(self._option("noise", 0.0) or 0.0)
         for j, s in enumerate(self.layer_map):
+            noise = float(s.noise or 0.0)  # per new layer: the op that made it (or the plan-wide noise)
             for suffix, old_name, ts in by_layer.get(s.src, []):
                 name = f"{st.layer_prefix}.{j}.{suffix}"
                 node = ts.node

@@ -4,7 +4,9 @@ Each layer's gate/up/down become ``mlp.experts.gate_up_proj`` (E, 2F, H) = E cop
 ``mlp.experts.down_proj`` (E, H, F) = E copies of down, and a router ``mlp.gate.weight`` (E, H)
 (zero by default, ``router=random`` for small random logits). With top-k weights renormalised to sum
 to 1 (Mixtral; Qwen3-MoE with norm_topk_prob) the mixture equals the dense FFN exactly, whatever the
-router picks. ``noise`` perturbs each expert copy (approx).
+router picks. ``noise`` (the op's, or the plan-wide one) perturbs each expert copy independently:
+approx, since only k of the E perturbed experts are mixed and no zero-sum across them survives the
+router's choice.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Upcycle(Pass):
     def apply(self, st: LowerState) -> None:
         op = self.op
         E = op.new_size
-        noise = float(option(op, "noise", 0.0) or 0.0)
+        noise = float(option(op, "noise", st.plan.noise) or 0.0)
         router = option(op, "router", "zero")
         std = st.init_std()
         for layer, parts in sorted(self._find(st).items()):

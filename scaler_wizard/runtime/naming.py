@@ -1,0 +1,291 @@
+"""Names between the compiler and the files: the stored class of a checkpoint.
+
+The IR (and so every TensorProgram) names tensors as transformers' head class holds them in memory
+(``LlamaForCausalLM``: ``model.layers.0...``, ``lm_head.weight``; ``BertForMaskedLM``: ``bert.*``,
+``cls.*``). A checkpoint saved from the headless base class (``LlamaModel``, ``BertModel``, as
+sentence-embedding models ship) stores the base model's tensors without the ``base_model_prefix``
+and has no head; BERT's base class adds a pooler that the masked-LM class lacks.
+
+:func:`headless_prefix` discovers that from the config (``architectures`` names the family's base
+class in transformers' ``MODEL_MAPPING_NAMES``) and the stored names (none under the prefix).
+:func:`to_stored_class` rewrites a program for such a checkpoint: outputs of the head are dropped,
+the prefix is stripped from the rest, and stored tensors the traced class does not have (the pooler)
+are copied through when the plan leaves every dimension group at its size (refused otherwise,
+naming them: the compiler knows no reader/writer roles for them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+class StoredClassError(ValueError):
+    """The checkpoint's stored class cannot be grown by this plan (message is user-facing)."""
+
+
+def base_class_name(config: dict[str, Any]) -> str | None:
+    """transformers' headless base class for the config's ``model_type`` (``LlamaModel``)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    except ImportError:
+        return None
+    name = MODEL_MAPPING_NAMES.get(config.get("model_type"))
+    return name if isinstance(name, str) else None
+
+
+def headless_prefix(config: dict[str, Any], stored: Iterable[str]) -> str | None:
+    """``base_model_prefix`` of the head class when the checkpoint holds the headless base class:
+    ``architectures`` names the base class and no stored tensor is under the prefix. None otherwise."""
+    arch = (config.get("architectures") or [None])[0]
+    if not arch or arch != base_class_name(config):
+        return None
+    return missing_prefix(config, stored)
+
+
+def missing_prefix(config: dict[str, Any], stored: Iterable[str]) -> str | None:
+    """The head class's ``base_model_prefix`` when no stored tensor carries it: a base class saved
+    headless, or a head-class checkpoint stored in the base model's names (the hub's ``gpt2`` keeps
+    ``h.0.attn...`` for ``GPT2LMHeadModel``, whose tied head has no tensor of its own); transformers
+    adds the prefix on load, and so does the reader. None when the names carry it."""
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    except ImportError:
+        return None
+    arch = (config.get("architectures") or [None])[0]
+    mt = config.get("model_type")
+    head = arch if arch and arch != base_class_name(config) else None
+    if head is None:  # the class the IR is traced from (see scaler_wizard.ir.trace.build_meta_model)
+        head = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) or MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(mt)
+    prefix = getattr(getattr(transformers, head, None), "base_model_prefix", None) if isinstance(head, str) else None
+    stored = list(stored)
+    if not prefix or not stored or any(n.startswith(prefix + ".") for n in stored):
+        return None
+    return prefix
+
+
+def to_stored_class(program, reader, *, traced: set[str], grows_width: bool) -> None:
+    """Rewrite ``program`` (in place) for a headless checkpoint (``reader.base_prefix`` set).
+
+    ``traced``: the in-memory names of the traced (head) class. Raises :class:`StoredClassError` when
+    the checkpoint stores tensors that the traced class does not have and the plan changes a
+    dimension they may span."""
+    from scaler_wizard.compiler.program import Load
+
+    prefix = reader.base_prefix
+    if not prefix:
+        return
+    dot = prefix + "."
+    kept = {}
+    for name, out in program.outputs.items():
+        if not name.startswith(dot):
+            continue  # the head: not part of the stored class
+        out.name = name[len(dot):]
+        kept[out.name] = out
+    extra = [n for n in reader.names() if dot + n not in traced]
+    if extra and grows_width:
+        raise StoredClassError(
+            f"{reader.path} stores the headless {reader.config.get('architectures', ['?'])[0]} with "
+            f"tensor(s) the traced class lacks ({', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}); "
+            "their roles are unknown, so a plan that widens a dimension cannot grow them. Depth-only plans "
+            "copy them through.")
+    program.outputs.clear()
+    program.outputs.update(kept)
+    for n in extra:  # unchanged tensors of the stored class (BERT's pooler): the hidden state they read is kept
+        program.copy_through(n, reader.shape(n), None)
+    if program.outputs and not any(isinstance(n, Load) for n in program.nodes()):
+        raise StoredClassError("nothing of the stored class is read")
+    patch = program.config_patch
+    if "architectures" in patch:  # upcycle names the new family's head class: keep the stored base class
+        new_base = base_class_name({"model_type": patch.get("model_type", reader.config.get("model_type"))})
+        if new_base:
+            patch["architectures"] = [new_base]
+
+
+# ------------------------------------------------------------------------------ names on disk (§5)
+
+
+class DiskNamingError(ValueError):
+    """transformers' reverse weight conversion uses an operation this module cannot express as program ops."""
+
+
+def _tracked_mode(nodes: dict[int, Any], keep: list):
+    """A TorchFunctionMode that runs tensor functions on meta tensors and records, for every result, the
+    program node computing it from the nodes of its inputs (only ops that move values)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from scaler_wizard.compiler import program as P
+
+    def node_of(t):
+        return nodes.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def record(t, n):
+        if isinstance(t, torch.Tensor) and n is not None and tuple(t.shape) == tuple(n.shape):
+            nodes[id(t)] = n
+            keep.append(t)  # ids stay unique while the mode lives
+
+    def dim_of(args, kwargs, pos, ndim, default=0):
+        d = kwargs.get("dim", args[pos] if len(args) > pos else default)
+        return d % ndim if ndim else 0
+
+    def pieces(x, n, outs, d):
+        start = 0
+        for o in outs:
+            size = o.shape[d]
+            record(o, P.Slice(n, d, start, start + size))
+            start += size
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = getattr(func, "__name__", "")
+            x = args[0] if args else None
+            n = node_of(x)
+            try:
+                if name in ("contiguous", "clone", "detach", "to", "float") and n is not None:
+                    if isinstance(out, torch.Tensor) and out.dtype == x.dtype:
+                        record(out, n)
+                elif name in ("chunk", "split", "tensor_split", "unbind") and n is not None:
+                    d = dim_of(args, kwargs, 2 if name != "unbind" else 1, x.dim())
+                    if name == "unbind":
+                        for i, o in enumerate(out):
+                            record(o, P.Reshape(P.Slice(n, d, i, i + 1), o.shape))
+                    else:
+                        pieces(x, n, out, d)
+                elif name in ("squeeze", "unsqueeze", "reshape", "view", "flatten", "unflatten", "view_as",
+                              "reshape_as") and n is not None:
+                    record(out, P.Reshape(n, out.shape))
+                elif name in ("transpose", "swapaxes", "swapdims", "t", "permute") and n is not None:
+                    if name == "t":
+                        dims = tuple(reversed(range(x.dim())))
+                    elif name == "permute":
+                        dims = tuple(args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1])
+                    else:
+                        a, b = (kwargs.get("dim0", args[1]), kwargs.get("dim1", args[2]))
+                        p = list(range(x.dim()))
+                        p[a % x.dim()], p[b % x.dim()] = p[b % x.dim()], p[a % x.dim()]
+                        dims = tuple(p)
+                    record(out, P.Permute(n, tuple(d % x.dim() for d in dims)))
+                elif name in ("cat", "concat", "concatenate", "stack"):
+                    ts = list(args[0] if args else kwargs["tensors"])
+                    ns = [node_of(t) for t in ts]
+                    if ts and all(m is not None for m in ns):
+                        d = dim_of(args, kwargs, 1, out.dim())
+                        if name == "stack":
+                            ns = [P.Reshape(m, t.shape[:d] + (1,) + t.shape[d:]) for m, t in zip(ns, ts)]
+                        record(out, ns[0] if len(ns) == 1 else P.Concat(tuple(ns), d))
+            except Exception:  # noqa: BLE001 - an unexpected signature: the result stays unknown (checked below)
+                pass
+            return out
+
+    return Mode()
+
+
+def disk_layout(model, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str] | None = None):
+    """What ``model.save_pretrained`` writes for tensors named and shaped as in memory (``shapes``):
+    {disk name: program node over ``Load``-free placeholders}. Runs transformers' own
+    ``revert_weight_conversion`` on meta tensors while recording the ops it applies.
+
+    Returns (layout, sources): ``layout[disk_name]`` is a node whose leaves are ``Load(memory_name)``
+    placeholders; callers substitute the memory tensors' real nodes."""
+    import torch
+
+    from scaler_wizard.compiler import program as P
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # an older transformers writes what it holds
+        return {n: P.Load(n, s) for n, s in shapes.items()}
+    nodes: dict[int, Any] = {}
+    keep: list = []
+    sd = {}
+    for name, shape in shapes.items():
+        t = torch.empty(shape, device="meta")
+        nodes[id(t)] = P.Load(name, shape)
+        keep.append(t)
+        sd[name] = t
+    with _tracked_mode(nodes, keep):
+        out = revert_weight_conversion(model, sd)
+    layout = {}
+    for name, t in out.items():
+        n = nodes.get(id(t))
+        if n is None or tuple(n.shape) != tuple(t.shape):
+            raise DiskNamingError(f"cannot follow transformers' reverse conversion to {name!r} {tuple(t.shape)}")
+        layout[name] = n
+    return layout
+
+
+def meta_model_for(config: dict[str, Any]):
+    """The output class (``architectures``; a causal LM otherwise) built on the meta device from ``config``."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {k: v for k, v in config.items() if k not in ("transformers_version",)}
+    conf = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    with torch.device("meta"):
+        return cls(conf) if cls is not None else AutoModelForCausalLM.from_config(conf)
+
+
+def to_disk_names(program, config: dict[str, Any]):
+    """A copy of ``program`` whose outputs have the names and shapes ``save_pretrained`` of the output
+    class writes (per-expert tensors, ``embed_out``, ...), each computed from the in-memory output's
+    node by the moves transformers' reverse conversion applies (slices, reshapes, permutes, concats),
+    so the executor still streams one output at a time. The program itself is left unchanged (its
+    in-memory names are what the growth record and training use)."""
+    import copy
+
+    from scaler_wizard.compiler import program as P
+
+    try:
+        model = meta_model_for(config)
+    except Exception as e:  # noqa: BLE001 - transformers refuses the output config: say so, never a traceback
+        raise DiskNamingError(f"the output class cannot be built from the output config: {type(e).__name__}: {e}")
+    layout = disk_layout(model, {n: o.node.shape for n, o in program.outputs.items()})
+    if set(layout) == set(program.outputs) and all(
+            isinstance(v, P.Load) and v.name == k for k, v in layout.items()):
+        return program
+    memo: dict[str, Any] = {}
+
+    def subst(node):
+        if isinstance(node, P.Load):
+            return program.outputs[node.name].node
+        got = memo.get(node.digest)
+        if got is not None:
+            return got
+        kids = node.children()
+        if isinstance(node, P.Concat):
+            new = P.Concat(tuple(subst(k) for k in kids), node.axis)
+        else:
+            new = copy.copy(node)
+            object.__setattr__(new, "x", subst(node.x))
+            new.__post_init__()
+        memo[node.digest] = new
+        return new
+
+    disk = P.TensorProgram(config_patch=dict(program.config_patch), metadata=dict(program.metadata), seed=program.seed)
+    for name, node in layout.items():
+        src = next((n for n in _leaves(node)), None)
+        o = program.outputs[src] if src is not None else None
+        if isinstance(node, P.Load):
+            disk.outputs[name] = P.Output(name, o.node, o.exactness, o.status, o.original_region, o.explain)
+        else:
+            disk.add(name, subst(node), exactness=o.exactness if o else "exact",
+                     status=o.status if o else "new", explain=(o.explain if o else "") + f" [stored as {name}]")
+    return disk
+
+
+def _leaves(node):
+    from scaler_wizard.compiler import program as P
+
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, P.Load):
+            yield n.name
+        stack.extend(n.children())
