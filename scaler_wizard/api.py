@@ -56,6 +56,8 @@ def check(plan: str, model: str | None = None, *, seed: int | None = None, dtype
     ast, sources = _parse(plan)
     rp = check_parsed(ast, sources, model=model, context=context)
     if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise UsageError(f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
         rp = dataclasses.replace(rp, seed=int(seed))
     if dtype is not None:
         from scaler_wizard.compiler.typecheck import DTYPE_ALIASES, DTYPES

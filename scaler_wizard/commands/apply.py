@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
+from scaler_wizard.commands import seed_arg, size_arg
+
 HELP = "grow a checkpoint: execute a plan out-of-core"
 
 
@@ -21,11 +23,11 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--out", required=True, help="output directory (created atomically)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--allow-bin", action="store_true", help="allow reading pickle (pytorch_model.bin) checkpoints")
-    p.add_argument("--seed", type=int, help="override the plan's seed")
+    p.add_argument("--seed", type=seed_arg, help="override the plan's seed")
     p.add_argument("--dtype", help="output dtype (float32, bfloat16, float16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-verify", action="store_true", help="skip the verification after writing")
-    p.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
+    p.add_argument("--shard-size", default="5GB", type=size_arg, help="maximum shard size (default 5GB)")
     p.add_argument("--format", choices=("text", "json"), default="text")
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from scaler_wizard.commands import seed_arg
+
 HELP = "lower a plan to a tensor program (JSON)"
 
 
@@ -15,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("plan", metavar="PLAN", help="the .expand plan file")
     p.add_argument("--model", "-m", help="model (overrides the plan's `model` statement)")
     p.add_argument("-o", "--out", help="write the program here (default: stdout)")
-    p.add_argument("--seed", type=int, help="override the plan's seed")
+    p.add_argument("--seed", type=seed_arg, help="override the plan's seed")
 
 
 def run(args) -> int:

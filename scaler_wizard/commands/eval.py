@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from scaler_wizard.commands import nonneg_int, positive_int
 from scaler_wizard.compiler.diagnostics import UsageError
 
 HELP = "evaluate models with lm-eval"
@@ -26,12 +27,12 @@ def add_arguments(p) -> None:
                    help='jsonl for the `mc` task: {"question", "choices", "answer"} per line')
     p.add_argument("--include-path", action="append", default=[], metavar="DIR", help="more lm-eval YAML tasks")
     p.add_argument("--limit", type=float, help="documents per task (a fraction if < 1)")
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-fewshot", type=nonneg_int)
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    p.add_argument("--doc-chars", type=int, default=2000, help="perplexity document size in characters")
-    p.add_argument("--max-length", type=int, help="context window for rolling perplexity (default: the model's)")
+    p.add_argument("--doc-chars", type=positive_int, default=2000, help="perplexity document size in characters")
+    p.add_argument("--max-length", type=positive_int, help="context window for rolling perplexity (default: the model's)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON ('-' for stdout)")
 
 

@@ -124,6 +124,13 @@ def _opt_value(v: A.Value) -> Any:
     return v.name if isinstance(v, A.Ident) else v.value
 
 
+SEED_MAX = 2**63 - 1  # what torch.Generator.manual_seed takes for every seed this project derives
+
+
+def _valid_seed(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SEED_MAX
+
+
 @dataclass
 class _State:
     ir: ModelIR
@@ -277,6 +284,10 @@ class TypeChecker:
         if noise is not None and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0):
             span = next(o.value.span for o in options if o.key.name == "noise")
             st.bag.error("SW207", f"`noise` must be a non-negative number, got `{noise}`", span)
+        seed = out.get("seed")
+        if seed is not None and not _valid_seed(seed):
+            span = next(o.value.span for o in options if o.key.name == "seed")
+            st.bag.error("SW207", f"`seed` must be an integer from 0 to {SEED_MAX}, got `{seed}`", span)
         split = out.get("split")
         if split is not None and split not in ("equal", "random"):
             span = next(o.value.span for o in options if o.key.name == "split")
@@ -313,6 +324,9 @@ class TypeChecker:
         pass  # resolved by the front end before the IR is built
 
     def _SeedStmt(self, i, s: A.SeedStmt, st: _State):
+        if not _valid_seed(s.value.value):
+            st.bag.error("SW207", f"seed must be an integer from 0 to {SEED_MAX}, got {s.value.value}", s.value.span)
+            return
         st.seed = s.value.value
 
     def _NoiseStmt(self, i, s: A.NoiseStmt, st: _State):

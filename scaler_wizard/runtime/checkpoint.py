@@ -100,6 +100,11 @@ class OutputExistsError(CheckpointError):
     pass
 
 
+class OutputWriteError(CheckpointError):
+    """The output could not be created or written (read-only location, permissions, disk full); the
+    temporary directory has been removed and nothing was written at OUT."""
+
+
 class UnsafeOutputError(CheckpointError):
     """The output would be written into, over or around the input."""
 
@@ -618,16 +623,29 @@ def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[l
 
 
 def parse_size(s: int | str) -> int:
-    """'5GB' -> 5e9, '500MB', '2GiB', 1234."""
-    if isinstance(s, int):
-        return s
-    t = str(s).strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}
-    for u, m in units.items():
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * m)
-    return int(t)
+    """'5GB' -> 5e9, '500MB', '2GiB', 1234 (bytes). Raises CheckpointError for anything else or a
+    size that is not positive."""
+    if isinstance(s, int) and not isinstance(s, bool):
+        n = s
+    else:
+        t = str(s).strip().upper()
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+                 "TB": 10**12, "B": 1}
+        mult = 1
+        for u, m in units.items():
+            if t.endswith(u):
+                t, mult = t[: -len(u)].strip(), m
+                break
+        try:
+            v = float(t)
+        except ValueError:
+            v = math.nan
+        if not math.isfinite(v):
+            raise CheckpointError(f"shard size {s!r}: expected a size such as 500MB, 2GB, 2GiB or a number of bytes")
+        n = int(v * mult)
+    if n <= 0:
+        raise CheckpointError(f"shard size {s!r}: must be positive")
+    return n
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -745,8 +763,14 @@ class CheckpointWriter:
         self.force = force
         self.max_shard_size = parse_size(max_shard_size)
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        except OSError as e:
+            from scaler_wizard.runtime.preflight import os_error_reason
+
+            raise OutputWriteError(f"cannot create the output {self.out}: {os_error_reason(e)}"
+                                   f"{f' ({e.filename})' if e.filename else ''}") from None
         self._shard_files: list[tuple[str, list[str]]] = []  # (temp file name, tensor names)
         self._buf: dict[str, Any] = {}
         self._buf_bytes = 0
@@ -873,4 +897,9 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb):
         self.abort()
+        if isinstance(exc, OSError):  # disk full, read-only, permissions: one message, no partial output
+            from scaler_wizard.runtime.preflight import os_error_reason
+
+            raise OutputWriteError(f"writing {self.out} failed: {os_error_reason(exc)}; the partial output was "
+                                   f"removed and nothing was written at {self.out}") from None
         return False

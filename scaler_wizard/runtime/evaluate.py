@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.runtime.preflight import check_model
 
 BUILTIN = ("perplexity", "mc")
 
@@ -143,6 +144,20 @@ def _label(spec: str, used: set[str]) -> tuple[str, str]:
     return label, path
 
 
+BUILTIN_TASKS = ("perplexity", "mc")
+
+
+def _is_offline_error(e: BaseException) -> bool:
+    """Whether ``e`` (or its cause chain) says the hub could not be reached."""
+    for _ in range(8):
+        if e is None:
+            return False
+        if isinstance(e, ConnectionError) or "Offline" in type(e).__name__ or "ConnectionError" in type(e).__name__:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
@@ -159,6 +174,10 @@ def evaluate(models: list[str], tasks: list[str], *, text_files: list[str] = (),
         raise UsageError("no models to evaluate")
     if not tasks:
         raise UsageError("no tasks: pass --tasks (built-ins: perplexity, mc; or lm-eval task names)")
+    used: set[str] = set()
+    specs = [_label(spec, used) for spec in models]
+    for label, path in specs:  # every model checked (config, weights, shapes) before any work
+        check_model(path, flag=f"model {label}=" if label != Path(path).name else "MODEL")
     import logging
 
     import torch
@@ -196,22 +215,29 @@ def evaluate(models: list[str], tasks: list[str], *, text_files: list[str] = (),
         if missing:
             from scaler_wizard.compiler.diagnostics import suggest
 
-            hints = [f"`{m}`" + (f" (did you mean `{s}`?)" if (s := suggest(m, known)) else "") for m in missing]
+            # the built-in tasks first: `perplxity` means `perplexity`, not some hub task that is near
+            hints = [f"`{m}`" + (f" (did you mean `{s}`?)" if (s := suggest(m, BUILTIN_TASKS) or suggest(m, known))
+                                 else "") for m in missing]
             raise UsageError(f"unknown lm-eval task {', '.join(hints)}; local YAML tasks need --include-path DIR")
 
-        used: set[str] = set()
         labels, results = [], {}
-        for spec in models:
-            label, path = _label(spec, used)
-            if Path(path).exists() and not (Path(path) / "config.json").is_file():
-                raise UsageError(f"{path} is not a Hugging Face model directory (no config.json)")
+        for label, path in specs:
             kw = dict(pretrained=path, backend="causal", device=device, batch_size=batch_size, dtype=dtype)
             if max_length:
                 kw["max_length"] = max_length
             lm = HFLM(**kw)
-            out = lm_eval.simple_evaluate(model=lm, tasks=task_names, task_manager=tm, limit=limit,
-                                          num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
-                                          verbosity="ERROR")
+            try:
+                out = lm_eval.simple_evaluate(model=lm, tasks=task_names, task_manager=tm, limit=limit,
+                                              num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                                              verbosity="ERROR")
+            except Exception as e:
+                if not _is_offline_error(e):
+                    raise
+                hub = [t for t in task_names if t not in ("sw_perplexity", "sw_mc")]
+                raise UsageError(f"task {', '.join(hub) or task_names[0]}: its data is on the Hugging Face hub, which "
+                                 "cannot be reached (offline, HF_HUB_OFFLINE=1 or no network); run it once online "
+                                 "so the data is cached, or describe local data as a YAML task and pass "
+                                 "--include-path DIR (the built-ins `perplexity` and `mc` need no hub)") from None
             per_task: dict[str, dict[str, float]] = {}
             for task, metrics in (out or {}).get("results", {}).items():
                 task = {"sw_perplexity": "perplexity", "sw_mc": "mc"}.get(task, task)

@@ -153,6 +153,8 @@ class TrainRecipe:
             bad("precision", f"must be one of auto, fp32, bf16, fp16; got `{self.precision}`")
         if self.breaker_threshold < 0:
             bad("breaker_threshold", f"must be >= 0, got {self.breaker_threshold}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            bad("seed", f"must be an integer from 0 to 2**63-1, got {self.seed}")
         if self.max_grad_norm < 0:
             bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         last = 0

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +329,56 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
+def _preflight(model_dir: Path, run_dir: Path, recipe: TrainRecipe, resume) -> None:
+    """Every input of a run checked before anything is created: the model (config, weights, shapes),
+    the baseline model, the run directory (writable; not the model directory or inside it), and the
+    block length against the model's position limit. Raises UsageError."""
+    from scaler_wizard.runtime.preflight import check_model, check_writable_dir, position_limit
+
+    check_model(model_dir, flag="MODEL_DIR")
+    if recipe.baseline_model:
+        check_model(recipe.baseline_model, flag="--baseline-model")
+    m, r = model_dir.resolve(), run_dir.expanduser().resolve()
+    if r == m or m in r.parents:
+        raise UsageError(f"refusing to write the run {run_dir} into the input model directory {model_dir}; "
+                         "choose another -o RUN_DIR")
+    if r in m.parents:
+        raise UsageError(f"refusing to write the run {run_dir}: it contains the input model {model_dir}")
+    check_writable_dir(run_dir, flag="-o")
+    limit, learned = position_limit(model_dir)
+    if limit is not None and recipe.max_seq_len > limit:
+        what = f"--seq-len {recipe.max_seq_len} (or a curriculum stage)"
+        if learned:
+            raise UsageError(f"{what} is longer than the model's {limit} learned positions "
+                             f"({model_dir}/config.json); use --seq-len {limit} or less")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"scaler-wizard train: warning: {what} is longer than the model's max_position_embeddings "
+                  f"{limit}: positions beyond it were never trained", file=sys.stderr, flush=True)
+
+
+def _check_resume_matches(ckpt: Path, model, model_dir: Path) -> None:
+    """The checkpoint to resume holds weights of this model's shapes (else: a UsageError, not a raw
+    size mismatch from the state loader)."""
+    from scaler_wizard.runtime.checkpoint import CheckpointError, open_checkpoint
+
+    try:
+        reader = open_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise UsageError(f"--resume {ckpt}: {e}") from None
+    try:
+        mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        bad = [f"{n} {list(reader.shape(n))} there, {list(mine[n])} here" for n in reader.names()
+               if n in mine and tuple(reader.shape(n)) != mine[n]]
+        missing = [n for n in mine if n not in reader]
+    finally:
+        reader.close()
+    if bad or len(missing) == len(mine):
+        detail = "; ".join(bad[:2]) + (f" (and {len(bad) - 2} more)" if len(bad) > 2 else "") if bad \
+            else "no tensor names in common"
+        raise UsageError(f"--resume {ckpt}: the checkpoint was made from another model than {model_dir} "
+                         f"({detail}); resume with the model the run started from, or start a new -o RUN_DIR")
+
+
 def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_record, stop_after, progress,
            dump_rank_weights) -> TrainResult:
     from accelerate import Accelerator
@@ -338,9 +389,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
 
     transformers.utils.logging.disable_progress_bar()
     model_dir, run_dir = Path(model_dir), Path(run_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     recipe.validate()
+    _preflight(model_dir, run_dir, recipe, resume)
 
     plugin = _deepspeed_plugin(deepspeed_config, recipe)
     # Under torchrun on a machine without GPUs accelerate picks MULTI_CPU only when told to use the
@@ -393,7 +443,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the tokenizer of {model_dir}: {e}") from None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # checked by _preflight
     model.config.use_cache = False
     if recipe.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -432,6 +482,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     # ---- baseline (fresh run) or restored state
     start = 0
     if ckpt is not None:
+        _check_resume_matches(ckpt, model, model_dir)
         accelerator.load_state(str(ckpt / "training_state"))
         start = int(state["step"])
         # the recipe of this launch wins over the saved one (same recipe: the same values, bit for bit)
