@@ -94,14 +94,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_recipe(args):
     from scaler_wizard.runtime.recipe import TrainRecipe, recipe_from_plan
 
-    if args.plan and args.recipe:
-        raise UsageError("give either --plan or --recipe, not both")
-    if args.plan:
-        recipe = recipe_from_plan(args.plan)
-    elif args.recipe:
-        recipe = TrainRecipe.from_file(args.recipe)
-    else:
-        recipe = TrainRecipe()
+    # the plan's train block, then the recipe file, then flags: later ones win, key by key
+    recipe = recipe_from_plan(args.plan) if args.plan else TrainRecipe()
+    if args.recipe:
+        recipe = recipe.merged(TrainRecipe.file_options(args.recipe), where=args.recipe)
     recipe.override(**{key: getattr(args, flag) for flag, key in _RECIPE_FLAGS.items()})
     if args.no_breaker:
         recipe.breaker = False

@@ -350,8 +350,31 @@ class TypeChecker:
     def _TrainStmt(self, i, s: A.TrainStmt, st: _State):
         if s.ref is not None:
             st.train = {"ref": s.ref.value}
-        else:
-            st.train = {o.key.name: _opt_value(o.value) for o in s.options}
+            return
+        st.train = {o.key.name: _opt_value(o.value) for o in s.options}
+        # the same validation `train --plan` does, here, positioned: a plan `check` passes trains
+        from scaler_wizard.runtime.recipe import RecipeError, TrainRecipe
+
+        known = TrainRecipe.keys()
+        ok = {}
+        for o in s.options:
+            key = o.key.name.replace("-", "_")
+            if key not in known:
+                hint = suggest(key, known)
+                st.bag.error("SW204", f"unknown key `{o.key.name}` in the `train` block", o.key.span,
+                             help=(f"did you mean `{hint}`? " if hint else "") + "keys: " + ", ".join(sorted(known)))
+                continue
+            try:
+                TrainRecipe().update({key: _opt_value(o.value)}, where="train")
+            except RecipeError as e:
+                st.bag.error("SW207", str(e).removeprefix("train: "), o.value.span)
+                continue
+            ok[key] = _opt_value(o.value)
+        if len(ok) == len(s.options):
+            try:
+                TrainRecipe().update(ok, where="train")
+            except RecipeError as e:
+                st.bag.error("SW207", str(e).removeprefix("train: "), s.span)
 
     # .................................................................. widen
     def _WidenStmt(self, i, s: A.WidenStmt, st: _State):
