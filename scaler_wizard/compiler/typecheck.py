@@ -12,6 +12,8 @@ SW205  layer index or range out of bounds
 SW206  unknown dtype
 SW207  bad option value
 SW208  no model: the plan has no ``model`` statement and none was given with ``--model``
+SW209  a plan-wide setting (``model``, ``seed``, ``noise``, ``dtype``, ``train``) given twice
+SW402  the plan's ``model`` cannot be loaded (missing, unreadable, not available offline)
 SW301  the amount does not give a whole number of units (``x1.3`` of 9 heads)
 SW302  the amount does not grow the group (``to`` a smaller size, ``x1``, ``by 0``)
 SW303  the method needs an integer factor
@@ -27,6 +29,8 @@ SW312  the group does not exist in this model (``experts`` on a dense model)
 SW313  the plan would leave a config value inconsistent
 SW314  the result would be absurdly large (more than 10,000 layers or 2^31 units)
 SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=true``)
+SW316  the plan grows the parameters more than 64x (every statement, as ``grow to``), or applying
+       it needs more memory than this machine has
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 =====  ==================================================================================
@@ -184,6 +188,8 @@ class TypeChecker:
             if handler is not None:
                 handler(i, stmt, st)
         self._check_config_invariants(st)
+        if not bag.has_errors:
+            self._check_size_policy(st)
         if bag.has_errors:
             raise PlanError(bag.items)
         approx = [o for o in st.ops if o.exactness == APPROX]
@@ -197,6 +203,32 @@ class TypeChecker:
             )
         warnings = bag.items
         return self._finish(st, model_ref, tuple(warnings))
+
+    def _check_size_policy(self, st: _State) -> None:
+        """One size policy for every statement (``widen x1000000`` as ``grow to``): the parameters
+        grow at most MAX_GROWTH times; and the memory apply needs (its largest tensors, streamed)
+        fits this machine's. Positioned at the plan's last op."""
+        from scaler_wizard.compiler.predict import MAX_GROWTH, human, machine_memory_bytes
+
+        ir = self.ir
+        if not st.ops:
+            return
+        base = costs(ir, predict_shapes(ir, original_sizes(ir), identity_layer_map(ir.num_layers)),
+                     original_sizes(ir), ir.num_layers, context=self.context)
+        experts = st.upcycled[0] if st.upcycled else 0
+        after = costs(ir, predict_shapes(ir, st.sizes, tuple(st.layer_map), upcycle_experts=experts), st.sizes,
+                      st.depth, context=self.context, untied=st.untie)
+        span = max(st.ops, key=lambda o: (o.span.line, o.span.col) if o.span else (0, 0)).span if st.ops else A.Span()
+        if base.params and after.params > MAX_GROWTH * base.params:
+            st.bag.error("SW316", f"the plan grows the model from {base.params:,} to {after.params:,} parameters, "
+                                  f"more than {MAX_GROWTH}x; grow in stages", span,
+                         help=f"every plan is held to the same limit as `grow to` ({MAX_GROWTH}x the input)")
+            return
+        mem = machine_memory_bytes()
+        if mem is not None and after.apply_peak_bytes > mem:
+            st.bag.error("SW316", f"applying this plan needs about {human(after.apply_peak_bytes, 'B')} of memory "
+                                  f"(its largest tensors, in fp32), more than this machine's {human(mem, 'B')}", span,
+                         help="apply it on a machine with more memory, or grow less at once")
 
     def _check_config_invariants(self, st: _State) -> None:
         """transformers' config classes validate hidden_size % num_attention_heads == 0 (even
