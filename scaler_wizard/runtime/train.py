@@ -313,12 +313,17 @@ def train(
     dump_rank_weights: bool = False,
 ) -> TrainResult:
     """Continue training ``model_dir`` into ``run_dir``. See the module docstring."""
+    fresh = not Path(run_dir).exists()
     try:
         return _train(model_dir, run_dir, recipe, resume=resume, deepspeed_config=deepspeed_config,
                       growth_record=growth_record, stop_after=stop_after, progress=progress,
                       dump_rank_weights=dump_rank_weights)
     except BaseException:
         _reset_accelerate()  # a failed run must not leave its accelerate singletons to the next one
+        # a run that failed before its first checkpoint leaves no half-made RUN_DIR behind
+        if fresh and int(os.environ.get("RANK", "0")) == 0 and Path(run_dir).is_dir() \
+                and not checkpoints(Path(run_dir)):
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
@@ -345,6 +350,11 @@ def _preflight(model_dir: Path, run_dir: Path, recipe: TrainRecipe, resume) -> N
     if r in m.parents:
         raise UsageError(f"refusing to write the run {run_dir}: it contains the input model {model_dir}")
     check_writable_dir(run_dir, flag="-o")
+    from scaler_wizard.runtime.data import resolve_sources
+
+    for specs in (recipe.data, recipe.eval_data):  # local files exist and are text, before any work
+        if specs:
+            resolve_sources(list(specs))
     limit, learned = position_limit(model_dir)
     if limit is not None and recipe.max_seq_len > limit:
         what = f"--seq-len {recipe.max_seq_len} (or a curriculum stage)"
