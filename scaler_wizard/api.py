@@ -167,7 +167,13 @@ def verify_dirs(out, against, *, texts=None, tolerance: float | None = None, exa
     side = {}
     p = Path(out) / SIDECAR
     if p.is_file():
-        side = json.loads(p.read_text())
+        try:
+            side = json.loads(p.read_text())
+            if not isinstance(side, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:  # could not run: exit 2, naming the broken file
+            raise UsageError(f"{p}: the growth record is unreadable or corrupt ({e}); it says which plan made "
+                             "OUT and how exactly to judge it: restore it or re-run apply") from None
     exactness = exactness or side.get("exactness") or "exact"
     tol = tolerance_for(exactness, tolerance)
     rep = compare_models(str(out), str(against), texts=texts, rtol=tol if tol is not None else 1e-5)

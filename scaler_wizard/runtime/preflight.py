@@ -64,8 +64,11 @@ def check_model(ref: str | os.PathLike, *, flag: str = "MODEL", allow_pickle: bo
     if not p.exists():
         if _looks_like_hub_id(s):
             if hub_offline():
+                from scaler_wizard.ir.config import short_names
+
                 raise UsageError(f"{flag} {s}: no such local directory, and the Hugging Face hub is offline "
-                                 "(HF_HUB_OFFLINE=1): download it first or give a local directory")
+                                 f"(HF_HUB_OFFLINE=1): download it first or give a local directory; available "
+                                 f"offline: {short_names()}")
             return s
         raise UsageError(f"{flag} {s}: no such model directory or .gguf file")
     if p.is_file():
