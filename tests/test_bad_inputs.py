@@ -388,3 +388,36 @@ def test_every_shipped_example_checks(example, capsys):
     argv = ["check", str(p)] + ([] if 'model "' in p.read_text() else ["--model", "SmolLM2-135M"])
     rc, err = run(argv, capsys)
     assert rc == 0, err
+
+
+# --------------------------------------------------------------------------- quiet surprises
+def test_stale_temporary_output_of_a_killed_apply_is_removed(w, tmp_path, capsys):
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is gone
+    stale = tmp_path / f".out.tmp-{dead.pid}-abc123"
+    stale.mkdir()
+    (stale / "shard-00000.tmp").write_bytes(b"x" * 1000)
+    alive = tmp_path / f".out.tmp-{os.getpid()}-live"  # this process: never touched
+    alive.mkdir()
+    rc, err = run(["apply", w / "ffn.expand", "--model", w / "m", "-o", tmp_path / "out", "--no-progress",
+                   "--no-verify"], capsys)
+    assert rc == 0, err
+    assert not stale.exists() and f"removed {stale}" in err
+    assert alive.exists()
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_hub_id_offline_is_not_the_bundled_model(tmp_path, capsys):
+    p = _plan(tmp_path, "widen ffn x2\n")
+    rc, err = run(["check", p, "--model", "HuggingFaceTB/SmolLM2-135M"], capsys)
+    assert_clean(rc, err, 2, "is not available offline")
+    assert "available offline: SmolLM2-135M" in err
+
+
+def test_corrupt_growth_record_is_named(w, tmp_path, capsys):
+    out = tmp_path / "grown"
+    rc, err = run(["apply", w / "ffn.expand", "--model", w / "m", "-o", out, "--no-progress", "--no-verify"], capsys)
+    assert rc == 0, err
+    (out / "scaler_wizard_growth.json").write_text('{"format": 1, "tensors": ')
+    rc, err = run(["verify", out, "--against", w / "m"], capsys)
+    assert_clean(rc, err, 2, "scaler_wizard_growth.json: the growth record is unreadable or corrupt")

@@ -742,6 +742,44 @@ class ShardStream:
         return False
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary directories ``.OUT.tmp-<pid>-*`` (and ``.OUT.old-*`` trash) that a killed
+    writer of the same OUT left behind: those whose process is gone. Each removal is said on stderr;
+    temporaries without a pid (older versions) are only named. Returns what was removed."""
+    import re
+    import sys
+
+    removed = []
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)?")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for e in entries:
+        m = pat.match(e.name)
+        if not m or not e.is_dir():
+            continue
+        pid = int(m.group(2)) if m.group(2) and e.name[m.end():].startswith("-") else None
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(e, ignore_errors=True)
+            removed.append(e)
+            sys.stderr.write(f"removed {e}: the temporary output of an interrupted run (process {pid} is gone)\n")
+        elif pid is None:
+            sys.stderr.write(f"note: {e} looks like the temporary output of an interrupted run; remove it if no "
+                             "other run is writing there\n")
+    return removed
+
+
 class CheckpointWriter:
     """Atomic sharded safetensors writer.
 
@@ -765,7 +803,8 @@ class CheckpointWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+            clean_stale_temporaries(self.out)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
         except OSError as e:
             from scaler_wizard.runtime.preflight import os_error_reason
 
@@ -879,7 +918,7 @@ class CheckpointWriter:
         # re-check right before the swap (another process may have created it meanwhile)
         check_output_path(self.out, self.input_path, self.force)
         if self.out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-{os.getpid()}-", dir=self.out.parent))
             os.replace(self.out, trash / "old")
             os.replace(self.tmp, self.out)
             shutil.rmtree(trash, ignore_errors=True)
