@@ -59,6 +59,30 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+_OOM = ("out of memory (the sizes asked for do not fit this machine: lower --batch-size or --seq-len for train "
+        "and eval; `scaler-wizard check` predicts the memory apply needs)")
+
+
+def _is_oom(e: BaseException) -> bool:
+    if type(e).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "CUDA out of memory" in msg
+                                            or "Cannot allocate memory" in msg)
+
+
+def _quiet_libraries() -> None:
+    """stderr is for what the user asked about: libraries' deprecation notices (transformers, torch,
+    lm-eval) and DeepSpeed's "Setting accelerator to CPU" are not; warnings about the user's data
+    and models stay (UserWarning and logging warnings other than these)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("DeepSpeed").addFilter(lambda r: "Setting accelerator to CPU" not in r.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in argv if not a.startswith("-")), None)
@@ -73,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from scaler_wizard.compiler.diagnostics import PlanError, UsageError, render
 
+    if not os.environ.get("SW_DEBUG"):
+        _quiet_libraries()
     try:
         return int(m.run(args) or 0)
     except UsageError as e:
@@ -89,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"scaler-wizard {args.command}: error: {os_error_message(e, 'I/O error on')}\n")
         return EXIT_USAGE
     except MemoryError:
-        sys.stderr.write(f"scaler-wizard {args.command}: error: out of memory (the input or the plan is too large "
-                         "for this machine; `scaler-wizard check` predicts the memory a plan needs)\n")
+        sys.stderr.write(f"scaler-wizard {args.command}: error: {_OOM}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
@@ -99,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ == "PassError":  # a lowering pass refused: named, not a traceback
             sys.stderr.write(f"scaler-wizard {args.command}: {e}\n")
             return EXIT_PLAN
+        if _is_oom(e):  # torch's allocator failing (CPU or GPU): the sizes asked for, not a bug
+            sys.stderr.write(f"scaler-wizard {args.command}: error: {_OOM}: {str(e).splitlines()[0][:200]}\n")
+            return EXIT_USAGE
         if os.environ.get("SW_DEBUG"):
             raise
         # Not bad input (every input boundary converts those to UsageError): a bug. One line, and how

@@ -31,7 +31,9 @@ def run(args) -> int:
             with open(args.out, "w", encoding="utf-8") as f:
                 f.write(text)
         except OSError as e:
-            raise UsageError(f"{args.out}: {e}") from None
+            from scaler_wizard.runtime.preflight import os_error_reason
+
+            raise UsageError(f"cannot write {args.out}: {os_error_reason(e)}") from None
         sys.stderr.write(f"wrote {len(prog)} outputs, {len(prog.nodes())} nodes to {args.out}\n")
     else:
         sys.stdout.write(text)

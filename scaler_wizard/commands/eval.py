@@ -42,9 +42,16 @@ def run(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = args.limit
     if limit is not None:
-        if limit <= 0:
-            raise UsageError("--limit must be > 0")
+        import math
+
+        if not math.isfinite(limit) or limit <= 0:
+            raise UsageError(f"--limit must be a positive number (documents, or a fraction below 1), got {limit}")
         limit = int(limit) if limit >= 1 else limit
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     if args.doc_chars < 1:
         raise UsageError("--doc-chars must be >= 1")
     report = evaluate(args.models, tasks, text_files=args.text, mc_files=args.mc, include_paths=args.include_path,

@@ -13,6 +13,7 @@ its config.json; bad options).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -42,13 +43,18 @@ def run(args) -> int:
     check_model(args.against, flag="--against")
     texts = None
     if args.texts:
+        from scaler_wizard.runtime.data import check_text_file
+
+        check_text_file(args.texts)
         try:
             with open(args.texts, encoding="utf-8") as f:
                 texts = [line.strip() for line in f if line.strip()]
         except OSError as e:
-            raise UsageError(f"{args.texts}: {e}") from None
-    if args.tolerance is not None and args.tolerance <= 0:
-        raise UsageError("--tolerance must be positive")
+            raise UsageError(f"--texts {args.texts}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--texts {args.texts}: not UTF-8 text (byte {e.start})") from None
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise UsageError(f"--tolerance must be a positive number, got {args.tolerance}")
     try:
         d = api.verify(args.out, args.against, texts=texts, tolerance=args.tolerance, symmetry=not args.no_symmetry)
     except (OSError, ValueError) as e:

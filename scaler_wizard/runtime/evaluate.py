@@ -86,7 +86,10 @@ def _split_docs(text: str, doc_chars: int) -> list[str]:
 def write_perplexity_task(include: Path, text_files: list[str], task: str = "sw_perplexity",
                           doc_chars: int = 2000) -> str:
     rows = []
+    from scaler_wizard.runtime.data import check_text_file
+
     for f in text_files:
+        check_text_file(f)  # a binary file is refused by name, not scored as replacement characters
         try:
             text = Path(f).read_text(errors="replace")
         except OSError as e:
@@ -185,7 +188,13 @@ def evaluate(models: list[str], tasks: list[str], *, text_files: list[str] = (),
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
+
+    # lm-eval records its own git hash by running `git` in the working directory: outside a git
+    # checkout that prints "fatal: not a git repository" to the user's terminal
+    if hasattr(lm_eval.evaluator, "get_git_commit_hash"):
+        lm_eval.evaluator.get_git_commit_hash = lambda: None
     from lm_eval.tasks import TaskManager
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -341,6 +341,10 @@ def _preflight(model_dir: Path, run_dir: Path, recipe: TrainRecipe, resume) -> N
     from scaler_wizard.runtime.preflight import check_model, check_writable_dir, position_limit
 
     check_model(model_dir, flag="MODEL_DIR")
+    if model_dir.is_dir() and not any((model_dir / f).is_file() for f in
+                                      ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise UsageError(f"MODEL_DIR {model_dir}: no tokenizer (tokenizer.json, tokenizer_config.json, "
+                         "tokenizer.model or vocab.json); training needs the model's tokenizer next to its weights")
     if recipe.baseline_model:
         check_model(recipe.baseline_model, flag="--baseline-model")
     m, r = model_dir.resolve(), run_dir.expanduser().resolve()
@@ -452,7 +456,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the tokenizer of {model_dir}: {e}") from None
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise UsageError(f"cannot load the tokenizer of {model_dir}: {first[:300]}") from None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # checked by _preflight
     model.config.use_cache = False
     if recipe.gradient_checkpointing:
