@@ -160,6 +160,24 @@ ROWS = [
      "did you mean `perplexity`", None),
     ("emit-config-over-file", ["train", "--emit-config", "ddp", "-o", "{w}/corpus.txt"], 2,
      "exists and is not a directory", None),
+    ("eval-limit-nan", ["eval", "{w}/m", "--tasks", "perplexity", "--text", "{w}/corpus.txt", "--limit", "nan"], 2,
+     "--limit must be a positive number", None),
+    ("eval-text-binary", ["eval", "{w}/m", "--tasks", "perplexity", "--text", "{w}/binary.txt"], 2,
+     "binary.txt: not text", None),
+    ("verify-tolerance-nan", ["verify", "{w}/m", "--against", "{w}/m", "--tolerance", "nan"], 2,
+     "--tolerance must be a positive number", None),
+    ("verify-texts-binary", ["verify", "{w}/m", "--against", "{w}/m", "--texts", "{w}/binary.txt"], 2,
+     "binary.txt: not text", None),
+    ("apply-weights-disagree-with-config", ["apply", "{w}/ffn.expand", "--model", "{w}/shapes", "-o", "{w}/out-d",
+                                            "--no-progress"], 2, "do not have the shapes its config.json gives",
+     "out-d"),
+    ("apply-truncated", ["apply", "{w}/ffn.expand", "--model", "{w}/trunc", "-o", "{w}/out-e"], 2, "truncated",
+     "out-e"),
+    ("ir-custom-code", ["ir", "--model", "{w}/remote"], 1, "needs custom code", None),
+    ("apply-dtype-unknown", ["apply", "{w}/ffn.expand", "--model", "{w}/m", "-o", "{w}/out-f", "--dtype", "fp8"], 2,
+     "unknown dtype", "out-f"),
+    ("compile-out-missing-dir", ["compile", "{w}/ffn.expand", "--model", "{w}/m", "-o", "{w}/no/such/p.json"], 2,
+     "cannot write", None),
 ]
 
 
@@ -252,6 +270,7 @@ def test_disk_full_during_apply_patched(w, tmp_path, capsys, monkeypatch):
 
 
 # --------------------------------------------------------------------------- resume, verify exit codes
+@pytest.mark.slow  # a real 1-step run first (~20 s on 2 loaded cores)
 def test_resume_with_another_model(w, tmp_path, capsys):
     run_dir = tmp_path / "run"
     rc, err = run(["train", w / "m", "--data", w / "corpus.txt", "-o", run_dir, *TRAIN, "--save-every", "1"], capsys)
@@ -264,6 +283,7 @@ def test_resume_with_another_model(w, tmp_path, capsys):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow  # apply + three verifies (~20 s)
 def test_verify_failed_is_1_and_could_not_run_is_2(w, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -405,6 +425,42 @@ def test_stale_temporary_output_of_a_killed_apply_is_removed(w, tmp_path, capsys
     assert not stale.exists() and f"removed {stale}" in err
     assert alive.exists()
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_model_without_tokenizer_is_named(w, tmp_path, capsys):
+    d = tmp_path / "notok"
+    shutil.copytree(w / "m", d)
+    for f in d.glob("tokenizer*"):
+        f.unlink()
+    rc, err = run(["train", d, "--data", w / "corpus.txt", "-o", tmp_path / "run", *TRAIN], capsys)
+    assert_clean(rc, err, 2, "no tokenizer")
+    assert not (tmp_path / "run").exists()
+
+
+def test_torch_out_of_memory_is_exit_2(w, tmp_path, capsys, monkeypatch):
+    """The allocator failing (a batch too large for the machine) is said as such, not a bug report."""
+    from scaler_wizard.runtime import train as train_mod
+
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(train_mod, "_eval_loss", oom)
+    rc, err = run(["train", w / "m", "--data", w / "corpus.txt", "-o", tmp_path / "run", *TRAIN], capsys)
+    assert_clean(rc, err, 2, "out of memory")
+    assert "--batch-size" in err and not (tmp_path / "run").exists()
+
+
+def test_unexpected_exception_is_one_line_internal_error(w, tmp_path, capsys, monkeypatch):
+    """Not bad input: a bug. One line naming it as such (exit 70); SW_DEBUG=1 re-raises."""
+    from scaler_wizard.commands import check
+
+    monkeypatch.setattr(check, "run", lambda args: 1 / 0)
+    rc, err = run(["check", w / "ffn.expand", "--model", w / "m"], capsys)
+    assert rc == 70 and "internal error: ZeroDivisionError" in err and "SW_DEBUG=1" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("SW_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        cli(["check", str(w / "ffn.expand"), "--model", str(w / "m")])
 
 
 def test_hub_id_offline_is_not_the_bundled_model(tmp_path, capsys):
