@@ -176,6 +176,10 @@ ROWS = [
     ("ir-custom-code", ["ir", "--model", "{w}/remote"], 1, "needs custom code", None),
     ("apply-dtype-unknown", ["apply", "{w}/ffn.expand", "--model", "{w}/m", "-o", "{w}/out-f", "--dtype", "fp8"], 2,
      "unknown dtype", "out-f"),
+    ("train-short-name-gguf", ["train", "SmolLM2-135M", "--data", "{w}/corpus.txt", "-o", "{w}/run-k", *TRAIN], 2,
+     "train needs a Hugging Face model directory", "run-k"),
+    ("eval-short-name-gguf", ["eval", "SmolLM2-135M", "--tasks", "perplexity", "--text", "{w}/corpus.txt"], 2,
+     "eval needs a Hugging Face model directory", None),
     ("compile-out-missing-dir", ["compile", "{w}/ffn.expand", "--model", "{w}/m", "-o", "{w}/no/such/p.json"], 2,
      "cannot write", None),
 ]

@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from scaler_wizard.compiler.diagnostics import UsageError
-from scaler_wizard.runtime.preflight import check_model
+from scaler_wizard.runtime.preflight import check_model, require_hf_dir
 
 BUILTIN = ("perplexity", "mc")
 
@@ -180,7 +180,8 @@ def evaluate(models: list[str], tasks: list[str], *, text_files: list[str] = (),
     used: set[str] = set()
     specs = [_label(spec, used) for spec in models]
     for label, path in specs:  # every model checked (config, weights, shapes) before any work
-        check_model(path, flag=f"model {label}=" if label != Path(path).name else "MODEL")
+        flag = f"model {label}=" if label != Path(path).name else "MODEL"
+        require_hf_dir(check_model(path, flag=flag), path, flag, "eval")
     import logging
 
     import torch

@@ -138,6 +138,16 @@ def _check_shapes(p: Path, reader, flag: str, ref: str) -> None:
         raise UsageError(f"{flag} {ref}: weights disagree with config.json: {'; '.join(bad[:3])}{more}")
 
 
+def require_hf_dir(path, ref: str, flag: str, command: str) -> None:
+    """``train`` and ``eval`` run the model through transformers from a Hugging Face directory; a
+    GGUF (or a short name standing for one) is refused with the way to make one."""
+    if isinstance(path, Path) and path.suffix == ".gguf":
+        raise UsageError(f"{flag} {ref}: {command} needs a Hugging Face model directory (config.json, safetensors, "
+                         f"tokenizer), and this is the GGUF file {path}; make one with `scaler-wizard apply` (any plan "
+                         "writes a directory) or with transformers: AutoModelForCausalLM.from_pretrained(DIR, "
+                         "gguf_file=...).save_pretrained(OUT)")
+
+
 def position_limit(model_dir: str | os.PathLike) -> tuple[int | None, bool]:
     """(max positions from the config or None, whether positions are a learned table): a table is an
     ``nn.Embedding`` whose module name says position (GPT-2 ``wpe``, OPT ``embed_positions``, ...)

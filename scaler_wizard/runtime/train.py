@@ -340,13 +340,20 @@ def _preflight(model_dir: Path, run_dir: Path, recipe: TrainRecipe, resume) -> N
     block length against the model's position limit. Raises UsageError."""
     from scaler_wizard.runtime.preflight import check_model, check_writable_dir, position_limit
 
-    check_model(model_dir, flag="MODEL_DIR")
+    from scaler_wizard.runtime.preflight import require_hf_dir
+
+    resolved = check_model(model_dir, flag="MODEL_DIR")
+    require_hf_dir(resolved, str(model_dir), "MODEL_DIR", "train")
+    if isinstance(resolved, str):
+        raise UsageError(f"MODEL_DIR {model_dir}: train needs a local Hugging Face model directory (download the "
+                         "hub model first, e.g. `huggingface-cli download ID --local-dir DIR`)")
     if model_dir.is_dir() and not any((model_dir / f).is_file() for f in
                                       ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
         raise UsageError(f"MODEL_DIR {model_dir}: no tokenizer (tokenizer.json, tokenizer_config.json, "
                          "tokenizer.model or vocab.json); training needs the model's tokenizer next to its weights")
     if recipe.baseline_model:
-        check_model(recipe.baseline_model, flag="--baseline-model")
+        require_hf_dir(check_model(recipe.baseline_model, flag="--baseline-model"), recipe.baseline_model,
+                       "--baseline-model", "train")
     m, r = model_dir.resolve(), run_dir.expanduser().resolve()
     if r == m or m in r.parents:
         raise UsageError(f"refusing to write the run {run_dir} into the input model directory {model_dir}; "
