@@ -305,6 +305,25 @@ def test_verify_failed_is_1_and_could_not_run_is_2(w, tmp_path, capsys):
     assert_clean(rc, err, 2, "truncated")  # a corrupt reference: could not run
 
 
+@pytest.mark.slow  # apply + verify with a cast reference (~30-50 s on loaded cores)
+def test_requested_cast_is_judged_by_what_the_cast_allows(w, tmp_path, capsys):
+    """`dtype bfloat16` on an fp32 model: exact growth, judged against the drift of the original cast
+    to bf16 the same way (not the fp32 tolerance); a real change in bf16 still fails."""
+    from safetensors.torch import load_file, save_file
+
+    p = _plan(tmp_path, "widen ffn x3 net2net\nwiden hidden x2 tile\ndtype bfloat16\n")
+    out = tmp_path / "grown"
+    rc = cli(["apply", str(p), "--model", str(w / "m"), "-o", str(out), "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.out + cap.err
+    assert "judged by what the cast allows" in cap.out
+    sd = load_file(str(out / "model.safetensors"))
+    sd["model.layers.0.mlp.down_proj.weight"] *= -1
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    rc, err = run(["verify", out, "--against", w / "m", "--no-symmetry"], capsys)
+    assert rc == 1
+
+
 # --------------------------------------------------------------------------- plans: limits and settings
 def _plan(tmp_path, text, name="p.expand") -> Path:
     p = tmp_path / name

@@ -48,6 +48,9 @@ def run(args) -> int:
             judged = f"tolerance {ver['tolerance']:g}" if ver["judged"] else "approx: drift reported, not judged"
             sys.stdout.write(f"verify ({ver['exactness']}): {status} max|d|={ver['max_abs']:.3e} "
                              f"rel={ver['max_rel']:.3e} KL={ver['mean_kl']:.3e} ({judged})\n")
+            for n in ver.get("notes") or []:
+                if n.startswith("output dtype"):  # why the tolerance is not the exactness class's
+                    sys.stdout.write(f"  note: {n}\n")
     if ver is not None and not ver["passed"]:
         sys.stderr.write("scaler-wizard apply: the grown model does not match the original within tolerance\n")
         return 1
