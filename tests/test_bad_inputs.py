@@ -65,6 +65,8 @@ def w(tmp_path_factory):
     (root / "binary.txt").write_bytes(bytes(range(256)) * 64)
     (root / "bad.jsonl").write_text('{"text": "ok"}\n{"text": oops\n')
     (root / "ffn.expand").write_text("widen ffn x2 net2net\n")
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("not a model\n")
     return root
 
 
@@ -180,6 +182,8 @@ ROWS = [
      "train needs a Hugging Face model directory", "run-k"),
     ("eval-short-name-gguf", ["eval", "SmolLM2-135M", "--tasks", "perplexity", "--text", "{w}/corpus.txt"], 2,
      "eval needs a Hugging Face model directory", None),
+    ("apply-force-over-a-non-model-dir", ["apply", "{w}/ffn.expand", "--model", "{w}/m", "-o", "{w}/notes",
+                                         "--force"], 2, "--force only replaces a model directory", None),
     ("compile-out-missing-dir", ["compile", "{w}/ffn.expand", "--model", "{w}/m", "-o", "{w}/no/such/p.json"], 2,
      "cannot write", None),
 ]
@@ -192,11 +196,12 @@ SLOW_ROWS = {"eval-typo-task", "eval-hub-task-offline"}  # lm-eval indexes its f
                          ids=[r[0] for r in ROWS])
 def test_bad_input_row(w, row, capsys, monkeypatch):
     _id, argv, code, fragment, out = row
-    before = snapshot(w / "m", w / "trunc", w / "shapes", w / "remote", w / "gpt2", w / "corpus.txt")
+    before = snapshot(w / "m", w / "trunc", w / "shapes", w / "remote", w / "gpt2", w / "corpus.txt", w / "notes")
     rc, err = run([a.replace("{w}", str(w)) for a in argv], capsys)
     assert_clean(rc, err, code, fragment)
     assert len(err) < 4000, err  # a message, not a dump
-    assert snapshot(w / "m", w / "trunc", w / "shapes", w / "remote", w / "gpt2", w / "corpus.txt") == before
+    assert snapshot(w / "m", w / "trunc", w / "shapes", w / "remote", w / "gpt2", w / "corpus.txt",
+                    w / "notes") == before
     if out:
         assert not leftovers(w, out)
 

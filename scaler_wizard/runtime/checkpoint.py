@@ -669,6 +669,12 @@ def check_output_path(out_dir: str | os.PathLike, input_path: str | os.PathLike 
         raise OutputExistsError(f"{out} already exists; pass --force (force=True) to overwrite it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory")
+    if out.exists() and force and any(out.iterdir()) and not (out / "config.json").is_file():
+        # --force replaces a model directory; it never deletes a directory of something else (`-o ~`)
+        raise OutputExistsError(f"refusing to replace {out}: it is not empty and not a model directory (no "
+                                "config.json); --force only replaces a model directory")
+    if out.exists() and force and (out == Path(out.anchor) or out == Path.home().resolve()):
+        raise OutputExistsError(f"refusing to replace {out}")
     return out
 
 
