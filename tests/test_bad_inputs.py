@@ -505,3 +505,16 @@ def test_corrupt_growth_record_is_named(w, tmp_path, capsys):
     (out / "scaler_wizard_growth.json").write_text('{"format": 1, "tensors": ')
     rc, err = run(["verify", out, "--against", w / "m"], capsys)
     assert_clean(rc, err, 2, "scaler_wizard_growth.json: the growth record is unreadable or corrupt")
+
+
+# --------------------------------------------------------------------------- no false refusals
+@pytest.mark.parametrize("family", sorted(__import__("tests.families", fromlist=["FAMILIES"]).FAMILIES))
+def test_model_preflight_accepts_every_supported_family(family, tmp_path):
+    """The boundary check (config, weights, shapes against the meta-built class) passes every family's
+    own save_pretrained output, on-disk names and all (GPT-NeoX embed_out, Mixtral per-expert files)."""
+    from scaler_wizard.runtime.preflight import check_model
+    from tests.families import build_model
+
+    _, model = build_model(family)
+    model.save_pretrained(tmp_path / family)
+    assert check_model(tmp_path / family) == tmp_path / family
