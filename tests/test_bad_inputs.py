@@ -491,6 +491,18 @@ def test_unexpected_exception_is_one_line_internal_error(w, tmp_path, capsys, mo
         cli(["check", str(w / "ffn.expand"), "--model", str(w / "m")])
 
 
+def test_seq_len_beyond_rope_positions_warns(w, tmp_path, capsys):
+    """RoPE positions extrapolate (a warning); learned positions cannot (a refusal, in the table)."""
+    d = tmp_path / "short"
+    shutil.copytree(w / "m", d)
+    c = json.loads((d / "config.json").read_text())
+    c["max_position_embeddings"] = 8
+    (d / "config.json").write_text(json.dumps(c))
+    rc, err = run(["train", d, "--data", w / "corpus.txt", "-o", tmp_path / "run", *TRAIN], capsys)
+    assert rc == 0, err
+    assert "warning: --seq-len 16 (or a curriculum stage) is longer than the model's max_position_embeddings 8" in err
+
+
 def test_hub_id_offline_is_not_the_bundled_model(tmp_path, capsys):
     p = _plan(tmp_path, "widen ffn x2\n")
     rc, err = run(["check", p, "--model", "HuggingFaceTB/SmolLM2-135M"], capsys)
