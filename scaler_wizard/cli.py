@@ -2,15 +2,22 @@
 and exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
 imported only when their command runs, so ``check`` does not pay for torch.
 
-Exit codes: 0 ok, 1 plan errors (diagnostics), 2 usage or I/O errors, others per command
-(documented in the command's module).
+Exit codes: 0 ok, 1 plan errors (diagnostics) or a failed verification, 2 usage or I/O errors (bad
+input: a UsageError naming the path and what is wrong, or an OSError such as a full disk), 70 an
+internal error (a bug: one line; SW_DEBUG=1 shows the traceback), others per command (documented in
+the command's module).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+EXIT_PLAN = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
 
 # name -> (module, one-line help). Help is duplicated here so `--help` imports nothing heavy.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,6 +59,30 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+_OOM = ("out of memory (the sizes asked for do not fit this machine: lower --batch-size or --seq-len for train "
+        "and eval; `scaler-wizard check` predicts the memory apply needs)")
+
+
+def _is_oom(e: BaseException) -> bool:
+    if type(e).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "CUDA out of memory" in msg
+                                            or "Cannot allocate memory" in msg)
+
+
+def _quiet_libraries() -> None:
+    """stderr is for what the user asked about: libraries' deprecation notices (transformers, torch,
+    lm-eval) and DeepSpeed's "Setting accelerator to CPU" are not; warnings about the user's data
+    and models stay (UserWarning and logging warnings other than these)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("DeepSpeed").addFilter(lambda r: "Setting accelerator to CPU" not in r.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in argv if not a.startswith("-")), None)
@@ -66,23 +97,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from scaler_wizard.compiler.diagnostics import PlanError, UsageError, render
 
+    if not os.environ.get("SW_DEBUG"):
+        _quiet_libraries()
     try:
         return int(m.run(args) or 0)
     except UsageError as e:
         sys.stderr.write(f"scaler-wizard {args.command}: error: {e}\n")
-        return 2
+        return EXIT_USAGE
     except PlanError as e:  # every command that reads a plan reports its diagnostics the same way
         sys.stderr.write(render(e.diagnostics, getattr(e, "sources", None), color=sys.stderr.isatty()) + "\n")
-        return 1
-    except Exception as e:
-        if type(e).__name__ != "PassError":  # a lowering pass refused: named, not a traceback
+        return EXIT_PLAN
+    except OSError as e:  # an I/O failure no boundary converted (disk full, read-only, permissions)
+        if os.environ.get("SW_DEBUG"):
             raise
-        sys.stderr.write(f"scaler-wizard {args.command}: {e}\n")
-        return 1
+        from scaler_wizard.runtime.preflight import os_error_message
+
+        sys.stderr.write(f"scaler-wizard {args.command}: error: {os_error_message(e, 'I/O error on')}\n")
+        return EXIT_USAGE
+    except MemoryError:
+        sys.stderr.write(f"scaler-wizard {args.command}: error: {_OOM}\n")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
-
+    except Exception as e:
+        if type(e).__name__ == "PassError":  # a lowering pass refused: named, not a traceback
+            sys.stderr.write(f"scaler-wizard {args.command}: {e}\n")
+            return EXIT_PLAN
+        if _is_oom(e):  # torch's allocator failing (CPU or GPU): the sizes asked for, not a bug
+            sys.stderr.write(f"scaler-wizard {args.command}: error: {_OOM}: {str(e).splitlines()[0][:200]}\n")
+            return EXIT_USAGE
+        if os.environ.get("SW_DEBUG"):
+            raise
+        # Not bad input (every input boundary converts those to UsageError): a bug. One line, and how
+        # to get the traceback for a report.
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        sys.stderr.write(f"scaler-wizard {args.command}: internal error: {type(e).__name__}: {msg}\n"
+                         "this is a bug in scaler-wizard; please report it with the output of the same command "
+                         "run with SW_DEBUG=1 (which shows the traceback)\n")
+        return EXIT_INTERNAL
 
 if __name__ == "__main__":
     raise SystemExit(main())

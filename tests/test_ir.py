@@ -179,7 +179,7 @@ def test_usage_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UsageError, match="malformed"):
         load_config_dict(str(bad))
-    with pytest.raises(UsageError, match="not found locally"):
+    with pytest.raises(UsageError, match="not available offline"):
         load_config_dict("some-org/some-model")
     fake = tmp_path / "x.gguf"
     fake.write_bytes(b"NOPE" + b"\0" * 32)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import sys
 
+from scaler_wizard.commands import seed_arg, size_arg
+
 HELP = "grow a checkpoint: execute a plan out-of-core"
 
 
@@ -23,12 +25,12 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--out", required=True, help="output directory (created atomically)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--allow-bin", action="store_true", help="allow reading pickle (pytorch_model.bin) checkpoints")
-    p.add_argument("--seed", type=int, help="override the plan's seed")
+    p.add_argument("--seed", type=seed_arg, help="override the plan's seed")
     p.add_argument("--dtype", help="output dtype (float32, bfloat16, float16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-verify", action="store_true", help="land the output without verifying it")
     p.add_argument("--keep-failed", action="store_true", help="keep an output that fails verification at OUT.failed")
-    p.add_argument("--shard-size", default="5GB", help="maximum shard size (default 5GB)")
+    p.add_argument("--shard-size", default="5GB", type=size_arg, help="maximum shard size (default 5GB)")
     p.add_argument("--format", choices=("text", "json"), default="text")
 
 
@@ -55,6 +57,9 @@ def run(args) -> int:
             judged = f"tolerance {ver['tolerance']:g}" if ver["judged"] else "approx: drift reported, not judged"
             sys.stdout.write(f"verify ({ver['exactness']}): {status} max|d|={ver['max_abs']:.3e} "
                              f"rel={ver['max_rel']:.3e} KL={ver['mean_kl']:.3e} ({judged})\n")
+            for n in ver.get("notes") or []:
+                if n.startswith("output dtype"):  # why the tolerance is not the exactness class's
+                    sys.stdout.write(f"  note: {n}\n")
             if not failed:
                 sys.stdout.write(f"landed at {res['out']}\n")
     if failed:

@@ -1,7 +1,9 @@
 """`scaler-wizard check PLAN... [--model M]`: type-check plans, print the resolved plan or diagnostics.
 
 Needs only the model's config (config.json or a GGUF header); no weights are read. Exit codes:
-0 every plan resolves, 1 at least one plan has errors, 2 usage or I/O errors.
+0 every plan resolves, 1 at least one plan has errors, 2 a plan or model could not be read (the
+other plans are still checked; with --format json each such plan is ``{"plan", "ok": false,
+"error"}``).
 """
 
 from __future__ import annotations
@@ -25,15 +27,22 @@ def run(args) -> int:
     from scaler_wizard.compiler.diagnostics import PlanError, render, to_json
     from scaler_wizard.compiler.report import plan_to_dict, render_plan
 
-    if args.context <= 0:
-        from scaler_wizard.compiler.diagnostics import UsageError
+    from scaler_wizard.compiler.diagnostics import UsageError
 
+    if args.context <= 0:
         raise UsageError("--context must be a positive number of tokens")
     status = 0
     results = []
     for path in args.plans:
         try:
             resolved, sources = load_and_check(path, model=args.model, context=args.context, use_cache=not args.no_cache)
+        except UsageError as e:  # this plan (or its model) could not be read: the others are still checked
+            status = 2
+            if args.format == "json":
+                results.append({"plan": path, "ok": False, "error": str(e)})
+            else:
+                sys.stderr.write(f"scaler-wizard check: error: {e}\n")
+            continue
         except PlanError as e:
             status = max(status, 1)
             if args.format == "json":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from scaler_wizard.commands import seed_arg
+
 HELP = "lower a plan to a tensor program (JSON)"
 
 
@@ -15,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("plan", metavar="PLAN", help="the .expand plan file")
     p.add_argument("--model", "-m", help="model (overrides the plan's `model` statement)")
     p.add_argument("-o", "--out", help="write the program here (default: stdout)")
-    p.add_argument("--seed", type=int, help="override the plan's seed")
+    p.add_argument("--seed", type=seed_arg, help="override the plan's seed")
 
 
 def run(args) -> int:
@@ -29,7 +31,9 @@ def run(args) -> int:
             with open(args.out, "w", encoding="utf-8") as f:
                 f.write(text)
         except OSError as e:
-            raise UsageError(f"{args.out}: {e}") from None
+            from scaler_wizard.runtime.preflight import os_error_reason
+
+            raise UsageError(f"cannot write {args.out}: {os_error_reason(e)}") from None
         sys.stderr.write(f"wrote {len(prog)} outputs, {len(prog.nodes())} nodes to {args.out}\n")
     else:
         sys.stdout.write(text)

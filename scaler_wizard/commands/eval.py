@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from scaler_wizard.commands import nonneg_int, positive_int
 from scaler_wizard.compiler.diagnostics import UsageError
 
 HELP = "evaluate models with lm-eval"
@@ -26,12 +27,12 @@ def add_arguments(p) -> None:
                    help='jsonl for the `mc` task: {"question", "choices", "answer"} per line')
     p.add_argument("--include-path", action="append", default=[], metavar="DIR", help="more lm-eval YAML tasks")
     p.add_argument("--limit", type=float, help="documents per task (a fraction if < 1)")
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-fewshot", type=nonneg_int)
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    p.add_argument("--doc-chars", type=int, default=2000, help="perplexity document size in characters")
-    p.add_argument("--max-length", type=int, help="context window for rolling perplexity (default: the model's)")
+    p.add_argument("--doc-chars", type=positive_int, default=2000, help="perplexity document size in characters")
+    p.add_argument("--max-length", type=positive_int, help="context window for rolling perplexity (default: the model's)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON ('-' for stdout)")
 
 
@@ -41,9 +42,16 @@ def run(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = args.limit
     if limit is not None:
-        if limit <= 0:
-            raise UsageError("--limit must be > 0")
+        import math
+
+        if not math.isfinite(limit) or limit <= 0:
+            raise UsageError(f"--limit must be a positive number (documents, or a fraction below 1), got {limit}")
         limit = int(limit) if limit >= 1 else limit
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     if args.doc_chars < 1:
         raise UsageError("--doc-chars must be >= 1")
     report = evaluate(args.models, tasks, text_files=args.text, mc_files=args.mc, include_paths=args.include_path,

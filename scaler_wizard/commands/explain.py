@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 import sys
 
+from scaler_wizard.commands import seed_arg
+
 from scaler_wizard.ir.printer import ranges
 
 HELP = "show what a plan does to every tensor"
@@ -64,7 +66,7 @@ def explain_lines(prog, rp) -> list[str]:
 def add_arguments(p) -> None:
     p.add_argument("plan", metavar="PLAN", help="the .expand plan file")
     p.add_argument("--model", "-m", help="model (overrides the plan's `model` statement)")
-    p.add_argument("--seed", type=int, help="override the plan's seed")
+    p.add_argument("--seed", type=seed_arg, help="override the plan's seed")
 
 
 def run(args) -> int:

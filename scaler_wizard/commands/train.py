@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from scaler_wizard.commands import positive_int, seed_arg
+
 from scaler_wizard.compiler.diagnostics import UsageError
 
 HELP = "continue training a (grown) model"
@@ -64,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--growth-record", help="growth record file (default: MODEL_DIR/scaler_wizard_growth.json)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="autocast (default auto)")
     g.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=seed_arg)
     g = p.add_argument_group("logging, checkpoints, breaker")
     g.add_argument("--log-every", type=int, help="write a metrics line every N steps (default 1)")
     g.add_argument("--eval-every", type=int, help="held-out loss/perplexity every N steps (default: at the end)")
@@ -84,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                           "passes its own)")
     g.add_argument("--emit-config", metavar="KIND",
                    help="write launcher configs (ddp, cpu-ddp, zero1, zero2, zero3, fsdp2) into -o and exit")
-    g.add_argument("--num-processes", type=int, default=2, help="for --emit-config (default 2)")
+    g.add_argument("--num-processes", type=positive_int, default=2, help="for --emit-config (default 2)")
     g.add_argument("--offload", action="store_true", help="for --emit-config: CPU offload (ZeRO/FSDP)")
     g.add_argument("--dump-rank-weights", action="store_true", help=argparse.SUPPRESS)
 
@@ -92,14 +94,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_recipe(args):
     from scaler_wizard.runtime.recipe import TrainRecipe, recipe_from_plan
 
-    if args.plan and args.recipe:
-        raise UsageError("give either --plan or --recipe, not both")
-    if args.plan:
-        recipe = recipe_from_plan(args.plan)
-    elif args.recipe:
-        recipe = TrainRecipe.from_file(args.recipe)
-    else:
-        recipe = TrainRecipe()
+    # the plan's train block, then the recipe file, then flags: later ones win, key by key
+    recipe = recipe_from_plan(args.plan) if args.plan else TrainRecipe()
+    if args.recipe:
+        recipe = recipe.merged(TrainRecipe.file_options(args.recipe), where=args.recipe)
     recipe.override(**{key: getattr(args, flag) for flag, key in _RECIPE_FLAGS.items()})
     if args.no_breaker:
         recipe.breaker = False
@@ -112,6 +110,9 @@ def run(args) -> int:
 
         if not args.output:
             raise UsageError("--emit-config needs -o DIR for the config files")
+        from scaler_wizard.runtime.preflight import check_writable_dir
+
+        check_writable_dir(args.output, flag="-o")
         for path in emit_config(args.emit_config, args.output, num_processes=args.num_processes,
                                 offload=args.offload):
             print(path)

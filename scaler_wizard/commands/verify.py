@@ -5,12 +5,15 @@ padded batch (left and right) and KV-cache decoding (plus --texts), judged by th
 class read from OUT/scaler_wizard_growth.json (exact: rtol 1e-5, exact-eps: 1e-3, approx: reported
 only; --tolerance overrides). Also checks that duplicated units diverge after one optimizer step
 (symmetry breaking) and re-traces OUT to compare its group sizes with its config.
-Exit codes: 0 ok, 1 an exact plan exceeds the tolerance, 2 usage / I-O errors.
+Exit codes: 0 ok, 1 verification failed (an exact plan exceeds the tolerance, or the re-traced IR
+disagrees), 2 verification could not run (a model missing, unreadable, corrupt or inconsistent with
+its config.json; bad options).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -30,26 +33,36 @@ def run(args) -> int:
     from scaler_wizard import api
     from scaler_wizard.compiler.diagnostics import UsageError
 
-    from scaler_wizard.runtime.verify import resolve_model_path
+    from scaler_wizard.runtime.preflight import check_model
 
+    # "could not run" (exit 2) is told from "verification failed" (exit 1): both models are checked
+    # (config, weights present and whole, shapes as config.json says) before anything is compared.
     if not os.path.isdir(args.out) or not os.path.isfile(os.path.join(args.out, "config.json")):
         raise UsageError(f"{args.out}: not a model directory (no config.json)")
-    against = resolve_model_path(args.against)
-    if not (against.suffix == ".gguf" and against.is_file()) and not (against / "config.json").is_file():
-        raise UsageError(f"{args.against}: not a model directory (no config.json), .gguf file or known model name")
+    check_model(args.out, flag="OUT")
+    check_model(args.against, flag="--against")
     texts = None
     if args.texts:
+        from scaler_wizard.runtime.data import check_text_file
+
+        check_text_file(args.texts)
         try:
             with open(args.texts, encoding="utf-8") as f:
                 texts = [line.strip() for line in f if line.strip()]
         except OSError as e:
-            raise UsageError(f"{args.texts}: {e}") from None
-    if args.tolerance is not None and args.tolerance <= 0:
-        raise UsageError("--tolerance must be positive")
+            raise UsageError(f"--texts {args.texts}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--texts {args.texts}: not UTF-8 text (byte {e.start})") from None
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise UsageError(f"--tolerance must be a positive number, got {args.tolerance}")
     try:
         d = api.verify(args.out, args.against, texts=texts, tolerance=args.tolerance, symmetry=not args.no_symmetry)
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot compare the models: {e}") from None
+        raise UsageError(f"could not run the comparison: {e}") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # a weight file unreadable past its header
+            raise
+        raise UsageError(f"could not run the comparison: a weight file is corrupt: {e}") from None
     if args.format == "json":
         sys.stdout.write(json.dumps(d, indent=2, default=str) + "\n")
     else:

@@ -98,12 +98,41 @@ def suggest(name: str, candidates: Iterable[str]) -> str | None:
     return m[0] if m else None
 
 
-def render(diags: Iterable[Diagnostic], sources: dict[str, str] | None = None, color: bool = False) -> str:
-    """Render diagnostics sorted by position. ``sources`` maps file name -> text for the excerpt."""
+MAX_RENDERED = 50  # diagnostics shown per file; the rest are counted
+WINDOW = 100  # characters of a long source line shown around the span
+
+
+def _excerpt(src: str, col: int, end_col: int) -> tuple[str, int, int]:
+    """(shown text, caret column, caret width) for a source line: a window of about WINDOW
+    characters around the span (``...`` marks what is cut), so a 1 MB line prints ~100 characters."""
+    width = max(1, end_col - col)
+    if len(src) <= WINDOW + 20:
+        return src, col, width
+    width = min(width, WINDOW)
+    start = max(0, col - 1 - (WINDOW - width) // 2)
+    stop = min(len(src), start + WINDOW)
+    start = max(0, min(start, stop - WINDOW))
+    left, right = ("..." if start > 0 else ""), ("..." if stop < len(src) else "")
+    return left + src[start:stop] + right, col - start + len(left), width
+
+
+def render(diags: Iterable[Diagnostic], sources: dict[str, str] | None = None, color: bool = False,
+           limit: int | None = MAX_RENDERED) -> str:
+    """Render diagnostics sorted by position. ``sources`` maps file name -> text for the excerpt.
+    At most ``limit`` diagnostics per file are shown (then a line counting the rest); long source
+    lines are shown as a window around the span."""
     sources = sources or {}
+    lines_of: dict[str, list[str]] = {}
+    shown: dict[str, int] = {}
+    hidden: dict[str, dict[str, int]] = {}
     out: list[str] = []
     for d in sorted(diags, key=Diagnostic.sort_key):
         s = d.span
+        if limit is not None and shown.get(s.file, 0) >= limit:
+            h = hidden.setdefault(s.file, {})
+            h[d.severity] = h.get(d.severity, 0) + 1
+            continue
+        shown[s.file] = shown.get(s.file, 0) + 1
         loc = f"{s.file}:{s.line}:{s.col}" if s.line else s.file
         head = f"{loc}: {d.severity}[{d.code}]: {d.message}"
         if color:
@@ -112,22 +141,26 @@ def render(diags: Iterable[Diagnostic], sources: dict[str, str] | None = None, c
         out.append(head)
         text = sources.get(s.file)
         if text is not None and s.line:
-            lines = text.splitlines()
+            if s.file not in lines_of:
+                lines_of[s.file] = text.splitlines()
+            lines = lines_of[s.file]
             if 1 <= s.line <= len(lines):
                 src = lines[s.line - 1]
                 num = str(s.line)
                 pad = " " * len(num)
                 end_col = s.end_col if s.end_line == s.line and s.end_col > s.col else len(src) + 1
-                width = max(1, end_col - s.col)
+                shown_src, col, width = _excerpt(src, s.col, end_col)
                 out.append(f"{pad} |")
-                out.append(f"{num} | {src}")
-                out.append(f"{pad} | {' ' * (s.col - 1)}{'^' * width}")
+                out.append(f"{num} | {shown_src}")
+                out.append(f"{pad} | {' ' * (col - 1)}{'^' * width}")
         for n in d.notes:
             out.append(f"  = note: {n}")
         if d.help:
             out.append(f"  = help: {d.help}")
+    for f, h in hidden.items():
+        what = ", ".join(f"{n} more {sev}{'s' if n != 1 else ''}" for sev, n in sorted(h.items()))
+        out.append(f"{f}: ... and {what} not shown (the first {limit} are above)")
     return "\n".join(out)
-
 
 def to_json(diags: Iterable[Diagnostic]) -> str:
     return json.dumps([d.to_json() for d in sorted(diags, key=Diagnostic.sort_key)], indent=2)

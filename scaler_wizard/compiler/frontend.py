@@ -30,12 +30,49 @@ def parse_plan_file(path: str) -> tuple[A.Plan, dict[str, str]]:
     return plan, {plan.file: plan.source}
 
 
+_SETTINGS = {A.ModelStmt: "model", A.SeedStmt: "seed", A.NoiseStmt: "noise", A.DtypeStmt: "dtype",
+             A.TrainStmt: "train"}
+
+
+def duplicate_settings(plan: A.Plan) -> list[Diagnostic]:
+    """A plan-wide setting (``model``, ``seed``, ``noise``, ``dtype``, ``train``) given twice is an
+    error at the second, naming the first's position (no silent "last one wins")."""
+    first: dict[str, A.Span] = {}
+    out = []
+    for st in plan.statements:
+        what = _SETTINGS.get(type(st))
+        if what is None:
+            continue
+        if what in first:
+            f = first[what]
+            out.append(Diagnostic("SW209", f"`{what}` is given twice", st.span,
+                                  help=f"the first is at line {f.line}; keep one",
+                                  notes=(f"first `{what}` at {f.file}:{f.line}:{f.col}",)))
+        else:
+            first[what] = st.span
+    return out
+
+
+def plan_relative(ref: str, plan: A.Plan) -> str:
+    """A relative path in a plan names a file relative to the plan file (as `train "file"` does);
+    hub ids and short names stay as written."""
+    import os
+
+    if not ref or os.path.isabs(ref) or not plan.file or plan.file.startswith("<"):
+        return ref
+    base = os.path.dirname(os.path.abspath(plan.file))
+    cand = os.path.normpath(os.path.join(base, ref))
+    if os.path.exists(cand) or ref.startswith(".") or ref.endswith((".gguf", ".json")):
+        return cand
+    return ref
+
+
 def model_ref_for(plan: A.Plan, model: str | None, sources: dict[str, str]) -> str:
     if model:
         return model
     ref = plan.model_ref()
     if ref:
-        return ref
+        return plan_relative(ref, plan)
     raise _fail(
         [
             Diagnostic(
@@ -53,8 +90,16 @@ def ir_for(ref: str, plan: A.Plan, sources: dict[str, str], *, use_cache: bool =
     from scaler_wizard.ir import model_ir_for
     from scaler_wizard.ir.errors import IRDiscoveryError
 
+    stmt = next((s for s in plan.statements if isinstance(s, A.ModelStmt)), None)
+    from_plan = stmt is not None and plan_relative(stmt.ref.value, plan) == ref
     try:
         return model_ir_for(ref, use_cache=use_cache)
+    except UsageError as e:
+        if not from_plan:
+            raise
+        where = f" (relative to the plan's directory)" if ref != stmt.ref.value else ""
+        raise _fail([Diagnostic("SW402", f"cannot load model `{stmt.ref.value}`{where}: {e}", stmt.ref.span,
+                                help="fix the `model` statement, or pass --model")], sources) from None
     except IRDiscoveryError as e:
         stmt = next((s for s in plan.statements if isinstance(s, A.ModelStmt)), None)
         span = stmt.span if stmt is not None else A.Span(line=1, col=1, end_line=1, end_col=1, file=plan.file)
@@ -67,6 +112,9 @@ def ir_for(ref: str, plan: A.Plan, sources: dict[str, str], *, use_cache: bool =
 def check_parsed(plan: A.Plan, sources: dict[str, str], *, model: str | None = None, context: int = 2048, use_cache: bool = True) -> ResolvedPlan:
     from scaler_wizard.compiler.typecheck import check_plan
 
+    dup = duplicate_settings(plan)
+    if dup:
+        raise _fail(dup, sources)
     ref = model_ref_for(plan, model, sources)
     ir = ir_for(ref, plan, sources, use_cache=use_cache)
     from scaler_wizard.compiler.conform import conform

@@ -79,6 +79,19 @@ def _tied_duplicates(ir: ModelIR) -> set[str]:
     return {n for s in ir.tied for n in s[1:]}
 
 
+MAX_GROWTH = 64  # one size policy for every statement: a plan may grow the parameters at most this much
+
+
+def machine_memory_bytes() -> int | None:
+    """Physical memory of this machine (psutil), or None when it cannot be read."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # psutil missing or no /proc: the check is skipped, not failed
+        return None
+
+
 def costs(
     ir: ModelIR,
     shapes: list[PredictedTensor],

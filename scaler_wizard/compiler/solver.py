@@ -62,8 +62,10 @@ def solve_grow_to(checker, st, stmt: A.GrowToStmt, prefer: str | None):
     base = _params(checker, st)
     if target <= base:
         return f"the model already has {base:,} parameters; `grow to` needs a larger target than {int(target):,}"
-    if target > base * 64:
-        return f"{int(target):,} parameters is more than 64x the model's {base:,}; grow in stages"
+    from scaler_wizard.compiler.predict import MAX_GROWTH
+
+    if target > base * MAX_GROWTH:
+        return f"{int(target):,} parameters is more than {MAX_GROWTH}x the model's {base:,}; grow in stages"
 
     depth_opts: list[list] = [[]]
     L = st.depth

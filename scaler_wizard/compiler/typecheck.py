@@ -12,6 +12,8 @@ SW205  layer index or range out of bounds
 SW206  unknown dtype
 SW207  bad option value
 SW208  no model: the plan has no ``model`` statement and none was given with ``--model``
+SW209  a plan-wide setting (``model``, ``seed``, ``noise``, ``dtype``, ``train``) given twice
+SW402  the plan's ``model`` cannot be loaded (missing, unreadable, not available offline)
 SW301  the amount does not give a whole number of units (``x1.3`` of 9 heads)
 SW302  the amount does not grow the group (``to`` a smaller size, ``x1``, ``by 0``)
 SW303  the method needs an integer factor
@@ -28,6 +30,8 @@ SW313  the plan would leave a config value inconsistent
 SW314  the result would be absurdly large (more than 10,000 layers or 2^31 units)
 SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=true``)
 SW316  the grown config would not describe the grown tensors (raised by compiler/conform.py)
+SW317  the plan grows the parameters more than 64x (every statement, as ``grow to``), or applying
+       it needs more memory than this machine has
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
@@ -128,6 +132,13 @@ def _opt_value(v: A.Value) -> Any:
     return v.name if isinstance(v, A.Ident) else v.value
 
 
+SEED_MAX = 2**63 - 1  # what torch.Generator.manual_seed takes for every seed this project derives
+
+
+def _valid_seed(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SEED_MAX
+
+
 @dataclass
 class _State:
     ir: ModelIR
@@ -190,6 +201,8 @@ class TypeChecker:
         self._check_config_invariants(st)
         self._check_rope_lists(st)
         self._layer_summaries(st)
+        if not bag.has_errors:
+            self._check_size_policy(st)
         if bag.has_errors:
             raise PlanError(bag.items)
         approx = [o for o in st.ops if o.exactness == APPROX]
@@ -256,6 +269,32 @@ class TypeChecker:
                 st.bag.warning("SW603", f"the plan-wide `noise {st.noise:g}` does not apply to `{op.text}`: {why}",
                                op.span, help="noise applies to widen hidden/ffn/heads/experts (copies), "
                                "insert identity (fan-in) and upcycle (experts)")
+
+    def _check_size_policy(self, st: _State) -> None:
+        """One size policy for every statement (``widen x1000000`` as ``grow to``): the parameters
+        grow at most MAX_GROWTH times; and the memory apply needs (its largest tensors, streamed)
+        fits this machine's. Positioned at the plan's last op."""
+        from scaler_wizard.compiler.predict import MAX_GROWTH, human, machine_memory_bytes
+
+        ir = self.ir
+        if not st.ops:
+            return
+        base = costs(ir, predict_shapes(ir, original_sizes(ir), identity_layer_map(ir.num_layers)),
+                     original_sizes(ir), ir.num_layers, context=self.context)
+        experts = st.upcycled[0] if st.upcycled else 0
+        after = costs(ir, predict_shapes(ir, st.sizes, tuple(st.layer_map), upcycle_experts=experts), st.sizes,
+                      st.depth, context=self.context, untied=st.untie)
+        span = max(st.ops, key=lambda o: (o.span.line, o.span.col) if o.span else (0, 0)).span if st.ops else A.Span()
+        if base.params and after.params > MAX_GROWTH * base.params:
+            st.bag.error("SW317", f"the plan grows the model from {base.params:,} to {after.params:,} parameters, "
+                                  f"more than {MAX_GROWTH}x; grow in stages", span,
+                         help=f"every plan is held to the same limit as `grow to` ({MAX_GROWTH}x the input)")
+            return
+        mem = machine_memory_bytes()
+        if mem is not None and after.apply_peak_bytes > mem:
+            st.bag.error("SW317", f"applying this plan needs about {human(after.apply_peak_bytes, 'B')} of memory "
+                                  f"(its largest tensors, in fp32), more than this machine's {human(mem, 'B')}", span,
+                         help="apply it on a machine with more memory, or grow less at once")
 
     def _check_config_invariants(self, st: _State) -> None:
         """transformers' config classes validate hidden_size % num_attention_heads == 0 (even
@@ -430,6 +469,9 @@ class TypeChecker:
         pass  # resolved by the front end before the IR is built
 
     def _SeedStmt(self, i, s: A.SeedStmt, st: _State):
+        if not _valid_seed(s.value.value):
+            st.bag.error("SW207", f"seed must be an integer from 0 to {SEED_MAX}, got {s.value.value}", s.value.span)
+            return
         st.seed = s.value.value
 
     def _NoiseStmt(self, i, s: A.NoiseStmt, st: _State):
@@ -453,8 +495,31 @@ class TypeChecker:
     def _TrainStmt(self, i, s: A.TrainStmt, st: _State):
         if s.ref is not None:
             st.train = {"ref": s.ref.value}
-        else:
-            st.train = {o.key.name: _opt_value(o.value) for o in s.options}
+            return
+        st.train = {o.key.name: _opt_value(o.value) for o in s.options}
+        # the same validation `train --plan` does, here, positioned: a plan `check` passes trains
+        from scaler_wizard.runtime.recipe import RecipeError, TrainRecipe
+
+        known = TrainRecipe.keys()
+        ok = {}
+        for o in s.options:
+            key = o.key.name.replace("-", "_")
+            if key not in known:
+                hint = suggest(key, known)
+                st.bag.error("SW204", f"unknown key `{o.key.name}` in the `train` block", o.key.span,
+                             help=(f"did you mean `{hint}`? " if hint else "") + "keys: " + ", ".join(sorted(known)))
+                continue
+            try:
+                TrainRecipe().update({key: _opt_value(o.value)}, where="train")
+            except RecipeError as e:
+                st.bag.error("SW207", str(e).removeprefix("train: "), o.value.span)
+                continue
+            ok[key] = _opt_value(o.value)
+        if len(ok) == len(s.options):
+            try:
+                TrainRecipe().update(ok, where="train")
+            except RecipeError as e:
+                st.bag.error("SW207", str(e).removeprefix("train: "), s.span)
 
     # .................................................................. widen
     def _WidenStmt(self, i, s: A.WidenStmt, st: _State):

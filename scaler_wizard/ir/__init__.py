@@ -79,7 +79,11 @@ def _config_from_dict(d: dict):
     try:
         return AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k not in ("transformers_version",)})
     except (ValueError, KeyError) as e:
-        raise IRDiscoveryError(f"transformers does not know model_type {mt!r}: {e}") from e
+        if d.get("auto_map"):
+            raise IRDiscoveryError(f"model_type {mt!r} needs custom code (auto_map in config.json); scaler-wizard "
+                                   "does not run code shipped with a model") from e
+        first = str(e).split(". ")[0][:200]  # transformers appends every model_type it knows
+        raise IRDiscoveryError(f"transformers does not know model_type {mt!r}: {first}") from e
 
 
 def _layer_lists(cfg: dict, n: int) -> tuple[str, ...]:

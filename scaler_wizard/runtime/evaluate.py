@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.runtime.preflight import check_model, require_hf_dir
 
 BUILTIN = ("perplexity", "mc")
 
@@ -85,7 +86,10 @@ def _split_docs(text: str, doc_chars: int) -> list[str]:
 def write_perplexity_task(include: Path, text_files: list[str], task: str = "sw_perplexity",
                           doc_chars: int = 2000) -> str:
     rows = []
+    from scaler_wizard.runtime.data import check_text_file
+
     for f in text_files:
+        check_text_file(f)  # a binary file is refused by name, not scored as replacement characters
         try:
             text = Path(f).read_text(errors="replace")
         except OSError as e:
@@ -143,6 +147,20 @@ def _label(spec: str, used: set[str]) -> tuple[str, str]:
     return label, path
 
 
+BUILTIN_TASKS = ("perplexity", "mc")
+
+
+def _is_offline_error(e: BaseException) -> bool:
+    """Whether ``e`` (or its cause chain) says the hub could not be reached."""
+    for _ in range(8):
+        if e is None:
+            return False
+        if isinstance(e, ConnectionError) or "Offline" in type(e).__name__ or "ConnectionError" in type(e).__name__:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
@@ -159,6 +177,11 @@ def evaluate(models: list[str], tasks: list[str], *, text_files: list[str] = (),
         raise UsageError("no models to evaluate")
     if not tasks:
         raise UsageError("no tasks: pass --tasks (built-ins: perplexity, mc; or lm-eval task names)")
+    used: set[str] = set()
+    specs = [_label(spec, used) for spec in models]
+    for label, path in specs:  # every model checked (config, weights, shapes) before any work
+        flag = f"model {label}=" if label != Path(path).name else "MODEL"
+        require_hf_dir(check_model(path, flag=flag), path, flag, "eval")
     import logging
 
     import torch
@@ -166,7 +189,13 @@ def evaluate(models: list[str], tasks: list[str], *, text_files: list[str] = (),
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
+
+    # lm-eval records its own git hash by running `git` in the working directory: outside a git
+    # checkout that prints "fatal: not a git repository" to the user's terminal
+    if hasattr(lm_eval.evaluator, "get_git_commit_hash"):
+        lm_eval.evaluator.get_git_commit_hash = lambda: None
     from lm_eval.tasks import TaskManager
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -196,22 +225,29 @@ def evaluate(models: list[str], tasks: list[str], *, text_files: list[str] = (),
         if missing:
             from scaler_wizard.compiler.diagnostics import suggest
 
-            hints = [f"`{m}`" + (f" (did you mean `{s}`?)" if (s := suggest(m, known)) else "") for m in missing]
+            # the built-in tasks first: `perplxity` means `perplexity`, not some hub task that is near
+            hints = [f"`{m}`" + (f" (did you mean `{s}`?)" if (s := suggest(m, BUILTIN_TASKS) or suggest(m, known))
+                                 else "") for m in missing]
             raise UsageError(f"unknown lm-eval task {', '.join(hints)}; local YAML tasks need --include-path DIR")
 
-        used: set[str] = set()
         labels, results = [], {}
-        for spec in models:
-            label, path = _label(spec, used)
-            if Path(path).exists() and not (Path(path) / "config.json").is_file():
-                raise UsageError(f"{path} is not a Hugging Face model directory (no config.json)")
+        for label, path in specs:
             kw = dict(pretrained=path, backend="causal", device=device, batch_size=batch_size, dtype=dtype)
             if max_length:
                 kw["max_length"] = max_length
             lm = HFLM(**kw)
-            out = lm_eval.simple_evaluate(model=lm, tasks=task_names, task_manager=tm, limit=limit,
-                                          num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
-                                          verbosity="ERROR")
+            try:
+                out = lm_eval.simple_evaluate(model=lm, tasks=task_names, task_manager=tm, limit=limit,
+                                              num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                                              verbosity="ERROR")
+            except Exception as e:
+                if not _is_offline_error(e):
+                    raise
+                hub = [t for t in task_names if t not in ("sw_perplexity", "sw_mc")]
+                raise UsageError(f"task {', '.join(hub) or task_names[0]}: its data is on the Hugging Face hub, which "
+                                 "cannot be reached (offline, HF_HUB_OFFLINE=1 or no network); run it once online "
+                                 "so the data is cached, or describe local data as a YAML task and pass "
+                                 "--include-path DIR (the built-ins `perplexity` and `mc` need no hub)") from None
             per_task: dict[str, dict[str, float]] = {}
             for task, metrics in (out or {}).get("results", {}).items():
                 task = {"sw_perplexity": "perplexity", "sw_mc": "mc"}.get(task, task)

@@ -55,6 +55,11 @@ from scaler_wizard.runtime.checkpoint import (
 )
 
 
+class ShapeMismatchError(CheckpointError, ProgramError):
+    """The checkpoint's tensors do not have the shapes the program (from the model's config) expects:
+    bad input (exit 2 at the CLI), named tensor by tensor."""
+
+
 class ExecutionError(CheckpointError):
     """A failure while computing an output tensor (names the tensor and the op)."""
 
@@ -108,7 +113,9 @@ def check_program(program: TensorProgram, reader: CheckpointReader) -> None:
             f"the program reads tensor(s) not in {reader.path}: {', '.join(missing[:5])}{more}"
         )
     if wrong:
-        raise ProgramError("the program does not match the checkpoint's shapes:\n  " + "\n  ".join(wrong))
+        more = f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise ShapeMismatchError(f"the weights in {reader.path} do not have the shapes its config.json gives (or "
+                                 f"the program was compiled for another model): {'; '.join(wrong[:3])}{more}")
 
 
 def output_dtypes(program: TensorProgram, reader: CheckpointReader, dtype: str | None) -> dict[str, str]:

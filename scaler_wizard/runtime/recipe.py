@@ -77,6 +77,17 @@ class TrainRecipe:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainRecipe":
+        return cls().merged(cls.file_options(path), where=str(path))
+
+    def merged(self, options: dict[str, Any], where: str) -> "TrainRecipe":
+        """This recipe with ``options`` (as :meth:`file_options` returns: data paths already made
+        relative to their file) set over it; validated."""
+        return self.update(options, where)
+
+    @classmethod
+    def file_options(cls, path: str | Path) -> dict[str, Any]:
+        """The ``key = value`` table of a TOML/JSON recipe file, data paths resolved against the
+        file's directory. Raises RecipeError."""
         p = Path(path)
         try:
             text = p.read_text()
@@ -98,7 +109,8 @@ class TrainRecipe:
             data = data["train"]  # accept a [train] table too
         if not isinstance(data, dict):
             raise RecipeError(f"{p}: a training recipe must be a table of key = value")
-        return cls.from_options(data, where=str(p))._relative_to(p.parent)
+        probe = cls.from_options(data, where=str(p))._relative_to(p.parent)  # validates, resolves paths
+        return {k: getattr(probe, k.replace("-", "_")) for k in data}
 
     def _relative_to(self, base: Path) -> "TrainRecipe":
         """Data paths written in a recipe or plan file are relative to that file."""
@@ -153,6 +165,8 @@ class TrainRecipe:
             bad("precision", f"must be one of auto, fp32, bf16, fp16; got `{self.precision}`")
         if self.breaker_threshold < 0:
             bad("breaker_threshold", f"must be >= 0, got {self.breaker_threshold}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            bad("seed", f"must be an integer from 0 to 2**63-1, got {self.seed}")
         if self.max_grad_norm < 0:
             bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         last = 0

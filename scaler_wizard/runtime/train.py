@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,12 +313,17 @@ def train(
     dump_rank_weights: bool = False,
 ) -> TrainResult:
     """Continue training ``model_dir`` into ``run_dir``. See the module docstring."""
+    fresh = not Path(run_dir).exists()
     try:
         return _train(model_dir, run_dir, recipe, resume=resume, deepspeed_config=deepspeed_config,
                       growth_record=growth_record, stop_after=stop_after, progress=progress,
                       dump_rank_weights=dump_rank_weights)
     except BaseException:
         _reset_accelerate()  # a failed run must not leave its accelerate singletons to the next one
+        # a run that failed before its first checkpoint leaves no half-made RUN_DIR behind
+        if fresh and int(os.environ.get("RANK", "0")) == 0 and Path(run_dir).is_dir() \
+                and not checkpoints(Path(run_dir)):
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
@@ -326,6 +332,72 @@ def _reset_accelerate() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def _preflight(model_dir: Path, run_dir: Path, recipe: TrainRecipe, resume) -> None:
+    """Every input of a run checked before anything is created: the model (config, weights, shapes),
+    the baseline model, the run directory (writable; not the model directory or inside it), and the
+    block length against the model's position limit. Raises UsageError."""
+    from scaler_wizard.runtime.preflight import check_model, check_writable_dir, position_limit
+
+    from scaler_wizard.runtime.preflight import require_hf_dir
+
+    resolved = check_model(model_dir, flag="MODEL_DIR")
+    require_hf_dir(resolved, str(model_dir), "MODEL_DIR", "train")
+    if isinstance(resolved, str):
+        raise UsageError(f"MODEL_DIR {model_dir}: train needs a local Hugging Face model directory (download the "
+                         "hub model first, e.g. `huggingface-cli download ID --local-dir DIR`)")
+    if model_dir.is_dir() and not any((model_dir / f).is_file() for f in
+                                      ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise UsageError(f"MODEL_DIR {model_dir}: no tokenizer (tokenizer.json, tokenizer_config.json, "
+                         "tokenizer.model or vocab.json); training needs the model's tokenizer next to its weights")
+    if recipe.baseline_model:
+        require_hf_dir(check_model(recipe.baseline_model, flag="--baseline-model"), recipe.baseline_model,
+                       "--baseline-model", "train")
+    m, r = model_dir.resolve(), run_dir.expanduser().resolve()
+    if r == m or m in r.parents:
+        raise UsageError(f"refusing to write the run {run_dir} into the input model directory {model_dir}; "
+                         "choose another -o RUN_DIR")
+    if r in m.parents:
+        raise UsageError(f"refusing to write the run {run_dir}: it contains the input model {model_dir}")
+    check_writable_dir(run_dir, flag="-o")
+    from scaler_wizard.runtime.data import resolve_sources
+
+    for specs in (recipe.data, recipe.eval_data):  # local files exist and are text, before any work
+        if specs:
+            resolve_sources(list(specs))
+    limit, learned = position_limit(model_dir)
+    if limit is not None and recipe.max_seq_len > limit:
+        what = f"--seq-len {recipe.max_seq_len} (or a curriculum stage)"
+        if learned:
+            raise UsageError(f"{what} is longer than the model's {limit} learned positions "
+                             f"({model_dir}/config.json); use --seq-len {limit} or less")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"scaler-wizard train: warning: {what} is longer than the model's max_position_embeddings "
+                  f"{limit}: positions beyond it were never trained", file=sys.stderr, flush=True)
+
+
+def _check_resume_matches(ckpt: Path, model, model_dir: Path) -> None:
+    """The checkpoint to resume holds weights of this model's shapes (else: a UsageError, not a raw
+    size mismatch from the state loader)."""
+    from scaler_wizard.runtime.checkpoint import CheckpointError, open_checkpoint
+
+    try:
+        reader = open_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise UsageError(f"--resume {ckpt}: {e}") from None
+    try:
+        mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        bad = [f"{n} {list(reader.shape(n))} there, {list(mine[n])} here" for n in reader.names()
+               if n in mine and tuple(reader.shape(n)) != mine[n]]
+        missing = [n for n in mine if n not in reader]
+    finally:
+        reader.close()
+    if bad or len(missing) == len(mine):
+        detail = "; ".join(bad[:2]) + (f" (and {len(bad) - 2} more)" if len(bad) > 2 else "") if bad \
+            else "no tensor names in common"
+        raise UsageError(f"--resume {ckpt}: the checkpoint was made from another model than {model_dir} "
+                         f"({detail}); resume with the model the run started from, or start a new -o RUN_DIR")
 
 
 def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_record, stop_after, progress,
@@ -338,9 +410,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
 
     transformers.utils.logging.disable_progress_bar()
     model_dir, run_dir = Path(model_dir), Path(run_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     recipe.validate()
+    _preflight(model_dir, run_dir, recipe, resume)
 
     plugin = _deepspeed_plugin(deepspeed_config, recipe)
     # Under torchrun on a machine without GPUs accelerate picks MULTI_CPU only when told to use the
@@ -392,8 +463,9 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the tokenizer of {model_dir}: {e}") from None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise UsageError(f"cannot load the tokenizer of {model_dir}: {first[:300]}") from None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # checked by _preflight
     model.config.use_cache = False
     if recipe.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -432,6 +504,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     # ---- baseline (fresh run) or restored state
     start = 0
     if ckpt is not None:
+        _check_resume_matches(ckpt, model, model_dir)
         accelerator.load_state(str(ckpt / "training_state"))
         start = int(state["step"])
         # the recipe of this launch wins over the saved one (same recipe: the same values, bit for bit)
