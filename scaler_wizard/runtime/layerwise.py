@@ -113,7 +113,7 @@ class LayerwiseModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from scaler_wizard.runtime.checkpoint import open_checkpoint
-        from scaler_wizard.runtime.verify import model_class_for
+        from scaler_wizard.runtime.verify import is_causal_lm, model_class_for
 
         path = Path(path)
         if path.suffix == ".gguf" or not (path / "config.json").is_file():
@@ -137,9 +137,6 @@ class LayerwiseModel:
         self.out_emb = model.get_output_embeddings()
         sig = inspect.signature(model.forward).parameters
         self.cache_kw = next((k for k in ("cache", "past_key_values") if k in sig), None)
-        self.causal = False
-        from scaler_wizard.runtime.verify import is_causal_lm
-
         self.causal = is_causal_lm(model)
         self.layer_returns_tuple = False
         # parameter slots: id(param) -> [(module, attr, full name)], so tied parameters load once
@@ -236,16 +233,15 @@ class LayerwiseModel:
                 steps.append(_Step(j.name, base))
 
         n = len(self.layers)
-        originals = [layer.forward for layer in self.layers]
         rest: list = []
         try:
             rest = self.load(self._rest_params())
             with torch.no_grad():
                 self._inputs(steps, n, DynamicCache)
-                self._layers(steps, originals, DynamicCache)
+                self._layers(steps, DynamicCache)
                 return self._outputs(steps, n)
         finally:
-            for layer, f in zip(self.layers, originals):
+            for layer in self.layers:  # the recorders and replayers are instance attributes
                 layer.__dict__.pop("forward", None)
             self.free(rest)
 
@@ -298,7 +294,7 @@ class LayerwiseModel:
 
         return record
 
-    def _layers(self, steps, originals, DynamicCache):
+    def _layers(self, steps, DynamicCache):
         from transformers.cache_utils import Cache
 
         caches: dict[str, Any] = {}
