@@ -233,13 +233,16 @@ def kv_decode_logits(model, ids, prefill: int):
     then one token at a time through ``past_key_values``."""
     import torch
 
+    import inspect
+
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = model(input_ids=ids[:, :prefill], use_cache=True)
-        past = out.past_key_values
+        past = getattr(out, kw, None) if kw in out else out.past_key_values
         chunks = [out.logits.float()]
         for t in range(prefill, ids.shape[1]):
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: past})
+            past = getattr(out, kw, None) if kw in out else out.past_key_values
             chunks.append(out.logits.float())
     return torch.cat(chunks, dim=1)
 
