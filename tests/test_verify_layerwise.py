@@ -102,3 +102,26 @@ def test_layerwise_requires_directories(tmp_path):
     _, model = build_model("llama")
     with pytest.raises(ValueError, match="directories"):
         compare_models(model, model, layerwise=True)
+
+
+def test_layerwise_texts_and_grown_vocab_match_whole_model(tmp_path):
+    """Texts (one batch per text) and a grown vocabulary (only the original slice compared)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(127)} | {"[UNK]": 127}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    _, model = build_model("llama")
+    o = _save(model, tmp_path / "o")
+    big = _noisy(model)
+    big.resize_token_embeddings(160)
+    g = _save(big, tmp_path / "g")
+    kw = dict(texts=["w1 w2 w3 w4", "w9 w8 hello w7 w3"], tokenizer=tok, n_random=2, seq_len=6)
+    lw = compare_models(g, o, layerwise=True, **kw)
+    whole = compare_models(g, o, layerwise=False, **kw)
+    assert lw.vocab_grown == 160 and lw.vocab_compared == 128
+    assert [c.name for c in lw.checks][-1] == "texts" and lw.check("texts").n_positions == 9
+    for a, b in zip(lw.checks, whole.checks):
+        assert a.name == b.name and a.max_abs == pytest.approx(b.max_abs, rel=1e-6, abs=1e-9)
