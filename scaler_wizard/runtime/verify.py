@@ -14,6 +14,12 @@ Models load with their own class when ``config.architectures`` names one that is
 (``BertForMaskedLM``: its MLM head is what gets compared), otherwise with AutoModelForCausalLM. The
 KV-cache checks need a causal decoder; for other models they are skipped and a note says so.
 
+Model directories (safetensors) run layer by layer (:mod:`scaler_wizard.runtime.layerwise`): the
+real transformers modules, one decoder layer's weights in float32 at a time, each model read once,
+one model after the other (only logits kept in between); memory is about one decoder layer plus
+the input or output embedding plus activations, whatever the model size. Python modules, GGUF
+files and models whose decoder layers cannot be found run whole (a note says which and why).
+
 and reports, per check: max |grown - original| over logits, the same divided by max |original logit|,
 and the mean KL(original || grown) of next-token distributions. When the vocabulary grew, only the
 original vocabulary slice of the logits is compared (and both softmaxes are taken over it).
