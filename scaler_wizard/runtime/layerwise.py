@@ -135,6 +135,8 @@ class LayerwiseModel:
         self.layers_name, self.layers = _layer_list(model, getattr(config, "num_hidden_layers", None))
         self.in_emb = model.get_input_embeddings()
         self.out_emb = model.get_output_embeddings()
+        if self.in_emb is None or getattr(self.in_emb, "weight", None) is None:
+            raise LayerwiseUnsupported(f"{type(model).__name__}: no input embedding matrix")
         sig = inspect.signature(model.forward).parameters
         self.cache_kw = next((k for k in ("cache", "past_key_values") if k in sig), None)
         self.causal = is_causal_lm(model)
