@@ -6,7 +6,12 @@ CheckpointWriter, then times, each in its own subprocess (so peak RSS figures do
 
 * ``raw``: a streaming copy of the same output bytes -- for each output tensor, read its source tensor
   with safetensors and write shards of the same size with ``safetensors.torch.save_file``;
-* ``execute``: ``scaler_wizard.runtime.execute.execute`` of the program.
+* ``execute``: ``scaler_wizard.runtime.execute.execute`` of the program (outputs that are stored
+  tensors unchanged are byte-copied file to file, ``os.copy_file_range``);
+* ``torch``: the same with ``bytes_through_torch=True`` (every output read into and written from torch:
+  the executor before byte copies);
+* ``cp``: an in-kernel copy (``shutil.copyfile``: ``sendfile``/``copy_file_range``) of the input shards,
+  scaled to the output's byte count (``x raw`` column uses ``raw``; ``cp`` is the disk's floor).
 
 Programs (``--program``):
 
@@ -176,7 +181,20 @@ def child(args) -> dict:
     rss = _PeakRSS().__enter__()
     rss_before = rss.peak
     t0 = time.perf_counter()
-    if args.child == "raw":
+    if args.child == "cp":
+        dst.mkdir(parents=True)
+        total = 0
+        files = sorted(Path(args.src).glob("*.safetensors"))
+        want = sum(out.node.numel * 2 for out in prog.outputs.values())  # bf16 throughout
+        k = 0
+        while total < want:  # copy the input shards until as many bytes as the output were copied
+            f = files[k % len(files)]
+            shutil.copyfile(f, dst / f"{k}-{f.name}")
+            total += f.stat().st_size
+            k += 1
+        bytes_out = total
+        extra = {}
+    elif args.child == "raw":
 
         def first_load(node):
             if isinstance(node, Load):
@@ -214,10 +232,11 @@ def child(args) -> dict:
         bytes_out = total
         extra = {}
     else:
-        rep = execute(prog, reader, dst, shard_size=args.shard_size, progress=False)
+        rep = execute(prog, reader, dst, shard_size=args.shard_size, progress=False,
+                      bytes_through_torch=args.child == "torch")
         bytes_out = rep.tensor_bytes
         extra = {"peak_held_bytes": rep.peak_held_bytes, "largest_shard_bytes": rep.largest_shard_bytes,
-                 "n_shards": rep.n_shards}
+                 "n_shards": rep.n_shards, "byte_copies": rep.byte_copies}
     wall = time.perf_counter() - t0
     rss.__exit__(None, None, None)
     return {"mode": args.child, "wall_s": wall, "bytes_out": bytes_out, "max_rss_bytes": rss.peak,
@@ -232,8 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--program", default="depth", choices=["depth", "width", "loads"])
     ap.add_argument("--new-layers", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
-    ap.add_argument("--order", default="raw,execute", help="run order (comma separated)")
-    ap.add_argument("--child", choices=["raw", "execute", "build"], help=argparse.SUPPRESS)
+    ap.add_argument("--order", default="raw,execute,torch,cp", help="run order (comma separated)")
+    ap.add_argument("--child", choices=["raw", "execute", "torch", "cp", "build"], help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--dst", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -245,3 +245,34 @@ def test_mixed_dtype_execution_is_bit_identical_to_fp32_evaluation(tmp_path):
     assert {t.dtype for t in out.values()} == {torch.bfloat16}
     for name, o in prog.outputs.items():
         assert torch.equal(evaluate(o.node, ctx).to(torch.bfloat16), out[name]), name
+
+
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_unchanged_tensors_are_byte_copies(ckpt, tmp_path, monkeypatch, in_kernel):
+    """Outputs that are stored tensors unchanged bypass torch (copy_file_range, or the buffered
+    fallback a file system without it gets) and give the same files as the torch path; an output
+    cast to another dtype goes through torch."""
+    import scaler_wizard.runtime.checkpoint as ck
+
+    if not in_kernel:
+        monkeypatch.setattr(ck, "_COPY_FILE_RANGE", [False])
+    base, _, mb = ckpt
+    r = open_checkpoint(base / "bf16")
+    p = identity(r)
+    emb = "model.embed_tokens.weight"
+    p.add("extra", Scale(Load(emb, r.shape(emb)), 2.0))  # the embedding now feeds a computed output too
+    p.add("as_f32", Cast(Load("lm_head.weight", r.shape("lm_head.weight")), "float32"))
+    fast = execute(p, r, tmp_path / "fast", shard_size="20KB", progress=False)
+    slow = execute(p, r, tmp_path / "slow", shard_size="20KB", progress=False, bytes_through_torch=True)
+    # every stored tensor (the embedding too unless "extra" lands in its shard); never the cast one
+    assert len(r.names()) - 1 <= fast.byte_copies <= len(r.names())
+    assert slow.byte_copies == 0
+    assert fast.bytes_read == slow.bytes_read
+    files = sorted(x.name for x in (tmp_path / "fast").glob("*.safetensors"))
+    assert files == sorted(x.name for x in (tmp_path / "slow").glob("*.safetensors")) and len(files) > 1
+    for f in files:
+        assert (tmp_path / "fast" / f).read_bytes() == (tmp_path / "slow" / f).read_bytes()
+    out = load_all(tmp_path / "fast")
+    for k, v in mb.state_dict().items():
+        assert torch.equal(out[k], v), k
+    assert out["as_f32"].dtype == torch.float32 and torch.equal(out["as_f32"], mb.lm_head.weight.float())

@@ -370,6 +370,17 @@ class CheckpointReader:
     def _read(self, name: str):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def byte_range(self, name: str) -> tuple[str, int, int] | None:
+        """(file, start, stop): where the stored bytes of ``name`` lie (little-endian, row-major, in
+        its stored dtype), for a byte copy; None when the tensor is not a byte range of a file
+        (built from several stored tensors, dequantised, unpickled)."""
+        return None
+
+    def count_copy(self, nbytes: int) -> None:
+        """Account for a tensor copied as bytes (:meth:`byte_range`) in ``reads``/``bytes_read``."""
+        self.reads += 1
+        self.bytes_read += nbytes
+
     def _get_virtual(self, vt: VirtualTensor):
         """Read just the sources of ``vt`` (one at a time) and run the converter on them."""
         def load(n: str):
@@ -478,6 +489,12 @@ class SafetensorsReader(CheckpointReader):
         self._find_ties()
         self._find_aliases()
         self._find_base_prefix()
+
+    def byte_range(self, name: str) -> tuple[str, int, int] | None:
+        if name in self.virtual and name not in self._infos:
+            return None
+        info = self._infos[self._resolve(name)]
+        return info.file, info.offsets[0], info.offsets[1]
 
     def _read(self, name: str):
         from safetensors import safe_open
@@ -698,6 +715,7 @@ _ST_DTYPES = {
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64", "int32": "I32",
     "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }
+_COPY_FILE_RANGE = [hasattr(os, "copy_file_range")]  # cleared after the first file system refusing it
 _ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -745,6 +763,59 @@ class ShardStream:
                 block = block.to(target)
             self._f.write(block.view(torch.uint8).numpy().data)
         self._next += 1
+
+    def copy_range(self, name: str, src: str, start: int, stop: int, dtype: str,
+                   shape: tuple[int, ...]) -> None:
+        """Write the next tensor as a byte copy of ``src[start:stop]`` (a stored tensor of ``dtype``
+        (torch name) and ``shape``): in the kernel with ``os.copy_file_range`` where the file
+        systems allow it, else through a 16 MiB buffer. The dtype and shape must be the declared ones."""
+        if self._next >= len(self.entries):
+            raise CheckpointError(f"{self.path.name}: more tensors than declared ({name})")
+        want, shp, st = self.entries[self._next]
+        if name != want:
+            raise CheckpointError(f"{self.path.name}: expected tensor {want!r} next, got {name!r}")
+        if tuple(shape) != shp or _ST_DTYPES.get(dtype) != st or stop - start != self._nbytes(shp, st):
+            raise CheckpointError(f"{name}: declared {st}{list(shp)}, byte copy of {dtype}{list(shape)}")
+        self._f.flush()
+        dst = self._f.fileno()
+        pos = self._f.tell()
+        n = stop - start
+        try:
+            f = open(src, "rb")
+        except FileNotFoundError:
+            raise MissingShardError(f"{src}: file not found (while copying {name!r})") from None
+        except OSError as e:
+            raise CheckpointError(f"{src}: cannot read: {e}") from None
+        with f:
+            fd = f.fileno()
+            done = 0
+            if _COPY_FILE_RANGE[0]:
+                try:
+                    while done < n:
+                        k = os.copy_file_range(fd, dst, n - done, start + done, pos + done)
+                        if k == 0:
+                            raise CheckpointError(f"{src}: ends inside tensor {name!r}")
+                        done += k
+                except OSError:  # EXDEV, ENOSYS, EINVAL: a file system without it; copy through userspace
+                    _COPY_FILE_RANGE[0] = False
+            try:
+                while done < n:
+                    buf = os.pread(fd, min(16 << 20, n - done), start + done)
+                    if not buf:
+                        raise CheckpointError(f"{src}: ends inside tensor {name!r}")
+                    os.pwrite(dst, buf, pos + done)
+                    done += len(buf)
+            except OSError as e:
+                raise CheckpointError(f"copying {name!r} from {src} to {self.path}: {e}") from None
+        self._f.seek(pos + n)
+        self._next += 1
+
+    @staticmethod
+    def _nbytes(shape, st) -> int:
+        nb = _ST_ITEMSIZE[st]
+        for d in shape:
+            nb *= d
+        return nb
 
     def close(self) -> None:
         if self._f.closed:

@@ -12,6 +12,9 @@ Schedule
    kept in their stored dtype until consumed) and free every value at its last use. Outputs are
    cast to their dtype and the shard is written. Nothing is kept across shards, so peak memory is
    about one output shard plus the working set of its largest tensor, whatever the model size.
+   An output that is a stored tensor unchanged (a Load, same dtype, needed by nothing else) is not
+   read at all: its byte range is copied from the input shard into the output shard
+   (``os.copy_file_range``, in the kernel; a buffered copy where the file system refuses it).
 4. Config (input config + program.config_patch), tokenizer files and the optional model card are
    written, and the temporary directory is renamed into place (atomic; see CheckpointWriter).
 """
@@ -79,6 +82,7 @@ class ExecutionReport:
     max_rss_bytes: int  # process lifetime peak (getrusage), includes anything before execute()
     peak_held_bytes: int  # largest sum of live tensors held by the executor
     largest_shard_bytes: int
+    byte_copies: int = 0  # outputs written as byte copies of a stored tensor (no torch)
     dtypes: dict[str, int] = field(default_factory=dict)  # output dtype -> count
 
     def to_dict(self) -> dict:
@@ -202,11 +206,14 @@ def execute(
     progress: bool = True,
     card: dict | None = None,
     copy_tokenizer: bool = True,
+    bytes_through_torch: bool = False,
 ) -> ExecutionReport:
     """Run ``program`` over ``reader`` and write a Hugging Face checkpoint to ``out_dir`` (atomically).
 
     ``dtype``: output dtype for floating tensors (default: each output keeps its input's dtype).
     ``card``: if given, a dict for :func:`scaler_wizard.runtime.card.render_card`, written as README.md.
+    ``bytes_through_torch``: read and write outputs that are unchanged stored tensors through torch
+    too (by default their bytes are copied file to file, see :meth:`ShardStream.copy_range`).
     """
     import psutil
     import torch
@@ -231,6 +238,7 @@ def execute(
     bar = _Progress(progress and sys.stderr.isatty(), total, "scaler-wizard apply")
     peak_held = 0
     computed = 0
+    copied = 0
     try:
         with CheckpointWriter(out_dir, input_path=reader.path, max_shard_size=shard_size, force=force) as w:
             for si, shard in enumerate(shards):
@@ -253,6 +261,21 @@ def execute(
                 stream = w.shard([(name, program.outputs[name].node.shape, dts[name]) for name in emit])
                 for n in order:
                     out_bytes = 0  # bytes of this node's outputs, held only while written
+                    rng = None
+                    if isinstance(n, Load) and n.digest in roots and not uses.get(n.digest) and not bytes_through_torch:
+                        rng = reader.byte_range(n.name)
+                        if rng is not None and any(dts[name] != reader.dtype(n.name) for name in roots[n.digest]):
+                            rng = None
+                    if rng is not None:
+                        # an output that is a stored tensor, unchanged: its bytes are copied file to
+                        # file (in the kernel where it can), never through Python or torch
+                        for name in roots[n.digest]:
+                            stream.copy_range(name, rng[0], rng[1], rng[2], reader.dtype(n.name), n.shape)
+                            reader.count_copy(rng[2] - rng[1])
+                            bar.advance(size_of[name])
+                        computed += 1
+                        copied += 1
+                        continue
                     try:
                         if isinstance(n, Load):
                             val = reader.get(n.name)
@@ -329,4 +352,5 @@ def execute(
         peak_held_bytes=peak_held,
         largest_shard_bytes=max(sum(size_of[n] for n in s) for s in shards),
         dtypes={d: list(dts.values()).count(d) for d in sorted(set(dts.values()))},
+        byte_copies=copied,
     )

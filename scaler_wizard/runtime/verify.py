@@ -14,6 +14,12 @@ Models load with their own class when ``config.architectures`` names one that is
 (``BertForMaskedLM``: its MLM head is what gets compared), otherwise with AutoModelForCausalLM. The
 KV-cache checks need a causal decoder; for other models they are skipped and a note says so.
 
+Model directories (safetensors) run layer by layer (:mod:`scaler_wizard.runtime.layerwise`): the
+real transformers modules, one decoder layer's weights in float32 at a time, each model read once,
+one model after the other (only logits kept in between); memory is about one decoder layer plus
+the input or output embedding plus activations, whatever the model size. Python modules, GGUF
+files and models whose decoder layers cannot be found run whole (a note says which and why).
+
 and reports, per check: max |grown - original| over logits, the same divided by max |original logit|,
 and the mean KL(original || grown) of next-token distributions. When the vocabulary grew, only the
 original vocabulary slice of the logits is compared (and both softmaxes are taken over it).
@@ -255,13 +261,16 @@ def kv_decode_logits(model, ids, prefill: int):
     then one token at a time through ``past_key_values``."""
     import torch
 
+    import inspect
+
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = model(input_ids=ids[:, :prefill], use_cache=True)
-        past = out.past_key_values
+        past = getattr(out, kw, None) if kw in out else out.past_key_values
         chunks = [_scores(out)]
         for t in range(prefill, ids.shape[1]):
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: past})
+            past = getattr(out, kw, None) if kw in out else out.past_key_values
             chunks.append(_scores(out))
     return torch.cat(chunks, dim=1)
 
@@ -288,6 +297,66 @@ def padded_batch(ids, lengths: Sequence[int], side: str, pad_id: int = 0):
 # ------------------------------------------------------------------------------------------------ compare
 
 
+def _whole_model_logits(model, jobs) -> dict:
+    """The jobs of :mod:`scaler_wizard.runtime.layerwise` run on a whole model in memory."""
+    out = {}
+    for j in jobs:
+        if j.prefill > 0:
+            out[j.name] = kv_decode_logits(model, j.input_ids, j.prefill)
+        else:
+            out[j.name] = _forward(model, j.input_ids, j.attention_mask, j.position_ids, j.token_type_ids)
+    return out
+
+
+class _Side:
+    """One model of a comparison: layer by layer from its directory (default), or whole in memory
+    (modules, GGUF files, models the layer-wise path cannot drive, ``layerwise=False``)."""
+
+    def __init__(self, m, layerwise: bool | None):
+        self.lw = self.whole = None
+        self.why_whole = None
+        if layerwise is not False and isinstance(m, (str, os.PathLike)):
+            from scaler_wizard.runtime.layerwise import LayerwiseModel, LayerwiseUnsupported
+
+            try:
+                self.lw = LayerwiseModel(resolve_model_path(m))
+            except LayerwiseUnsupported as e:
+                if layerwise:
+                    raise ValueError(f"cannot verify layer by layer: {e}") from None
+                self.why_whole = str(e)
+        elif layerwise and not isinstance(m, (str, os.PathLike)):
+            raise ValueError("layer-by-layer verification needs model directories")
+        if self.lw is not None and is_headless(self.lw.model):  # hidden states, not logits: the whole-model path
+            self.why_whole = f"{type(self.lw.model).__name__} is a headless base class"
+            self.lw.close()
+            self.lw = None
+        if self.lw is None:
+            self.whole = load_model(m)
+        self.model = self.lw.model if self.lw is not None else self.whole
+        self.config = self.model.config
+        self.causal = is_causal_lm(self.model)
+
+    def vocab(self) -> int:
+        return self.lw.vocab() if self.lw is not None else _vocab(self.whole)
+
+    def logits(self, jobs) -> dict:
+        if self.lw is None:
+            return _whole_model_logits(self.whole, jobs)
+        from scaler_wizard.runtime.layerwise import LayerwiseUnsupported
+
+        try:
+            return self.lw.run(jobs)
+        except LayerwiseUnsupported as e:  # found only while running (a layer skipped, no cache)
+            self.why_whole = str(e)
+            self.whole = load_model(self.lw.reader.path)
+            return _whole_model_logits(self.whole, jobs)
+
+    def release(self) -> None:
+        if self.lw is not None:
+            self.lw.close()
+        self.lw = self.whole = self.model = None
+
+
 def compare_models(
     grown,
     original,
@@ -301,65 +370,62 @@ def compare_models(
     check_kv: bool = True,
     check_padding: bool = True,
     max_text_tokens: int = 256,
+    layerwise: bool | None = None,
 ) -> VerifyReport:
-    """Compare a grown model with its original (directories or modules). See the module docstring."""
+    """Compare a grown model with its original (directories or modules). See the module docstring.
+
+    ``layerwise``: None (default) runs model directories layer by layer
+    (:mod:`scaler_wizard.runtime.layerwise`: memory bounded by about one decoder layer in float32
+    plus activations, each model read once), and modules / GGUF files / models that path cannot
+    drive whole in memory (a note says so); True requires the layer-wise path (ValueError when it
+    cannot run); False loads both models whole (the reference the layer-wise path is tested against).
+    One model is run after the other; only the logits are kept between them."""
     import torch
 
-    g = load_model(grown)
-    o = load_model(original)
-    v_orig, v_grown = _vocab(o), _vocab(g)
+    from scaler_wizard.runtime.layerwise import Job
+
+    o = _Side(original, layerwise)
+    g = _Side(grown, layerwise)
+    v_orig, v_grown = o.vocab(), g.vocab()
     v = min(v_orig, v_grown)
     rep = VerifyReport(rtol=rtol, vocab_compared=v, vocab_grown=v_grown)
     if v_grown != v_orig:
         rep.notes.append(f"vocabulary {v_orig} -> {v_grown}: comparing the first {v} logits (softmax over them)")
     ids_v = v
-    if is_headless(o) and is_headless(g):
+    if is_headless(o.model) and is_headless(g.model):
         # no logits: compare the last hidden states; widening keeps the original units first (copies after)
         v = int(o.config.hidden_size)
-        rep.notes.append(f"headless {type(o).__name__}: comparing last hidden states (the first {v} units; "
+        rep.notes.append(f"headless {type(o.model).__name__}: comparing last hidden states (the first {v} units; "
                          "the KL column is over those units, not a vocabulary)")
 
+    # the jobs: (check name, job name for grown, job name for original, mask)
+    jobs: list = []
+    plan: list = []
     gen = torch.Generator().manual_seed(seed)
+    causal = g.causal and o.causal
+    kv_check = False
     if n_random > 0:
         ids = torch.randint(0, ids_v, (n_random, seq_len), generator=gen)
-        lg, lo = _forward(g, ids), _forward(o, ids)
-        rep.checks.append(compare_logits("random_ids", lg, lo, rtol=rtol, vocab=v))
-
+        jobs.append(Job("random_ids", ids))
+        plan.append(("random_ids", "random_ids", "random_ids", None))
         if check_padding and n_random >= 2 and seq_len >= 4:
             lengths = [seq_len] + [max(2, seq_len - (seq_len * k) // (2 * n_random)) for k in range(1, n_random)]
             for side in ("right", "left"):
                 pids, mask, pos = padded_batch(ids, lengths, side)
-                rep.checks.append(compare_logits(f"padding_{side}", _forward(g, pids, mask, pos),
-                                                 _forward(o, pids, mask, pos), mask, rtol=rtol, vocab=v))
-
+                jobs.append(Job(f"padding_{side}", pids, mask, pos))
+                plan.append((f"padding_{side}", f"padding_{side}", f"padding_{side}", mask))
         n_types = int(getattr(o.config, "type_vocab_size", 0) or 0)
         if n_types > 1:  # token type embeddings write the residual stream too (BERT)
             tt = torch.randint(0, n_types, ids.shape, generator=gen)
-            rep.checks.append(compare_logits("token_type_ids", _forward(g, ids, token_type_ids=tt),
-                                             _forward(o, ids, token_type_ids=tt), rtol=rtol, vocab=v))
-
-        causal = is_causal_lm(g) and is_causal_lm(o)
+            jobs.append(Job("token_type_ids", ids, token_type_ids=tt))
+            plan.append(("token_type_ids", "token_type_ids", "token_type_ids", None))
         if check_kv and seq_len >= 2 and not causal:
-            rep.notes.append(f"KV-cache checks skipped: {type(o).__name__} is not a causal LM (no incremental decoding)")
+            rep.notes.append(f"KV-cache checks skipped: {type(o.model).__name__} is not a causal LM (no incremental decoding)")
         if check_kv and seq_len >= 2 and causal:
-            prefill = max(1, seq_len // 2)
-            kv = kv_decode_logits(g, ids, prefill)
-            self_check = compare_logits("kv_cache_vs_full", kv, lg, rtol=rtol, vocab=v)
-            kv_o = kv_decode_logits(o, ids, prefill)
-            orig_self = compare_logits("kv_cache_vs_full", kv_o, lo, rtol=rtol, vocab=v)
-            if self_check.passed or orig_self.passed:
-                rep.checks.append(self_check)
-                kv_ref = lo
-            else:
-                # The original itself decodes differently from its full forward (longrope switching
-                # to long factors past original_max_position_embeddings, dynamic NTK re-basing): the
-                # grown model is held to the original's cached decoding instead.
-                rep.notes.append(f"kv_cache_vs_full not judged: the original's own cached decoding differs from its full "
-                                 f"forward (rel {orig_self.max_rel:.3g}; position-dependent RoPE frequencies), grown rel "
-                                 f"{self_check.max_rel:.3g}; kv_cache_vs_original compares the two cached decodings")
-                kv_ref = kv_o
-            rep.checks.append(compare_logits("kv_cache_vs_original", kv, kv_ref, rtol=rtol, vocab=v))
+            jobs.append(Job("kv_decode", ids, prefill=max(1, seq_len // 2)))
+            kv_check = True
 
+    text_jobs: list[str] = []
     if texts:
         tok = tokenizer
         if tok is None:
@@ -367,8 +433,6 @@ def compare_models(
             if not isinstance(src, (str, os.PathLike)):
                 raise ValueError("texts given but no tokenizer: pass tokenizer= or model directories")
             tok = load_tokenizer(src)
-        worst: CheckResult | None = None
-        total_pos = 0
         for t in texts:
             enc = tok(t, return_tensors="pt", truncation=True, max_length=max_text_tokens)["input_ids"]
             enc = enc[:, :max_text_tokens]
@@ -377,18 +441,54 @@ def compare_models(
             if int(enc.max()) >= v:
                 rep.notes.append("a text produced token ids outside the compared vocabulary; skipped")
                 continue
-            c = compare_logits("texts", _forward(g, enc), _forward(o, enc), rtol=rtol, vocab=v)
-            total_pos += c.n_positions
-            if worst is None:
-                worst = c
-            else:  # aggregate: worst abs/rel, mean of KL weighted by positions
-                kl = (worst.mean_kl * worst.n_positions + c.mean_kl * c.n_positions) / (worst.n_positions + c.n_positions)
-                ml = max(worst.max_logit, c.max_logit)
-                ma = max(worst.max_abs, c.max_abs)
-                worst = CheckResult("texts", ma, max(worst.max_rel, c.max_rel), kl, ml, rtol * ml,
-                                    worst.n_positions + c.n_positions, worst.passed and c.passed)
-        if worst is not None:
-            rep.checks.append(worst)
+            name = f"text{len(text_jobs)}"
+            jobs.append(Job(name, enc))
+            text_jobs.append(name)
+    if not jobs:
+        raise ValueError("nothing to compare: n_random=0 and no texts")
+
+    lo = o.logits(jobs)  # the original decodes with its cache too: see kv_cache_vs_original below
+    o_why = o.why_whole
+    o.release()
+    lg = g.logits(jobs)
+    g_why = g.why_whole
+    g.release()
+    for who, why in (("original", o_why), ("grown", g_why)):
+        if why:
+            rep.notes.append(f"{who} model verified whole in memory: {why}")
+
+    for check, gname, oname, mask in plan:
+        ref = lg[oname.split("@")[0]] if oname.endswith("@grown") else lo[oname]
+        rep.checks.append(compare_logits(check, lg[gname], ref, mask, rtol=rtol, vocab=v))
+    if kv_check:
+        self_check = compare_logits("kv_cache_vs_full", lg["kv_decode"], lg["random_ids"], rtol=rtol, vocab=v)
+        orig_self = compare_logits("kv_cache_vs_full", lo["kv_decode"], lo["random_ids"], rtol=rtol, vocab=v)
+        kv_ref = lo["random_ids"]
+        if self_check.passed or orig_self.passed:
+            rep.checks.append(self_check)
+        else:
+            # The original itself decodes differently from its full forward (longrope switching to
+            # long factors past original_max_position_embeddings, dynamic NTK re-basing): the grown
+            # model is held to the original's cached decoding instead.
+            rep.notes.append(f"kv_cache_vs_full not judged: the original's own cached decoding differs from its full "
+                             f"forward (rel {orig_self.max_rel:.3g}; position-dependent RoPE frequencies), grown rel "
+                             f"{self_check.max_rel:.3g}; kv_cache_vs_original compares the two cached decodings")
+            kv_ref = lo["kv_decode"]
+        rep.checks.append(compare_logits("kv_cache_vs_original", lg["kv_decode"], kv_ref, rtol=rtol, vocab=v))
+
+    worst: CheckResult | None = None
+    for name in text_jobs:
+        c = compare_logits("texts", lg[name], lo[name], rtol=rtol, vocab=v)
+        if worst is None:
+            worst = c
+        else:  # aggregate: worst abs/rel, mean of KL weighted by positions
+            kl = (worst.mean_kl * worst.n_positions + c.mean_kl * c.n_positions) / (worst.n_positions + c.n_positions)
+            ml = max(worst.max_logit, c.max_logit)
+            ma = max(worst.max_abs, c.max_abs)
+            worst = CheckResult("texts", ma, max(worst.max_rel, c.max_rel), kl, ml, rtol * ml,
+                                worst.n_positions + c.n_positions, worst.passed and c.passed)
+    if worst is not None:
+        rep.checks.append(worst)
     if not rep.checks:
         raise ValueError("nothing to compare: n_random=0 and no texts")
     return rep

@@ -1,0 +1,368 @@
+"""Layer-by-layer forward of a checkpoint on disk, in memory bounded by one decoder layer.
+
+:func:`run_layerwise` computes float32 logits of a model directory for a list of :class:`Job` s
+(batches of token ids with their attention mask, position ids, token type ids, or teacher-forced
+KV-cache decoding) while holding at most one decoder layer's weights in float32 (plus the input or
+the output embedding, one at a time, and the small tensors outside the layers: norms, position
+embeddings). Every tensor is read once from the lazy safetensors reader
+(:mod:`scaler_wizard.runtime.checkpoint`); a tied output embedding is read a second time, as the
+output embedding.
+
+It runs the model's own transformers code, not a reimplementation. The model class (the one
+``from_pretrained`` would build, see :func:`scaler_wizard.runtime.verify.model_class_for`) is
+built with parameters on the meta device; its decoder layers are the largest ModuleList of
+identical modules. Three phases per model:
+
+1. *inputs*: with the input embedding materialised, the model's forward runs for every job with
+   each decoder layer replaced by a recorder: it keeps the hidden states entering layer 0 and the
+   arguments the model passes each layer (attention masks built by the model's mask functions,
+   rotary position embeddings, the cache), and stops the forward after the last layer.
+2. *layers*: for each decoder layer in turn: its weights are read, converted to float32, the real
+   layer module runs on every job's hidden states with the recorded arguments, and its weights are
+   dropped (back to the meta device).
+3. *outputs*: with the output embedding materialised and the input embedding answering zeros, the
+   model's forward runs again for every job with layer 0 returning the final hidden states and
+   the other layers passing them through, so final norm, LM head and logit soft-capping are the
+   model's own.
+
+KV-cache decoding (``Job.prefill``): the prefill and each single-token step are separate forwards.
+In phase 1 each step sees a stand-in cache that already holds the right number of (zero) positions,
+so the model builds the step's positions and masks as it would in real decoding; in phase 2 every
+step runs, in order, against one real ``DynamicCache`` per job, layer by layer (layer ``l`` of
+step ``t`` only reads layer ``l`` of the cache, written by steps before ``t``).
+
+Raises :class:`LayerwiseUnsupported` when the model cannot be driven this way (GGUF files, no
+decoder-layer list found); callers fall back on the whole-model forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class LayerwiseUnsupported(Exception):
+    """This model cannot be run layer by layer (the message says why); use the whole-model path."""
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One batch to run. ``input_ids`` [B, T] (int64); optional ``attention_mask`` [B, T],
+    ``position_ids`` [B, T], ``token_type_ids`` [B, T]. ``prefill`` > 0: teacher-forced KV-cache
+    decoding (forward on ids[:, :prefill] with a cache, then one token at a time); the logits of
+    every position are returned, as :func:`scaler_wizard.runtime.verify.kv_decode_logits` does."""
+
+    name: str
+    input_ids: Any
+    attention_mask: Any = None
+    position_ids: Any = None
+    token_type_ids: Any = None
+    prefill: int = 0
+
+
+@dataclass
+class _Step:
+    job: str
+    kwargs: dict
+    cache_len: int = -1  # >= 0: a decode step, with this many positions already cached
+    h: Any = None
+    calls: list = field(default_factory=list)  # per layer: (args after hidden, kwargs)
+
+
+def _all(module) -> list:
+    """Every parameter of ``module``, shared ones once per slot."""
+    return [p for _, p in module.named_parameters(remove_duplicate=False)]
+
+
+def _layer_list(model, n_layers: int | None):
+    """The decoder layers: the ModuleList of identical modules holding the most parameters."""
+    import torch
+
+    best, best_n = None, -1
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(m) for m in mod}) != 1:
+            continue
+        if n_layers is not None and len(mod) != n_layers:
+            continue
+        n = sum(p.numel() for p in mod.parameters())
+        if n > best_n:
+            best, best_n = (name, mod), n
+    if best is None:
+        raise LayerwiseUnsupported("no list of decoder layers found")
+    return best
+
+
+class LayerwiseModel:
+    """A model directory opened for layer-by-layer execution (see the module docstring).
+
+    ``path``: a directory with config.json and safetensors (the reader of
+    :func:`scaler_wizard.runtime.checkpoint.open_checkpoint`). Raises LayerwiseUnsupported for
+    a .gguf file; CheckpointError for unreadable checkpoints."""
+
+    def __init__(self, path):
+        import torch
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from scaler_wizard.runtime.checkpoint import open_checkpoint
+        from scaler_wizard.runtime.verify import is_causal_lm, model_class_for
+
+        path = Path(path)
+        if path.suffix == ".gguf" or not (path / "config.json").is_file():
+            raise LayerwiseUnsupported(f"{path}: not a safetensors model directory")
+        self.reader = open_checkpoint(path)
+        if self.reader.format != "safetensors":
+            raise LayerwiseUnsupported(f"{path}: {self.reader.format} checkpoint (read whole)")
+        config = AutoConfig.from_pretrained(str(path))
+        cls = model_class_for(path)
+        with init_empty_weights(include_buffers=False):
+            if cls is AutoModelForCausalLM:
+                model = cls.from_config(config, dtype=torch.float32)
+            else:
+                model = cls._from_config(config, dtype=torch.float32)
+        model.tie_weights()  # as from_pretrained does (config.tie_word_embeddings, _tied_weights_keys)
+        self.model = model.eval()
+        self.config = model.config
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+        self.layers_name, self.layers = _layer_list(model, getattr(config, "num_hidden_layers", None))
+        self.in_emb = model.get_input_embeddings()
+        self.out_emb = model.get_output_embeddings()
+        if self.in_emb is None or getattr(self.in_emb, "weight", None) is None:
+            raise LayerwiseUnsupported(f"{type(model).__name__}: no input embedding matrix")
+        sig = inspect.signature(model.forward).parameters
+        self.cache_kw = next((k for k in ("cache", "past_key_values") if k in sig), None)
+        self.causal = is_causal_lm(model)
+        self.layer_returns_tuple = False
+        # parameter slots: id(param) -> [(module, attr, full name)], so tied parameters load once
+        self._slots: dict[int, list] = {}
+        for mname, mod in model.named_modules(remove_duplicate=False):
+            for attr, p in mod._parameters.items():
+                if p is not None:
+                    self._slots.setdefault(id(p), []).append((mod, attr, f"{mname}.{attr}" if mname else attr))
+
+    # -- weights
+    def _stored_name(self, names: list[str]) -> str:
+        cands = []
+        for n in names:
+            cands.append(n)
+            if self.prefix and n.startswith(self.prefix + "."):
+                cands.append(n[len(self.prefix) + 1:])
+            elif self.prefix:
+                cands.append(f"{self.prefix}.{n}")
+        for c in cands:
+            if c in self.reader:
+                return c
+        raise ValueError(f"{self.reader.path}: no tensor for parameter {names[0]!r} in the checkpoint")
+
+    def _params(self, module) -> list:
+        return list({id(p): p for p in _all(module)}.values())
+
+    def load(self, params: list) -> list:
+        """Materialise ``params`` (float32, read from the checkpoint) in every slot that shares
+        them; returns the new parameters, to give to :meth:`free`."""
+        import torch
+
+        out = []
+        for old in params:
+            if old.device.type != "meta":
+                out.append(old)
+                continue
+            slots = self._slots.pop(id(old))
+            name = self._stored_name([full for _, _, full in slots])
+            t = self.reader.get(name)
+            t = t.to(torch.float32) if t.dtype != torch.float32 else t
+            if tuple(t.shape) != tuple(old.shape):
+                raise ValueError(f"{self.reader.path}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                 f"the model built from config.json expects {tuple(old.shape)}")
+            p = torch.nn.Parameter(t, requires_grad=False)
+            for mod, attr, _ in slots:
+                mod._parameters[attr] = p
+            self._slots[id(p)] = slots
+            out.append(p)
+        return out
+
+    def free(self, params: list) -> None:
+        """Put ``params`` back on the meta device (in every slot sharing them)."""
+        import torch
+
+        for p in params:
+            if p.device.type == "meta" or id(p) not in self._slots:
+                continue
+            slots = self._slots.pop(id(p))
+            m = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+            for mod, attr, _ in slots:
+                mod._parameters[attr] = m
+            self._slots[id(m)] = slots
+        params.clear()
+
+    def _rest_params(self) -> list:
+        """Parameters outside the decoder layers and the two embeddings (norms, position embeddings)."""
+        big = {id(p) for p in _all(self.layers)}
+        for m in (self.in_emb, self.out_emb):
+            if m is not None:
+                big |= {id(p) for p in _all(m)}
+        return [p for p in self._params(self.model) if id(p) not in big]
+
+    # -- forward
+    def run(self, jobs: list[Job]) -> dict[str, Any]:
+        """float32 logits [B, T, V] per job name (see the module docstring)."""
+        import torch
+        from transformers import DynamicCache
+
+        steps: list[_Step] = []
+        for j in jobs:
+            base = {"input_ids": j.input_ids}
+            for k in ("attention_mask", "position_ids", "token_type_ids"):
+                v = getattr(j, k)
+                if v is not None:
+                    base[k] = v
+            if j.prefill > 0:
+                if not self.causal or self.cache_kw is None:
+                    raise LayerwiseUnsupported(f"{type(self.model).__name__}: no KV-cache decoding")
+                T = j.input_ids.shape[1]
+                steps.append(_Step(j.name, {"input_ids": j.input_ids[:, :j.prefill]}, 0))
+                for t in range(j.prefill, T):
+                    steps.append(_Step(j.name, {"input_ids": j.input_ids[:, t:t + 1]}, t))
+            else:
+                steps.append(_Step(j.name, base))
+
+        n = len(self.layers)
+        rest: list = []
+        try:
+            rest = self.load(self._rest_params())
+            with torch.no_grad():
+                self._inputs(steps, n, DynamicCache)
+                self._layers(steps, DynamicCache)
+                return self._outputs(steps, n)
+        finally:
+            for layer in self.layers:  # the recorders and replayers are instance attributes
+                layer.__dict__.pop("forward", None)
+            self.free(rest)
+
+    def _inputs(self, steps, n, DynamicCache):
+        import torch
+
+        emb = self.load(self._params(self.in_emb))
+        try:
+            for st in steps:
+                kw = dict(st.kwargs)
+                if self.causal:
+                    kw["use_cache"] = st.cache_len >= 0
+                if st.cache_len >= 0:
+                    kw[self.cache_kw] = self._stand_in_cache(DynamicCache, st.kwargs["input_ids"].shape[0], st.cache_len)
+                for i, layer in enumerate(self.layers):
+                    layer.forward = self._recorder(st, i, n)
+                try:
+                    self.model(**kw)
+                except _Stop:
+                    pass
+                if len(st.calls) != n:
+                    raise LayerwiseUnsupported(f"the forward called {len(st.calls)} of {n} decoder layers")
+        finally:
+            self.free(emb)
+
+    def _stand_in_cache(self, DynamicCache, batch: int, length: int):
+        import torch
+
+        cache = DynamicCache(config=self.config)
+        if length:
+            z = torch.zeros(batch, 1, length, 1)
+            for i in range(len(self.layers)):
+                cache.update(z, z, i)
+        return cache
+
+    @staticmethod
+    def _recorder(st: _Step, i: int, n: int):
+        def record(*args, **kwargs):
+            if args:
+                h, rest = args[0], args[1:]
+            else:
+                kwargs = dict(kwargs)
+                h, rest = kwargs.pop("hidden_states"), ()
+            if i == 0:
+                st.h = h
+            st.calls.append((rest, kwargs))
+            if i == n - 1:
+                raise _Stop
+            return h
+
+        return record
+
+    def _layers(self, steps, DynamicCache):
+        from transformers.cache_utils import Cache
+
+        caches: dict[str, Any] = {}
+        for st in steps:
+            if st.cache_len >= 0 and st.job not in caches:
+                caches[st.job] = DynamicCache(config=self.config)
+
+        def swap(v, st):
+            return caches[st.job] if isinstance(v, Cache) else v
+
+        for i, layer in enumerate(self.layers):
+            layer.__dict__.pop("forward", None)
+            w = self.load(self._params(layer))
+            try:
+                for st in steps:
+                    args, kwargs = st.calls[i]
+                    args = tuple(swap(a, st) for a in args)
+                    kwargs = {k: swap(v, st) for k, v in kwargs.items()}
+                    out = layer(st.h, *args, **kwargs)
+                    if isinstance(out, tuple):
+                        self.layer_returns_tuple = True
+                        out = out[0]
+                    st.h = out
+                    st.calls[i] = None  # the arguments of a layer are not needed again
+            finally:
+                self.free(w)
+
+    def _outputs(self, steps, n) -> dict[str, Any]:
+        import torch
+
+        wrap = (lambda h: (h,)) if self.layer_returns_tuple else (lambda h: h)
+        width = self.in_emb.weight.shape[-1]
+        self.in_emb.forward = lambda input_ids, *a, **k: torch.zeros(*input_ids.shape, width, dtype=torch.float32)
+        head = self.load(self._params(self.out_emb)) if self.out_emb is not None else []
+        chunks: dict[str, list] = {}
+        try:
+            for st in steps:
+                for i, layer in enumerate(self.layers):
+                    if i == 0:
+                        layer.forward = (lambda h: lambda *a, **k: wrap(h))(st.h)
+                    else:
+                        layer.forward = lambda *a, **k: wrap(a[0] if a else k["hidden_states"])
+                kw = dict(st.kwargs)
+                if self.causal:
+                    kw["use_cache"] = False
+                logits = self.model(**kw).logits.float()
+                chunks.setdefault(st.job, []).append(logits)
+                st.h = None
+        finally:
+            self.in_emb.__dict__.pop("forward", None)
+            for layer in self.layers:
+                layer.__dict__.pop("forward", None)
+            self.free(head)
+        return {k: (v[0] if len(v) == 1 else torch.cat(v, dim=1)) for k, v in chunks.items()}
+
+    def vocab(self) -> int:
+        return int(self.out_emb.weight.shape[0]) if self.out_emb is not None else int(self.config.vocab_size)
+
+    def close(self):
+        self.reader.close()
+
+
+def run_layerwise(path, jobs: list[Job]) -> dict[str, Any]:
+    """float32 logits per job name for the model directory ``path``, layer by layer."""
+    m = LayerwiseModel(path)
+    try:
+        return m.run(jobs)
+    finally:
+        m.close()

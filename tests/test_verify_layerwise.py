@@ -1,0 +1,127 @@
+"""Layer-by-layer verification (runtime/layerwise.py) against the whole-model forward, on the
+tiny families saved as real safetensors directories (fp32, CPU)."""
+
+import copy
+
+import pytest
+import torch
+
+from families import FAMILIES, build_model
+from scaler_wizard.runtime.layerwise import Job, LayerwiseModel
+from scaler_wizard.runtime.verify import compare_models
+
+FAST = ["llama", "gemma2", "gpt2", "opt_postln", "mixtral", "bert", "qwen2"]
+
+
+def _save(model, path):
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def _noisy(model, std=1e-4, seed=1):
+    g = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return g
+
+
+@pytest.mark.parametrize("family", [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
+def test_layerwise_equals_whole_model(tmp_path, family):
+    _, model = build_model(family)
+    o = _save(model, tmp_path / "o")
+    g = _save(_noisy(model), tmp_path / "g")  # differs, so the figures compared are not all zero
+    lw = compare_models(g, o, n_random=3, seq_len=10, layerwise=True)
+    whole = compare_models(g, o, n_random=3, seq_len=10, layerwise=False)
+    assert [c.name for c in lw.checks] == [c.name for c in whole.checks]
+    assert len(lw.checks) >= 4  # random ids, padding both sides, and KV cache or token types
+    for a, b in zip(lw.checks, whole.checks):
+        assert b.max_abs > 0 or a.name == "kv_cache_vs_full"
+        assert a.max_abs == pytest.approx(b.max_abs, rel=1e-6, abs=1e-9), a.name
+        assert a.max_logit == pytest.approx(b.max_logit, rel=1e-6), a.name
+        assert a.mean_kl == pytest.approx(b.mean_kl, rel=1e-4, abs=1e-12), a.name
+        assert a.n_positions == b.n_positions
+    assert lw.notes == whole.notes
+
+
+def test_layerwise_detects_a_broken_layer_and_a_broken_head(tmp_path):
+    _, model = build_model("llama")
+    o = _save(model, tmp_path / "o")
+    bad_layer = copy.deepcopy(model)
+    with torch.no_grad():
+        bad_layer.model.layers[1].mlp.down_proj.weight.mul_(2.0)
+    rep = compare_models(_save(bad_layer, tmp_path / "b1"), o, layerwise=True)
+    assert not rep.passed and all(not rep.check(n).passed for n in ("random_ids", "padding_left", "kv_cache_vs_original"))
+    assert rep.check("kv_cache_vs_full").passed  # the broken model still decodes consistently with itself
+
+    s = 0.01
+    bad_head = copy.deepcopy(model)
+    with torch.no_grad():
+        bad_head.lm_head.weight.mul_(1 + s)
+    rep = compare_models(_save(bad_head, tmp_path / "b2"), o, layerwise=True)
+    assert not rep.passed
+    assert rep.check("random_ids").max_rel == pytest.approx(s, rel=1e-3)
+
+    same = compare_models(o, o, layerwise=True)
+    assert same.passed and same.check("random_ids").max_abs == 0.0
+
+
+def test_layerwise_reads_each_tensor_once_and_holds_one_layer(tmp_path):
+    """The memory bound, as a fact about what is materialised: at every load at most one decoder
+    layer's parameters are real, and the whole checkpoint is read exactly once."""
+    _, model = build_model("llama")
+    d = _save(model, tmp_path / "m")
+    lm = LayerwiseModel(d)
+    layer_numel = sum(p.numel() for p in lm.layers[0].parameters())
+    emb = lm.in_emb.weight.numel()
+    rest = sum(p.numel() for n, p in model.named_parameters()
+               if not n.startswith(("model.layers.", "model.embed_tokens", "lm_head")))
+    peaks = []
+    load = lm.load
+
+    def spy(params):
+        out = load(params)
+        peaks.append(sum(p.numel() for p in lm.model.parameters() if p.device.type != "meta"))
+        return out
+
+    lm.load = spy
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = lm.run([Job("a", ids), Job("kv", ids, prefill=4)])
+    assert max(peaks) <= layer_numel + emb + rest
+    assert max(peaks) < sum(p.numel() for p in model.parameters()) / 2
+    assert lm.reader.bytes_read == lm.reader.total_bytes
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+    assert torch.equal(out["a"], ref)
+    assert (out["kv"] - ref).abs().max().item() < 1e-5
+    assert all(p.device.type == "meta" for p in lm.model.parameters())  # everything released
+
+
+def test_layerwise_requires_directories(tmp_path):
+    _, model = build_model("llama")
+    with pytest.raises(ValueError, match="directories"):
+        compare_models(model, model, layerwise=True)
+
+
+def test_layerwise_texts_and_grown_vocab_match_whole_model(tmp_path):
+    """Texts (one batch per text) and a grown vocabulary (only the original slice compared)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(127)} | {"[UNK]": 127}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    _, model = build_model("llama")
+    o = _save(model, tmp_path / "o")
+    big = _noisy(model)
+    big.resize_token_embeddings(160)
+    g = _save(big, tmp_path / "g")
+    kw = dict(texts=["w1 w2 w3 w4", "w9 w8 hello w7 w3"], tokenizer=tok, n_random=2, seq_len=6)
+    lw = compare_models(g, o, layerwise=True, **kw)
+    whole = compare_models(g, o, layerwise=False, **kw)
+    assert lw.vocab_grown == 160 and lw.vocab_compared == 128
+    assert [c.name for c in lw.checks][-1] == "texts" and lw.check("texts").n_positions == 9
+    for a, b in zip(lw.checks, whole.checks):
+        assert a.name == b.name and a.max_abs == pytest.approx(b.max_abs, rel=1e-6, abs=1e-9)
