@@ -9,8 +9,8 @@
     >>> res = api.train("grown", "run", data=["corpus.txt"], steps=100)    # TrainResult
     >>> table = api.evaluate(["grown", "run/final"], ["perplexity"], text_files=["held_out.txt"])
 
-Plan errors raise :class:`~scaler_wizard.compiler.diagnostics.PlanError` (with ``.sources`` for
-rendering), bad inputs raise :class:`~scaler_wizard.compiler.diagnostics.UsageError`, lowering
+Plan errors raise :class:`~scaler_wizard.diagnostics.PlanError` (with ``.sources`` for
+rendering), bad inputs raise :class:`~scaler_wizard.diagnostics.UsageError`, lowering
 failures raise :class:`~scaler_wizard.compiler.passes.base.PassError`.
 """
 
@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from scaler_wizard.compiler.diagnostics import PlanError, UsageError
+from scaler_wizard.diagnostics import PlanError, UsageError
 
 SIDECAR = "scaler_wizard_growth.json"
 EPS_RTOL = 1e-3  # exact-eps plans: the epsilon mismatch is ~eps / mean-square of the stream

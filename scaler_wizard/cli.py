@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if m is None:
         sys.stderr.write(f"scaler-wizard: `{args.command}` is not available in this build\n")
         return 2
-    from scaler_wizard.compiler.diagnostics import PlanError, UsageError, render
+    from scaler_wizard.diagnostics import PlanError, UsageError, render
 
     if not os.environ.get("SW_DEBUG"):
         _quiet_libraries()

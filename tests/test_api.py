@@ -7,7 +7,7 @@ import json
 import pytest
 
 from scaler_wizard import api
-from scaler_wizard.compiler.diagnostics import PlanError, UsageError
+from scaler_wizard.diagnostics import PlanError, UsageError
 from scaler_wizard.runtime.recipe import RecipeError
 from scaler_wizard.runtime.tiny import make_tiny_llama
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from families import FAMILIES
-from scaler_wizard.compiler.diagnostics import PlanError, render
+from scaler_wizard.diagnostics import PlanError, render
 from scaler_wizard.compiler.methods import DEPTH_INITS, WIDTH_METHODS
 from scaler_wizard.compiler.typecheck import check_plan
 from scaler_wizard.grammar import parse

@@ -16,7 +16,7 @@ from implicit_configs import ISSUE_INPUTS, save_input, spec
 
 from scaler_wizard import api
 from scaler_wizard.cli import main
-from scaler_wizard.compiler.diagnostics import PlanError
+from scaler_wizard.diagnostics import PlanError
 
 RTOL = 1e-5
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scaler_wizard.compiler.diagnostics import PlanError, UsageError, render
+from scaler_wizard.diagnostics import PlanError, UsageError, render
 from scaler_wizard.grammar import ast as A
 from scaler_wizard.grammar import parse, parse_file, print_plan
 from scaler_wizard.grammar.parser import FORMS, STATEMENT_KEYWORDS
@@ -444,7 +444,7 @@ def test_golden_cases_exist():
 def test_grammar_package_does_not_import_torch_or_lark_eagerly():
     code = (
         "import sys, scaler_wizard.grammar.parser, scaler_wizard.grammar.printer, "
-        "scaler_wizard.compiler.diagnostics\n"
+        "scaler_wizard.diagnostics\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'lark' not in sys.modules, 'lark imported at import time'\n"
         "from scaler_wizard.grammar import parse\n"

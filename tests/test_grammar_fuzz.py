@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.lark import from_lark
 
-from scaler_wizard.compiler.diagnostics import PlanError, render
+from scaler_wizard.diagnostics import PlanError, render
 from scaler_wizard.grammar import ast as A
 from scaler_wizard.grammar import parse, print_plan
 from scaler_wizard.grammar.parser import get_lark

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from families import FAMILIES
 
 from scaler_wizard import api
-from scaler_wizard.compiler.diagnostics import PlanError
+from scaler_wizard.diagnostics import PlanError
 
 FAMS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "mixtral")
 

@@ -172,7 +172,7 @@ def test_cache_other_depth_instantiates(tmp_path):
 
 
 def test_usage_errors(tmp_path):
-    from scaler_wizard.compiler.diagnostics import UsageError
+    from scaler_wizard.diagnostics import UsageError
     from scaler_wizard.ir.config import load_config_dict
 
     bad = tmp_path / "config.json"

@@ -15,7 +15,7 @@ import pytest
 from families import build_model
 
 from scaler_wizard import api
-from scaler_wizard.compiler.diagnostics import PlanError, UsageError
+from scaler_wizard.diagnostics import PlanError, UsageError
 
 RTOL = 1e-5
 

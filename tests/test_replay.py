@@ -60,7 +60,7 @@ def _plan_text(plan: str) -> str:
 def replay_entry(plan_text: str, model_dir: str) -> dict:
     """The resolved plan and program for ``plan_text`` against ``model_dir``, or its diagnostics."""
     from scaler_wizard import api
-    from scaler_wizard.compiler.diagnostics import PlanError, to_json
+    from scaler_wizard.diagnostics import PlanError, to_json
     from scaler_wizard.compiler.passes.base import PassError
     from scaler_wizard.compiler.report import plan_to_dict
 

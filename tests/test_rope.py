@@ -20,7 +20,7 @@ import os
 import pytest
 
 from scaler_wizard import api
-from scaler_wizard.compiler.diagnostics import PlanError
+from scaler_wizard.diagnostics import PlanError
 
 RTOL = 1e-5
 OMPE, MPE = 20, 80  # no model size equals either (binding by value stays unambiguous)

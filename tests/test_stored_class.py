@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from families import FAMILIES
 from scaler_wizard import api
-from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.diagnostics import UsageError
 
 
 def _save_base(fam, d):

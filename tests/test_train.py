@@ -70,7 +70,7 @@ def test_loss_falls_and_run_dir_layout(tiny, corpus, tmp_path):
 
     assert AutoModelForCausalLM.from_pretrained(run / "checkpoint-12") is not None
     assert torch.equal(weights(run / "final")["model.norm.weight"], weights(run / "checkpoint-24")["model.norm.weight"])
-    from scaler_wizard.compiler.diagnostics import UsageError
+    from scaler_wizard.diagnostics import UsageError
 
     with pytest.raises(UsageError, match="already holds checkpoints"):  # never mix two runs in one dir
         train(tiny, run, recipe(corpus), progress=False)
@@ -213,7 +213,7 @@ def test_recipe_file_validation_and_cli_override(tmp_path):
     assert [r.seq_len_at(s) for s in (1, 10, 11, 20, 21)] == [128, 128, 256, 256, 512]
     r.override(steps=7, lr=None)
     assert (r.steps, r.lr) == (7, 1e-4)
-    from scaler_wizard.compiler.diagnostics import UsageError
+    from scaler_wizard.diagnostics import UsageError
 
     p.write_text("lrr = 1\n")
     with pytest.raises(UsageError, match=r"unknown key `lrr` \(did you mean `lr`\?\)"):

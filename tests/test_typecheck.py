@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from families import FAMILIES
-from scaler_wizard.compiler.diagnostics import PlanError, render
+from scaler_wizard.diagnostics import PlanError, render
 from scaler_wizard.compiler.resolved import APPROX, EXACT, EXACT_EPS
 from scaler_wizard.compiler.typecheck import check_plan
 from scaler_wizard.grammar import parse

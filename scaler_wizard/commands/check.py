@@ -24,10 +24,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from scaler_wizard.compiler.frontend import load_and_check
-    from scaler_wizard.compiler.diagnostics import PlanError, render, to_json
+    from scaler_wizard.diagnostics import PlanError, render, to_json
     from scaler_wizard.compiler.report import plan_to_dict, render_plan
 
-    from scaler_wizard.compiler.diagnostics import UsageError
+    from scaler_wizard.diagnostics import UsageError
 
     if args.context <= 0:
         raise UsageError("--context must be a positive number of tokens")

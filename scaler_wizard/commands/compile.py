@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from scaler_wizard import api
-    from scaler_wizard.compiler.diagnostics import UsageError
+    from scaler_wizard.diagnostics import UsageError
 
     prog = api.compile(args.plan, args.model, seed=args.seed)
     text = prog.to_json()

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from scaler_wizard.commands import nonneg_int, positive_int
-from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.diagnostics import UsageError
 
 HELP = "evaluate models with lm-eval"
 

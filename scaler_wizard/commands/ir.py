@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from scaler_wizard.compiler.diagnostics import UsageError
+    from scaler_wizard.diagnostics import UsageError
     from scaler_wizard.ir import model_ir_for
     from scaler_wizard.ir.errors import IRDiscoveryError
 

@@ -15,7 +15,7 @@ import sys
 
 from scaler_wizard.commands import positive_int, seed_arg
 
-from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.diagnostics import UsageError
 
 HELP = "continue training a (grown) model"
 EXIT_BREAKER = 3
@@ -121,7 +121,7 @@ def run(args) -> int:
         raise UsageError("missing MODEL_DIR")
     if not args.output:
         raise UsageError("missing -o RUN_DIR")
-    from scaler_wizard.compiler.diagnostics import PlanError, render
+    from scaler_wizard.diagnostics import PlanError, render
 
     try:
         recipe = build_recipe(args)

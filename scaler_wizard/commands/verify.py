@@ -31,7 +31,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from scaler_wizard import api
-    from scaler_wizard.compiler.diagnostics import UsageError
+    from scaler_wizard.diagnostics import UsageError
 
     from scaler_wizard.runtime.preflight import check_model
 

@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from scaler_wizard.compiler.diagnostics import Diagnostic, PlanError
+from scaler_wizard.diagnostics import Diagnostic, PlanError
 from scaler_wizard.grammar import ast as A
 
 CONFORM_FORMAT = 1
@@ -77,6 +77,16 @@ _CLASS_CACHE: dict[tuple, Any] = {}
 _MODEL_CACHE: dict[str, tuple[dict, dict] | str] = {}
 
 
+def causal_class_names() -> set[str]:
+    """The names of transformers' causal-LM classes (AutoModelForCausalLM's mapping)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out: set[str] = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        out.update(v if isinstance(v, (list, tuple)) else [v])
+    return out
+
+
 def model_class_for_config(cfg: dict):
     """The class ``from_pretrained`` would build for ``cfg`` (the loader's rule: the class named by
     ``architectures`` when it is a transformers class that is not a causal LM -- BERT's masked LM --
@@ -86,11 +96,9 @@ def model_class_for_config(cfg: dict):
         import transformers
         from transformers import AutoModelForCausalLM
 
-        from scaler_wizard.runtime.verify import _causal_class_names
-
         arch = key[0]
         cls = None
-        if arch and arch not in _causal_class_names() and hasattr(transformers, arch):
+        if arch and arch not in causal_class_names() and hasattr(transformers, arch):
             cls = getattr(transformers, arch)
         _CLASS_CACHE[key] = cls or AutoModelForCausalLM
     return _CLASS_CACHE[key]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from scaler_wizard.compiler.diagnostics import Diagnostic, PlanError, UsageError
+from scaler_wizard.diagnostics import Diagnostic, PlanError, UsageError
 from scaler_wizard.compiler.resolved import ResolvedPlan
 from scaler_wizard.grammar import ast as A
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaler_wizard.grammar.ast import Span
+from scaler_wizard.diagnostics import Span
 from scaler_wizard.ir.model_ir import ModelIR
 
 EXACT = "exact"

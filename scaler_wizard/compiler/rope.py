@@ -36,29 +36,10 @@ import copy
 import math
 from typing import Any
 
-ROPE_DICT_KEYS = ("rope_parameters", "rope_scaling")
+from scaler_wizard.ir.config import ROPE_DICT_KEYS, rope_dicts, rope_type_of
+
 # Types whose inv_freq is base^(-2i/dim) up to a constant: head_dim x k keeps pair i at k*i by algebra.
 PROVEN_TYPES = ("default", "linear")
-
-
-def rope_dicts(config: dict) -> list[dict]:
-    """Every rope parameter dict of a config dict (flat, or one per layer type when nested)."""
-    out = []
-    for key in ROPE_DICT_KEYS:
-        d = config.get(key)
-        if not isinstance(d, dict):
-            continue
-        nested = [v for v in d.values() if isinstance(v, dict)]
-        out.extend(nested if nested and not any(k in d for k in ("rope_type", "type", "rope_theta")) else [d])
-    return out
-
-
-def rope_type_of(config: dict, default: str = "default") -> str:
-    for d in rope_dicts(config):
-        t = d.get("rope_type", d.get("type"))
-        if isinstance(t, str):
-            return t
-    return default
 
 
 def _grown_list(v: list, k: int) -> list:

@@ -13,9 +13,10 @@ import copy
 import math
 from dataclasses import replace
 
-from scaler_wizard.compiler.diagnostics import DiagnosticBag
+from scaler_wizard.diagnostics import DiagnosticBag
 from scaler_wizard.compiler.predict import costs, predict_shapes
 from scaler_wizard.grammar import ast as A
+from scaler_wizard.grammar.printer import statement_text
 
 TOLERANCE = 0.05  # a candidate within 5% of the target counts as reaching it
 MAX_CANDIDATES = 16  # per axis, so the search stays well under a second on 405B-sized configs
@@ -42,9 +43,7 @@ def _simulate(checker, st, stmts):
 
 
 def _fmt(stmts) -> str:
-    from scaler_wizard.compiler.typecheck import _print_stmt
-
-    return "; ".join(_print_stmt(s) for s in stmts) or "(nothing)"
+    return "; ".join(statement_text(s) for s in stmts) or "(nothing)"
 
 
 def _quantum(checker, st) -> int:

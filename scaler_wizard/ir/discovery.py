@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaler_wizard.compiler.rope import rope_dicts
+from scaler_wizard.ir.config import rope_dicts, rope_type_of
 from scaler_wizard.ir.dims import CAT, PROD, DimGraph, op_name, owner, propagate, shape_of
 from scaler_wizard.ir.errors import IRDiscoveryError
 from scaler_wizard.ir.printer import ranges
@@ -1065,8 +1065,6 @@ def _rotary_module_facts(model, cfg) -> tuple[str, float]:
     """(rope_type, attention_factor): the type from the config's rope dict (else the rotary module's),
     the factor from the model's rotary embedding module (the module holding an ``inv_freq`` buffer),
     which records what it multiplies cos and sin by."""
-    from scaler_wizard.compiler.rope import rope_type_of
-
     rtype, factor = rope_type_of(cfg, default=None), None  # the config's type: the trace may use a static stand-in
     for _, mod in model.named_modules():
         if "inv_freq" not in dict(mod.named_buffers(recurse=False)):

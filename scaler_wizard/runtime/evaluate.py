@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.diagnostics import UsageError
 from scaler_wizard.runtime.preflight import check_model, require_hf_dir
 
 BUILTIN = ("perplexity", "mc")
@@ -223,7 +223,7 @@ def evaluate(models: list[str], tasks: list[str], *, text_files: list[str] = (),
         known = set(tm.all_tasks)
         missing = [t for t in task_names if t not in known]
         if missing:
-            from scaler_wizard.compiler.diagnostics import suggest
+            from scaler_wizard.diagnostics import suggest
 
             # the built-in tasks first: `perplxity` means `perplexity`, not some hub task that is near
             hints = [f"`{m}`" + (f" (did you mean `{s}`?)" if (s := suggest(m, BUILTIN_TASKS) or suggest(m, known))

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.diagnostics import UsageError
 
 SIDECAR = "scaler_wizard_growth.json"
 STATUSES = ("new", "grown", "original")

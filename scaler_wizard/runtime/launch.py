@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.diagnostics import UsageError
 
 KINDS = ("ddp", "cpu-ddp", "zero1", "zero2", "zero3", "fsdp2")
 

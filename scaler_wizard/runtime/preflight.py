@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.diagnostics import UsageError
 
 _ERRNO_WORDS = {
     errno.ENOSPC: "no space left on the device",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaler_wizard.compiler.diagnostics import UsageError, suggest
+from scaler_wizard.diagnostics import UsageError, suggest
 
 
 class RecipeError(UsageError):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from scaler_wizard.compiler.diagnostics import UsageError
+from scaler_wizard.diagnostics import UsageError
 from scaler_wizard.runtime.data import eval_blocks, prepare_data
 from scaler_wizard.runtime.growth_record import SIDECAR, GrowthRecord
 from scaler_wizard.runtime.recipe import TrainRecipe

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from scaler_wizard.compiler.conform import causal_class_names
+
 DEFAULT_RTOL = 1e-5
 
 
@@ -137,15 +139,6 @@ def load_tokenizer(m):
     return AutoTokenizer.from_pretrained(str(p))
 
 
-def _causal_class_names() -> set[str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    out: set[str] = set()
-    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        out.update(v if isinstance(v, (list, tuple)) else [v])
-    return out
-
-
 def model_class_for(path) -> Any:
     """AutoModelForCausalLM, or the model's own class when ``config.architectures`` names a
     transformers class that is not a causal LM (an encoder's masked-LM head: BertForMaskedLM).
@@ -160,7 +153,7 @@ def model_class_for(path) -> Any:
     except (OSError, ValueError):
         return AutoModelForCausalLM
     arch = (cfg.get("architectures") or [None])[0]
-    if arch and arch not in _causal_class_names() and hasattr(transformers, arch):
+    if arch and arch not in causal_class_names() and hasattr(transformers, arch):
         return getattr(transformers, arch)
     return AutoModelForCausalLM
 
@@ -175,7 +168,7 @@ def is_headless(model) -> bool:
 def is_causal_lm(model) -> bool:
     """A causal decoder (the KV-cache checks apply): its class is one of transformers' causal LMs, or
     the headless base class of a decoder-only family (LlamaModel: a causal LM without its head)."""
-    if type(model).__name__ in _causal_class_names():
+    if type(model).__name__ in causal_class_names():
         return True
     if is_headless(model):
         from transformers.models.auto.modeling_auto import (

@@ -1,5 +1,8 @@
 """Diagnostics: positioned, coded, collected, rendered with carets. No torch import.
 
+The bottom layer of the package: grammar, ir, compiler, runtime and the commands import it; it
+imports nothing of the project (tests/test_layering.py holds that).
+
 Codes are stable strings (``SW1xx`` syntax, ``SW2xx`` names/resolution, ``SW3xx`` type/applicability,
 ``SW4xx`` model/IR, ``SW5xx`` usage/IO). A :class:`DiagnosticBag` collects every problem of a file;
 :func:`render` prints them sorted by position as::
@@ -18,7 +21,26 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from scaler_wizard.grammar.ast import Span
+
+@dataclass(frozen=True, order=True)
+class Span:
+    """A region of a source file. Lines and columns are 1-based; ``end_col`` is exclusive.
+
+    ``start``/``end`` are 0-based character offsets into the source text.
+    """
+
+    line: int = 0
+    col: int = 0
+    end_line: int = 0
+    end_col: int = 0
+    start: int = 0
+    end: int = 0
+    file: str = "<plan>"
+
+    @staticmethod
+    def unknown(file: str = "<plan>") -> "Span":
+        return Span(file=file)
+
 
 ERROR = "error"
 WARNING = "warning"
@@ -81,10 +103,12 @@ class DiagnosticBag:
 
 
 class PlanError(Exception):
-    """Raised to abort with collected diagnostics (exit code 1)."""
+    """Raised to abort with collected diagnostics (exit code 1). ``sources`` maps file name -> text
+    for :func:`render` (None when no one attached the text)."""
 
-    def __init__(self, diagnostics: list[Diagnostic]):
+    def __init__(self, diagnostics: list[Diagnostic], sources: dict[str, str] | None = None):
         self.diagnostics = sorted(diagnostics, key=Diagnostic.sort_key)
+        self.sources = sources  # file name -> text, for render's excerpts; set by whoever read the file
         super().__init__("\n".join(f"{d.code}: {d.message}" for d in self.diagnostics))
 
 
