@@ -74,6 +74,8 @@ def replay_entry(plan_text: str, model_dir: str) -> dict:
         prog = api.compile(rp, stored=None)
     except PassError as e:
         return {"resolved": resolved, "pass_error": str(e)}
+    except PlanError as e:  # refused after lowering (the output config would not describe the program's tensors)
+        return {"resolved": resolved, "refused_after_lowering": json.loads(to_json(e.diagnostics))}
     text = prog.to_json().replace(model_dir, "<model>")
     return {"resolved": resolved, "program_sha256": hashlib.sha256(text.encode()).hexdigest(),
             "outputs": len(prog.outputs), "config_patch": prog.config_patch}
