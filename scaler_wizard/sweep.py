@@ -23,7 +23,7 @@ Families whose tiny model cannot be built or run on CPU are not cells: they are 
 The tiny config is made generically: every integer key of the config class's defaults (and of its
 sub-configs such as ``text_config``) whose *name* says it is a size is set by the rules in
 ``_SIZE_RULES`` (hidden 64, 2 layers, 4 heads / 2 kv heads, head_dim 16, ffn 96, vocab 128, 4 experts
-top 2, 64 positions); per-layer lists are cut to the layer count and special token ids above the
+top 2, 40 positions: every size distinct, so config keys bind to groups by value unambiguously); per-layer lists are cut to the layer count and special token ids above the
 vocabulary are moved into it. ``OVERRIDES`` is the one per-family table, for what the generic rules
 cannot know (empty entries are not kept).
 
@@ -81,7 +81,7 @@ _SIZE_RULES: list[tuple[str, int]] = [
     (r"(intermediate_size|^ffn_dim$|^n_inner$|^d_ff$|^ffn_hidden_size$|^inner_dim$|^intermediate_dim$|^d_inner$)", 96),
     (r"^(hidden_size|d_model|n_embd|embed_dim|model_dim|dim|word_embed_proj_dim|hidden_dim)$", 64),
     (r"^(vocab_size|padded_vocab_size|n_vocab)$", 128),
-    (r"^(max_position_embeddings|n_positions|n_ctx|max_seq_len|seq_length|max_sequence_length|max_length)$", 64),
+    (r"^(max_position_embeddings|n_positions|n_ctx|max_seq_len|seq_length|max_sequence_length|max_length)$", 40),
     (r"^(sliding_window|attention_window|window_size)$", 32),
 ]
 # Any other integer key named like a size and larger than this is shrunk to _FALLBACK_VALUE.
