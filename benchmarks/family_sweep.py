@@ -36,7 +36,11 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per family (its worker is killed after)")
     ap.add_argument("--json", help="write the results here (rewritten after every family)")
     ap.add_argument("--from-json", help="print the table of a JSON file written by --json, run nothing")
+    ap.add_argument("--build-only", action="store_true",
+                    help="only build each family tiny (in this process, 120 s alarm each) and list the failures")
     a = ap.parse_args(argv)
+    if a.build_only:
+        return build_only(a)
     if a.from_json:
         result = json.loads(Path(a.from_json).read_text())
         result["counts"] = sweep.counts(result["families"])
@@ -82,6 +86,42 @@ def main(argv=None) -> int:
     print(f"wall: {result['wall_seconds']}s over {len(fams)} families, {a.workers} workers")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return 0
+
+
+def build_only(a) -> int:
+    import shutil
+    import signal
+    import tempfile
+
+    fams = [f.strip() for f in a.families.split(",")] if a.families else sweep.causal_lm_families()
+
+    def alarm(*_):
+        raise TimeoutError("building took over 120 s")
+
+    signal.signal(signal.SIGALRM, alarm)
+    out = {}
+    for f in fams:
+        d = tempfile.mkdtemp(prefix=f"sw-build-{f}-")
+        t0 = time.time()
+        signal.alarm(120)
+        try:
+            sweep.build_tiny(f, d)
+            out[f] = None
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            out[f] = sweep._first_line(e)
+        finally:
+            signal.alarm(0)
+            shutil.rmtree(d, ignore_errors=True)
+        print(f"{f} ({time.time() - t0:.1f}s): {'built' if out[f] is None else out[f]}", flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    bad = {f: r for f, r in out.items() if r}
+    print(f"\n{len(out) - len(bad)} of {len(out)} families build tiny; cannot be built tiny:")
+    for f, r in bad.items():
+        print(f"  {f}: {r}")
     return 0
 
 
