@@ -128,8 +128,8 @@ def _shrink_dict(d: dict, applied: dict, prefix: str = "") -> dict:
                 out[k] = new
                 applied[prefix + k] = (v, new)
         elif isinstance(v, list) and layers_before and len(v) == layers_before and layers_before > 2:
-            out[k] = v[:2]
-            applied[prefix + k] = (f"list[{len(v)}]", "first 2")
+            out[k] = _two_layers(v)
+            applied[prefix + k] = (f"list[{len(v)}]", out[k])
         elif isinstance(v, dict) and "model_type" in v:  # a sub-config (text_config, ...)
             sub = _shrink_dict(v, applied, prefix + k + ".")
             if sub:
@@ -144,6 +144,18 @@ def _shrink_dict(d: dict, applied: dict, prefix: str = "") -> dict:
                 out[k] = [x if not isinstance(x, int) or x < vocab else min(vocab - 1, 2) for x in v]
                 applied[prefix + k] = (v, out[k])
     return out
+
+
+def _two_layers(v: list) -> list:
+    """A per-layer list cut to 2 layers, keeping each kind present (hybrids: one linear-attention and
+    one full-attention layer rather than the first two, which may both be linear)."""
+    kinds: list = []
+    for x in v:
+        if x not in kinds:
+            kinds.append(x)
+    if len(kinds) == 2:
+        return sorted(kinds, key=v.index)
+    return v[:2]
 
 
 def tiny_config(model_type: str):
