@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("scaler_wizard.compiler",),
     ("scaler_wizard.runtime",),
     ("scaler_wizard.commands", "scaler_wizard.cli", "scaler_wizard.api", "scaler_wizard.demo",
-     "scaler_wizard.__main__"),
+     "scaler_wizard.__main__", "scaler_wizard.sweep"),
 ]
 
 # (importer, imported) -> why the importer needs it from inside a function. Keep this short.
