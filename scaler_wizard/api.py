@@ -173,6 +173,13 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
         raise UsageError(f"cannot write the on-disk layout transformers saves for this model: {e}") from None
     # Stage next to OUT (same file system: the final rename is atomic); OUT is untouched until then.
     staging = final.parent / f".{final.name}.unverified-{os.getpid()}"
+    if verify:
+        from scaler_wizard.runtime.checkpoint import clean_stale_temporaries
+
+        try:
+            clean_stale_temporaries(final)  # the staging of a killed apply (its pid is gone)
+        except OSError:
+            pass
     if staging.exists():
         import shutil
 

@@ -455,6 +455,26 @@ def test_stale_temporary_output_of_a_killed_apply_is_removed(w, tmp_path, capsys
     assert (tmp_path / "out" / "config.json").is_file()
 
 
+def test_stale_staging_of_a_killed_verified_apply_is_removed(w, tmp_path, capsys):
+    """kill -9 during a verified apply leaves `.out.unverified-<pid>` (verification) or the writer's
+    `..out.unverified-<pid>.tmp-<pid>-*` (execution); the next apply to the same OUT removes both."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    staged = tmp_path / f".out.unverified-{dead.pid}"
+    writing = tmp_path / f"..out.unverified-{dead.pid}.tmp-{dead.pid}-abc123"
+    for d in (staged, writing):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+    other = tmp_path / f".other.unverified-{dead.pid}"  # another OUT's: not ours to remove
+    other.mkdir()
+    rc, err = run(["apply", w / "ffn.expand", "--model", w / "m", "-o", tmp_path / "out", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert not staged.exists() and f"removed {staged}" in err
+    assert not writing.exists() and f"removed {writing}" in err
+    assert other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, "out"])
+
+
 def test_model_without_tokenizer_is_named(w, tmp_path, capsys):
     d = tmp_path / "notok"
     shutil.copytree(w / "m", d)

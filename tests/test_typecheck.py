@@ -222,6 +222,9 @@ def test_names_options_and_values():
     assert codes("widen ffn x1", ir) == ["SW302"]
     assert codes("widen ffn to 50", ir) == ["SW302"]
     assert codes("widen heads x1.3", ir) == ["SW301"]
+    (d,) = errors("widen ffn x1.0000001", ir)  # the factor and the product as written, not rounded to 6 digits
+    assert "x1.0000001 of ffn(96) is 96.0000096" in d.message, d.message
+    assert "`to 97`" in d.help and "`to 96`" not in d.help, d.help  # only sizes that grow are suggested
     assert codes("duplicate layers 1..5", ir) == ["SW205"]
     assert codes("insert 2 layers after 2", ir) == ["SW205"]
     rp = resolve("seed 7\ndtype bf16\nnoise 0.01\ntrain { steps = 10; lr = 3e-4 }", ir)

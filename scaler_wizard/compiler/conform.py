@@ -35,7 +35,7 @@ from typing import Any
 from scaler_wizard.diagnostics import Diagnostic, PlanError
 from scaler_wizard.grammar import ast as A
 
-CONFORM_FORMAT = 1
+CONFORM_FORMAT = 2  # 2: headless base-class inputs compared as the traced class
 _SKIP_SUFFIX = ("_token_id", "_token_ids")
 
 
@@ -403,7 +403,16 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
         patch = {k: after for k, (_, after) in rp.config_diff().items() if k in rp.config_after}
         removed = [k for k, (_, after) in rp.config_diff().items() if k not in rp.config_after]
         old_sizes = {k: g.size for k, g in rp.ir.groups.items()}
-        new_patch, notes, errors = settle_config(rp.ir, input_cfg, patch, old_sizes, dict(rp.sizes_after),
+        # The program's tensors are the traced class's (LlamaForCausalLM); a checkpoint stored from the
+        # headless base class (architectures: LlamaModel) is renamed to it only when written (apply's
+        # to_stored_class), so the config is checked against the traced class.
+        from scaler_wizard.runtime.naming import base_class_name
+
+        cmp_cfg = input_cfg
+        arch = (input_cfg.get("architectures") or [None])[0]
+        if arch and arch == base_class_name(input_cfg) and rp.ir.architecture and rp.ir.architecture != arch:
+            cmp_cfg = {**input_cfg, "architectures": [rp.ir.architecture]}
+        new_patch, notes, errors = settle_config(rp.ir, cmp_cfg, patch, old_sizes, dict(rp.sizes_after),
                                                  tensors, companions)
         verdict = {"patch": new_patch, "removed": removed, "notes": notes, "errors": errors}
         if use_cache:

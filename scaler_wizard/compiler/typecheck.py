@@ -666,9 +666,10 @@ class TypeChecker:
             if abs(raw - new) > 1e-9:
                 st.bag.error(
                     "SW301",
-                    f"x{amount.value:g} of {group}({old}) is {raw:g}, not a whole number of units",
+                    f"x{amount.value:.12g} of {group}({old}) is {raw:.12g}, not a whole number of units",
                     amount.span,
-                    help=f"use `to {math.floor(raw)}` or `to {math.ceil(raw)}`",
+                    help=(f"use `to {math.floor(raw)}` or `to {math.ceil(raw)}`" if math.floor(raw) > old
+                          else f"use `to {math.ceil(raw)}`"),
                 )
                 return None
         elif isinstance(amount, A.ToSize):

@@ -846,23 +846,28 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temporaries(out: Path) -> list[Path]:
-    """Remove the temporary directories ``.OUT.tmp-<pid>-*`` (and ``.OUT.old-*`` trash) that a killed
+    """Remove the temporary directories ``.OUT.tmp-<pid>-*`` (and ``.OUT.old-*`` trash, and apply's
+    verification staging ``.OUT.unverified-<pid>`` with its ``..OUT.unverified-<pid>.tmp-<pid>-*``) that a killed
     writer of the same OUT left behind: those whose process is gone. Each removal is said on stderr;
     temporaries without a pid (older versions) are only named. Returns what was removed."""
     import re
     import sys
 
     removed = []
-    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)?")
+    # .OUT.tmp-<pid>-*, .OUT.old-* and apply's staging .OUT.unverified-<pid> with its own writer's
+    # temporary ..OUT.unverified-<pid>.tmp-<pid>-* (the pid in the name is the writer's)
+    pat = re.compile(rf"^\.(\.)?{re.escape(out.name)}\.(tmp|old|unverified)-(\d+)?")
     try:
         entries = list(out.parent.iterdir())
     except OSError:
         return removed
     for e in entries:
         m = pat.match(e.name)
-        if not m or not e.is_dir():
+        if not m or not e.is_dir() or (m.group(1) and m.group(2) != "unverified"):
             continue
-        pid = int(m.group(2)) if m.group(2) and e.name[m.end():].startswith("-") else None
+        rest = e.name[m.end():]
+        ok = rest == "" or rest.startswith(".tmp-") if m.group(2) == "unverified" else rest.startswith("-")
+        pid = int(m.group(3)) if m.group(3) and ok else None
         if pid is not None and pid != os.getpid() and not _pid_alive(pid):
             shutil.rmtree(e, ignore_errors=True)
             removed.append(e)
