@@ -339,8 +339,8 @@ def _plan(tmp_path, text, name="p.expand") -> Path:
 
 @pytest.mark.parametrize("text,code,fragment", [
     ("widen hidden x1000000\n", 1, "more than 64x"),
-    ("widen ffn x2 net2net seed=-5\n", 1, "`seed` must be an integer from 0"),
-    ("widen ffn x2 net2net seed=1.5\n", 1, "`seed` must be an integer from 0"),
+    ("widen ffn x2 net2net seed=-5\n", 1, "unknown option `seed`"),  # per-op seeds are refused: `seed <n>` is plan-wide
+    ("widen ffn x2 net2net seed=1.5\n", 1, "write `seed <n>` on its own line"),
     ("seed 1.5\nwiden ffn x2\n", 1, "the seed must be a whole number"),
     ("seed 1\nseed 2\nwiden ffn x2\n", 1, "`seed` is given twice"),
     ('model "{m}"\nmodel "{m}"\nwiden ffn x2\n', 1, "`model` is given twice"),

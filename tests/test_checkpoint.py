@@ -154,6 +154,9 @@ def test_writer_refuses_overwrite_and_input_dirs(tmp_path, sharded):
     (out / "keep.txt").write_text("x")
     with pytest.raises(OutputExistsError, match="--force"):
         CheckpointWriter(out)
+    with pytest.raises(OutputExistsError, match="not a model directory"):  # --force replaces model dirs only
+        CheckpointWriter(out, force=True)
+    (out / "config.json").write_text("{}")
     with CheckpointWriter(out, force=True) as w:
         w.add("a", torch.ones(3))
         w.commit()
