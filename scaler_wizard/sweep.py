@@ -210,7 +210,7 @@ def _plan_error_reason(e) -> str:
 def run_cell(model_dir: str, op: str, plan: str, work: Path) -> dict:
     """Classify one (model, plan) cell. Returns {"op", "cell", "reason", "seconds", ...}."""
     from scaler_wizard import api
-    from scaler_wizard.compiler.diagnostics import PlanError, UsageError
+    from scaler_wizard.diagnostics import PlanError, UsageError
 
     out = work / f"out-{op}"
     t0 = time.time()

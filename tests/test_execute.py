@@ -174,6 +174,9 @@ def test_overwrite_refused_without_force_and_inside_input(ckpt, tmp_path):
     with pytest.raises(OutputExistsError):
         execute(p, r, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "old.txt").read_text() == "old"
+    with pytest.raises(OutputExistsError, match="not a model directory"):  # --force replaces model dirs only
+        execute(p, r, tmp_path / "out", force=True, progress=False)
+    (tmp_path / "out" / "config.json").write_text("{}")
     execute(p, r, tmp_path / "out", force=True, progress=False)
     assert not (tmp_path / "out" / "old.txt").exists()
     with pytest.raises(UnsafeOutputError):

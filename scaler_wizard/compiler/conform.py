@@ -77,6 +77,16 @@ _CLASS_CACHE: dict[tuple, Any] = {}
 _MODEL_CACHE: dict[str, tuple[dict, dict] | str] = {}
 
 
+def base_class_name(config: dict) -> str | None:
+    """transformers' headless base class for the config's ``model_type`` (``LlamaModel``)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    except ImportError:
+        return None
+    name = MODEL_MAPPING_NAMES.get(config.get("model_type"))
+    return name if isinstance(name, str) else None
+
+
 def causal_class_names() -> set[str]:
     """The names of transformers' causal-LM classes (AutoModelForCausalLM's mapping)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -406,8 +416,6 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
         # The program's tensors are the traced class's (LlamaForCausalLM); a checkpoint stored from the
         # headless base class (architectures: LlamaModel) is renamed to it only when written (apply's
         # to_stored_class), so the config is checked against the traced class.
-        from scaler_wizard.runtime.naming import base_class_name
-
         cmp_cfg = input_cfg
         arch = (input_cfg.get("architectures") or [None])[0]
         if arch and arch == base_class_name(input_cfg) and rp.ir.architecture and rp.ir.architecture != arch:

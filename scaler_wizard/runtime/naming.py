@@ -19,18 +19,10 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 
+from scaler_wizard.compiler.conform import base_class_name  # noqa: F401 (re-exported)
+
 class StoredClassError(ValueError):
     """The checkpoint's stored class cannot be grown by this plan (message is user-facing)."""
-
-
-def base_class_name(config: dict[str, Any]) -> str | None:
-    """transformers' headless base class for the config's ``model_type`` (``LlamaModel``)."""
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-    except ImportError:
-        return None
-    name = MODEL_MAPPING_NAMES.get(config.get("model_type"))
-    return name if isinstance(name, str) else None
 
 
 def headless_prefix(config: dict[str, Any], stored: Iterable[str]) -> str | None:
