@@ -44,10 +44,17 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m scaler_wizard.demo
 
+# A torch C++-extension build killed midway (DeepSpeed compiles its CPU comm op on first use) leaves a
+# `lock` file that makes every later build wait forever; no build runs before the suite starts, so
+# any lock found then is stale.
+TORCH_EXT_DIR ?= $(or $(TORCH_EXTENSIONS_DIR),$(HOME)/.cache/torch_extensions)
+
 test: $(STAMP)
+	-find "$(TORCH_EXT_DIR)" -name lock -type f -delete 2>/dev/null
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
+	-find "$(TORCH_EXT_DIR)" -name lock -type f -delete 2>/dev/null
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 # The suite against the newest releases of every dependency (torch stays $(TORCH_SPEC)), in its own venv.
