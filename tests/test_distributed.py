@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,8 +45,17 @@ def launch(root: Path, model: Path, corpus: Path, name: str, *extra: str) -> Pat
            "-m", "scaler_wizard", "train", str(model), "--data", str(corpus), "-o", str(run),
            "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-blocks", "2", "--lr", "1e-2",
            "--no-progress", "--dump-rank-weights", *extra]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    # Its own process group, so that a timeout ends the ranks too, not just the launcher (orphaned ranks
+    # would hold DeepSpeed's extension build lock and stall every later run).
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{name}: no result in 600 s\n{out[-3000:]}{err[-6000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-6000:]
     return run
 
 
