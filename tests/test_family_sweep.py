@@ -20,6 +20,9 @@ KNOWN_CRASHES: dict[tuple[str, str], str] = {
                                    "verification fails (max rel 0.49)",
     ("olmo2", "hidden_tile"): "PassError in widen-heads (implied by widen hidden): q_norm spans all heads "
                               "(axis 0 has role `elem` on heads)",
+    ("mamba", "hidden_tile"): "not a transformer, not refused as one: the landed output fails the sweep's "
+                              "reload-and-run check (AttributeError on LinearAttentionLayer)",
+    ("mamba", "insert_identity"): "as mamba / hidden_tile: the output fails the sweep's reload-and-run check",
 }
 
 
