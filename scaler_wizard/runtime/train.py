@@ -491,6 +491,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
 
+    if ckpt is not None:  # on the plain module: a DeepSpeed/FSDP wrapper renames (module.) or partitions
+        _check_resume_matches(ckpt, model, model_dir)
     if _is_deepspeed(accelerator):
         _fill_deepspeed_auto(accelerator, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -504,7 +506,6 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     # ---- baseline (fresh run) or restored state
     start = 0
     if ckpt is not None:
-        _check_resume_matches(ckpt, model, model_dir)
         accelerator.load_state(str(ckpt / "training_state"))
         start = int(state["step"])
         # the recipe of this launch wins over the saved one (same recipe: the same values, bit for bit)
