@@ -164,3 +164,26 @@ def test_type_checker_refuses_what_it_cannot_resolve_yet_once_each():
     assert [(d.code, d.span.line, d.span.col) for d in ds] == [("SW210", 2, 1), ("SW210", 5, 1)]
     assert ds[0].message == "`at step 10 { ... }` is not supported by this build yet"
     assert ds[1].message == "`extend context to 64 yarn` is not supported by this build yet"
+
+
+def test_keyword_sets_come_from_the_grammar_and_match_the_ast_contract():
+    from scaler_wizard.grammar.parser import growth_keywords, statement_keywords
+
+    growth = {w.lower() for w in growth_keywords()}
+    assert growth == {"widen", "insert", "duplicate", "stack", "upcycle", "grow", "extend"}
+    assert growth < {w.lower() for w in statement_keywords()}
+    assert len(A.GROWTH_STATEMENTS) == 9  # the three insert forms share a keyword
+
+
+def test_every_expected_token_label_is_reached_by_its_own_examples():
+    # Labels are matched by parser state: two labels sharing a state would shadow each other.
+    from lark.exceptions import UnexpectedToken
+
+    from scaler_wizard.grammar.parser import _EXAMPLES, FORMS, _expected, _parse_example
+
+    for label, examples in _EXAMPLES.items():
+        for text in examples:
+            with pytest.raises(UnexpectedToken) as ei:
+                _parse_example(text)
+            got = _expected(ei.value, text.split(" ")[0] or None, False)
+            assert got == label.replace("KEYWORDS", ", ".join(FORMS)), (text, got)

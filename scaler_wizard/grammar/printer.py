@@ -49,7 +49,7 @@ def _factor(value: float) -> str:
 
 def _size(params: float, unit: str) -> str:
     """Text for ``grow to``: a mantissa that, times the unit, gives back exactly ``params``."""
-    from scaler_wizard.grammar.parser import SIZE_UNITS, size_to_params
+    from scaler_wizard.grammar.build import SIZE_UNITS, size_to_params
 
     if not math.isfinite(params):
         raise ValueError(f"cannot print non-finite size {params!r} in a plan")
