@@ -179,9 +179,10 @@ def test_every_expected_token_label_is_reached_by_its_own_examples():
     # Labels are matched by parser state: two labels sharing a state would shadow each other.
     from lark.exceptions import UnexpectedToken
 
-    from scaler_wizard.grammar.parser import _EXAMPLES, FORMS, _expected, _parse_example
+    from scaler_wizard.grammar.forms import EXAMPLES, FORMS
+    from scaler_wizard.grammar.parser import _expected, _parse_example
 
-    for label, examples in _EXAMPLES.items():
+    for label, examples in EXAMPLES.items():
         for text in examples:
             with pytest.raises(UnexpectedToken) as ei:
                 _parse_example(text)

@@ -17,7 +17,7 @@ How it works (everything below is lark: ``expand.lark``, LALR(1))
    (SW108). Names (groups, methods, inits, option keys) are the type checker's business.
 
 Which words are statement keywords and which may stand in a stage comes from the grammar's
-LALR table; what the user is told was expected comes from :data:`_EXAMPLES`, a
+LALR table; what the user is told was expected comes from :data:`~.forms.EXAMPLES`, a
 ``match_examples`` table of malformed statements, with a wording of the terminals as fallback.
 
 Positions: lines and columns are 1-based, ``end_col`` exclusive, offsets 0-based. Lines are
@@ -64,49 +64,9 @@ from pathlib import Path
 from scaler_wizard.diagnostics import Diagnostic, PlanError, UsageError, suggest
 from scaler_wizard.grammar import ast as A
 from scaler_wizard.grammar.build import builder
-from scaler_wizard.grammar.forms import FORMS, SUB_FORMS, form_help, show
+from scaler_wizard.grammar.forms import EXAMPLES, FORMS, FOUND, TERMINAL_WORDS, form_help, show
 
 __all__ = ["parse", "parse_file", "get_lark", "statement_keywords", "growth_keywords", "FORMS"]
-
-# --------------------------------------------------------------------------- messages
-# What was expected, by parser state: lark's UnexpectedInput.match_examples matches an error
-# against these malformed statements. "KEYWORDS" is replaced by the list of statements.
-_EXAMPLES: dict[str, list[str]] = {
-    "a statement keyword (KEYWORDS)": [""],
-    "a factor like `x2`, `to <size>` or `by <delta>`": ["widen a"],
-    "`layer <index>`, `<n> layers after <index>` or `layers every <k>`": ["insert"],
-    'a value (a number, a "string", a name, `true` or `false`)': ["widen a x2 k="],
-    '`{ key = value ... }` or a quoted recipe file like "recipe.toml"': ["train"],
-    "a size like `3072`": ["widen a to"],
-    "a number of units to add like `512`": ["widen a by"],
-    "a parameter count like `360M` or `1.5B`": ["grow to"],
-    "a context length in tokens like `8192`": ["extend context to"],
-    "a layer index like `12`": ["insert layer", "insert 2 layers after"],
-    "a layer count like `4`": ["insert layers every"],
-    "a layer range like `8..24`": ["duplicate layers"],
-    "the end of the layer range, like `24` in `8..24`": ["duplicate layers 8.."],
-    "a number of experts like `8`": ["upcycle a experts"],
-    "a number of experts per token like `2`": ["upcycle a experts 8 top"],
-    "an integer seed like `42`": ["seed"],
-    "a number like `0.01`": ["noise"],
-    "a training step like `1000`": ["at step"],
-    "a dimension group name like `hidden` or `ffn`": ["widen", "upcycle"],
-    "a dtype name like `bfloat16`": ["dtype"],
-    "`depth` or `width`": ["grow to 1M prefer"],
-    'a quoted model reference like "SmolLM2-135M"': ["model"],
-    "a factor like `x2`": ["stack"],
-    "a method name like `lemon`, `key=value` options or the end of the statement": [
-        "widen a x2 @", "widen a to 8 @", "widen a by 8 @"],
-    "an init like `identity`, `zero`, `cancel` or `copy`, `key=value` options or the end of the statement": [
-        "insert layer 1 @", "insert 1 layers after 1 @", "insert layers every 1 @"],
-    "a method name like `yarn`, `key=value` options or the end of the statement": ["extend context to 8 @"],
-    "`prefer depth|width` or the end of the statement": ["grow to 1M @"],
-    "`key=value` options or `{`": ["at step 1 @"],
-}  # fmt: skip
-_TERMINAL_WORDS = {"IDENT": "a name", "NUMBER": "a number", "FACTOR": "a factor like `x2`",
-                   "STRING": 'a quoted string like "..."', "RANGE": "`..`", "EQ": "`=`", "LBRACE": "`{`",
-                   "RBRACE": "`}`", "_SEP": "`;` or a line break"}  # fmt: skip
-_FOUND = {"IDENT": "name", "NUMBER": "number", "FACTOR": "factor", "STRING": "string"}
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TO_EOL = re.compile(r"[^\r\n]*")
@@ -126,31 +86,27 @@ def get_lark():
 @functools.lru_cache(maxsize=None)
 def _keywords() -> dict[str, str]:
     """Keyword terminal -> its word, read from the grammar (``WIDEN.2: /widen(?!...)/``)."""
-    out = {}
-    for t in get_lark().terminals:
-        m = re.fullmatch(r"([a-z]+)\(\?!\[A-Za-z0-9_\]\)", t.pattern.value)
-        if m:
-            out[t.name] = m.group(1)
-    return out
-
-
-def _choices(ip) -> set[str]:
-    return {c for c in ip.choices() if c.isupper()}
+    words = {t.name: re.fullmatch(r"([a-z]+)\(\?!\[A-Za-z0-9_\]\)", t.pattern.value) for t in get_lark().terminals}
+    return {name: m.group(1) for name, m in words.items() if m}
 
 
 @functools.lru_cache(maxsize=None)
+def _starting(prefix: str) -> tuple[str, ...]:
+    """The keyword terminals the grammar's LALR table lets a statement start with after ``prefix``."""
+    ip = get_lark().parse_interactive(start="statement")
+    for t in _lex(prefix):
+        ip.feed_token(t)
+    return tuple(sorted(set(ip.choices()) & set(_keywords())))
+
+
 def statement_keywords() -> tuple[str, ...]:
-    """The keyword terminals a statement may start with (the grammar's ``statement`` rule)."""
-    return tuple(sorted(_choices(get_lark().parse_interactive(start="statement")) & set(_keywords())))
+    """The keyword terminals a statement may start with (``MODEL``, ``WIDEN``, ...)."""
+    return _starting("")
 
 
-@functools.lru_cache(maxsize=None)
 def growth_keywords() -> tuple[str, ...]:
     """The keyword terminals a statement inside an ``at step`` stage may start with."""
-    ip = get_lark().parse_interactive(start="statement")
-    for t in _lex("at step 1 {"):
-        ip.feed_token(t)
-    return tuple(sorted(_choices(ip) & set(_keywords())))
+    return _starting("at step 1 {")
 
 
 # --------------------------------------------------------------------------- positions
@@ -247,8 +203,8 @@ def _found(tok) -> str:
         return f"character {show(tok)}"
     if tok.type in _keywords():
         return f"keyword {show(tok)}"
-    if tok.type in _FOUND:
-        return f"{_FOUND[tok.type]} {show(tok)}"
+    if tok.type in FOUND:
+        return f"{FOUND[tok.type]} {show(tok)}"
     if tok.type == "_SEP":
         return "`;`" if tok == ";" else "a line break"
     return show(tok)
@@ -258,13 +214,13 @@ def _parse_example(text: str) -> None:
     _feed(_lex(text), "stage_head" if text.startswith("at ") else "statement")
 
 
-_LABELS: dict[int, str | None] = {}  # LALR state -> label of _EXAMPLES
+_LABELS: dict[int, str | None] = {}  # LALR state -> label of EXAMPLES
 
 
 def _expected(error, kw: str | None, in_block: bool) -> str:
     """What the parser wanted, in the user's words: the example table, else the terminals."""
     if error.state not in _LABELS:
-        label = error.match_examples(_parse_example, _EXAMPLES, use_accepts=False)
+        label = error.match_examples(_parse_example, EXAMPLES, use_accepts=False)
         _LABELS[error.state] = label and label.replace("KEYWORDS", ", ".join(FORMS))
     if _LABELS[error.state]:
         return _LABELS[error.state]
@@ -286,17 +242,17 @@ def _expected(error, kw: str | None, in_block: bool) -> str:
         return "`=`, more `key=value` options or the end of the statement"
     if exp == {"IDENT"} and end_ok:
         return "`key=value` options or the end of the statement"
-    words = [_TERMINAL_WORDS.get(e) or f"`{_keywords().get(e, e.lower())}`" for e in sorted(exp)]
+    words = [TERMINAL_WORDS.get(e) or f"`{_keywords().get(e, e.lower())}`" for e in sorted(exp)]
     words += ["the end of the statement"] if end_ok or not words else []
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
 # --------------------------------------------------------------------------- parsing
-def _feed(toks: list, start: str, on_token=None):
+def _feed(toks: list, start: str):
     """Feed ``toks`` to lark's interactive LALR parser; the tree, or lark's UnexpectedToken.
 
     A keyword or factor where the parser wants a name and not it is a name (lark's contextual
-    lexer does the same when it lexes a statement by itself). ``on_token`` sees every token fed.
+    lexer does the same when it lexes a statement by itself).
     """
     from lark import Token
     from lark.exceptions import UnexpectedToken
@@ -309,8 +265,6 @@ def _feed(toks: list, start: str, on_token=None):
                 t = Token.new_borrow_pos("IDENT", str(t), t)
             if t.type not in choices:  # BAD, BADSTR or simply unexpected: say it as lark would
                 raise UnexpectedToken(t, {c for c in choices if c.isupper()}, state=ip.parser_state)
-            if on_token:
-                on_token(t)
             ip.feed_token(t)
         return ip.feed_eof(toks[-1] if toks else None)
     except UnexpectedToken as e:
@@ -334,16 +288,18 @@ def _statement(toks: list, lines: _Lines, diags: list, start: str = "statement")
     if kw is not None and kw not in FORMS:
         guess = suggest(kw, FORMS) or suggest(kw.lower(), FORMS)
         help = f"did you mean `{guess}`? the form is `{FORMS[guess]}`" if guess else form_help(None)
-        diags.append(Diagnostic("SW107", f"unknown statement {show(kw)}", lines.span(toks[0].start_pos, toks[0].start_pos + len(kw)), help=help))
+        span = lines.span(toks[0].start_pos, toks[0].start_pos + len(kw))
+        diags.append(Diagnostic("SW107", f"unknown statement {show(kw)}", span, help=help))
         return None
     if start == "statement" and toks[0].type == "AT":
         return _stage(toks, lines, diags)
     sub = toks[1].type if kw == "insert" and len(toks) > 1 else None
-    opened: list = []  # a `train {` block was entered before the error
     try:
-        tree = _feed(toks, start, lambda t: opened.append(t) if t.type == "LBRACE" and kw == "train" else None)
+        tree = _feed(toks, start)
     except UnexpectedToken as e:
-        diags.append(_syntax_error(e, kw, sub, bool(opened), toks, lines))
+        at = toks[-1].end_pos if e.token.type == "$END" else e.token.start_pos
+        in_block = kw == "train" and any(t.type == "LBRACE" and t.start_pos < at for t in toks)
+        diags.append(_syntax_error(e, kw, sub, in_block, toks, lines))
         return None
     build = builder()(lines, kw, sub)
     node = build.transform(tree)
@@ -399,10 +355,13 @@ def _stage(toks: list, lines: _Lines, diags: list):
         first = inner[0]
         if first.type in statement_keywords() and first.type not in growth:
             if first.type == "AT":
-                msg, help = "an `at step` block cannot hold another `at step` block", "close this stage with `}` first: stages are written one after another"
+                msg = "an `at step` block cannot hold another `at step` block"
+                help = "close this stage with `}` first: stages are written one after another"
             else:
-                msg, help = f"`{first}` cannot be used inside an `at step` block", f"{_PLAN_WIDE}; a stage holds growth statements: " + ", ".join(w for w in FORMS if w.upper() in growth)
-            diags.append(Diagnostic("SW109", msg, lines.span(first.start_pos, first.end_pos), help=f"{help}; the form is `{FORMS['at']}`"))
+                msg = f"`{first}` cannot be used inside an `at step` block"
+                help = f"{_PLAN_WIDE}; a stage holds growth statements: " + ", ".join(w for w in FORMS if w.upper() in growth)
+            span = lines.span(first.start_pos, first.end_pos)
+            diags.append(Diagnostic("SW109", msg, span, help=f"{help}; the form is `{FORMS['at']}`"))
             ok = False
             continue
         node = _statement(inner, lines, diags)
@@ -410,8 +369,9 @@ def _stage(toks: list, lines: _Lines, diags: list):
         body.append(node)
     if close + 1 < len(toks):
         t = toks[close + 1]
-        diags.append(Diagnostic("SW101" if t.type == "BAD" else "SW102", f"unexpected {_found(t)} after the stage's closing `}}`; expected `;` or a line break",
-                                lines.span(t.start_pos, t.end_pos), help=f"start the next statement on its own line; the form is `{FORMS['at']}`"))  # fmt: skip
+        msg = f"unexpected {_found(t)} after the stage's closing `}}`; expected `;` or a line break"
+        diags.append(Diagnostic("SW101" if t.type == "BAD" else "SW102", msg, lines.span(t.start_pos, t.end_pos),
+                                help=f"start the next statement on its own line; the form is `{FORMS['at']}`"))  # fmt: skip
         return None
     return A.Stage(head[0], head[1], tuple(body), lines.span(toks[0].start_pos, toks[-1].end_pos)) if ok else None
 
