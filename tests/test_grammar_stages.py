@@ -152,11 +152,11 @@ def test_unclosed_stage_at_end_of_file():
 
 
 def test_type_checker_refuses_what_it_cannot_resolve_yet_once_each():
-    from families import FAMILIES
-    from scaler_wizard.compiler.typecheck import check_plan
-    from scaler_wizard.ir import discover
+    from test_typecheck import ir_of  # the same cached IR as the type checker's tests (one trace per process)
 
-    ir = discover(FAMILIES["llama"]())
+    from scaler_wizard.compiler.typecheck import check_plan
+
+    ir = ir_of("llama")
     text = "widen ffn x2\nat step 10 rewarm=5 {\n  stack x2\n}\nextend context to 64 yarn\n"
     with pytest.raises(PlanError) as ei:
         check_plan(parse(text, "p.expand"), ir, model_ref="tiny")
