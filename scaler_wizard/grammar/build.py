@@ -45,7 +45,7 @@ def builder():
 
     @v_args(meta=True)
     class Build(Transformer):
-        def __init__(self, lines: _Lines, kw: str | None, sub: str | None):
+        def __init__(self, lines, kw: str | None, sub: str | None):  # lines: the parser's offset -> Span map
             super().__init__()
             self.lines, self.kw, self.sub, self.problems = lines, kw, sub, []
 
@@ -65,7 +65,7 @@ def builder():
         def _int(self, tok, what: str, minimum: int | None) -> A.Int:
             text = str(tok)
             if not _INT_RE.match(text):
-                if text.startswith(".") and self.lines.text[tok.start_pos - 2 : tok.start_pos] == "..":
+                if text.startswith(".") and self.lines.text[max(0, tok.start_pos - 2) : tok.start_pos] == "..":
                     self._bad(tok, "malformed layer range: write it with two dots, like `8..24`")
                 elif _FLOAT_RE.match(text):
                     self._bad(tok, f"{what} must be a whole number, found {show(text)}")
