@@ -460,3 +460,76 @@ def compose_record(prev: GrowthRecord | None, program: TensorProgram, *, plan: s
             out[name] = TensorGrowth("grown", tuple(region) if region is not None else None)
     plan_text = ((prev.plan + "\n") if prev is not None and prev.plan else "") + plan
     return GrowthRecord(out, plan_text, prev.base_model if prev is not None else None)
+
+
+# --------------------------------------------------------------------------- the training-loop hook
+def refuse_engine(accelerator, stages) -> None:
+    """Growing a live run needs every rank to hold the whole model and optimizer state (one process,
+    or DDP). Sharded engines are refused before training starts (UsageError)."""
+    from scaler_wizard.diagnostics import UsageError
+
+    if not stages:
+        return
+    dist = str(accelerator.distributed_type)
+    if accelerator.state.deepspeed_plugin is not None or dist.endswith("DEEPSPEED"):
+        raise UsageError("`at step` growth stages are not supported under DeepSpeed yet (ZeRO partitions the "
+                         "optimizer state; gathering and re-partitioning it is not implemented): run the schedule "
+                         "in one process or under DDP (torchrun / accelerate launch without a DeepSpeed config)")
+    if dist.endswith("FSDP"):
+        raise UsageError("`at step` growth stages are not supported under FSDP (sharded parameters): run the "
+                         "schedule in one process or under DDP")
+
+
+def rewarm_lambda(base, stages):
+    """LR multiplier of optimizer step index ``i`` (0-based; step ``i + 1``): the recipe's schedule
+    ``base(i)``, times ``(step - N) / R`` for the ``R`` steps after a stage at step ``N`` with
+    ``rewarm = R`` (a linear re-warmup from 0; the schedule continues unchanged after it)."""
+    ramps = [(s.step, s.rewarm) for s in stages if s.rewarm > 0]
+
+    def f(i: int) -> float:
+        step, m = i + 1, base(i)
+        for n, r in ramps:
+            if n < step <= n + r:
+                m *= (step - n) / r
+        return m
+
+    return f
+
+
+def forward_flops(stage_or_none, *, after: bool) -> int | None:
+    if stage_or_none is None:
+        return None
+    c = stage_or_none.rp.costs_after if after else stage_or_none.rp.costs_before
+    return int(c.flops_per_token)
+
+
+@dataclass
+class GrowthResult:
+    model: Any
+    state: dict[str, dict[str, Any]]
+    record: GrowthRecord
+    params_before: int
+    params_after: int
+    claimed_fraction: float  # of the grown parameters' elements whose moments the derivation claims
+    program: TensorProgram | None = None
+
+
+def grow_live(model, optimizer, stage, record: GrowthRecord | None) -> GrowthResult:
+    """Apply ``stage`` (a compiler ``ResolvedStage``) to the unwrapped ``model`` and its ``optimizer``:
+    program lowered as ``apply`` lowers it, executed in memory, model rebuilt from the grown config,
+    AdamW state mapped (``optimizer=carry``) or dropped (``reset``), growth record composed.
+    Raises :class:`CarryError` / :class:`LiveGrowthError`."""
+    from scaler_wizard.compiler.stages import compile_stage
+
+    prog, rp2 = compile_stage(stage, stored=stored_names(model))
+    config_after = dict(rp2.config_after)
+    state = optimizer_state_by_name(model, optimizer) if stage.optimizer == "carry" else {}
+    new = grow_model(model, prog, config_after)
+    new_shapes = {n: tuple(p.shape) for n, p in new.named_parameters()}
+    mm = moment_map(prog)
+    new_state = grow_adam_state(mm, state, new_shapes, mode=stage.optimizer)
+    claimed = sum(int(mm.claimed[n].sum()) for n in new_shapes if n in mm.claimed)
+    total = sum(torch.Size(s).numel() for s in new_shapes.values())
+    rec = compose_record(record, prog, plan=stage.text)
+    return GrowthResult(new, new_state, rec, sum(p.numel() for p in model.parameters()),
+                        sum(p.numel() for p in new.parameters()), claimed / max(total, 1), prog)
