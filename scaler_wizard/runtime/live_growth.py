@@ -172,8 +172,7 @@ class LinearMap:
 
 
 def _combine_add(a, b):
-    (sa, ca, ka), (sb, cb, kb) = torch.broadcast_tensors(a[0], b[0]), torch.broadcast_tensors(a[1], b[1]), \
-        torch.broadcast_tensors(a[2], b[2])
+    sa, ca, ka, sb, cb, kb = torch.broadcast_tensors(a[0], a[1], a[2], b[0], b[1], b[2])
     src = torch.where(sa >= 0, sa, sb)
     coef = torch.where(sa >= 0, ca, cb)
     both = (sa >= 0) & (sb >= 0)
@@ -185,8 +184,7 @@ def _combine_add(a, b):
 
 
 def _combine_mul(a, b):
-    (sa, sb), (ca, cb), (ka, kb) = torch.broadcast_tensors(a[0], b[0]), torch.broadcast_tensors(a[1], b[1]), \
-        torch.broadcast_tensors(a[2], b[2])
+    sa, ca, ka, sb, cb, kb = torch.broadcast_tensors(a[0], a[1], a[2], b[0], b[1], b[2])
     # an element is coef*W + const; a product is affine only when one factor is a constant
     src = torch.where(sa >= 0, sa, sb)
     coef = torch.where(sa >= 0, ca * kb, cb * ka)

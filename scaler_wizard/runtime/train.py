@@ -275,6 +275,11 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     for r in recs:
         if r.get("event") == "breaker_trip":
             ax.axvline(r["step"], color="red", ls="--", label="breaker trip")
+        if r.get("event") == "growth":  # `at step` stage: step, parameters before -> after
+            ax.axvline(r["step"], color="green", ls=":", lw=1)
+            ax.annotate(f"grow {r['params_before']:,}->{r['params_after']:,}", (r["step"], 1.0),
+                        xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7,
+                        color="green")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
