@@ -105,17 +105,11 @@ def build_recipe(args):
 
 
 def plan_stages(plan_path: str, model_dir: str, recipe) -> tuple:
-    """The plan's `at step` stages resolved against MODEL_DIR (the model the run starts from), each
-    stage against the model grown by the ones before; () when the plan has none. PlanError on a bad
-    stage (SW32x or the type checker's codes inside the stage)."""
-    from scaler_wizard.compiler.frontend import parse_plan_file
-    from scaler_wizard.compiler.stages import resolve_stages, stages_of
+    """The plan's `at step` stages resolved against MODEL_DIR (compiler/stages.py)."""
+    from scaler_wizard.compiler.stages import stages_for_run
 
-    plan, sources = parse_plan_file(plan_path)
-    if not stages_of(plan):
-        return ()
     recipe.validate()
-    return resolve_stages(plan, sources, str(model_dir), total_steps=recipe.steps, context=recipe.max_seq_len)
+    return stages_for_run(plan_path, str(model_dir), steps=recipe.steps, seq_len=recipe.max_seq_len)
 
 
 def run(args) -> int:

@@ -154,6 +154,18 @@ def resolve_stages(plan: A.Plan, sources: dict[str, str], base: str | dict[str, 
     return tuple(out)
 
 
+def stages_for_run(plan_path: str, model: str | dict[str, Any], *, steps: int, seq_len: int) -> tuple[ResolvedStage, ...]:
+    """The `at step` stages of the plan file ``plan_path`` resolved for a training run that starts from
+    ``model`` (MODEL_DIR) and lasts ``steps`` steps, FLOPs at ``seq_len``; () when it has none.
+    Raises PlanError (with ``.sources``) for a bad stage."""
+    from scaler_wizard.compiler.frontend import parse_plan_file
+
+    plan, sources = parse_plan_file(plan_path)
+    if not stages_of(plan):
+        return ()
+    return resolve_stages(plan, sources, model, total_steps=steps, context=seq_len)
+
+
 def compile_stage(stage: ResolvedStage, stored: set[str] | None = None):
     """The stage's TensorProgram, lowered exactly as ``apply`` lowers a plan (``stored``: the tensor
     names the live model would store, to pick the stored member of a tied set)."""
