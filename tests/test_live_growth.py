@@ -134,11 +134,21 @@ def test_carry_refused_for_elements_without_a_derived_map():
 
 
 def test_growth_record_follows_the_stages(llama):
-    _, prog1, _ = _grow(llama, "widen ffn x2 zero")
+    from scaler_wizard.runtime.recipe import TrainRecipe
+    from scaler_wizard.runtime.train import _param_groups
+
+    _, prog1, grown = _grow(llama, "widen ffn x2 zero")
     rec = compose_record(None, prog1, plan="widen ffn x2 zero")
     up = rec.tensors["model.layers.0.mlp.up_proj.weight"]
     assert up.status == "grown" and up.original_region == ((0, 96), (0, 64))
     assert rec.tensors["model.layers.0.self_attn.q_proj.weight"].status == "original"
+    # --freeze-original after the growth: what the stage added trains, the rest is frozen
+    groups, frozen, counts = _param_groups(grown, TrainRecipe(freeze_original=True), rec)
+    params = dict(grown.named_parameters())
+    assert not params["model.layers.0.self_attn.q_proj.weight"].requires_grad
+    assert params["model.layers.0.mlp.up_proj.weight"].requires_grad
+    assert len(frozen.regions) == 6  # 2 layers x (gate, up, down): their original halves stay frozen
+    assert counts["trainable"] == 6 * 192 * 64
     # a second stage that widens the same tensor again keeps the run's original region
     cfg2 = json.loads(json.dumps(api.check("widen ffn x2 zero", llama[0]).config_after))
     prog2 = api.compile("widen ffn x2 zero", cfg2)

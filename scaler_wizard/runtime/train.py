@@ -241,7 +241,10 @@ class _Metrics:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        def kept(r: dict) -> bool:  # a growth after `step` happened after checkpoint-<step>: redone on resume
+            return r["step"] < step or (r["step"] == step and r.get("event") != "growth")
+
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and kept(json.loads(ln))]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, rec: dict) -> None:
