@@ -628,8 +628,11 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
                 del plain, model, optimizer
                 model, record = g.model, g.record
                 model.config.use_cache = False
-                if recipe.gradient_checkpointing:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if recipe.gradient_checkpointing:  # as at the start of the run
+                    if hasattr(model, "activation_checkpointing_enable"):
+                        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                    else:
+                        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 groups, frozen, counts = _param_groups(model, recipe, record)
                 targets = [(g2["lr"], g2["weight_decay"]) for g2 in groups]
                 optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps)
@@ -697,7 +700,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
                 last_eval_ppl = ev_ppl
                 bad_streak = bad_streak + 1 if is_bad else 0
                 if rec is None:
-                    rec = {"step": step, "loss": float(loss_sum / recipe.grad_accum)}
+                    rec = {"step": step, "loss": float(loss_sum / recipe.grad_accum), "flops": total_flops}
                 rec.update(eval_loss=ev_loss, eval_ppl=ev_ppl)
                 if breaker_on:
                     rec.update(breaker_limit_ppl=limit, bad_streak=bad_streak)
