@@ -264,3 +264,25 @@ def test_ddp_two_cpu_processes_grow_mid_run(tmp_path):
     assert recs[0]["world_size"] == 2
     assert [r["step"] for r in recs if r.get("event") == "growth"] == [2, 4]
     assert final["model.embed_tokens.weight"].shape[1] == 64
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_deepspeed_run_with_stages_is_refused_before_training(tmp_path):
+    from scaler_wizard.runtime.launch import emit_config
+    from scaler_wizard.runtime.tiny import make_tiny_llama
+
+    corpus = _corpus(tmp_path)
+    model = make_tiny_llama(tmp_path / "tiny", "to be or not to be " * 50, vocab_size=300, hidden=32, ffn=64)
+    plan = tmp_path / "schedule.expand"
+    plan.write_text(SCHEDULE.format(data=corpus))
+    emit_config("zero2", tmp_path / "cfg")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "scaler_wizard", "train", str(model), "--plan", str(plan), "-o", str(tmp_path / "run"),
+           "--no-progress", "--deepspeed", str(tmp_path / "cfg" / "ds_zero2.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, start_new_session=True)
+    assert proc.returncode != 0
+    assert "not supported under DeepSpeed" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any step
