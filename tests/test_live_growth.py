@@ -288,3 +288,13 @@ def test_deepspeed_run_with_stages_is_refused_before_training(tmp_path):
     assert "scaler-wizard train: error: `at step` growth stages are not supported under DeepSpeed" in proc.stderr
     assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any step
+
+
+def test_rewarm_ramps_the_lr_after_a_stage_then_the_schedule_continues():
+    from types import SimpleNamespace
+
+    from scaler_wizard.runtime.live_growth import rewarm_lambda
+
+    f = rewarm_lambda(lambda i: 1.0, [SimpleNamespace(step=4, rewarm=4), SimpleNamespace(step=8, rewarm=0)])
+    # multiplier of optimizer step index i (step i + 1): steps 5..8 ramp 1/4 .. 4/4, the rest untouched
+    assert [f(i) for i in range(10)] == [1, 1, 1, 1, 0.25, 0.5, 0.75, 1, 1, 1]
