@@ -493,6 +493,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     model.train()
 
     record = GrowthRecord.load(growth_record) if growth_record and not grown else GrowthRecord.find(weights_dir)
+    if record is None and stages:  # nothing grown yet: every tensor is original until the first stage
+        record = GrowthRecord(base_model=str(model_dir))
     groups, frozen, counts = _param_groups(model, recipe, record)
     targets = [(g["lr"], g["weight_decay"]) for g in groups]
     if frozen.regions and str(accelerator.distributed_type).endswith("FSDP"):
