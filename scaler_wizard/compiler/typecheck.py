@@ -33,10 +33,14 @@ SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=t
 SW316  the grown config would not describe the grown tensors (raised by compiler/conform.py)
 SW317  the plan grows the parameters more than 64x (every statement, as ``grow to``), or applying
        it needs more memory than this machine has
+SW320  ``at step`` stage steps do not increase (compiler/stages.py)
+SW321  an ``at step`` stage step outside the training run (1 .. steps - 1)
+SW322  an unknown ``at step`` option or a bad value (``optimizer=carry|reset``, ``rewarm=<steps>``)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
 SW604  (warning) a scalar config key can no longer describe the grown per-layer layout
+SW620  (warning) an ``at step`` stage without growth statements
 =====  ==================================================================================
 """
 
