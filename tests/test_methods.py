@@ -203,9 +203,21 @@ def test_upcycle_target_table_matches_transformers(dense):
     assert cfg.architectures is None or t.architecture in cfg.architectures
     for key in [t.experts_key, t.top_k_key, *([t.ffn_key] if t.ffn_key else []), *t.fixed]:
         assert hasattr(cfg, key), f"{t.model_type} config has no `{key}`"
-    patch = t.config_patch(4, 2, 96)
-    built = AutoConfig.for_model(t.model_type, **{k: v for k, v in patch.items() if k != "model_type"})
+    patch = t.config_patch(4, 2, 32)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8, vocab_size=32)
+    built = AutoConfig.for_model(t.model_type, **small, **{k: v for k, v in patch.items() if k != "model_type"})
     assert getattr(built, t.experts_key) == 4 and getattr(built, t.top_k_key) == 2
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(built)
+    assert type(model).__name__ == t.architecture
+    sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sd[f"model.layers.0.{t.gate_up}"] == (4, 64, 16)  # (E, 2F, H): the pass writes [gate; up]
+    assert sd[f"model.layers.0.{t.down}"] == (4, 16, 32)
+    assert sd[f"model.layers.0.{t.router}"] == (4, 16)
 
 
 def test_readme_method_table_is_the_registry():
@@ -221,3 +233,52 @@ def test_plan_error_for_unknown_method_lists_registry_order():
     assert d.code == "SW202" and "`net2net`" in d.help and d.help.index("`tile`") < d.help.index("`lemon`")
     with pytest.raises(PlanError):
         resolve("widen heads x2 net2net", ir_of("llama"))
+
+
+# ---------------------------------------------------------------------------- train { }
+
+
+def test_train_block_is_checked_and_resolved_once(tmp_path):
+    from scaler_wizard.compiler.frontend import plan_train
+    from scaler_wizard.runtime.recipe import recipe_from_plan
+
+    text = "widen ffn x2\ntrain {\n  stepz = 3\n}\n"
+    d = errors(text, ir_of("llama"))[0]
+    assert (d.code, d.span.line, d.span.col) == ("SW204", 3, 3) and "`steps`" in d.help
+    (tmp_path / "c.txt").write_text("x")
+    plan = tmp_path / "p.expand"
+    plan.write_text('widen ffn x2\ntrain {\n  steps = 5\n  data = "c.txt"\n  curriculum = "64:2"\n}\n')
+    rp = check_plan_file(plan)
+    assert rp.train == {"steps": 5, "data": [str(tmp_path / "c.txt")], "curriculum": [(64, 2)]}
+    assert plan_train(str(plan))[0] == rp.train  # what `train --plan` reads is the type checker's
+    r = recipe_from_plan(plan)
+    assert (r.steps, r.data, r.curriculum) == (5, [str(tmp_path / "c.txt")], [(64, 2)])
+    (tmp_path / "r.toml").write_text("steps = 7\nlr = 1e-3\n")
+    plan.write_text('widen ffn x2\ntrain "r.toml"\n')
+    assert check_plan_file(plan).train == {"steps": 7, "lr": 1e-3}
+    (tmp_path / "r.toml").write_text("stepz = 7\n")
+    d = errors_of_file(plan)[0]
+    assert d.code == "SW207" and "stepz" in d.message and (d.span.line, d.span.col) == (2, 7)
+
+
+def check_plan_file(path):
+    from scaler_wizard.compiler.typecheck import check_plan
+    from scaler_wizard.grammar import parse_file
+
+    return check_plan(parse_file(str(path)), ir_of("llama"), model_ref="tiny")
+
+
+def errors_of_file(path):
+    with pytest.raises(PlanError) as e:
+        check_plan_file(path)
+    return e.value.diagnostics
+
+
+def test_explain_names_each_method_from_the_registry():
+    from scaler_wizard.commands.explain import explain_lines
+    from scaler_wizard.compiler.lower import lower
+
+    rp = resolve("widen ffn x2 net2net\ninsert layer 1 identity", ir_of("llama"))
+    text = "\n".join(explain_lines(lower(rp), rp))
+    assert f"method `net2net`: {M.WIDTH_METHODS['net2net'].summary} [{M.WIDTH_METHODS['net2net'].source}]" in text
+    assert "method `identity`: " + M.lookup("layer", "identity").summary in text

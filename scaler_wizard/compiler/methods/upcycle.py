@@ -25,7 +25,9 @@ class UpcycleTarget:
 
     ``experts_key`` / ``top_k_key``: its config keys for E and k; ``ffn_key``: the key holding each
     expert's width (None: the dense ``intermediate_size`` carries over); ``fixed``: keys written
-    with these values (renormalised top-k, every layer sparse)."""
+    with these values (renormalised top-k, every layer sparse). ``gate_up`` (E, 2F, H: [gate; up]),
+    ``down`` (E, H, F) and ``router`` (E, H): the MoE block's tensor names under a layer, as the
+    class's ``save_pretrained`` writes them."""
 
     model_type: str
     architecture: str
@@ -33,6 +35,9 @@ class UpcycleTarget:
     top_k_key: str
     ffn_key: str | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
+    gate_up: str = "mlp.experts.gate_up_proj"
+    down: str = "mlp.experts.down_proj"
+    router: str = "mlp.gate.weight"
 
     def config_patch(self, experts: int, top_k: int, ffn: int | None) -> dict[str, Any]:
         patch: dict[str, Any] = {"model_type": self.model_type, "architectures": [self.architecture],
@@ -70,6 +75,7 @@ class Upcycle(Method):
     noise: float | None = option("noise on expert copies (breaks expert symmetry; makes the op approx)", kind="nonneg")
     router: str | None = option("router initialisation: `zero` (default) or `random`", kind="choice",
                                 choices=("zero", "random"))
+    target: UpcycleTarget | None = field(default=None, compare=False)  # set by the type checker
 
     def unread(self, group=None):
         return {"noise": None}
