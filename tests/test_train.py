@@ -68,7 +68,8 @@ def test_loss_falls_and_run_dir_layout(tiny, corpus, tmp_path):
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(run / "checkpoint-12") is not None
+    loaded = AutoModelForCausalLM.from_pretrained(run / "checkpoint-12").state_dict()  # a loadable HF dir
+    assert torch.equal(loaded["model.norm.weight"], weights(run / "checkpoint-12")["model.norm.weight"])
     assert torch.equal(weights(run / "final")["model.norm.weight"], weights(run / "checkpoint-24")["model.norm.weight"])
     from scaler_wizard.diagnostics import UsageError
 

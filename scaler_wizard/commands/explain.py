@@ -1,7 +1,8 @@
 """`scaler-wizard explain PLAN [--model M]`: what the plan does to every tensor.
 
 Per layer template (layers with the same treatment are folded: ``model.layers.{0,1,3}.mlp...``):
-old shape -> new shape, status, exactness and the operations applied. Exit codes as `compile`.
+old shape -> new shape, status, exactness and the operations applied; each statement's method with
+its summary and source, from the method registry (``compiler/methods``). Exit codes as `compile`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def explain_lines(prog, rp) -> list[str]:
     lines = [f"plan against {rp.model_ref} ({ir.model_type}): {rp.exactness}"]
     for o in rp.ops:
         lines.append(f"  {o.text}: {o.exactness} -- {o.reason}")
+        spec = o.spec  # the method's registry entry (compiler/methods)
+        if spec is not None and not o.options.get("implied"):
+            lines.append(f"    method `{spec.name}`: {spec.summary} [{spec.source}]")
     diff = rp.config_diff()
     if diff:
         lines.append("config: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items() if k != "architectures"))

@@ -109,6 +109,24 @@ def ir_for(ref: str, plan: A.Plan, sources: dict[str, str], *, use_cache: bool =
         ) from None
 
 
+def plan_train(path: str) -> tuple[dict, str]:
+    """The resolved options of the plan's ``train`` statement (``{}`` without one) and where they
+    come from, without a model: what :attr:`ResolvedPlan.train` holds for the same plan (one
+    resolution, :func:`scaler_wizard.compiler.recipe.train_block`). Raises PlanError (a setting
+    given twice, syntax), RecipeError (a bad key or value, named with its position)."""
+    from scaler_wizard.compiler.recipe import train_block
+
+    plan, sources = parse_plan_file(path)
+    dup = duplicate_settings(plan)
+    if dup:
+        raise _fail(dup, sources)
+    stmt = next((s for s in plan.statements if isinstance(s, A.TrainStmt)), None)
+    if stmt is None:
+        return {}, path
+    where = stmt.ref.value if stmt.ref is not None else f"{path}: train"
+    return train_block(stmt, plan.file), where
+
+
 def check_parsed(plan: A.Plan, sources: dict[str, str], *, model: str | None = None, context: int = 2048, use_cache: bool = True) -> ResolvedPlan:
     from scaler_wizard.compiler.typecheck import check_plan
 
@@ -156,4 +174,4 @@ def check_text(text: str, *, model: str | None = None, file: str = "<plan>", con
     return check_parsed(plan, sources, model=model, context=context)
 
 
-__all__ = ["load_and_check", "check_text", "check_parsed", "parse_plan_file", "UsageError"]
+__all__ = ["load_and_check", "check_text", "check_parsed", "parse_plan_file", "plan_train", "UsageError"]

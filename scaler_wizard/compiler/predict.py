@@ -70,7 +70,7 @@ def predict_shapes(
             out.append(PredictedTensor(t.name, shape, count, t.kind, t.sublayer))
     if upcycle_experts:
         out.append(
-            PredictedTensor("model.layers.{i}.mlp.gate.weight", (upcycle_experts, hidden), len(layer_map), "router", "moe")
+            PredictedTensor("{i}:upcycle-router", (upcycle_experts, hidden), len(layer_map), "router", "moe")
         )
     return out
 
@@ -128,7 +128,7 @@ def costs(
             matmul_active += numel * p.count * frac
     vocab = sizes.get("vocab", ir.groups["vocab"].size if "vocab" in ir.groups else 0)
     hidden = sizes.get("hidden", ir.groups["hidden"].size if "hidden" in ir.groups else 0)
-    if not has_lm_head_tensor or "lm_head.weight" in tied_dupes:
+    if not has_lm_head_tensor or any(p.kind == "lm_head" and p.name in tied_dupes for p in shapes):
         # Tied head: the logits matmul still costs vocab x hidden per token.
         matmul_active += vocab * hidden
     attn_width = 0

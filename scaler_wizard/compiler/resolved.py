@@ -62,6 +62,7 @@ class ResolvedOp:
     options: dict[str, Any] = field(default_factory=dict)
     layer_map: tuple[LayerSource, ...] = ()  # depth ops: the map right after this op
     config_patch: dict[str, Any] = field(default_factory=dict)  # what this op changes in config
+    spec: Any = field(default=None, compare=False, repr=False)  # the typed method (compiler/methods), None if unknown
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class ResolvedPlan:
     seed: int = 0
     dtype: str | None = None  # output dtype; None keeps the input's
     noise: float = 0.0  # symmetry-breaking noise scale (exact in the forward pass)
-    train: dict[str, Any] = field(default_factory=dict)  # `train { ... }` options, or {"ref": path}
+    train: dict[str, Any] = field(default_factory=dict)  # the `train` recipe options, typed (compiler/recipe.py)
     alternatives: tuple[str, ...] = ()  # `grow to`: other plans considered, for the report
     warnings: tuple = ()  # Diagnostic objects of severity "warning"
     sizes_after: dict[str, int] = field(default_factory=dict)  # predicted group sizes of the grown model

@@ -41,7 +41,9 @@ class Upcycle(Pass):
             if len(ts.node.shape) != 2:
                 raise self.fail(st, f"{name}: FFN tensor that is not a matrix (a bias?); the MoE family has none")
             leaf = sp[1].split(".")[-2]
-            kind = "gate" if "gate" in leaf else "up" if "up" in leaf else "down" if "down" in leaf else None
+            # down: the FFN matrix writing the residual stream (an IR fact); gate vs up: by name until
+            # the IR records which linear feeds the activation
+            kind = "down" if ts.writer else "gate" if "gate" in leaf else "up" if "up" in leaf else None
             if kind is None:
                 raise self.fail(st, f"{name}: cannot tell gate / up / down apart")
             out.setdefault(sp[0], {})[kind] = name
@@ -60,28 +62,29 @@ class Upcycle(Pass):
             gu = P.Tile(P.Reshape(gu, (1, 2 * F, H)), 0, E)
             down = P.Tile(P.Reshape(dn.node, (1, H, F)), 0, E)
             ex = op.exactness
+            tgt = op.spec.target
+            prefix = f"{st.layer_prefix}.{layer}"
             if noise:
-                gu = P.Add(gu, P.Random(gu.shape, f"{st.layer_prefix}.{layer}.mlp.experts.gate_up_proj:noise", std=noise))
-                down = P.Add(down, P.Random(down.shape, f"{st.layer_prefix}.{layer}.mlp.experts.down_proj:noise", std=noise))
+                gu = P.Add(gu, P.Random(gu.shape, f"{prefix}.{tgt.gate_up}:noise", std=noise))
+                down = P.Add(down, P.Random(down.shape, f"{prefix}.{tgt.down}:noise", std=noise))
                 ex = APPROX
-            prefix = f"{st.layer_prefix}.{layer}.mlp"
             notes = [f"{E} experts, copies of the dense gate/up (top-{op.options.get('top_k')}, renormalised)"]
-            st.tensors[f"{prefix}.experts.gate_up_proj"] = TState(gu, None, layer, (), None, True, None, ex, notes, False, True)
-            st.tensors[f"{prefix}.experts.down_proj"] = TState(down, None, layer, (), None, True, None, ex,
+            st.tensors[f"{prefix}.{tgt.gate_up}"] = TState(gu, None, layer, (), None, True, None, ex, notes, False, True)
+            st.tensors[f"{prefix}.{tgt.down}"] = TState(down, None, layer, (), None, True, None, ex,
                                                                [f"{E} experts, copies of the dense down projection"], True, True)
-            rnode = P.Zeros((E, H)) if router != "random" else P.Random((E, H), f"{prefix}.gate.weight:router", std=std)
-            st.tensors[f"{prefix}.gate.weight"] = TState(rnode, None, layer, (), None, True, None, ex,
+            rnode = P.Zeros((E, H)) if router != "random" else P.Random((E, H), f"{prefix}.{tgt.router}:router", std=std)
+            st.tensors[f"{prefix}.{tgt.router}"] = TState(rnode, None, layer, (), None, True, None, ex,
                                                          [f"router ({router}): any top-{op.options.get('top_k')} choice is exact"],
                                                          False, True)
         st.upcycled = True
 
     def ensures(self, st: LowerState) -> None:
         super().ensures(st)
-        E = self.op.new_size
+        E, tgt = self.op.new_size, self.op.spec.target
         for name, ts in st.tensors.items():
-            if name.endswith("experts.gate_up_proj"):
+            if name.endswith(tgt.gate_up):
                 if ts.node.shape != (E, 2 * st.sizes["ffn"], st.sizes["hidden"]):
                     raise self.fail(st, f"{name}: shape {ts.node.shape}")
-            if name.endswith("experts.down_proj"):
+            if name.endswith(tgt.down):
                 if ts.node.shape != (E, st.sizes["hidden"], st.sizes["ffn"]):
                     raise self.fail(st, f"{name}: shape {ts.node.shape}")

@@ -1,0 +1,59 @@
+"""Type checker: resolve a parsed plan against a model's IR into a :class:`ResolvedPlan`.
+
+Split by concept: ``checker`` (entry, IR facts), ``settings`` (plan-wide settings, shared options),
+``width`` (widen), ``attention`` (RoPE / head_dim), ``depth`` (insert, duplicate, stack, layer arrays),
+``moe`` (upcycle), ``grow`` (grow to, size policy), ``result`` (costs, the resolved plan), ``state``.
+Growth methods themselves (options, exactness rules, lowering) are modules of ``compiler/methods``.
+
+Every problem of the plan is collected (not just the first) and raised together as a
+:class:`PlanError`. Diagnostic codes (stable):
+
+=====  ==================================================================================
+SW201  unknown dimension group
+SW202  unknown or inapplicable method for the group
+SW203  unknown layer init
+SW204  unknown option key for the statement
+SW205  layer index or range out of bounds
+SW206  unknown dtype
+SW207  bad option value
+SW208  no model: the plan has no ``model`` statement and none was given with ``--model``
+SW209  a plan-wide setting (``model``, ``seed``, ``noise``, ``dtype``, ``train``) given twice
+SW210  a statement this build parses but cannot resolve yet (``at step`` stages, ``extend context``)
+SW402  the plan's ``model`` cannot be loaded (missing, unreadable, not available offline)
+SW301  the amount does not give a whole number of units (``x1.3`` of 9 heads)
+SW302  the amount does not grow the group (``to`` a smaller size, ``x1``, ``by 0``)
+SW303  the method needs an integer factor
+SW304  grouped-query attention divisibility violated
+SW305  identity-style layer insertion in a Post-LN model
+SW306  non-integer LayerNorm residue in a Post-LN model
+SW307  head_dim growth that RoPE (or its scaling type) makes inexact, or rope lists that no longer fit
+SW308  the group's size is derived from other config values and cannot change alone
+SW309  upcycling not supported for this model
+SW310  experts / top-k out of range
+SW311  ``grow to`` target unreachable or not larger than the model
+SW312  the group does not exist in this model (``experts`` on a dense model)
+SW313  the plan would leave a config value inconsistent
+SW314  the result would be absurdly large (more than 10,000 layers or 2^31 units)
+SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=true``)
+SW316  the grown config would not describe the grown tensors (raised by compiler/conform.py)
+SW317  the plan grows the parameters more than 64x (every statement, as ``grow to``), or applying
+       it needs more memory than this machine has
+SW320  ``at step`` stage steps do not increase (compiler/stages.py)
+SW321  an ``at step`` stage step outside the training run (1 .. steps - 1)
+SW322  an unknown ``at step`` option or a bad value (``optimizer=carry|reset``, ``rewarm=<steps>``)
+SW601  (warning) the plan contains approximate ops
+SW602  (warning) untying the LM head doubles its memory
+SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
+SW604  (warning) a scalar config key can no longer describe the grown per-layer layout
+SW620  (warning) an ``at step`` stage without growth statements
+=====  ==================================================================================
+"""
+
+from scaler_wizard.compiler.typecheck.checker import TypeChecker, check_plan
+from scaler_wizard.compiler.typecheck.state import (
+    DTYPE_ALIASES, DTYPES, MAX_LAYERS, MAX_WIDTH, SEED_MAX, UPCYCLE_TARGETS, groups_summary,
+)
+from scaler_wizard.compiler.typecheck.width import WidenContext
+
+__all__ = ["TypeChecker", "check_plan", "WidenContext", "DTYPES", "DTYPE_ALIASES", "MAX_LAYERS", "MAX_WIDTH",
+           "SEED_MAX", "UPCYCLE_TARGETS", "groups_summary"]

@@ -1,0 +1,66 @@
+"""Attention rules: RoPE under `widen head_dim` and the per-frequency rope lists of the grown config."""
+
+from __future__ import annotations
+
+
+from scaler_wizard.grammar import ast as A
+from scaler_wizard.compiler.typecheck.state import _State
+
+
+class AttentionRules:
+    """Mixin of :class:`~scaler_wizard.compiler.typecheck.checker.TypeChecker`."""
+
+    def _rope_head_dim(self, st: _State, s: A.WidenStmt, old: int, new: int) -> str | None:
+        """head_dim old -> new (an integer factor) under RoPE: None (and an SW307 error) when some old
+        rotary frequency would move, else a note for the op's reason."""
+        from scaler_wizard.compiler.rope import PROVEN_TYPES, frequencies_kept, grow_per_frequency
+
+        rope = self.ir.attention.rope
+        if rope.rotary_dim != rope.head_dim:
+            st.bag.error(
+                "SW307",
+                f"head_dim growth with partial rotary ({rope.rotary_dim} of {rope.head_dim} dims rotated) is not supported: "
+                "rotated and pass-through dims would need separate placement",
+                s.group.span,
+                help="only fully rotary models keep every frequency under `widen head_dim` (old pair i -> new pair k*i)",
+            )
+            return None
+        k = new // old
+        pairs = old // 2
+        if rope.rope_type in PROVEN_TYPES and not rope.per_frequency:
+            return ""
+        key = self.ir.groups["head_dim"].config_key
+        after = {**st.config, key: new, **grow_per_frequency(st.config, rope.per_frequency, pairs, k)}
+        why = frequencies_kept(st.config, after, k, pairs)
+        if why is not None:
+            st.bag.error(
+                "SW307",
+                f"RoPE type `{rope.rope_type}` makes head_dim growth {old} -> {new} inexact: {why}",
+                s.group.span,
+                help="under `widen head_dim`, default, linear, llama3 and longrope keep every old frequency, "
+                     "yarn only with `truncate: false`; widen `heads` instead (head_dim and every frequency kept)",
+            )
+            return None
+        lists = f"; {'/'.join(rope.per_frequency)} grown {pairs} -> {k * pairs} entries (old entry i at k*i)" \
+            if rope.per_frequency else ""
+        return f"; {rope.rope_type} RoPE: old frequencies kept (checked with transformers in every regime){lists}"
+
+    def _check_rope_lists(self, st: _State) -> None:
+        """Per-frequency rope lists must have one entry per rotary pair of the grown model, or
+        transformers loads the config and fails at the first forward."""
+        from scaler_wizard.compiler.rope import list_length_problems
+
+        att = self.ir.attention
+        if att is None or att.rope is None or not att.rope.per_frequency or not att.rope.head_dim:
+            return
+        hd = st.sizes.get("head_dim", att.head_dim)
+        pairs = hd * att.rope.rotary_dim // att.rope.head_dim // 2
+        problems = list_length_problems(st.config, att.rope.per_frequency, pairs)
+        if problems:
+            culprit = next((o for o in reversed(st.ops) if o.group in ("head_dim", "hidden", "heads")), None)
+            st.bag.error(
+                "SW307",
+                f"the grown config's rope parameters do not fit head_dim {hd}: " + "; ".join(problems),
+                culprit.span if culprit else A.Span(),
+                help="per-frequency rope lists (longrope's short/long factors) grow only with `widen head_dim` by an integer factor",
+            )

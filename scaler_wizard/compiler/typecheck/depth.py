@@ -1,0 +1,254 @@
+"""Depth rules: `insert`, `duplicate`, `stack` fold into one layer map; per-layer config arrays follow it."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from types import SimpleNamespace
+
+from scaler_wizard.compiler import methods as M
+from scaler_wizard.diagnostics import suggest
+from scaler_wizard.compiler.resolved import LayerSource, ResolvedOp
+from scaler_wizard.grammar import ast as A
+from scaler_wizard.grammar.printer import statement_text as _print_stmt
+from scaler_wizard.compiler.typecheck.state import MAX_LAYERS, _State
+
+
+class DepthRules:
+    """Mixin of :class:`~scaler_wizard.compiler.typecheck.checker.TypeChecker`."""
+
+    def _depth_allowed(self, st: _State, init: str, span) -> bool:
+        if M.lookup("layer", init).needs_pre_ln and self.placement() == "post":
+            st.bag.error(
+                "SW305",
+                f"`{init}` layers are identity maps only in Pre-LN models; this model normalises after the residual add (Post-LN)",
+                span,
+                help="no block is the identity under Post-LN; use `copy` (approx) instead",
+            )
+            return False
+        return True
+
+    def _init(self, st: _State, ident: A.Ident | None, default: str = "identity") -> str | None:
+        if ident is None:
+            return default
+        name = M.DEPTH_ALIASES.get(ident.name, ident.name)
+        if name not in M.DEPTH_INITS:
+            hint = suggest(ident.name, M.DEPTH_INITS)
+            st.bag.error(
+                "SW203",
+                f"unknown layer init `{ident.name}`",
+                ident.span,
+                help=(f"did you mean `{hint}`? " if hint else "") + "inits: " + ", ".join(f"`{k}`" for k in M.DEPTH_INITS),
+            )
+            return None
+        return name
+
+    def _too_deep(self, st: _State, added: int, span) -> bool:
+        if st.depth + added > MAX_LAYERS:
+            st.bag.error(
+                "SW314",
+                f"this would make {st.depth + added:,} layers (the limit is {MAX_LAYERS:,})",
+                span,
+            )
+            return True
+        return False
+
+    def _depth_op(self, i, s, st: _State, kind: str, init: str, opts: dict, new_map: list[LayerSource]):
+        """Record a depth statement: ``init`` names the layer init (`copy` for duplicate / stack)."""
+        if kind == "insert":
+            spec = M.lookup("layer", init).from_options(opts)
+            self._unread_options(st, s, opts, spec, None)
+            noise = opts.get("noise", st.noise) or 0.0
+            if spec.reads_noise and noise:
+                old = {id(x) for x in st.layer_map}
+                new_map = [x if id(x) in old else replace(x, noise=float(noise)) for x in new_map]
+        else:
+            spec = M.lookup("op", kind).from_options(opts)
+        exactness, reason = spec.exactness(SimpleNamespace(placement=self.placement()))
+        st.layer_map = new_map
+        st.ops.append(
+            ResolvedOp(
+                index=i,
+                kind=kind,
+                span=s.span,
+                text=_print_stmt(s),
+                exactness=exactness,
+                reason=reason,
+                method=init,
+                options=opts,
+                layer_map=tuple(new_map),
+                config_patch={self.ir.layers_key: len(new_map)},
+                spec=spec,
+            )
+        )
+
+    def _source_for_new(self, st: _State, pos: int, opts: dict, span) -> int | None:
+        """The old layer seeding a new layer inserted at position ``pos`` of the current map."""
+        src = opts.get("from")
+        if src is not None:
+            if not isinstance(src, int) or not 0 <= src < self.ir.num_layers:
+                st.bag.error(
+                    "SW205",
+                    f"`from={src}` is not a layer of the original model (0..{self.ir.num_layers - 1})",
+                    span,
+                )
+                return None
+            return src
+        neighbour = st.layer_map[pos - 1] if pos > 0 else st.layer_map[0]
+        return neighbour.src
+
+    def _InsertLayerStmt(self, i, s: A.InsertLayerStmt, st: _State):
+        init = self._init(st, s.init)
+        opts = M.LayerInit.parse_options(s.options, st.bag)
+        idx = s.index.value
+        if not 0 <= idx <= st.depth:
+            st.bag.error(
+                "SW205",
+                f"cannot insert at layer {idx}: the model has {st.depth} layers at this point",
+                s.index.span,
+                help=f"the new layer's index must be 0..{st.depth} (it becomes that index)",
+            )
+            return
+        if init is None or not self._depth_allowed(st, init, s.init.span if s.init else s.span):
+            return
+        if self._too_deep(st, 1, s.span):
+            return
+        src = self._source_for_new(st, idx, opts, s.span)
+        if src is None:
+            return
+        new_map = st.layer_map[:idx] + [LayerSource(src, init)] + st.layer_map[idx:]
+        self._depth_op(i, s, st, "insert", init, opts, new_map)
+
+    def _InsertLayersAfterStmt(self, i, s: A.InsertLayersAfterStmt, st: _State):
+        init = self._init(st, s.init)
+        opts = M.LayerInit.parse_options(s.options, st.bag)
+        n, after = s.count.value, s.after.value
+        ok = True
+        if n < 1:
+            st.bag.error("SW302", f"inserting {n} layers does not grow the model", s.count.span)
+            ok = False
+        if not 0 <= after < st.depth:
+            st.bag.error(
+                "SW205",
+                f"there is no layer {after} to insert after: the model has {st.depth} layers (0..{st.depth - 1}) at this point",
+                s.after.span,
+            )
+            ok = False
+        if not ok or init is None or not self._depth_allowed(st, init, s.init.span if s.init else s.span):
+            return
+        if self._too_deep(st, n, s.count.span):
+            return
+        src = self._source_for_new(st, after + 1, opts, s.span)
+        if src is None:
+            return
+        new_map = st.layer_map[: after + 1] + [LayerSource(src, init) for _ in range(n)] + st.layer_map[after + 1 :]
+        self._depth_op(i, s, st, "insert", init, opts, new_map)
+
+    def _InsertEveryStmt(self, i, s: A.InsertEveryStmt, st: _State):
+        init = self._init(st, s.init)
+        opts = M.LayerInit.parse_options(s.options, st.bag)
+        k = s.every.value
+        if not 1 <= k <= st.depth:
+            st.bag.error(
+                "SW205",
+                f"`every {k}` must be between 1 and the current depth {st.depth}",
+                s.every.span,
+            )
+            return
+        if init is None or not self._depth_allowed(st, init, s.init.span if s.init else s.span):
+            return
+        if "from" in opts:
+            st.bag.error("SW204", "`from` does not apply to `insert layers every`", s.span)
+            return
+        if self._too_deep(st, st.depth // k, s.span):
+            return
+        new_map: list[LayerSource] = []
+        for j, src in enumerate(st.layer_map):
+            new_map.append(src)
+            if (j + 1) % k == 0:
+                new_map.append(LayerSource(src.src, init))
+        self._depth_op(i, s, st, "insert", init, opts, new_map)
+
+    def _DuplicateLayersStmt(self, i, s: A.DuplicateLayersStmt, st: _State):
+        opts = M.lookup("op", "duplicate").parse_options(s.options, st.bag)
+        a, b = s.start.value, s.stop.value
+        if not (0 <= a < b <= st.depth):
+            st.bag.error(
+                "SW205",
+                f"layer range {a}..{b} is not inside 0..{st.depth} (half-open, non-empty)",
+                s.span,
+                help=f"e.g. `duplicate layers {st.depth // 4}..{st.depth - st.depth // 4}`",
+            )
+            return
+        if self._too_deep(st, b - a, s.span):
+            return
+        copies = [LayerSource(src.src, "copy") for src in st.layer_map[a:b]]
+        new_map = st.layer_map[:b] + copies + st.layer_map[b:]
+        self._depth_op(i, s, st, "duplicate", "copy", opts, new_map)
+
+    def _StackStmt(self, i, s: A.StackStmt, st: _State):
+        opts = M.lookup("op", "stack").parse_options(s.options, st.bag)
+        k = s.factor.value
+        if k < 2:
+            st.bag.error("SW302", f"`stack x{k}` does not grow the model", s.factor.span, help="use `stack x2` or more")
+            return
+        if k > MAX_LAYERS or self._too_deep(st, (k - 1) * st.depth, s.factor.span):
+            if k > MAX_LAYERS:
+                st.bag.error("SW314", f"`stack x{k}` is beyond any model this tool can write", s.factor.span)
+            return
+        new_map = list(st.layer_map) + [LayerSource(src.src, "copy") for _ in range(k - 1) for src in st.layer_map]
+        self._depth_op(i, s, st, "stack", "copy", opts, new_map)
+
+    def _reindex_layer_arrays(self, st: _State, config: dict) -> None:
+        """Per-layer arrays follow the layer map: new layer j takes old layer ``src``'s entry."""
+        for key in self.ir.layer_arrays:
+            arr = self.ir.config.get(key)
+            if isinstance(arr, list) and len(arr) == self.ir.num_layers:
+                config[key] = [arr[src.src] for src in st.layer_map]
+        config.update(st.layer_summaries)
+
+    def _layer_summaries(self, st: _State) -> None:
+        """Scalar keys that summarise `layer_types` under an older config convention.
+
+        transformers' config classes derive `layer_types` from such a key when the array is absent
+        (Qwen2 / Qwen3 `max_window_layers`: the first N layers use full attention, the rest the
+        sliding window; Gemma-3-style `sliding_window_pattern`: every N-th layer is full). Where the
+        input's layout follows the convention, the grown layout is re-summarised: the value that
+        reproduces it is written when one exists; otherwise the key keeps the closest value and
+        SW604 names it (transformers 5 reads `layer_types`, which is always right). A key whose
+        convention the input does not follow (sliding window off, an explicit layout) is left as is.
+        """
+        old = self.ir.config.get("layer_types")
+        if not (isinstance(old, list) and len(old) == self.ir.num_layers):
+            return
+        if [s.src for s in st.layer_map] == list(range(self.ir.num_layers)):
+            return  # the layout did not change
+        new = [old[s.src] for s in st.layer_map]
+        full = "full_attention"
+        conventions = {
+            "max_window_layers": lambda n, i: i < n,
+            "sliding_window_pattern": lambda n, i: (i + 1) % n == 0,
+        }
+        for key, is_full in conventions.items():
+            value = self.ir.config.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key != "max_window_layers" else 0):
+                continue
+            if [full if is_full(value, i) else "x" for i in range(len(old))] != [full if t == full else "x" for t in old]:
+                continue  # the input does not follow this convention: the key does not describe its layout
+            target = [t == full for t in new]
+            fits = [n for n in range(0, len(new) + 2) if n >= 1 or key == "max_window_layers"
+                    if [is_full(n, i) for i in range(len(new))] == target]
+            if fits:
+                st.layer_summaries[key] = value if value in fits else fits[0]
+                continue
+            closest = sum(1 for _ in itertools.takewhile(bool, target)) if key == "max_window_layers" else value
+            st.layer_summaries[key] = closest
+            depth_ops = [o for o in st.ops if o.layer_map]
+            layout = ",".join("F" if t else "S" for t in target)
+            st.bag.warning(
+                "SW604",
+                f"`{key}` cannot describe the grown layer layout {layout} (F full, S sliding attention); "
+                f"`layer_types` holds it, `{key}` is written as {closest}",
+                depth_ops[-1].span if depth_ops else A.Span(),
+                help=f"transformers 5 reads `layer_types`; tools reading only `{key}` would take another layout",
+            )
