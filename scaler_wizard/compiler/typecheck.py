@@ -32,6 +32,10 @@ SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=t
 SW316  the grown config would not describe the grown tensors (raised by compiler/conform.py)
 SW317  the plan grows the parameters more than 64x (every statement, as ``grow to``), or applying
        it needs more memory than this machine has
+SW350  the model is not a transformer: its layers mix tokens without an attention op (state-space,
+       recurrent or convolutional models such as Mamba and RWKV); nothing is grown
+SW351  a norm normalises over several heads at once (OLMo-2's q/k norms over the whole projection):
+       growing heads, kv_heads or head_dim would change its statistics (not supported yet)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
@@ -180,6 +184,7 @@ class TypeChecker:
             layer_map=list(identity_layer_map(ir.num_layers)),
             config=dict(ir.config),
         )
+        self._check_is_transformer(plan, st)
         # Plan-wide settings hold for the whole plan wherever they are written: resolve them first,
         # so that every op sees the final `noise` / `seed` / `dtype`.
         settings = (A.SeedStmt, A.NoiseStmt, A.DtypeStmt)
@@ -190,6 +195,7 @@ class TypeChecker:
             if handler is not None:
                 handler(i, stmt, st)
         self._plan_wide_noise(st)
+        self._check_norms_over_heads(st)
         self._check_config_invariants(st)
         self._check_rope_lists(st)
         self._layer_summaries(st)
@@ -208,6 +214,53 @@ class TypeChecker:
             )
         warnings = bag.items
         return self._finish(st, model_ref, tuple(warnings))
+
+    def _check_is_transformer(self, plan: A.Plan, st: _State) -> None:
+        """SW350 (raised at once): discovery found no attention op in the layers, so the growth
+        rules (which are transformer rules: heads, residual writers, norms) do not describe how
+        this model mixes tokens."""
+        ir = self.ir
+        if ir.attention is not None or not ir.num_layers:
+            return
+        ops = [s for s in plan.statements if not isinstance(s, (A.SeedStmt, A.NoiseStmt, A.DtypeStmt, A.ModelStmt))]
+        if not ops:
+            return
+        span = ops[0].span
+        st.bag.error(
+            "SW350",
+            f"`{ir.model_type}` ({ir.architecture}) is not a transformer: its layers mix tokens without an "
+            "attention op (a state-space, recurrent or convolutional model); scaler-wizard grows transformer "
+            "language models only",
+            span,
+            help="nothing was written; `scaler-wizard ir` shows what discovery found in its layers",
+        )
+        raise PlanError(st.bag.items)
+
+    def _check_norms_over_heads(self, st: _State) -> None:
+        """SW351: a norm whose elementwise axis spans heads (or kv_heads) computes one statistic over
+        all heads (OLMo-2's q_norm over heads x head_dim); new heads, zero head_dim units or fresh
+        KV heads change that statistic, so no attention growth is exact there."""
+        spanning = [t for t in self.ir.tensors if t.kind in ("norm_weight", "norm_bias") and any(
+            ax.role == "elem" and set(ax.groups()) & {"heads", "kv_heads"} for ax in t.axes)]
+        if not spanning:
+            return
+        for op in st.ops:
+            if op.kind != "widen" or op.group not in ("heads", "kv_heads", "head_dim"):
+                continue
+            hit = [t for t in spanning if op.group == "head_dim" or any(
+                ax.role == "elem" and op.group in ax.groups() for ax in t.axes)]
+            if not hit:
+                continue  # e.g. a k_norm over kv_heads while only query heads grow
+            t = hit[0]
+            over = next(" x ".join(ax.groups()) for ax in t.axes if ax.role == "elem")
+            st.bag.error(
+                "SW351",
+                f"`{op.text.split('  #')[0]}`: `{t.name}` normalises over all heads at once ({over}); growing {op.group} "
+                "would change its statistics, which is not supported yet",
+                op.span,
+                help="widen ffn, insert / duplicate / stack layers and vocab growth leave it unchanged",
+            )
+            return
 
     @staticmethod
     def _noise_unused(kind: str, group: str | None, method: str | None) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from scaler_wizard.ir.config import rope_dicts, rope_type_of
 from scaler_wizard.ir.dims import owner, shape_of
-from scaler_wizard.ir.discovery.graph import ATTN_OPS, _TRIVIAL, _ancestors_of, _base, _float_keys, _layer_of, _param_of
+from scaler_wizard.ir.discovery.graph import ATTN_OPS, _TRIVIAL, _ancestors_of, _base, _float_keys, _layer_of, _weight_of
 from scaler_wizard.ir.model_ir import AttentionInfo, RopeInfo
 from scaler_wizard.ir.trace import Traced, split_layer
 
@@ -80,11 +80,9 @@ def _find_attention(nodes) -> list[Attn]:
 def _linears_feeding(an, ep, target):
     res = []
     for a in _ancestors_of(ep, target) + [target]:
-        if _base(a) in ("linear", "addmm"):
-            w = a.args[1] if _base(a) == "linear" else a.args[2]
-            p = _param_of(an, w)
-            if p:
-                res.append(p)
+        p = _weight_of(an, a)
+        if p:
+            res.append(p)
     return res
 
 
@@ -116,8 +114,8 @@ def _attention(tp: Traced, an: Analysis, cfg, bound, tensors) -> AttentionInfo |
         if u.name in seen:
             continue
         seen.add(u.name)
-        if _base(u) in ("linear", "addmm"):
-            o = _param_of(an, u.args[1] if _base(u) == "linear" else u.args[2])
+        o = _weight_of(an, u)
+        if o:
             break
         stack.extend(u.users)
     t = lambda p: split_layer(p, tp.layer_list_path)[0] if p else None
@@ -173,8 +171,8 @@ def _q_prescale(q, weighted: set[str] | None = None):
         if weighted is not None and n.name not in weighted:
             continue  # cos / sin and other position-only values
         b = _base(n)
-        if b in ("linear", "addmm"):
-            continue
+        if b in ("linear", "addmm", "matmul", "mm"):
+            continue  # the projection (Falcon's x @ W.T is a matmul)
         if b == "mul" and any(isinstance(x, float) for x in n.args):
             f = (f or 1.0) * next(x for x in n.args if isinstance(x, float))
         stack.extend(n.all_input_nodes)

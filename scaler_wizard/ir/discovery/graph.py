@@ -103,3 +103,20 @@ def _deep_atoms(A, a, out=None):
         for p in e[1]:
             _deep_atoms(A, p, out)
     return out
+
+
+def _weight_of(an: Analysis, node) -> str | None:
+    """The parameter a projection op multiplies by: ``linear``'s weight, ``addmm``'s mat2, or a
+    ``matmul`` / ``mm`` operand that is a parameter through views and transposes (Falcon's
+    ``FalconLinear`` computes ``x @ W.T``). None for any other op."""
+    b = _base(node)
+    if b == "linear":
+        return _param_of(an, node.args[1])
+    if b == "addmm":
+        return _param_of(an, node.args[2])
+    if b in ("matmul", "mm"):
+        for x in node.args[:2]:
+            p = _param_of(an, x) if hasattr(x, "name") else None
+            if p:
+                return p
+    return None

@@ -47,7 +47,10 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
         if any(b in ("layer_norm", "native_layer_norm") for b in bases):
             norm_mods.append((m, "layernorm"))
         elif "rsqrt" in bases and any(b in ("mean", "pow") for b in bases):
-            norm_mods.append((m, "rmsnorm"))
+            # x - mean(x) before the rsqrt: a LayerNorm written by hand (Cohere's, without bias)
+            centred = any(b == "sub" and any(hasattr(x, "op") and _base(x) == "mean" for x in n.args[:2])
+                          for n, b in zip(ns, bases))
+            norm_mods.append((m, "layernorm" if centred else "rmsnorm"))
     # residual adds: adds in a layer of two [.., hidden] values where one derives from the other
     anc = _ancestors(ep)
     hid = A.find(an.hidden_atom)
