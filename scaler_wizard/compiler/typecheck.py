@@ -36,6 +36,8 @@ SW350  the model is not a transformer: its layers mix tokens without an attentio
        recurrent or convolutional models such as Mamba and RWKV); nothing is grown
 SW351  a norm normalises over several heads at once (OLMo-2's q/k norms over the whole projection):
        growing heads, kv_heads or head_dim would change its statistics (not supported yet)
+SW352  the layers hold a softmax that discovery does not recognise as attention (Bloom's ALiBi
+       baddbmm): refused, naming the module, rather than grown by guesswork
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
@@ -226,6 +228,16 @@ class TypeChecker:
         if not ops:
             return
         span = ops[0].span
+        unknown = next((n for n in ir.notes if n.startswith("attention not recognised")), None)
+        if unknown is not None:
+            st.bag.error(
+                "SW352",
+                f"`{ir.model_type}` ({ir.architecture}): {unknown}; a model whose attention is not understood "
+                "cannot be grown",
+                span,
+                help="nothing was written; `scaler-wizard ir` shows what discovery found (please report the family)",
+            )
+            raise PlanError(st.bag.items)
         st.bag.error(
             "SW350",
             f"`{ir.model_type}` ({ir.architecture}) is not a transformer: its layers mix tokens without an "

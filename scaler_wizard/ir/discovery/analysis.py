@@ -134,7 +134,15 @@ def analyse(traced: Traced) -> Analysis:
             else:
                 an.name_atom(dv, "v_head_dim")
     if not an.attn_nodes:
-        an.notes.append("no attention op found")
+        # A softmax inside the layers without a recognised attention pattern (Bloom's baddbmm with
+        # ALiBi) is attention discovery does not understand, not the absence of attention.
+        sm = next((n for n in nodes if _base(n) in ("softmax", "_softmax") and _layer_of(traced, owner(n)) is not None),
+                  None)
+        if sm is not None:
+            an.notes.append(f"attention not recognised: the softmax in {owner(sm)} ({op_name(sm)}) is not between "
+                            "q @ k and @ v in a form discovery knows (matmul / bmm / scaled_dot_product_attention)")
+        else:
+            an.notes.append("no attention op found")
 
     # experts: stacked weights indexed by routing ids; router: the linear feeding topk
     an.topk_nodes = [n for n in nodes if _base(n) == "topk"]
