@@ -4,6 +4,7 @@ from its config class defaults, grown by a fixed plan set; each cell exact / app
     .venv/bin/python benchmarks/family_sweep.py                          # all families, all ops
     .venv/bin/python benchmarks/family_sweep.py --families bloom,gptj --ops hidden_tile,ffn_net2net
     .venv/bin/python benchmarks/family_sweep.py --issue-nine --json sweep.json --workers 2 --timeout 900
+    .venv/bin/python benchmarks/family_sweep.py --from-json benchmarks/family_sweep.json --markdown README.md
 
 Prints the family x op table, the counts per category, each crash / refusal / approx cell with its
 reason, the families that could not be built tiny (and why), and the seconds per family; writes
@@ -38,12 +39,19 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", help="print the table of a JSON file written by --json, run nothing")
     ap.add_argument("--build-only", action="store_true",
                     help="only build each family tiny (in this process, 120 s alarm each) and list the failures")
+    ap.add_argument("--markdown", metavar="README",
+                    help="with --from-json: rewrite the family table between the markers of this README")
     a = ap.parse_args(argv)
     if a.build_only:
         return build_only(a)
     if a.from_json:
         result = json.loads(Path(a.from_json).read_text())
         result["counts"] = sweep.counts(result["families"])
+        if a.markdown:
+            p = Path(a.markdown)
+            p.write_text(sweep.readme_with_table(p.read_text(), result))
+            print(f"wrote the family table of {a.from_json} into {p}")
+            return 0
         report(result)
         return 0
     every = sweep.causal_lm_families()

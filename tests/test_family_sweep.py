@@ -14,16 +14,9 @@ from scaler_wizard import sweep
 NINE = ["cohere", "gptj", "phi", "stablelm", "bloom", "falcon", "olmo2", "mamba", "gemma3_text"]
 SUBSET_OPS = ["hidden_tile", "ffn_net2net", "insert_identity"]
 
-# (family, op) -> why it crashes today (measured with transformers 5.24; see the sweep's JSON).
-KNOWN_CRASHES: dict[tuple[str, str], str] = {
-    ("falcon", "insert_identity"): "declared exact, but the parallel attention+MLP block is not zeroed: "
-                                   "verification fails (max rel 0.49)",
-    ("olmo2", "hidden_tile"): "PassError in widen-heads (implied by widen hidden): q_norm spans all heads "
-                              "(axis 0 has role `elem` on heads)",
-    ("mamba", "hidden_tile"): "not a transformer, not refused as one: the landed output fails the sweep's "
-                              "reload-and-run check (AttributeError on LinearAttentionLayer)",
-    ("mamba", "insert_identity"): "as mamba / hidden_tile: the output fails the sweep's reload-and-run check",
-}
+# (family, op) -> why it crashes today (measured with transformers 5.24; see benchmarks/family_sweep.json).
+# Empty since the fixes by kind (FalconLinear's x @ W.T, hand-written LayerNorms, SW350 / SW351 / SW352).
+KNOWN_CRASHES: dict[tuple[str, str], str] = {}
 
 
 def test_every_causal_lm_family_is_enumerated():
@@ -73,3 +66,88 @@ def test_sweep_cell_is_not_a_crash(subset, family, op):
     assert cell["cell"] != "crash", f"{family} / {op}: {cell['reason']}"
     if cell["cell"] == "refused":
         assert cell["reason"].startswith("SW") or "Error" not in cell["reason"][:40], cell["reason"]
+
+
+# ---------------------------------------------------------------- fixes by kind (fast: check / IR only)
+def _tiny(tmp_path_factory, family):
+    d = tmp_path_factory.mktemp(family)
+    sweep.build_tiny(family, d)
+    return str(d)
+
+
+def _refusal(plan, model):
+    from scaler_wizard import api
+    from scaler_wizard.diagnostics import PlanError
+
+    with pytest.raises(PlanError) as e:
+        api.check(plan, model)
+    return e.value.diagnostics[0]
+
+
+def test_state_space_model_is_refused_as_not_a_transformer(tmp_path_factory, tmp_path):
+    from scaler_wizard import api
+    from scaler_wizard.diagnostics import PlanError
+
+    model = _tiny(tmp_path_factory, "mamba")
+    for plan in ("widen hidden x2 tile", "insert layer 1 identity", "widen vocab by 64 mean"):
+        d = _refusal(plan, model)
+        assert d.code == "SW350" and "`mamba` (MambaForCausalLM) is not a transformer" in d.message, d.message
+    out = tmp_path / "out"
+    with pytest.raises(PlanError):
+        api.apply("insert layer 1 identity", model, out=str(out))
+    assert not out.exists()
+
+
+def test_unrecognised_attention_is_refused_naming_the_softmax(tmp_path_factory):
+    # Bloom's ALiBi attention (baddbmm -> softmax -> bmm) is not a form discovery knows: refused
+    # as not understood, not called "not a transformer".
+    d = _refusal("widen ffn x2 net2net", _tiny(tmp_path_factory, "bloom"))
+    assert d.code == "SW352" and "softmax in transformer.h.0.self_attention" in d.message, d.message
+
+
+def test_norm_over_all_heads_refuses_attention_growth(tmp_path_factory):
+    # OLMo-2's q_norm / k_norm normalise the whole projection (heads x head_dim): new heads would
+    # change the statistic. `widen hidden` implies heads growth there, so it is refused too.
+    model = _tiny(tmp_path_factory, "olmo2")
+    d = _refusal("widen hidden x2 tile", model)
+    assert d.code == "SW351" and "q_norm.weight" in d.message and "heads x head_dim" in d.message, d.message
+    d = _refusal("widen kv_heads x2", model)
+    assert d.code == "SW351" and "k_norm.weight" in d.message, d.message
+    from scaler_wizard import api
+
+    api.check("widen ffn x2 net2net\ninsert layer 1 identity", model)  # unaffected ops still pass
+
+
+def test_hand_written_layernorm_without_bias_is_a_layernorm(tmp_path_factory):
+    # Cohere's CohereLayerNorm subtracts the mean before rsqrt (no bias): taken for an RMSNorm, a
+    # non-integer hidden growth was called exact and drifted 6.4e-2.
+    from scaler_wizard import api
+
+    ir = api.ir(_tiny(tmp_path_factory, "cohere"), use_cache=False)
+    assert {n.kind for n in ir.norms} == {"layernorm"} and all(n.bias is None for n in ir.norms)
+
+
+def test_parallel_block_writers_are_discovered_through_matmul(tmp_path_factory):
+    # Falcon's FalconLinear computes x @ W.T; both branches of its parallel attention+MLP block
+    # write the residual, so an identity layer zeroes both.
+    from scaler_wizard import api
+
+    ir = api.ir(_tiny(tmp_path_factory, "falcon"), use_cache=False)
+    assert "transformer.h.{i}.self_attention.dense.weight" in ir.residual.writers
+    assert "transformer.h.{i}.mlp.dense_4h_to_h.weight" in ir.residual.writers
+    assert ir.attention.o == "transformer.h.{i}.self_attention.dense.weight"
+    assert "ffn" in ir.groups
+
+
+def test_readme_family_table_is_generated_from_the_committed_sweep():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "benchmarks" / "family_sweep.json").read_text())
+    readme = (root / "README.md").read_text()
+    assert sweep.readme_with_table(readme, result) == readme, \
+        "README family table is stale: run benchmarks/family_sweep.py --from-json benchmarks/family_sweep.json --markdown README.md"
+    assert "| family |" in readme.split(sweep.README_BEGIN)[1]
+    with pytest.raises(ValueError, match="markers"):
+        sweep.readme_with_table("no markers here", result)

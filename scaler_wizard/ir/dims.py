@@ -605,14 +605,14 @@ def _view(p: Propagator, node, shape):
     return True
 
 
-@rule("transpose", "t", "permute", "swapaxes", "movedim")
+@rule("transpose", "t", "numpy_T", "permute", "swapaxes", "movedim")
 def _permute(p: Propagator, node, shape):
     xa = _t(p, node.args[0])
     if xa is None:
         return None
     n = len(xa)
     name = _op_name(node).split(".")[0]
-    if name == "t":
+    if name in ("t", "numpy_T"):  # numpy_T: `x.T` (FalconLinear), all dims reversed
         perm = list(range(n))[::-1]
     elif name == "permute":
         perm = [d % n for d in node.args[1]]

@@ -41,6 +41,12 @@ SW317  the plan grows the parameters more than 64x (every statement, as ``grow t
 SW320  ``at step`` stage steps do not increase (compiler/stages.py)
 SW321  an ``at step`` stage step outside the training run (1 .. steps - 1)
 SW322  an unknown ``at step`` option or a bad value (``optimizer=carry|reset``, ``rewarm=<steps>``)
+SW350  the model is not a transformer: its layers mix tokens without an attention op (state-space,
+       recurrent or convolutional models such as Mamba and RWKV); nothing is grown
+SW351  a norm normalises over several heads at once (OLMo-2's q/k norms over the whole projection):
+       growing heads, kv_heads or head_dim would change its statistics (not supported yet)
+SW352  the layers hold a softmax that discovery does not recognise as attention (Bloom's ALiBi
+       baddbmm): refused, naming the module, rather than grown by guesswork
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op

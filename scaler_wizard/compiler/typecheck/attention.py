@@ -64,3 +64,29 @@ class AttentionRules:
                 culprit.span if culprit else A.Span(),
                 help="per-frequency rope lists (longrope's short/long factors) grow only with `widen head_dim` by an integer factor",
             )
+
+    def _check_norms_over_heads(self, st: _State) -> None:
+        """SW351: a norm whose elementwise axis spans heads (or kv_heads) computes one statistic over
+        all heads (OLMo-2's q_norm over heads x head_dim); new heads, zero head_dim units or fresh
+        KV heads change that statistic, so no attention growth is exact there."""
+        spanning = [t for t in self.ir.tensors if t.kind in ("norm_weight", "norm_bias") and any(
+            ax.role == "elem" and set(ax.groups()) & {"heads", "kv_heads"} for ax in t.axes)]
+        if not spanning:
+            return
+        for op in st.ops:
+            if op.kind != "widen" or op.group not in ("heads", "kv_heads", "head_dim"):
+                continue
+            hit = [t for t in spanning if op.group == "head_dim" or any(
+                ax.role == "elem" and op.group in ax.groups() for ax in t.axes)]
+            if not hit:
+                continue  # e.g. a k_norm over kv_heads while only query heads grow
+            t = hit[0]
+            over = next(" x ".join(ax.groups()) for ax in t.axes if ax.role == "elem")
+            st.bag.error(
+                "SW351",
+                f"`{op.text.split('  #')[0]}`: `{t.name}` normalises over all heads at once ({over}); growing {op.group} "
+                "would change its statistics, which is not supported yet",
+                op.span,
+                help="widen ffn, insert / duplicate / stack layers and vocab growth leave it unchanged",
+            )
+            return

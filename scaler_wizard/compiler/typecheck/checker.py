@@ -47,6 +47,7 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, DepthRules, MoERule
             layer_map=list(identity_layer_map(ir.num_layers)),
             config=dict(ir.config),
         )
+        self._check_is_transformer(plan, st)
         # Plan-wide settings hold for the whole plan wherever they are written: resolve them first,
         # so that every op sees the final `noise` / `seed` / `dtype`.
         settings = (A.SeedStmt, A.NoiseStmt, A.DtypeStmt)
@@ -60,6 +61,7 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, DepthRules, MoERule
                 head = f"at step {stmt.step.value} {{ ... }}" if isinstance(stmt, A.Stage) else _print_stmt(stmt)
                 bag.error("SW210", f"`{head}` is not supported by this build yet", stmt.span)
         self._plan_wide_noise(st)
+        self._check_norms_over_heads(st)
         self._check_config_invariants(st)
         self._check_rope_lists(st)
         self._layer_summaries(st)
@@ -78,6 +80,37 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, DepthRules, MoERule
             )
         warnings = bag.items
         return self._finish(st, model_ref, tuple(warnings))
+
+    def _check_is_transformer(self, plan: A.Plan, st: _State) -> None:
+        """SW350 (raised at once): discovery found no attention op in the layers, so the growth
+        rules (which are transformer rules: heads, residual writers, norms) do not describe how
+        this model mixes tokens."""
+        ir = self.ir
+        if ir.attention is not None or not ir.num_layers:
+            return
+        ops = [s for s in plan.statements if not isinstance(s, (A.SeedStmt, A.NoiseStmt, A.DtypeStmt, A.ModelStmt))]
+        if not ops:
+            return
+        span = ops[0].span
+        unknown = next((n for n in ir.notes if n.startswith("attention not recognised")), None)
+        if unknown is not None:
+            st.bag.error(
+                "SW352",
+                f"`{ir.model_type}` ({ir.architecture}): {unknown}; a model whose attention is not understood "
+                "cannot be grown",
+                span,
+                help="nothing was written; `scaler-wizard ir` shows what discovery found (please report the family)",
+            )
+            raise PlanError(st.bag.items)
+        st.bag.error(
+            "SW350",
+            f"`{ir.model_type}` ({ir.architecture}) is not a transformer: its layers mix tokens without an "
+            "attention op (a state-space, recurrent or convolutional model); scaler-wizard grows transformer "
+            "language models only",
+            span,
+            help="nothing was written; `scaler-wizard ir` shows what discovery found in its layers",
+        )
+        raise PlanError(st.bag.items)
 
 
 def check_plan(plan: A.Plan, ir: ModelIR, *, model_ref: str, context: int = 2048) -> ResolvedPlan:
