@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scaler_wizard.compiler import methods as M
+from scaler_wizard.compiler.methods.upcycle_targets import UPCYCLE_TARGETS, nearest_supported
 from scaler_wizard.diagnostics import DiagnosticBag, PlanError, suggest
 from scaler_wizard.compiler.predict import costs, identity_layer_map, original_sizes, predict_shapes
 from scaler_wizard.compiler.resolved import (
@@ -66,12 +67,6 @@ MAX_LAYERS = 10_000  # beyond any real model; keeps layer maps small
 MAX_WIDTH = 2**31 - 1  # tensor dimensions above this are not addressable by safetensors readers
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 
-# transformers' MoE family for each dense family that upcycles exactly (top-k renormalised).
-UPCYCLE_TARGETS = {
-    "llama": ("mixtral", "MixtralForCausalLM"),
-    "mistral": ("mixtral", "MixtralForCausalLM"),
-    "qwen3": ("qwen3_moe", "Qwen3MoeForCausalLM"),
-}
 
 
 def groups_summary(ir: ModelIR, sizes: dict[str, int] | None = None, layers: int | None = None) -> str:
@@ -1133,44 +1128,37 @@ class TypeChecker:
                 "SW309",
                 f"no mixture-of-experts family in transformers matches `{self.ir.model_type}` exactly",
                 s.span,
-                help="supported: " + ", ".join(f"{a} -> {b[0]}" for a, b in UPCYCLE_TARGETS.items()),
+                help=nearest_supported(self.ir.model_type),
             )
             return
         cfg = self.ir.config
-        if cfg.get("mlp_bias") or cfg.get("attention_bias"):
+        if cfg.get("mlp_bias") or (cfg.get("attention_bias") and "qkv_bias" not in target.fixed):
             st.bag.error(
                 "SW309",
-                f"`{target[0]}` has no projection biases, but this model uses them",
+                f"`{target.model_type}` has no projection biases, but this model uses them",
                 s.span,
             )
             return
+        drop = opts.get("drop")
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 < drop <= 1):
+            st.bag.error("SW207", f"`drop` must be a fraction in (0, 1], got {drop!r}", s.span,
+                         help="e.g. `drop=0.5` re-initialises half of each expert's FFN units (Drop-Upcycling)")
+            ok = False
         if not ok:
             return
         noise = opts.get("noise", st.noise) or 0
-        exactness = EXACT if not noise else APPROX
-        reason = (
-            f"identical experts with top-{k} weights renormalised to sum to 1 ({target[0]})"
-            if exactness == EXACT
-            else f"noise {noise:g}" + (" (plan-wide)" if "noise" not in opts else "")
-            + " on the expert copies changes each expert: the top-k mixture no longer equals the dense FFN"
-        )
+        exactness = EXACT if not (noise or drop) else APPROX
+        if exactness == EXACT:
+            reason = f"identical experts with top-{k} weights renormalised to sum to 1 ({target.model_type})"
+        elif drop:
+            reason = (f"drop={drop:g}: each expert re-initialises {drop:.0%} of its FFN units (Drop-Upcycling); the "
+                      "experts differ from the dense FFN")
+        else:
+            reason = (f"noise {noise:g}" + (" (plan-wide)" if "noise" not in opts else "")
+                      + " on the expert copies changes each expert: the top-k mixture no longer equals the dense FFN")
         if noise:
             opts = {**opts, "noise": noise}
-        patch = {
-            "model_type": target[0],
-            "architectures": [target[1]],
-        }
-        if target[0] == "mixtral":
-            patch.update(num_local_experts=E, num_experts_per_tok=k)
-        else:
-            patch.update(
-                num_experts=E,
-                num_experts_per_tok=k,
-                norm_topk_prob=True,
-                moe_intermediate_size=st.sizes.get("ffn"),
-                decoder_sparse_step=1,
-                mlp_only_layers=[],
-            )
+        patch = target.config_patch(E, k, st.sizes.get("ffn"))
         st.upcycled = (E, k)
         st.config.update(patch)
         st.ops.append(

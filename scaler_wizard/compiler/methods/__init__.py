@@ -80,5 +80,7 @@ INSERT_OPTIONS = {
 UPCYCLE_OPTIONS = {
     "noise": "noise on expert copies (breaks expert symmetry; makes the op approx)",
     "router": "router initialisation: `zero` (default) or `random`",
+    "drop": "Drop-Upcycling: fraction (0, 1] of each expert's FFN units re-initialised, a different subset per "
+            "expert (approx)",
 }
 DUPLICATE_OPTIONS: dict[str, str] = {}
