@@ -32,10 +32,13 @@ SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=t
 SW316  the grown config would not describe the grown tensors (raised by compiler/conform.py)
 SW317  the plan grows the parameters more than 64x (every statement, as ``grow to``), or applying
        it needs more memory than this machine has
+SW330  LESA cannot decompose this model (fewer than 3 layers, or per-layer tensors that differ)
+SW331  a LESA option out of range (epochs, width, rank, seed)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
 SW604  (warning) a scalar config key can no longer describe the grown per-layer layout
+SW630  (warning) the memory and time a LESA fit needs (per matrix kind, per inserted layer)
 =====  ==================================================================================
 """
 
@@ -952,12 +955,23 @@ class TypeChecker:
             if init == "identity" and noise:
                 old = {id(x) for x in st.layer_map}
                 new_map = [x if id(x) in old else replace(x, noise=float(noise)) for x in new_map]
-        exactness = APPROX if init in (None, "copy") else EXACT
+        exactness = APPROX if init in (None, "copy", "lesa") else EXACT
         reason = (
             "copied layers change the function (SOLAR / G_stack style)"
             if exactness == APPROX
             else f"{init} layers add zero to the residual stream ({self.placement()}-norm)"
         )
+        if kind == "insert":
+            stray = [k for k in M.LESA_OPTIONS if k in opts] if init != "lesa" else []
+            for key in stray:
+                span = next((o.key.span for o in s.options if o.key.name == key), s.span)
+                st.bag.error("SW204", f"`{key}=` has no effect on `{_print_stmt(s)}`: only `lesa` layers fit a predictor",
+                             span, help=f"remove `{key}=`")
+            if init == "lesa":
+                if not self._lesa_check(st, s, opts):
+                    return
+                reason = ("LESA layers are predicted, not identity maps: the function changes (U S f(V_i, V_i+1), "
+                          "norms interpolated)")
         st.layer_map = new_map
         st.ops.append(
             ResolvedOp(
@@ -973,6 +987,48 @@ class TypeChecker:
                 config_patch={self.ir.layers_key: len(new_map)},
             )
         )
+
+    def _lesa_check(self, st: _State, s, opts: dict) -> bool:
+        """LESA's requirements: >= 3 layers, every per-layer matrix kind in every layer with one shape
+        (SW330), options in range (SW331); the fit's memory and time as a warning (SW630)."""
+        from scaler_wizard.compiler.methods import lesa as LE
+        from scaler_wizard.compiler.predict import human
+
+        ok = True
+        for key, lo in (("epochs", 0), ("width", 1), ("rank", 1), ("seed", 0)):
+            v = opts.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+                span = next((o.value.span for o in s.options if o.key.name == key), s.span)
+                st.bag.error("SW331", f"`{key}` must be an integer >= {lo}, got `{v}`", span)
+                ok = False
+        n = self.ir.num_layers
+        if n < 3:
+            st.bag.error("SW330", f"LESA learns its predictor from a layer between two others; this model has {n} "
+                         "layers (needs 3 or more)", s.span, help="use `identity` or `copy` layers instead")
+            return False
+        kinds = []
+        for t in self.ir.tensors:
+            if t.layers is None:
+                continue
+            if tuple(t.layers) != tuple(range(n)):
+                st.bag.error("SW330", f"`{t.name}` exists in layers {list(t.layers)[:6]} only: LESA needs every layer "
+                             "to have the same tensors with the same shapes (per-layer types differ)", s.span,
+                             help="use `identity` or `copy` layers for this family")
+                return False
+            if len(t.shape) == 2:
+                kinds.append(t.shape)
+        if not ok:
+            return False
+        epochs, width, rank = opts.get("epochs", 100), opts.get("width", 64), opts.get("rank")
+        costs_ = [LE.cost(o, i, n, rank, epochs, width) for o, i in kinds]
+        if costs_:
+            peak = max(c["bytes"] for c in costs_)
+            flops = sum(c["flops"] for c in costs_)
+            st.bag.warning("SW630", f"LESA fits {len(costs_)} matrix kinds over {n} layers: peak about "
+                           f"{human(peak, 'B')} (one kind at a time, float64), about {flops / 1e9:,.1f} GFLOP "
+                           f"(~{max(flops / 2e10, 0.1):,.1f} s at 20 GFLOP/s) per inserted layer", s.span,
+                           help="`rank=<r>` bounds the decomposition; `epochs=` the fit")
+        return True
 
     def _source_for_new(self, st: _State, pos: int, opts: dict, span) -> int | None:
         """The old layer seeding a new layer inserted at position ``pos`` of the current map."""

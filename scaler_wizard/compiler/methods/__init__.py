@@ -65,6 +65,8 @@ DEPTH_INITS: dict[str, str] = {
     "zero": "fan-in random, writers zero: exact",
     "cancel": "writers split into paired non-zero halves that sum to zero: exact",
     "copy": "a full copy of the neighbouring layer: approx",
+    "lesa": "LESA: each matrix predicted from all layers' matrices of its kind (SVD + MLP), norms interpolated: "
+            "approx",
 }
 DEPTH_ALIASES = {"id": "identity", "llama-pro": "identity", "duplicate": "copy"}
 
@@ -76,7 +78,12 @@ WIDEN_OPTIONS = {
 INSERT_OPTIONS = {
     "from": "the old layer whose fan-in weights seed the new layer (default: the neighbour before it)",
     "noise": "identity layers only: noise on the copied fan-in weights (exact: the writers are zero)",
+    "epochs": "lesa only: passes of the predictor fit over the training columns (default 100)",
+    "width": "lesa only: hidden units of the predictor MLP (default 64)",
+    "rank": "lesa only: singular triplets kept (default all; randomized SVD when set or when the matrix is large)",
+    "seed": "lesa only: seed of the predictor fit (default: the plan seed)",
 }
+LESA_OPTIONS = ("epochs", "width", "rank", "seed")
 UPCYCLE_OPTIONS = {
     "noise": "noise on expert copies (breaks expert symmetry; makes the op approx)",
     "router": "router initialisation: `zero` (default) or `random`",
