@@ -69,9 +69,11 @@ def check(plan: str, model: str | None = None, *, seed: int | None = None, dtype
     return rp
 
 
-def compile(plan, model: str | None = None, *, seed: int | None = None, dtype: str | None = None, stored=None):
+def compile(plan, model: str | None = None, *, seed: int | None = None, dtype: str | None = None, stored=None,
+            dump_after: str | None = None):
     """Type-check and lower ``plan``: a TensorProgram (no weights read; ``stored`` names the tensors in
-    the checkpoint when known, to pick which member of a tied set is stored)."""
+    the checkpoint when known, to pick which member of a tied set is stored). ``dump_after``: the
+    program as it stands after that lowering pass (not checked against the output config)."""
     from scaler_wizard.compiler.lower import lower
 
     rp = plan if hasattr(plan, "layer_map") else check(plan, model, seed=seed, dtype=dtype)
@@ -82,6 +84,10 @@ def compile(plan, model: str | None = None, *, seed: int | None = None, dtype: s
             stored = set(open_checkpoint(rp.model_ref).names())
         except Exception:
             stored = None
+    if dump_after is not None:
+        prog = lower(rp, stored=stored, dump_after=dump_after)
+        prog.metadata["plan"] = rp.plan_text
+        return prog
     prog = lower(rp, stored=stored)
     # Every output name and shape against the model transformers builds from the config to be
     # written (meta device; cached): a difference is a PlanError before any byte is written.

@@ -1,5 +1,7 @@
 """`scaler-wizard compile PLAN [--model M] -o program.json`: lower a plan to a TensorProgram (JSON).
 
+``--dump-after PASS`` prints the program as it stands after one lowering pass (``widen-ffn``,
+``widen-ffn[1]`` for statement 1's, ``depth``, ``upcycle``; an unknown name lists the plan's passes).
 No weights are read (the model's config is enough). Exit codes: 0 ok, 1 plan / lowering errors,
 2 usage / I-O errors.
 """
@@ -18,13 +20,15 @@ def add_arguments(p) -> None:
     p.add_argument("--model", "-m", help="model (overrides the plan's `model` statement)")
     p.add_argument("-o", "--out", help="write the program here (default: stdout)")
     p.add_argument("--seed", type=seed_arg, help="override the plan's seed")
+    p.add_argument("--dump-after", metavar="PASS",
+                   help="print the program after this lowering pass (e.g. widen-ffn, widen-ffn[1], depth)")
 
 
 def run(args) -> int:
     from scaler_wizard import api
     from scaler_wizard.diagnostics import UsageError
 
-    prog = api.compile(args.plan, args.model, seed=args.seed)
+    prog = api.compile(args.plan, args.model, seed=args.seed, dump_after=args.dump_after)
     text = prog.to_json()
     if args.out:
         try:

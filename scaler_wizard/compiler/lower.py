@@ -1,5 +1,9 @@
 """Lowering: a type-checked plan (:class:`ResolvedPlan`) -> verified surgery passes -> TensorProgram.
 
+The pass manager (:func:`run_passes`) runs each pass's requires / apply / ensures and then one
+shared check (:func:`check_state`); a failure names the pass and its predecessors, and
+``compile --dump-after <pass>`` stops after any pass to show the program as it stands.
+
 The state is ``{concrete tensor name -> program node}`` (initially a ``Load`` of every input tensor),
 the current group sizes and the layer map. Width / upcycle statements become one pass each, in plan
 order; depth statements are folded by the type checker into one final layer map and lowered by a
@@ -15,52 +19,38 @@ checker's ``config_after`` minus what did not change.
 from __future__ import annotations
 
 from scaler_wizard.compiler import program as P
-from scaler_wizard.compiler.passes.base import LowerState, Pass, PassError, initial_state
+from scaler_wizard.diagnostics import UsageError
+from scaler_wizard.compiler.passes.base import LowerState, Pass, PassError, initial_state, predicted_shape
 from scaler_wizard.compiler.passes.depth import Depth
-from scaler_wizard.compiler.passes.upcycle import Upcycle
-from scaler_wizard.compiler.passes.widen_experts import WidenExperts
-from scaler_wizard.compiler.passes.widen_ffn import WidenFFN
-from scaler_wizard.compiler.passes.widen_head_dim import WidenHeadDim
-from scaler_wizard.compiler.passes.widen_heads import WidenHeads
-from scaler_wizard.compiler.passes.widen_hidden import WidenHidden
-from scaler_wizard.compiler.passes.widen_kv_heads import WidenKVHeads
-from scaler_wizard.compiler.passes.widen_vocab import WidenVocab
 from scaler_wizard.compiler.resolved import APPROX, ResolvedPlan
 
-WIDTH_PASSES = {
-    "hidden": WidenHidden,
-    "ffn": WidenFFN,
-    "heads": WidenHeads,
-    "kv_heads": WidenKVHeads,
-    "head_dim": WidenHeadDim,
-    "experts": WidenExperts,  # approx: copies of old experts, router rows copied
-    "vocab": WidenVocab,  # approx: new token rows are the mean row
-}
+__all__ = ["lower", "build_passes", "run_passes", "PassError"]
 
-__all__ = ["lower", "build_passes", "PassError"]
+DEPTH_KINDS = ("insert", "duplicate", "stack")
 
 
 def build_passes(plan: ResolvedPlan) -> list[Pass]:
+    """One pass per width / upcycle statement (the method's :meth:`lowering`), in plan order, then
+    one `depth` pass for the final layer map when it is not the identity."""
     passes: list[Pass] = []
     depth_ops = []
     upcycled = None
     for op in plan.ops:
-        if op.kind == "widen":
-            cls = WIDTH_PASSES.get(op.group)
-            if cls is None:
-                raise PassError(f"widen-{op.group}", f"growing `{op.group}` is not lowered yet",
-                                before=[p.name for p in passes], statement=op.text)
-            if upcycled is not None:
-                raise PassError(cls.name, "width growth after `upcycle` is not supported: put `widen` first",
-                                before=[p.name for p in passes], statement=op.text)
-            passes.append(cls(op))
-        elif op.kind == "upcycle":
-            upcycled = op
-            passes.append(Upcycle(op))
-        elif op.kind in ("insert", "duplicate", "stack"):
+        if op.kind in DEPTH_KINDS:
             depth_ops.append(op)
-        else:
+            continue
+        if op.kind not in ("widen", "upcycle"):
             raise PassError(op.kind, f"unknown op kind `{op.kind}`", before=[p.name for p in passes], statement=op.text)
+        p = op.spec.lowering(op) if op.spec is not None else None
+        if p is None:
+            raise PassError(f"{op.kind}-{op.group}", f"growing `{op.group}` is not lowered yet",
+                            before=[p.name for p in passes], statement=op.text)
+        if op.kind == "widen" and upcycled is not None:
+            raise PassError(p.name, "width growth after `upcycle` is not supported: put `widen` first",
+                            before=[p.name for p in passes], statement=op.text)
+        if op.kind == "upcycle":
+            upcycled = op
+        passes.append(p)
     identity = all(s.init == "original" and s.src == i for i, s in enumerate(plan.layer_map)) and \
         len(plan.layer_map) == plan.ir.num_layers
     if not identity:
@@ -68,13 +58,60 @@ def build_passes(plan: ResolvedPlan) -> list[Pass]:
     return passes
 
 
-def lower(plan: ResolvedPlan, *, stored: set[str] | None = None, input_dtypes: dict[str, str] | None = None) -> P.TensorProgram:
-    """Lower ``plan`` to a TensorProgram. ``stored``: tensor names present in the input checkpoint
-    (chooses which member of a tied set is stored); raises :class:`PassError`."""
-    st = initial_state(plan.ir, plan, stored)
-    for p in build_passes(plan):
+def check_state(p: Pass, st: LowerState) -> None:
+    """The pass manager's check after every pass, whatever the pass's own ``ensures`` does: every
+    tensor built from an IR template has the shape the IR predicts at the current group sizes, every
+    node has a positive shape and a known exactness class. A failure names the pass and the passes
+    before it (:class:`PassError`)."""
+    before = st.done[:-1] if st.done and st.done[-1].split("[")[0] == p.name else st.done
+    fail = lambda msg: PassError(p.name, msg, before=before, statement=p.statement)  # noqa: E731
+    for name, ts in st.tensors.items():
+        if not all(isinstance(d, int) and d > 0 for d in ts.node.shape):
+            raise fail(f"{name}: shape {ts.node.shape} after the pass")
+        if ts.exactness not in P.EXACTNESS:
+            raise fail(f"{name}: exactness `{ts.exactness}` is not one of {', '.join(P.EXACTNESS)}")
+        if ts.info is not None and ts.axes:
+            want = predicted_shape(ts, st.sizes)
+            if tuple(ts.node.shape) != want:
+                raise fail(f"{name}: built shape {ts.node.shape}, predicted {want}")
+
+
+def pass_names(passes: list[Pass]) -> list[str]:
+    """The names ``--dump-after`` accepts: ``widen-ffn[1]`` (the pass of statement 1) and ``depth``."""
+    return [p.name + (f"[{p.op.index}]" if p.op is not None else "") for p in passes]
+
+
+def run_passes(st: LowerState, passes: list[Pass], *, after=None) -> None:
+    """Run ``passes`` in order (requires / apply / ensures, then :func:`check_state`); ``after(p, st)``
+    is called after each (``--dump-after``). Raises :class:`PassError`."""
+    for p in passes:
         p.run(st)
-    return emit(st, plan, input_dtypes=input_dtypes)
+        check_state(p, st)
+        if after is not None and after(p, st):
+            return
+
+
+def lower(plan: ResolvedPlan, *, stored: set[str] | None = None, input_dtypes: dict[str, str] | None = None,
+          dump_after: str | None = None) -> P.TensorProgram:
+    """Lower ``plan`` to a TensorProgram. ``stored``: tensor names present in the input checkpoint
+    (chooses which member of a tied set is stored); ``dump_after``: stop after the pass of that name
+    (``widen-ffn``: the first such pass, ``widen-ffn[1]``: statement 1's, ``depth``) and return the
+    program as it stands then. Raises :class:`PassError`, or :class:`UsageError` for an unknown
+    ``dump_after`` name (the message lists the plan's passes)."""
+    st = initial_state(plan.ir, plan, stored)
+    passes = build_passes(plan)
+    stop = None
+    if dump_after is not None:
+        names = pass_names(passes)
+        stop = next((p for p, n in zip(passes, names) if dump_after in (n, p.name)), None)
+        if stop is None:
+            raise UsageError(f"--dump-after: this plan has no pass `{dump_after}`; its passes: "
+                             + (", ".join(names) or "none (the plan changes nothing)"))
+    run_passes(st, passes, after=(lambda p, _st: p is stop) if stop is not None else None)
+    prog = emit(st, plan, input_dtypes=input_dtypes)
+    if stop is not None:
+        prog.metadata["dumped_after"] = pass_names([stop])[0]
+    return prog
 
 
 def _status(ts) -> str:

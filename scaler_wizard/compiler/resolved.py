@@ -62,6 +62,7 @@ class ResolvedOp:
     options: dict[str, Any] = field(default_factory=dict)
     layer_map: tuple[LayerSource, ...] = ()  # depth ops: the map right after this op
     config_patch: dict[str, Any] = field(default_factory=dict)  # what this op changes in config
+    spec: Any = field(default=None, compare=False, repr=False)  # the typed method (compiler/methods), None if unknown
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ SW206  unknown dtype
 SW207  bad option value
 SW208  no model: the plan has no ``model`` statement and none was given with ``--model``
 SW209  a plan-wide setting (``model``, ``seed``, ``noise``, ``dtype``, ``train``) given twice
+SW210  a statement this build parses but cannot resolve yet (``at step`` stages, ``extend context``)
 SW402  the plan's ``model`` cannot be loaded (missing, unreadable, not available offline)
 SW301  the amount does not give a whole number of units (``x1.3`` of 9 heads)
 SW302  the amount does not grow the group (``to`` a smaller size, ``x1``, ``by 0``)
@@ -47,10 +48,11 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any
 
 from scaler_wizard.compiler import methods as M
-from scaler_wizard.compiler.methods.upcycle_targets import UPCYCLE_TARGETS, nearest_supported
+from scaler_wizard.compiler.methods.upcycle_targets import nearest_supported
 from scaler_wizard.diagnostics import DiagnosticBag, PlanError, suggest
 from scaler_wizard.compiler.predict import costs, identity_layer_map, original_sizes, predict_shapes
 from scaler_wizard.compiler.resolved import (
@@ -70,6 +72,43 @@ MAX_LAYERS = 10_000  # beyond any real model; keeps layer maps small
 MAX_WIDTH = 2**31 - 1  # tensor dimensions above this are not addressable by safetensors readers
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 
+UPCYCLE_TARGETS = M.UPCYCLE_TARGETS  # the one table of target families (compiler/methods/upcycle.py)
+
+
+@dataclass
+class WidenContext:
+    """What a width method's exactness rule sees (:meth:`Method.exactness`): the IR, the statement,
+    the group and its sizes, and facts the group rules derived (``kv``: KV heads at this point;
+    ``note``: RoPE facts for head_dim)."""
+
+    checker: "TypeChecker"
+    st: "_State"
+    stmt: A.WidenStmt
+    group: str
+    old: int
+    new: int
+    kv: int = 0
+    note: str = ""
+
+    @property
+    def ir(self) -> ModelIR:
+        return self.checker.ir
+
+    @property
+    def bag(self) -> DiagnosticBag:
+        return self.st.bag
+
+    @property
+    def placement(self) -> str:
+        return self.checker.placement()
+
+    @property
+    def norm_kinds(self) -> list[str]:
+        return sorted({n.kind for n in self.checker.hidden_norms()}) or ["none"]
+
+    @property
+    def eps_shared_with_other_groups(self) -> list[str]:
+        return self.checker._eps_shared_with_other_groups()
 
 
 def groups_summary(ir: ModelIR, sizes: dict[str, int] | None = None, layers: int | None = None) -> str:
@@ -187,6 +226,9 @@ class TypeChecker:
             handler = getattr(self, "_" + type(stmt).__name__, None)
             if handler is not None:
                 handler(i, stmt, st)
+            else:  # parsed, not resolved yet: one positioned error, never silently skipped
+                head = f"at step {stmt.step.value} {{ ... }}" if isinstance(stmt, A.Stage) else _print_stmt(stmt)
+                bag.error("SW210", f"`{head}` is not supported by this build yet", stmt.span)
         self._plan_wide_noise(st)
         self._check_config_invariants(st)
         self._check_rope_lists(st)
@@ -207,42 +249,9 @@ class TypeChecker:
         warnings = bag.items
         return self._finish(st, model_ref, tuple(warnings))
 
-    @staticmethod
-    def _noise_unused(kind: str, group: str | None, method: str | None) -> str | None:
-        """Why an op would not read `noise` (None: it does). Noise perturbs copies: of units
-        (zero-sum across them, exact), of an identity layer's fan-in (exact), of experts (approx)."""
-        if kind == "widen":
-            why_not = {
-                "kv_heads": "copied key/value heads are read by different query groups, so no zero-sum noise "
-                            "cancels there; it is not applied",
-                "head_dim": "the new head_dim units are zero, not copies",
-                "vocab": "new vocabulary rows are means, not copies",
-            }
-            if group not in ("hidden", "ffn", "heads", "experts"):
-                return why_not.get(group, f"`widen {group}` makes no copies whose symmetry noise could break")
-            if method == "zero":
-                return f"`{method}` adds fresh units, not copies"
-            return None
-        if kind == "insert":
-            return None if method == "identity" else f"`{method}` layers do not copy fan-in weights"
-        if kind == "upcycle":
-            return None
-        return f"`{kind}` copies layers whole"
-
-    @staticmethod
-    def _split_unused(group: str | None, method: str | None) -> str | None:
-        if group not in ("hidden", "ffn", "heads"):
-            return f"`widen {group}` splits no fan-out among copies"
-        if method == "zero":
-            return "`zero` adds fresh units, not copies"
-        return None
-
-    def _unread_options(self, st: _State, s, opts: dict, kind: str, group, method) -> None:
+    def _unread_options(self, st: _State, s, opts: dict, spec: M.Method, group) -> None:
         """Options the op accepts in general but would not read for this group / method / init."""
-        checks = {"noise": self._noise_unused(kind, group, method)}
-        if kind == "widen":
-            checks["split"] = self._split_unused(group, method)
-        for key, why in checks.items():
+        for key, why in spec.unread(group).items():
             if key in opts and why is not None:
                 span = next((o.key.span for o in s.options if o.key.name == key), s.span)
                 st.bag.error("SW204", f"`{key}=` has no effect on `{_print_stmt(s)}`: {why}", span,
@@ -254,7 +263,7 @@ class TypeChecker:
         for op in st.ops:
             if op.kind == "widen" and op.options.get("implied"):
                 continue
-            why = self._noise_unused(op.kind, op.group, op.method)
+            why = op.spec.unread(op.group).get("noise") if op.spec is not None else None
             if why is not None and "noise" not in op.options:
                 st.bag.warning("SW603", f"the plan-wide `noise {st.noise:g}` does not apply to `{op.text}`: {why}",
                                op.span, help="noise applies to widen hidden/ffn/heads/experts (copies), "
@@ -395,40 +404,6 @@ class TypeChecker:
             )
 
     # ------------------------------------------------------------------ helpers
-    def _options(self, st: _State, options, allowed: dict[str, str], what: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for o in options:
-            key = o.key.name
-            if key not in allowed:
-                hint = suggest(key, allowed)
-                known = ", ".join(f"`{k}`" for k in allowed) or "none"
-                if key == "seed":
-                    hint_text = "random choices are seeded plan-wide: write `seed <n>` on its own line; "
-                else:
-                    hint_text = f"did you mean `{hint}`? " if hint else ""
-                st.bag.error(
-                    "SW204",
-                    f"unknown option `{key}` for {what}",
-                    o.key.span,
-                    help=hint_text + f"options of {what}: {known}",
-                )
-                continue
-            out[key] = _opt_value(o.value)
-        noise = out.get("noise")
-        if noise is not None and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0):
-            span = next(o.value.span for o in options if o.key.name == "noise")
-            st.bag.error("SW207", f"`noise` must be a non-negative number, got `{noise}`", span)
-        for key, allowed_values in (("split", ("equal", "random")), ("router", ("zero", "random")),
-                                    ("untie", (True, False, "true", "false"))):
-            value = out.get(key)
-            if value is not None and (value not in allowed_values or isinstance(value, (int, float)) and
-                                      not isinstance(value, bool)):
-                span = next(o.value.span for o in options if o.key.name == key)
-                names = " or ".join(f"`{v}`" for v in allowed_values if isinstance(v, str))
-                st.bag.error("SW207", f"`{key}` must be {names}, got `{value}`", span)
-                out.pop(key)
-        return out
-
     def _group(self, st: _State, ident: A.Ident) -> str | None:
         name = ident.name
         if name in self.ir.groups:
@@ -526,21 +501,22 @@ class TypeChecker:
             method_name = M.DEFAULT_WIDTH_METHOD.get(group, "tile")
             if group == "hidden" and integer_factor:
                 method_name = "tile"
-        opts = self._options(st, s.options, M.WIDEN_OPTIONS, "`widen`")
-        spec = M.WIDTH_METHODS.get(method_name)
-        if spec is None or group not in spec.groups:
+        opts = M.WidthMethod.parse_options(s.options, st.bag)
+        cls = M.WIDTH_METHODS.get(method_name)
+        if cls is None or group not in cls.groups:
             applicable = [m.name for m in M.WIDTH_METHODS.values() if group in m.groups]
-            hint = suggest(method_name, applicable) if spec is None else None
+            hint = suggest(method_name, applicable) if cls is None else None
             st.bag.error(
                 "SW202",
-                f"unknown method `{method_name}`" if spec is None else f"method `{method_name}` does not apply to `{group}`",
+                f"unknown method `{method_name}`" if cls is None else f"method `{method_name}` does not apply to `{group}`",
                 s.method.span if s.method else s.span,
                 help=(f"did you mean `{hint}`? " if hint else "")
                 + f"methods for `{group}`: "
                 + ", ".join(f"`{m}`" for m in applicable),
             )
             return
-        self._unread_options(st, s, opts, "widen", group, method_name)
+        spec = cls.from_options(opts)
+        self._unread_options(st, s, opts, spec, group)
         if new is None:
             return
         if spec.integer_factor_only and not integer_factor:
@@ -552,13 +528,13 @@ class TypeChecker:
                 + (", or `lemon`, which handles any size" if group in ("hidden", "ffn") else ""),
             )
             return
-        exactness, reason = self._widen_exactness(st, s, group, method_name, old, new)
+        exactness, reason = self._widen_exactness(WidenContext(self, st, s, group, old, new), spec)
         if exactness is None:
             return
         patch = self._width_patch(st, s, group, method_name, old, new)
         if patch is None:
             return
-        if opts.get("untie") in (True, "true"):
+        if spec.untie:
             if group != "hidden" or not self.ir.tied:
                 st.bag.error("SW207", "`untie` applies only to `widen hidden` on a model with tied embeddings", s.span)
                 return
@@ -586,6 +562,7 @@ class TypeChecker:
                 method=method_name,
                 options=opts,
                 config_patch=patch,
+                spec=spec,
             )
         )
         self._implied_growth(i, s, st)
@@ -606,7 +583,7 @@ class TypeChecker:
             st.ops.append(ResolvedOp(
                 index=i, kind="widen", span=s.span, text=f"widen {group} to {new} {method}  # implied by `{stmt_text}`",
                 exactness=exactness, reason=reason, group=group, old_size=old, new_size=new, method=method,
-                options={"implied": True}, config_patch=patch,
+                options={"implied": True}, config_patch=patch, spec=M.WIDTH_METHODS[method](),
             ))
 
         for name, g in self.ir.groups.items():
@@ -687,66 +664,33 @@ class TypeChecker:
             return None
         return new
 
-    def _widen_exactness(self, st: _State, s: A.WidenStmt, group: str, method: str, old: int, new: int):
+    def _widen_exactness(self, cx: WidenContext, spec: M.WidthMethod):
+        """The group's rules (GQA, derived sizes, RoPE), then the method's exactness rule."""
         ir = self.ir
-        bag = st.bag
-        if group == "hidden":
-            exactness, reason = self._hidden_exactness(st, s, method, old, new)
+        if cx.group == "hidden":
+            exactness, reason = spec.exactness(cx)
             norms = self.hidden_norms()
-            untie = any(o.key.name == "untie" and getattr(o.value, "value", None) is True for o in s.options)
-            if exactness and ir.tied and not untie and not any(n.placement == "final" and n.weight for n in norms):
-                bag.error(
+            if exactness and ir.tied and not spec.untie and not any(n.placement == "final" and n.weight for n in norms):
+                cx.bag.error(
                     "SW315",
                     "the LM head is tied to the embedding and no final norm gain can absorb the readers' split",
-                    s.span,
+                    cx.stmt.span,
                     help="add `untie=true` (the head gets its own copy; memory grows by vocab x hidden)",
                 )
                 return None, ""
             return exactness, reason
-        return self._other_exactness(st, s, group, method, old, new)
-
-    def _hidden_exactness(self, st: _State, s: A.WidenStmt, method: str, old: int, new: int):
-        bag = st.bag
-        norms = self.hidden_norms()
-        kinds = sorted({n.kind for n in norms}) or ["none"]
-        place = self.placement()
-        r = new % old
-        if method == "tile":
-            return EXACT, f"tiling keeps {'/'.join(kinds)} statistics unchanged ({place}-norm)"
-        # lemon
-        if r == 0:
-            return EXACT, f"integer factor: lemon reduces to tiling ({'/'.join(kinds)}, {place}-norm)"
-        if place == "post" and "layernorm" in kinds:
-            bag.error(
-                "SW306",
-                f"LEMON's LayerNorm residue is exact in Post-LN models only for integer factors ({old} -> {new})",
-                s.amount.span,
-                help=f"this model normalises after the residual add; use `x{max(2, round(new / old))}` (or `to {old * max(2, round(new / old))}`)",
-            )
+        if not self._group_rules(cx):
             return None, ""
-        shared = self._eps_shared_with_other_groups()
-        eta2 = (new // old) * old / new
-        if shared:
-            return (
-                EXACT_EPS,
-                f"eps rescaled by eta^2={eta2:.4g} for the hidden norms, but the same config eps also serves "
-                + ", ".join(shared),
-            )
-        residue = "zero" if set(kinds) <= {"rmsnorm", "rmsnorm_1p"} else "average"
-        return EXACT, f"{residue} residue with gains x eta and eps x eta^2={eta2:.4g}"
+        return spec.exactness(cx)
 
-    def _other_exactness(self, st: _State, s: A.WidenStmt, group: str, method: str, old: int, new: int):
-        ir = self.ir
-        bag = st.bag
-        if group == "ffn":
-            if method == "zero":
-                return EXACT, "new units: random fan-in, zero fan-out (they start learning at once)"
-            return EXACT, "copied units' fan-out splits sum to the original (any elementwise activation, GLU included)"
+    def _group_rules(self, cx: WidenContext) -> bool:
+        """Checks that hold for a group whatever the method (False after an error)."""
+        ir, bag, s, group, old, new, st = self.ir, cx.bag, cx.stmt, cx.group, cx.old, cx.new, cx.st
         if group in ("heads", "kv_heads"):
             att = ir.attention
             if att is None:
                 bag.error("SW312", "this model has no attention heads the compiler understands", s.group.span)
-                return None, ""
+                return False
             if group == "heads" and "head_dim" in ir.groups and ir.groups["head_dim"].config_key is None:
                 g = ir.groups["head_dim"]
                 bag.error(
@@ -755,9 +699,9 @@ class TypeChecker:
                     s.group.span,
                     help="growing heads would change head_dim and every attention score; widen `hidden` by the same factor instead",
                 )
-                return None, ""
+                return False
             heads = st.sizes.get("heads", att.heads)
-            kv = st.sizes.get("kv_heads", att.kv_heads)
+            kv = cx.kv = st.sizes.get("kv_heads", att.kv_heads)
             if group == "heads":
                 if new % kv != 0:
                     lo, hi = (new // kv) * kv, (new // kv + 1) * kv
@@ -768,8 +712,8 @@ class TypeChecker:
                         help=f"grouped-query attention needs heads % kv_heads == 0: try `to {hi}`"
                         + (f" or `to {lo}`" if lo > heads else ""),
                     )
-                    return None, ""
-                return EXACT, f"new query heads placed in their GQA group ({new // kv} per KV head), o_proj {'split' if method == 'dup' else 'zero'}"
+                    return False
+                return True
             # kv_heads
             if new % kv != 0:
                 bag.error(
@@ -778,7 +722,7 @@ class TypeChecker:
                     s.amount.span,
                     help=f"each query head must map to a copy of its old KV head: try `x2` (to {2 * kv})",
                 )
-                return None, ""
+                return False
             if heads % new != 0:
                 bag.error(
                     "SW304",
@@ -786,13 +730,13 @@ class TypeChecker:
                     s.amount.span,
                     help=f"widen `heads` first (to a multiple of {new}), or pick kv_heads dividing {heads}",
                 )
-                return None, ""
-            return EXACT, f"KV heads tiled x{new // kv}; each query head reads a copy of its old KV head"
+                return False
+            return True
         if group == "head_dim":
             att = ir.attention
             if att is None:
                 bag.error("SW312", "this model has no attention head_dim the compiler understands", s.group.span)
-                return None, ""
+                return False
             if ir.groups["head_dim"].config_key is None:
                 g = ir.groups["head_dim"]
                 bag.error(
@@ -800,7 +744,7 @@ class TypeChecker:
                     f"`head_dim` cannot change alone: this model derives it as {g.derived or 'a function of other sizes'}",
                     s.group.span,
                 )
-                return None, ""
+                return False
             if att.rope is not None and new % old != 0:
                 bag.error(
                     "SW307",
@@ -808,25 +752,13 @@ class TypeChecker:
                     s.amount.span,
                     help=f"an integer factor keeps every old frequency (old pair i -> new pair k*i): try `x{max(2, round(new / old))}`",
                 )
-                return None, ""
-            rope_note = ""
+                return False
             if att.rope is not None:
-                rope_note = self._rope_head_dim(st, s, old, new)
-                if rope_note is None:
-                    return None, ""
-            qk_norms = [n for n in ir.norms if n.group == "head_dim"]
-            if att.scaling_source.startswith("config:"):
-                scal = f"softmax scale from {att.scaling_source[7:]} is unchanged"
-            else:
-                scal = "q rows scaled to keep 1/sqrt(head_dim)"
-            if qk_norms:
-                return EXACT_EPS, f"{scal}; q/k norms over head_dim see mean-square / k, so their eps is off by that factor" + rope_note
-            return EXACT, f"new dims zero in q/k/v fan-out; {scal}" + ("; rotary pair i -> k*i" if att.rope else "") + rope_note
-        if group == "vocab":
-            return APPROX, "new token rows change the softmax denominator"
-        if group == "experts":
-            return APPROX, "copied experts and router rows change the routing distribution"
-        return EXACT, ""
+                note = self._rope_head_dim(st, s, old, new)
+                if note is None:
+                    return False
+                cx.note = note
+        return True
 
     def _rope_head_dim(self, st: _State, s: A.WidenStmt, old: int, new: int) -> str | None:
         """head_dim old -> new (an integer factor) under RoPE: None (and an SW307 error) when some old
@@ -913,7 +845,7 @@ class TypeChecker:
 
     # .................................................................. depth
     def _depth_allowed(self, st: _State, init: str, span) -> bool:
-        if init in ("identity", "zero", "cancel") and self.placement() == "post":
+        if M.lookup("layer", init).needs_pre_ln and self.placement() == "post":
             st.bag.error(
                 "SW305",
                 f"`{init}` layers are identity maps only in Pre-LN models; this model normalises after the residual add (Post-LN)",
@@ -948,30 +880,20 @@ class TypeChecker:
             return True
         return False
 
-    def _depth_op(self, i, s, st: _State, kind: str, init: str | None, opts: dict, new_map: list[LayerSource]):
+    def _depth_op(self, i, s, st: _State, kind: str, init: str, opts: dict, new_map: list[LayerSource]):
+        """Record a depth statement: ``init`` names the layer init (`copy` for duplicate / stack)."""
         if kind == "insert":
-            self._unread_options(st, s, opts, "insert", None, init)
+            spec = M.lookup("layer", init).from_options(opts)
+            self._unread_options(st, s, opts, spec, None)
             noise = opts.get("noise", st.noise) or 0.0
-            if init == "identity" and noise:
+            if spec.reads_noise and noise:
                 old = {id(x) for x in st.layer_map}
                 new_map = [x if id(x) in old else replace(x, noise=float(noise)) for x in new_map]
-        exactness = APPROX if init in (None, "copy", "lesa") else EXACT
-        reason = (
-            "copied layers change the function (SOLAR / G_stack style)"
-            if exactness == APPROX
-            else f"{init} layers add zero to the residual stream ({self.placement()}-norm)"
-        )
-        if kind == "insert":
-            stray = [k for k in M.LESA_OPTIONS if k in opts] if init != "lesa" else []
-            for key in stray:
-                span = next((o.key.span for o in s.options if o.key.name == key), s.span)
-                st.bag.error("SW204", f"`{key}=` has no effect on `{_print_stmt(s)}`: only `lesa` layers fit a predictor",
-                             span, help=f"remove `{key}=`")
-            if init == "lesa":
-                if not self._lesa_check(st, s, opts):
-                    return
-                reason = ("LESA layers are predicted, not identity maps: the function changes (U S f(V_i, V_i+1), "
-                          "norms interpolated)")
+            if init == "lesa" and not self._lesa_check(st, s, opts):
+                return
+        else:
+            spec = M.lookup("op", kind).from_options(opts)
+        exactness, reason = spec.exactness(SimpleNamespace(placement=self.placement()))
         st.layer_map = new_map
         st.ops.append(
             ResolvedOp(
@@ -985,6 +907,7 @@ class TypeChecker:
                 options=opts,
                 layer_map=tuple(new_map),
                 config_patch={self.ir.layers_key: len(new_map)},
+                spec=spec,
             )
         )
 
@@ -1047,7 +970,7 @@ class TypeChecker:
 
     def _InsertLayerStmt(self, i, s: A.InsertLayerStmt, st: _State):
         init = self._init(st, s.init)
-        opts = self._options(st, s.options, M.INSERT_OPTIONS, "`insert`")
+        opts = (M.lookup("layer", init) if init else M.LayerInit).parse_options(s.options, st.bag)
         idx = s.index.value
         if not 0 <= idx <= st.depth:
             st.bag.error(
@@ -1069,7 +992,7 @@ class TypeChecker:
 
     def _InsertLayersAfterStmt(self, i, s: A.InsertLayersAfterStmt, st: _State):
         init = self._init(st, s.init)
-        opts = self._options(st, s.options, M.INSERT_OPTIONS, "`insert`")
+        opts = (M.lookup("layer", init) if init else M.LayerInit).parse_options(s.options, st.bag)
         n, after = s.count.value, s.after.value
         ok = True
         if n < 1:
@@ -1094,7 +1017,7 @@ class TypeChecker:
 
     def _InsertEveryStmt(self, i, s: A.InsertEveryStmt, st: _State):
         init = self._init(st, s.init)
-        opts = self._options(st, s.options, M.INSERT_OPTIONS, "`insert`")
+        opts = (M.lookup("layer", init) if init else M.LayerInit).parse_options(s.options, st.bag)
         k = s.every.value
         if not 1 <= k <= st.depth:
             st.bag.error(
@@ -1118,7 +1041,7 @@ class TypeChecker:
         self._depth_op(i, s, st, "insert", init, opts, new_map)
 
     def _DuplicateLayersStmt(self, i, s: A.DuplicateLayersStmt, st: _State):
-        opts = self._options(st, s.options, M.DUPLICATE_OPTIONS, "`duplicate`")
+        opts = M.lookup("op", "duplicate").parse_options(s.options, st.bag)
         a, b = s.start.value, s.stop.value
         if not (0 <= a < b <= st.depth):
             st.bag.error(
@@ -1135,7 +1058,7 @@ class TypeChecker:
         self._depth_op(i, s, st, "duplicate", "copy", opts, new_map)
 
     def _StackStmt(self, i, s: A.StackStmt, st: _State):
-        opts = self._options(st, s.options, M.DUPLICATE_OPTIONS, "`stack`")
+        opts = M.lookup("op", "stack").parse_options(s.options, st.bag)
         k = s.factor.value
         if k < 2:
             st.bag.error("SW302", f"`stack x{k}` does not grow the model", s.factor.span, help="use `stack x2` or more")
@@ -1150,7 +1073,7 @@ class TypeChecker:
     # .................................................................. MoE
     def _UpcycleStmt(self, i, s: A.UpcycleStmt, st: _State):
         group = s.group.name
-        opts = self._options(st, s.options, M.UPCYCLE_OPTIONS, "`upcycle`")
+        opts = M.Upcycle.parse_options(s.options, st.bag)
         if group != "ffn":
             st.bag.error(
                 "SW202",
@@ -1202,16 +1125,10 @@ class TypeChecker:
             ok = False
         if not ok:
             return
+        spec = M.Upcycle.from_options(opts)
         noise = opts.get("noise", st.noise) or 0
-        exactness = EXACT if not (noise or drop) else APPROX
-        if exactness == EXACT:
-            reason = f"identical experts with top-{k} weights renormalised to sum to 1 ({target.model_type})"
-        elif drop:
-            reason = (f"drop={drop:g}: each expert re-initialises {drop:.0%} of its FFN units (Drop-Upcycling); the "
-                      "experts differ from the dense FFN")
-        else:
-            reason = (f"noise {noise:g}" + (" (plan-wide)" if "noise" not in opts else "")
-                      + " on the expert copies changes each expert: the top-k mixture no longer equals the dense FFN")
+        exactness, reason = spec.exactness(SimpleNamespace(noise=noise, plan_wide="noise" not in opts, top_k=k,
+                                                           target=target))
         if noise:
             opts = {**opts, "noise": noise}
         patch = target.config_patch(E, k, st.sizes.get("ffn"))
@@ -1231,6 +1148,7 @@ class TypeChecker:
                 method="copy",
                 options={**opts, "top_k": k},
                 config_patch=patch,
+                spec=spec,
             )
         )
 

@@ -226,3 +226,36 @@ def interpolate(left, right):
     import torch
 
     return (0.5 * (left.to(torch.float64) + right.to(torch.float64))).to(torch.float32)
+
+
+# ------------------------------------------------------------------------------ the layer init
+
+from scaler_wizard.compiler.methods.base import option, register  # noqa: E402
+from scaler_wizard.compiler.methods.layer import LayerInit  # noqa: E402
+from scaler_wizard.compiler.resolved import APPROX  # noqa: E402
+
+
+@register
+@dataclass(frozen=True)
+class Lesa(LayerInit):
+    """`insert ... lesa [epochs=] [width=] [rank=] [seed=]`: the layer init built from the maths above
+    (lowered by the ``depth`` pass into :class:`~scaler_wizard.compiler.program.LesaLayer` nodes).
+    The type checker refuses models with fewer than 3 layers or per-layer tensors that differ (SW330),
+    bad option values (SW331), and reports the fit's memory and time (SW630)."""
+
+    name = "lesa"
+    base = APPROX
+    needs_pre_ln = False  # approx anyway: the new block is not meant to be the identity
+    summary = ("LESA: each matrix predicted from every layer's matrix of its kind (SVD + MLP on the per-layer "
+               "V blocks), norms and biases the neighbours' mean: approx")
+    source = "LESA (Yang et al., ACL 2025)"
+
+    epochs: int | None = option("lesa: passes of the predictor fit over the training columns (default 100)")
+    width: int | None = option("lesa: hidden units of the predictor MLP (default 64)")
+    rank: int | None = option("lesa: singular triplets kept (default all; randomized SVD when set or the matrix is "
+                              "large)")
+    seed: int | None = option("lesa: seed of the predictor fit (default: the plan seed)")
+
+    def exactness(self, cx):
+        return APPROX, ("LESA layers are predicted, not identity maps: the function changes (U S f(V_i, V_i+1), "
+                        "norms interpolated)")

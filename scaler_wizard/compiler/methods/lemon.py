@@ -1,0 +1,50 @@
+"""`lemon`: tiling plus a residue for non-integer factors. The residue units are zero (RMSNorm) or
+the mean (LayerNorm) in the residual stream; norm gains are rescaled by eta = sqrt(k*d/d') and
+their epsilon by eta^2, so every norm's output is unchanged. Exact in Pre-LN models; a LayerNorm
+residue in a Post-LN model is exact only for integer factors (SW306). Where one config epsilon also
+serves norms over other groups it cannot be rescaled for the hidden norms alone: exact-eps.
+Source: LEMON (Wang et al., ICLR 2023)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scaler_wizard.compiler.methods.base import register
+from scaler_wizard.compiler.methods.width import WidthMethod, copy_reason
+from scaler_wizard.compiler.resolved import EXACT, EXACT_EPS
+
+
+@register
+@dataclass(frozen=True)
+class Lemon(WidthMethod):
+    name = "lemon"
+    groups = ("hidden", "ffn")
+    summary = "tile + residue (zero for RMSNorm, mean for LayerNorm) with eta-rescaled norm gains and eps"
+    source = "LEMON (Wang et al., ICLR 2023)"
+
+    def exactness(self, cx):
+        if cx.group != "hidden":
+            return copy_reason(cx)
+        old, new = cx.old, cx.new
+        kinds = cx.norm_kinds
+        if new % old == 0:
+            return EXACT, f"integer factor: lemon reduces to tiling ({'/'.join(kinds)}, {cx.placement}-norm)"
+        if cx.placement == "post" and "layernorm" in kinds:
+            cx.bag.error(
+                "SW306",
+                f"LEMON's LayerNorm residue is exact in Post-LN models only for integer factors ({old} -> {new})",
+                cx.stmt.amount.span,
+                help=f"this model normalises after the residual add; use `x{max(2, round(new / old))}` "
+                     f"(or `to {old * max(2, round(new / old))}`)",
+            )
+            return None, ""
+        shared = cx.eps_shared_with_other_groups
+        eta2 = (new // old) * old / new
+        if shared:
+            return (
+                EXACT_EPS,
+                f"eps rescaled by eta^2={eta2:.4g} for the hidden norms, but the same config eps also serves "
+                + ", ".join(shared),
+            )
+        residue = "zero" if set(kinds) <= {"rmsnorm", "rmsnorm_1p"} else "average"
+        return EXACT, f"{residue} residue with gains x eta and eps x eta^2={eta2:.4g}"
