@@ -8,7 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from families import FAMILIES  # noqa: E402
+from scaler_wizard import api  # noqa: E402
 from scaler_wizard.compiler import rope as R  # noqa: E402
+from scaler_wizard.diagnostics import PlanError  # noqa: E402
 
 
 def _grown(name: str, patch: dict, layers: int = 2):
@@ -129,3 +131,52 @@ def test_table_row_map():
     rows = R.table_row_map(2 + 3, 2 + 5, "interpolate", offset=2)
     assert rows[:2] == [(0, 0, 0.0), (1, 1, 0.0)]
     assert rows[2] == (2, 3, 0.0) and rows[-1][0] + rows[-1][2] == 4  # last position -> last old row
+
+
+# ------------------------------------------------------------------------ the statement, end to end
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from families import build_model
+
+    root = tmp_path_factory.mktemp("ctx")
+    out = {}
+    for fam in ("llama", "gpt2", "opt"):
+        _, m = build_model(fam)
+        m.save_pretrained(root / fam)
+        out[fam] = root / fam
+    return out
+
+
+@pytest.mark.parametrize("family, plan, exactness, key, value", [
+    ("llama", "extend context to 128 dynamic", "exact", "max_position_embeddings", 32),
+    ("llama", "extend context to 128 yarn beta_fast=16", "approx", "max_position_embeddings", 128),
+    ("gpt2", "extend context to 96 copy", "exact", "n_positions", 96),
+    ("opt", "extend context to 96 interpolate", "approx", "max_position_embeddings", 96),
+])
+def test_extend_context_apply(saved, tmp_path, family, plan, exactness, key, value):
+    import json
+
+    res = api.apply(plan, str(saved[family]), out=str(tmp_path / "o"), progress=False)
+    assert res["exactness"] == exactness
+    ver = res["verification"]
+    assert ver["passed"], ver
+    if exactness == "exact":
+        assert ver["judged"] and ver["max_rel"] <= 1e-5
+    else:
+        assert ver["judged"] is False and ver["max_rel"] > 1e-4  # drift measured and reported
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg[key] == value
+
+
+@pytest.mark.parametrize("family, plan, needle", [
+    ("llama", "extend context to 16", "does not extend"),
+    ("llama", "extend context to 128 copy", "learned position table"),
+    ("gpt2", "extend context to 96 yarn", "rescales RoPE"),
+    ("llama", "extend context to 128 llama3 beta_fast=2", "takes no option `beta_fast`"),
+    ("llama", "extend context to 64\nextend context to 128", "twice"),
+])
+def test_extend_context_refusals(saved, family, plan, needle):
+    with pytest.raises(PlanError) as e:
+        api.check(plan, str(saved[family]))
+    text = str(e.value) + " ".join(d.message for d in e.value.diagnostics)
+    assert "SW332" in text and needle in text, text
