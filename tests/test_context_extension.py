@@ -147,6 +147,7 @@ def saved(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # one apply + verification each
 @pytest.mark.parametrize("family, plan, exactness, key, value", [
     ("llama", "extend context to 128 dynamic", "exact", "max_position_embeddings", 32),
     ("llama", "extend context to 128 yarn beta_fast=16", "approx", "max_position_embeddings", 128),

@@ -69,9 +69,8 @@ def test_target_schema_matches_transformers(dense):
             assert tuple(sd[name].shape) == want[part], (name, tuple(sd[name].shape))
 
 
-# llama / mistral / qwen3 -> mixtral / qwen3_moe also run in test_lower and test_disk_names: slow here
-@pytest.mark.parametrize("dense", [pytest.param(d, marks=pytest.mark.slow) if d in ("llama", "mistral", "qwen3") else d
-                                   for d in sorted(UPCYCLE_TARGETS)])
+@pytest.mark.slow  # one apply + verification per pair
+@pytest.mark.parametrize("dense", sorted(UPCYCLE_TARGETS))
 def test_upcycle_pair_is_exact(dense, dense_dirs, tmp_path):
     res = api.apply("upcycle ffn experts 4 top 2", str(dense_dirs[dense]), out=str(tmp_path / "moe"), progress=False)
     assert res["exactness"] == "exact"
@@ -85,6 +84,7 @@ def test_upcycle_pair_is_exact(dense, dense_dirs, tmp_path):
     assert cfg["model_type"] == UPCYCLE_TARGETS[dense].model_type
 
 
+@pytest.mark.slow
 def test_qwen2_keeps_biases_and_tied_head(dense_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -96,6 +96,7 @@ def test_qwen2_keeps_biases_and_tied_head(dense_dirs, tmp_path):
     assert torch.count_nonzero(m.model.layers[0].mlp.shared_expert.down_proj.weight) == 0
 
 
+@pytest.mark.slow
 def test_drop_upcycling_is_approx_and_drops_a_fraction(dense_dirs, tmp_path):
     res = api.apply("upcycle ffn experts 4 top 2 drop=0.5", str(dense_dirs["llama"]), out=str(tmp_path / "moe"),
                     progress=False)
