@@ -37,7 +37,7 @@ def test_every_method_is_a_registered_frozen_dataclass_with_its_facts():
             inst.noise = 1.0  # type: ignore[misc]
         assert inst.optimizer_state_map(None, None) is None  # not derived yet (issue 12)
     assert list(M.WIDTH_METHODS) == ["tile", "lemon", "net2net", "zero", "dup", "mean", "copy"]
-    assert list(M.DEPTH_INITS) == ["identity", "zero", "cancel", "copy"]
+    assert list(M.DEPTH_INITS) == ["identity", "zero", "cancel", "copy", "lesa"]
     assert M.lookup("widen", "hypercloning") is M.WIDTH_METHODS["tile"]
     assert M.lookup("layer", "llama-pro").name == "identity"
     assert M.lookup("widen", "bogus") is None

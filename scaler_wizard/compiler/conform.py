@@ -49,10 +49,12 @@ def program_tensors(prog) -> dict[str, tuple[int, ...]]:
 def predicted_tensors(rp) -> dict[str, tuple[int, ...]] | None:
     """Names and shapes the program will write, predicted from the IR, the grown group sizes and the
     layer map without lowering (the passes' postconditions hold the program to these shapes); tied
-    duplicates are listed too. None when the plan renames tensors (``upcycle``: dense -> experts)."""
+    duplicates are listed too. None when the plan renames tensors (``upcycle``: dense -> experts) or
+    grows a table whose row count no group describes (``extend context`` on OPT's length + 2 rows)."""
     from scaler_wizard.compiler.predict import tensor_shape
 
-    if any(o.kind == "upcycle" for o in rp.ops):
+    if any(o.kind == "upcycle" or (o.kind == "extend" and o.group not in rp.ir.groups and o.group != "context")
+           for o in rp.ops):
         return None
     out: dict[str, tuple[int, ...]] = {}
     for t in rp.ir.tensors:

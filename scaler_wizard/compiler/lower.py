@@ -39,7 +39,7 @@ def build_passes(plan: ResolvedPlan) -> list[Pass]:
         if op.kind in DEPTH_KINDS:
             depth_ops.append(op)
             continue
-        if op.kind not in ("widen", "upcycle"):
+        if op.kind not in ("widen", "upcycle", "extend"):
             raise PassError(op.kind, f"unknown op kind `{op.kind}`", before=[p.name for p in passes], statement=op.text)
         p = op.spec.lowering(op) if op.spec is not None else None
         if p is None:

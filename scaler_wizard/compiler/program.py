@@ -623,10 +623,62 @@ class ZeroSumNoise(Node):
         return out
 
 
+@dataclass(frozen=True, eq=False, repr=False)
+class LesaLayer(Node):
+    """LESA: the matrix of a layer inserted between existing layers ``left`` and ``right``, predicted
+    from all ``xs`` (every layer's matrix of one kind, [out, in] each) by
+    :class:`scaler_wizard.compiler.methods.lesa.KindFit` (SVD of the input-axis concatenation, an MLP
+    fit on the per-layer V blocks, ``U S f(B_left, B_right)``). Deterministic for (inputs, options).
+
+    The fit of one kind is kept on the EvalContext while the same inputs and options come again
+    (one kind at a time: memory stays bounded by one kind's matrices)."""
+
+    xs: tuple[Node, ...]
+    left: int
+    right: int
+    epochs: int = 100
+    width: int = 64
+    seed: int = 0
+    rank: int | None = None
+    norm_weight: float = 0.01
+    lr: float = 1e-3
+    op: ClassVar[str] = "lesa_layer"
+    children_fields: ClassVar[tuple[str, ...]] = ("xs",)
+
+    def _infer(self):
+        from scaler_wizard.compiler.methods.lesa import LesaError, check_shapes
+
+        try:
+            shape = check_shapes([x.shape for x in self.xs])
+            self.options()
+        except LesaError as e:
+            raise ValueError(f"LesaLayer: {e}") from None
+        n = len(self.xs)
+        if not (isinstance(self.left, int) and isinstance(self.right, int) and 0 <= self.left < n and 0 <= self.right < n):
+            raise ValueError(f"LesaLayer: neighbours {self.left}, {self.right} outside 0..{n - 1}")
+        return shape
+
+    def options(self):
+        from scaler_wizard.compiler.methods.lesa import LesaOptions
+
+        return LesaOptions(self.epochs, self.width, self.seed, self.rank, self.norm_weight, self.lr)
+
+    def compute(self, inputs, ctx):
+        from scaler_wizard.compiler.methods.lesa import KindFit
+
+        key = (tuple(c.digest for c in self.xs), self.epochs, self.width, self.seed, self.rank, self.norm_weight,
+               self.lr)
+        memo = getattr(ctx, "_lesa_fit", None)
+        if memo is None or memo[0] != key:
+            memo = (key, KindFit(inputs, self.options()))
+            ctx._lesa_fit = memo
+        return memo[1].layer(self.left, self.right)
+
+
 OPS: dict[str, type[Node]] = {
     cls.op: cls
     for cls in (Load, Slice, Index, Tile, Scale, MulAxis, Mul, Add, Neg, Concat, Reshape, Permute, Cast,
-                Zeros, Full, Random, ZeroSumNoise)
+                Zeros, Full, Random, ZeroSumNoise, LesaLayer)
 }
 
 
@@ -894,6 +946,8 @@ def describe(node: Node, depth: int = 0) -> str:
         idx = list(node.indices[:6])
         more = "..." if len(node.indices) > 6 else ""
         return f"gather({describe(node.x, d)}, axis {node.axis}, {idx}{more})"
+    if isinstance(node, LesaLayer):
+        return f"lesa({len(node.xs)} layers of {describe(node.xs[0], d)}, between {node.left} and {node.right})"
     if isinstance(node, Tile):
         return f"tile({describe(node.x, d)}, axis {node.axis}, x{node.reps})"
     if isinstance(node, Scale):

@@ -41,8 +41,8 @@ from __future__ import annotations
 
 # Registration happens at import; this order is the order of every list users see (help texts).
 from scaler_wizard.compiler.methods import tile, lemon, net2net, zero, dup, mean, copy_experts  # noqa: F401,E401
-from scaler_wizard.compiler.methods import identity, zero_layer, cancel, copy_layer  # noqa: F401,E401
-from scaler_wizard.compiler.methods import stack, duplicate, upcycle, grow_to  # noqa: F401,E401
+from scaler_wizard.compiler.methods import identity, zero_layer, cancel, copy_layer, lesa  # noqa: F401,E401
+from scaler_wizard.compiler.methods import stack, duplicate, upcycle, grow_to, extend_context  # noqa: F401,E401
 from scaler_wizard.compiler.methods.base import REGISTRY, Method, aliases_of, lookup, methods_of, register
 from scaler_wizard.compiler.methods.layer import LayerInit
 from scaler_wizard.compiler.methods.upcycle import UPCYCLE_TARGETS, Upcycle, UpcycleTarget

@@ -7,6 +7,10 @@ New layer j <- LayerSource(src, init):
 * identity: fan-in copied from layer ``src`` (LLaMA Pro), every residual writer (o_proj, down_proj,
   their biases: tensors with an `out` axis on hidden) zero -> the block adds 0 to the stream;
 * zero: fan-in random, norm gains copied, biases and writers zero;
+* lesa: LESA (:mod:`scaler_wizard.compiler.methods.lesa`): each matrix predicted from every old
+  layer's matrix of its kind (SVD + MLP on the per-layer V blocks) between the old layers on either
+  side (after the last layer: the last layer on both sides); vectors (norm gains, biases) the mean of
+  the two neighbours. Approx.
 * cancel: writers non-zero but paired so they cancel: the second half of the FFN units (and of the
   heads, by KV group) copies the first half's fan-in, and their fan-out columns are the negated
   first half's, so the block output is exactly zero. Where units cannot be paired (odd sizes) the
@@ -40,7 +44,7 @@ class Depth(Pass):
         for j, s in enumerate(self.layer_map):
             if not 0 <= s.src < n:
                 raise self.fail(st, f"new layer {j} comes from old layer {s.src}, outside 0..{n - 1}")
-            if s.init not in ("original", "copy", "identity", "zero", "cancel"):
+            if s.init not in ("original", "copy", "identity", "zero", "cancel", "lesa"):
                 raise self.fail(st, f"unknown layer init `{s.init}`")
             if s.init in ("identity", "zero", "cancel") and st.ir.residual.placement == "post":
                 raise self.fail(st, f"`{s.init}` layers need a Pre-LN model (SW305)")
@@ -58,6 +62,7 @@ class Depth(Pass):
                 by_layer.setdefault(sp[0], []).append((sp[1], name, ts))
         new: dict[str, TState] = dict(globals_)
         std = st.init_std()
+        lesa_opts = _lesa_options(self.ops, st.plan.seed)
         for j, s in enumerate(self.layer_map):
             noise = float(s.noise or 0.0)  # per new layer: the op that made it (or the plan-wide noise)
             for suffix, old_name, ts in by_layer.get(s.src, []):
@@ -71,6 +76,13 @@ class Depth(Pass):
                     new[name] = nt
                     continue
                 nt = TState(node, ts.info, j, ts.axes, ts.source, True, None, ts.exactness, list(ts.notes), ts.writer, True)
+                if init == "lesa":
+                    right = _right_neighbour(self.layer_map, j, s.src)
+                    nt.node, text = _lesa(by_layer, suffix, node, s.src, right, lesa_opts, st.ir.num_layers)
+                    nt.notes.append(f"new layer {j} (lesa): {text}")
+                    nt.exactness = APPROX
+                    new[name] = nt
+                    continue
                 if init == "copy":
                     nt.notes.append(f"new layer {j}: copy of old layer {s.src} (approx)")
                     nt.exactness = APPROX
@@ -166,3 +178,42 @@ def _cancel(st: LowerState, ts: TState, node):
     if ts.writer:
         return P.Zeros(node.shape), "writer zero"
     return node, "copied"
+
+
+def _lesa_options(ops, seed) -> dict:
+    """The LESA fit options of the plan's `... lesa k=v` statements (the first statement that sets a
+    key wins); the seed defaults to the plan seed."""
+    out: dict = {}
+    for o in ops:
+        if getattr(o, "method", None) == "lesa":
+            for k in ("epochs", "width", "seed", "rank"):
+                if k in o.options and k not in out:
+                    out[k] = o.options[k]
+    out.setdefault("seed", int(seed or 0))
+    return out
+
+
+def _right_neighbour(layer_map, j: int, left: int) -> int:
+    """The old layer after new layer j (the next original layer in the map; ``left`` at the end)."""
+    for s in layer_map[j + 1:]:
+        if s.init == "original":
+            return s.src
+    return left
+
+
+def _lesa(by_layer, suffix: str, node, left: int, right: int, opts: dict, n_old: int):
+    """One tensor of a LESA layer: matrices predicted from every old layer's matrix of this kind;
+    vectors (norm gains, biases) the neighbours' mean."""
+    same = {}
+    for layer, items in by_layer.items():
+        for suf, _, ts in items:
+            if suf == suffix:
+                same[layer] = ts.node
+    if len(node.shape) == 2 and len(same) == n_old:
+        xs = tuple(same[i] for i in range(n_old))
+        return (P.LesaLayer(xs, left, right, **opts),
+                f"{suffix} predicted by LESA from {n_old} layers between old layers {left} and {right}")
+    a, b = same.get(left, node), same.get(right, node)
+    if a is b:
+        return a, f"{suffix} copied from old layer {left}"
+    return P.Scale(P.Add(a, b), 0.5), f"{suffix}: mean of old layers {left} and {right}"

@@ -2,7 +2,7 @@
 
 Split by concept: ``checker`` (entry, IR facts), ``settings`` (plan-wide settings, shared options),
 ``width`` (widen), ``attention`` (RoPE / head_dim), ``depth`` (insert, duplicate, stack, layer arrays),
-``moe`` (upcycle), ``grow`` (grow to, size policy), ``result`` (costs, the resolved plan), ``state``.
+``context`` (extend context), ``moe`` (upcycle), ``grow`` (grow to, size policy), ``result`` (costs, the resolved plan), ``state``.
 Growth methods themselves (options, exactness rules, lowering) are modules of ``compiler/methods``.
 
 Every problem of the plan is collected (not just the first) and raised together as a
@@ -18,7 +18,7 @@ SW206  unknown dtype
 SW207  bad option value
 SW208  no model: the plan has no ``model`` statement and none was given with ``--model``
 SW209  a plan-wide setting (``model``, ``seed``, ``noise``, ``dtype``, ``train``) given twice
-SW210  a statement this build parses but cannot resolve yet (``at step`` stages, ``extend context``)
+SW210  a statement this build parses but cannot resolve yet (``at step`` stages outside ``train --plan``)
 SW402  the plan's ``model`` cannot be loaded (missing, unreadable, not available offline)
 SW301  the amount does not give a whole number of units (``x1.3`` of 9 heads)
 SW302  the amount does not grow the group (``to`` a smaller size, ``x1``, ``by 0``)
@@ -41,6 +41,10 @@ SW317  the plan grows the parameters more than 64x (every statement, as ``grow t
 SW320  ``at step`` stage steps do not increase (compiler/stages.py)
 SW321  an ``at step`` stage step outside the training run (1 .. steps - 1)
 SW322  an unknown ``at step`` option or a bad value (``optimizer=carry|reset``, ``rewarm=<steps>``)
+SW330  LESA cannot decompose this model (fewer than 3 layers, or per-layer tensors that differ)
+SW331  a LESA option out of range (epochs, width, rank, seed)
+SW332  ``extend context`` cannot be expressed for this model (method, options, already scaled RoPE,
+       not longer, no RoPE or learned position table)
 SW350  the model is not a transformer: its layers mix tokens without an attention op (state-space,
        recurrent or convolutional models such as Mamba and RWKV); nothing is grown
 SW351  a norm normalises over several heads at once (OLMo-2's q/k norms over the whole projection):
@@ -52,6 +56,7 @@ SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
 SW604  (warning) a scalar config key can no longer describe the grown per-layer layout
 SW620  (warning) an ``at step`` stage without growth statements
+SW630  (warning) the memory and time a LESA fit needs (per matrix kind, per inserted layer)
 =====  ==================================================================================
 """
 

@@ -11,6 +11,7 @@ from scaler_wizard.grammar.printer import statement_text as _print_stmt
 from scaler_wizard.ir.model_ir import ModelIR
 from scaler_wizard.compiler.typecheck.state import _State
 from scaler_wizard.compiler.typecheck.attention import AttentionRules
+from scaler_wizard.compiler.typecheck.context import ContextRules
 from scaler_wizard.compiler.typecheck.depth import DepthRules
 from scaler_wizard.compiler.typecheck.grow import GrowRules
 from scaler_wizard.compiler.typecheck.moe import MoERules
@@ -19,7 +20,8 @@ from scaler_wizard.compiler.typecheck.settings import SettingsRules
 from scaler_wizard.compiler.typecheck.width import WidthRules
 
 
-class TypeChecker(SettingsRules, WidthRules, AttentionRules, DepthRules, MoERules, GrowRules, ResultRules):
+class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, DepthRules, MoERules, GrowRules,
+                  ResultRules):
     """Statements are dispatched to ``_<AST class name>`` handlers of the mixins; every problem is
     collected on a :class:`DiagnosticBag` and raised together."""
 

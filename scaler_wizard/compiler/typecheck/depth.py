@@ -62,6 +62,8 @@ class DepthRules:
             if spec.reads_noise and noise:
                 old = {id(x) for x in st.layer_map}
                 new_map = [x if id(x) in old else replace(x, noise=float(noise)) for x in new_map]
+            if init == "lesa" and not self._lesa_check(st, s, opts):
+                return
         else:
             spec = M.lookup("op", kind).from_options(opts)
         exactness, reason = spec.exactness(SimpleNamespace(placement=self.placement()))
@@ -82,6 +84,48 @@ class DepthRules:
             )
         )
 
+    def _lesa_check(self, st: _State, s, opts: dict) -> bool:
+        """LESA's requirements: >= 3 layers, every per-layer matrix kind in every layer with one shape
+        (SW330), options in range (SW331); the fit's memory and time as a warning (SW630)."""
+        from scaler_wizard.compiler.methods import lesa as LE
+        from scaler_wizard.compiler.predict import human
+
+        ok = True
+        for key, lo in (("epochs", 0), ("width", 1), ("rank", 1), ("seed", 0)):
+            v = opts.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+                span = next((o.value.span for o in s.options if o.key.name == key), s.span)
+                st.bag.error("SW331", f"`{key}` must be an integer >= {lo}, got `{v}`", span)
+                ok = False
+        n = self.ir.num_layers
+        if n < 3:
+            st.bag.error("SW330", f"LESA learns its predictor from a layer between two others; this model has {n} "
+                         "layers (needs 3 or more)", s.span, help="use `identity` or `copy` layers instead")
+            return False
+        kinds = []
+        for t in self.ir.tensors:
+            if t.layers is None:
+                continue
+            if tuple(t.layers) != tuple(range(n)):
+                st.bag.error("SW330", f"`{t.name}` exists in layers {list(t.layers)[:6]} only: LESA needs every layer "
+                             "to have the same tensors with the same shapes (per-layer types differ)", s.span,
+                             help="use `identity` or `copy` layers for this family")
+                return False
+            if len(t.shape) == 2:
+                kinds.append(t.shape)
+        if not ok:
+            return False
+        epochs, width, rank = opts.get("epochs", 100), opts.get("width", 64), opts.get("rank")
+        costs_ = [LE.cost(o, i, n, rank, epochs, width) for o, i in kinds]
+        if costs_:
+            peak = max(c["bytes"] for c in costs_)
+            flops = sum(c["flops"] for c in costs_)
+            st.bag.warning("SW630", f"LESA fits {len(costs_)} matrix kinds over {n} layers: peak about "
+                           f"{human(peak, 'B')} (one kind at a time, float64), about {flops / 1e9:,.1f} GFLOP "
+                           f"(~{max(flops / 2e10, 0.1):,.1f} s at 20 GFLOP/s) per inserted layer", s.span,
+                           help="`rank=<r>` bounds the decomposition; `epochs=` the fit")
+        return True
+
     def _source_for_new(self, st: _State, pos: int, opts: dict, span) -> int | None:
         """The old layer seeding a new layer inserted at position ``pos`` of the current map."""
         src = opts.get("from")
@@ -99,7 +143,7 @@ class DepthRules:
 
     def _InsertLayerStmt(self, i, s: A.InsertLayerStmt, st: _State):
         init = self._init(st, s.init)
-        opts = M.LayerInit.parse_options(s.options, st.bag)
+        opts = (M.lookup("layer", init) if init else M.LayerInit).parse_options(s.options, st.bag)
         idx = s.index.value
         if not 0 <= idx <= st.depth:
             st.bag.error(
@@ -121,7 +165,7 @@ class DepthRules:
 
     def _InsertLayersAfterStmt(self, i, s: A.InsertLayersAfterStmt, st: _State):
         init = self._init(st, s.init)
-        opts = M.LayerInit.parse_options(s.options, st.bag)
+        opts = (M.lookup("layer", init) if init else M.LayerInit).parse_options(s.options, st.bag)
         n, after = s.count.value, s.after.value
         ok = True
         if n < 1:
@@ -146,7 +190,7 @@ class DepthRules:
 
     def _InsertEveryStmt(self, i, s: A.InsertEveryStmt, st: _State):
         init = self._init(st, s.init)
-        opts = M.LayerInit.parse_options(s.options, st.bag)
+        opts = (M.lookup("layer", init) if init else M.LayerInit).parse_options(s.options, st.bag)
         k = s.every.value
         if not 1 <= k <= st.depth:
             st.bag.error(

@@ -6,6 +6,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 from scaler_wizard.compiler import methods as M
+from scaler_wizard.compiler.methods.upcycle_targets import nearest_supported
 from scaler_wizard.compiler.resolved import ResolvedOp
 from scaler_wizard.grammar import ast as A
 from scaler_wizard.grammar.printer import statement_text as _print_stmt
@@ -51,17 +52,22 @@ class MoERules:
                 "SW309",
                 f"no mixture-of-experts family in transformers matches `{self.ir.model_type}` exactly",
                 s.span,
-                help="supported: " + ", ".join(f"{a} -> {b.model_type}" for a, b in UPCYCLE_TARGETS.items()),
+                help=nearest_supported(self.ir.model_type),
             )
             return
         cfg = self.ir.config
-        if cfg.get("mlp_bias") or cfg.get("attention_bias"):
+        if cfg.get("mlp_bias") or (cfg.get("attention_bias") and "qkv_bias" not in target.fixed):
             st.bag.error(
                 "SW309",
                 f"`{target.model_type}` has no projection biases, but this model uses them",
                 s.span,
             )
             return
+        drop = opts.get("drop")
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 < drop <= 1):
+            st.bag.error("SW207", f"`drop` must be a fraction in (0, 1], got {drop!r}", s.span,
+                         help="e.g. `drop=0.5` re-initialises half of each expert's FFN units (Drop-Upcycling)")
+            ok = False
         if not ok:
             return
         spec = replace(M.Upcycle.from_options(opts), target=target)
