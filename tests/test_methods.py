@@ -215,9 +215,10 @@ def test_upcycle_target_table_matches_transformers(dense):
         model = AutoModelForCausalLM.from_config(built)
     assert type(model).__name__ == t.architecture
     sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert sd[f"model.layers.0.{t.gate_up}"] == (4, 64, 16)  # (E, 2F, H): the pass writes [gate; up]
-    assert sd[f"model.layers.0.{t.down}"] == (4, 16, 32)
-    assert sd[f"model.layers.0.{t.router}"] == (4, 16)
+    names = t.names("model.layers", 0)
+    assert sd[names["gate_up"]] == (4, 64, 16)  # (E, 2F, H): the pass writes [gate; up]
+    assert sd[names["down"]] == (4, 16, 32)
+    assert sd[names["router"]] == (4, 16)
 
 
 def test_readme_method_table_is_the_registry():
