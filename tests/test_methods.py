@@ -166,7 +166,6 @@ def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "scaler_wizard", *args], capture_output=True, text=True, cwd=cwd)
 
 
-@pytest.mark.slow  # three CLI processes (~20 s)
 def test_compile_dump_after(tmp_path):
     from families import FAMILIES
 
