@@ -15,11 +15,16 @@ L = layers, V = vocabulary, P = parameters):
   ZeRO-1: 4 + 4 + 8/N; ZeRO-2 and ZeRO-3 (with and without CPU offload): DeepSpeed's own estimators
   ``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``
   (deepspeed.runtime.zero), which work from parameter counts alone.
-* activations per layer (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-  Transformer Models", sec. 4.1, 16-bit activations, attention scores not stored as SDPA/flash
-  kernels keep none): attention 11 SBh, gated MLP 2 SBh + 8 SBf, two norms 4 SBh; logits and the
-  loss 10 SBV. Gradient checkpointing keeps 2 SBh per layer plus one layer's full set. fp32
-  activations (``precision = fp32``, CPU) take twice as many bytes.
+* activations per layer: the tensors autograd keeps for the backward pass of a Hugging Face
+  decoder layer with SDPA attention (no score matrix): the two norms' inputs and normalised outputs,
+  q/k/v and their rotary copies, the attention output, the o/down projection inputs (about 16 SBh
+  elements) and the MLP's gate, activation, up and product outputs (4 SBf, plus one SBf transient
+  in the backward). Elements are 2 bytes under bf16/fp16 autocast, 4 in fp32. Logits, their fp32
+  log-softmax and its gradient: 3 SBV fp32 values (12 SBV bytes). This is Korthikanti et al. 2022
+  ("Reducing Activation Recomputation in Large Transformer Models", sec. 4.1: 34 SBh + 5 aS^2B
+  bytes per layer for a GPT with fused kernels) redone for eager Hugging Face modules, and it is
+  checked against measured peak RSS (tests/test_hardware.py). Gradient checkpointing keeps each
+  layer's input (1 SBh element per layer) plus one layer's full set.
 * LoRA: the frozen base in fp32 (4 B/param) plus 16 B per adapter parameter, r (in + out) per
   adapted matrix of the q, k, v, o, gate, up, down roles.
 
@@ -146,12 +151,12 @@ def shape_of(rp) -> ModelShape:
 
 
 def activation_bytes(s: ModelShape, micro_batch: int, seq: int, *, checkpointing: bool, fp32: bool) -> int:
-    """Peak activation memory of one forward/backward (see the module docstring)."""
+    """Peak activation memory of one forward/backward in bytes (see the module docstring)."""
     sbh, sbf = seq * micro_batch * s.hidden, seq * micro_batch * s.ffn
-    layer = 11 * sbh + 2 * sbh + 8 * sbf + 4 * sbh
-    total = (2 * sbh * s.layers + layer) if checkpointing else layer * s.layers
-    total += 10 * seq * micro_batch * s.vocab
-    return int(total * (2 if fp32 else 1))
+    elem = 4 if fp32 else 2
+    layer = elem * (16 * sbh + 5 * sbf)
+    total = (elem * sbh * s.layers + layer) if checkpointing else layer * s.layers
+    return int(total + 12 * seq * micro_batch * s.vocab)
 
 
 def _deepspeed_estimators():
