@@ -116,3 +116,37 @@ def test_bad_lora_options_are_exit_2(tiny, grown, corpus, tmp_path, capsys):
     assert "`lora_targets` must be a comma list" in capsys.readouterr().err
     assert cli(base + ["--lora-r", "-1"]) == 2
     assert "`lora_r` must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_distill_lora_tensorboard_under_two_process_ddp(grown, tiny, corpus, tmp_path):
+    """Two CPU ranks (torchrun, gloo): distillation from the original, LoRA with the new layer trained
+    fully, TensorBoard; both ranks end with the same weights (adapters included)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "scaler_wizard", "train", str(grown), "--data", str(corpus), "-o", str(run), "--steps", "3",
+           "--batch-size", "2", "--seq-len", "32", "--eval-blocks", "2", "--lr", "1e-2", "--no-progress",
+           "--dump-rank-weights", "--teacher", str(tiny), "--lora-r", "4", "--report-to", "tensorboard"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"no result in 600 s\n{out[-3000:]}{err[-6000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-6000:]
+    r0 = load_file(str(run / "rank-weights" / "rank0.safetensors"))
+    r1 = load_file(str(run / "rank-weights" / "rank1.safetensors"))
+    assert r0.keys() == r1.keys() and any(".lora_A." in k for k in r0)
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["world_size"] == 2 and all("distill_loss" in r for r in recs if r.get("event") is None)
+    assert list((run / "tb").rglob("events.out.tfevents.*"))
+    assert (run / "final" / "model.safetensors").is_file()

@@ -36,8 +36,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from scaler_wizard import api
+    from scaler_wizard.runtime.hardware import apply_memory_line
 
-    res = api.apply(args.plan, args.model, out=args.out, force=args.force, allow_bin=args.allow_bin,
+    rp = api.check(args.plan, args.model, seed=args.seed, dtype=args.dtype)
+    sys.stderr.write(apply_memory_line(rp, verify=not args.no_verify) + "\n")  # before any work
+    res = api.apply(rp, args.model, out=args.out, force=args.force, allow_bin=args.allow_bin,
                     seed=args.seed, dtype=args.dtype, progress=not args.no_progress, verify=not args.no_verify,
                     shard_size=args.shard_size, keep_failed=args.keep_failed)
     rep, ver = res["report"], res["verification"]

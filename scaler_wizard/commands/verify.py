@@ -41,6 +41,11 @@ def run(args) -> int:
         raise UsageError(f"{args.out}: not a model directory (no config.json)")
     check_model(args.out, flag="OUT")
     check_model(args.against, flag="--against")
+    from scaler_wizard.runtime.hardware import verify_memory_line
+
+    line = verify_memory_line(args.out, args.against)
+    if line:
+        sys.stderr.write(line + "\n")  # before any work
     texts = None
     if args.texts:
         from scaler_wizard.runtime.data import check_text_file

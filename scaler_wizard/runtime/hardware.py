@@ -275,3 +275,80 @@ def launch_line(st: Setup) -> str:
         (" --offload" if st.offload else "") + " -o cfg"
     return f"{cfg} && accelerate launch --config_file cfg/accelerate_{st.emit}.yaml -m scaler_wizard train " \
         f"MODEL_DIR --data ... -o RUN_DIR {flags}".rstrip()
+
+
+# --------------------------------------------------------------------------- apply / verify
+def _human(b: int) -> str:
+    from scaler_wizard.compiler.predict import human
+
+    return human(b, "B")
+
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _layer_split(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+    """(largest decoder layer's elements, elements outside the layers) of a set of tensor shapes."""
+    per: dict[int, int] = {}
+    rest = 0
+    for name, shape in shapes.items():
+        n = 1
+        for d in shape:
+            n *= d
+        m = _LAYER.search(name)
+        if m:
+            per[int(m.group(1))] = per.get(int(m.group(1)), 0) + n
+        else:
+            rest += n
+    return max(per.values(), default=0), rest
+
+
+def verify_bytes(shapes_a: dict, shapes_b: dict, vocab: int, *, n_seqs: int = 4, seq_len: int = 32) -> int:
+    """Layer-wise verification (runtime/verify.py): one decoder layer plus the tensors outside the
+    layers (embeddings, head, final norm) of the larger model in fp32, and both models' fp32 logits
+    of ``n_seqs`` x ``seq_len`` tokens (and the padded/KV-cache batches: x4)."""
+    la, ra = _layer_split(shapes_a)
+    lb, rb = _layer_split(shapes_b)
+    return 4 * (max(la, lb) + max(ra, rb)) + 2 * 4 * 4 * n_seqs * seq_len * vocab
+
+
+def apply_memory_line(rp, verify: bool) -> str:
+    """One line: what ``apply`` will hold (streaming: 3 x the largest tensor in fp32; then the
+    layer-wise verification)."""
+    line = f"apply: needs about {_human(rp.costs_after.apply_peak_bytes)} to write (3 x the largest tensor in fp32)"
+    if verify:
+        ir, sizes = rp.ir, rp.sizes_after
+        from scaler_wizard.compiler.predict import predict_shapes
+
+        after = {}
+        for t in predict_shapes(ir, sizes, rp.layer_map):
+            for i in range(t.count):
+                after[t.name.replace("{i}", str(i))] = t.shape
+        before = {n: t.shape for t in ir.tensors for n in t.names()}
+        vocab = int(sizes.get("vocab", ir.groups["vocab"].size if "vocab" in ir.groups else 0))
+        line += f", about {_human(verify_bytes(before, after, vocab))} to verify (one layer at a time, fp32)"
+    return line
+
+
+def verify_memory_line(out_dir: str, against: str) -> str | None:
+    """One line for ``verify``: the estimate from both checkpoints' headers (None when unreadable)."""
+    from scaler_wizard.runtime.checkpoint import CheckpointError, open_checkpoint
+
+    shapes = []
+    try:
+        for ref in (out_dir, against):
+            r = open_checkpoint(ref)
+            try:
+                shapes.append({n: tuple(r.shape(n)) for n in r.names()})
+            finally:
+                r.close()
+    except (CheckpointError, OSError, ValueError):
+        return None
+    import json
+    from pathlib import Path
+
+    try:
+        vocab = int(json.loads((Path(out_dir) / "config.json").read_text()).get("vocab_size") or 0)
+    except (OSError, ValueError):
+        vocab = 0
+    return f"verify: needs about {_human(verify_bytes(shapes[0], shapes[1], vocab))} (one layer at a time, fp32)"
