@@ -84,12 +84,25 @@ def run(args) -> int:
     return status
 
 
+def rp_has_train(resolved) -> bool:
+    return bool(getattr(resolved, "train", None))
+
+
 def _training_memory(path, resolved, hw, show_all: bool) -> dict:
     """The LoRA memory line (when the plan's recipe uses LoRA) and the hardware table (with --hardware)."""
-    out: dict = {"text": "", "json": {}, "warnings": []}
+    from scaler_wizard.diagnostics import UsageError
     from scaler_wizard.runtime.recipe import recipe_from_plan
 
-    recipe = recipe_from_plan(path)
+    out: dict = {"text": "", "json": {}, "warnings": []}
+
+    if hw is None and not rp_has_train(resolved):
+        return out
+    try:
+        recipe = recipe_from_plan(path)
+    except UsageError:
+        if hw is None:  # the LoRA line is extra: a recipe problem is for `train` to report
+            return out
+        raise
     if not recipe.lora_r and hw is None:
         return out
     from scaler_wizard.runtime import hardware as H

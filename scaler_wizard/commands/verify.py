@@ -44,8 +44,9 @@ def run(args) -> int:
     from scaler_wizard.runtime.hardware import verify_memory_line
 
     line = verify_memory_line(args.out, args.against)
-    if line:
-        sys.stderr.write(line + "\n")  # before any work
+    if line and args.format == "text":
+        sys.stdout.write(line + "\n")  # before any work
+        sys.stdout.flush()
     texts = None
     if args.texts:
         from scaler_wizard.runtime.data import check_text_file
