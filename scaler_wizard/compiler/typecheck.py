@@ -36,6 +36,8 @@ SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
 SW604  (warning) a scalar config key can no longer describe the grown per-layer layout
+SW640  (warning) ``check --hardware``: no training setup fits the devices (says what would;
+       emitted by commands/check.py from runtime/hardware.py)
 =====  ==================================================================================
 """
 

@@ -200,7 +200,3 @@ def save(peft_model, out_dir: Path, merge: bool, tokenizer=None) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir / ADAPTER_DIR)
 
-
-def lora_params(ir_tensors_numel: list[tuple[int, int]], r: int) -> int:
-    """Adapter parameters for matrices given as (in_features, out_features) pairs: r * (in + out) each."""
-    return sum(r * (i + o) for i, o in ir_tensors_numel)
