@@ -36,15 +36,21 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from scaler_wizard import api
+    from scaler_wizard.runtime.hardware import apply_memory_line
 
-    res = api.apply(args.plan, args.model, out=args.out, force=args.force, allow_bin=args.allow_bin,
+    rp = api.check(args.plan, args.model, seed=args.seed, dtype=args.dtype)
+    needs = apply_memory_line(rp, verify=not args.no_verify)
+    if args.format == "text":  # before any work (JSON: a field of the result)
+        sys.stdout.write(needs + "\n")
+        sys.stdout.flush()
+    res = api.apply(rp, args.model, out=args.out, force=args.force, allow_bin=args.allow_bin,
                     seed=args.seed, dtype=args.dtype, progress=not args.no_progress, verify=not args.no_verify,
                     shard_size=args.shard_size, keep_failed=args.keep_failed)
     rep, ver = res["report"], res["verification"]
     failed = ver is not None and not ver["passed"]
     if args.format == "json":
         out = {"out": res["out"], "landed": res["landed"], "kept": res["kept"], "exactness": res["exactness"],
-               "execution": rep.to_dict(), "verification": ver}
+               "execution": rep.to_dict(), "verification": ver, "memory_needs": needs}
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
     else:
         sys.stdout.write(rep.summary() + "\n")

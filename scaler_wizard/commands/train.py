@@ -32,6 +32,9 @@ _RECIPE_FLAGS = {
     "eval_every": "eval_every", "save_every": "save_every", "keep_checkpoints": "keep_checkpoints",
     "breaker_threshold": "breaker_threshold", "breaker_patience": "breaker_patience",
     "baseline_model": "baseline_model",
+    "teacher": "teacher", "distill_alpha": "distill_alpha", "distill_temperature": "distill_temperature",
+    "lora_r": "lora_r", "lora_alpha": "lora_alpha", "lora_targets": "lora_targets", "lora_dropout": "lora_dropout",
+    "lora_new": "lora_new", "lora_merge": "lora_merge", "report_to": "report_to",
 }
 
 
@@ -81,6 +84,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--breaker-patience", type=int, help="... for this many consecutive evals (default 2)")
     g.add_argument("--baseline-model", help="original (un-grown) model dir: its perplexity is the breaker's reference")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--report-to", metavar="TRACKER",
+                   help="experiment tracker: tensorboard (RUN_DIR/tb), wandb, mlflow, aim, all, none (default none)")
+    g = p.add_argument_group("distillation (expand then distill)")
+    g.add_argument("--teacher", metavar="MODEL_DIR",
+                   help="teacher with the same tokenizer (e.g. the un-grown original): mixes in its soft targets")
+    g.add_argument("--distill-alpha", type=float,
+                   help="weight of the KL term: (1-a) LM + a T^2 KL(teacher||student) (default 0.5)")
+    g.add_argument("--distill-temperature", type=float, help="softmax temperature T (default 2.0)")
+    g = p.add_argument_group("LoRA (peft)")
+    g.add_argument("--lora-r", type=int, help="LoRA rank; 0 (default) trains every weight")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 x r)")
+    g.add_argument("--lora-targets", help="roles that get adapters (default q,k,v,o,gate,up,down)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the adapter input (default 0)")
+    g.add_argument("--lora-new", choices=["full", "lora"],
+                   help="tensors growth added: train fully (default) or through adapters too")
+    g.add_argument("--no-lora-merge", dest="lora_merge", action="store_const", const=False, default=None,
+                   help="keep RUN_DIR/final as a peft adapter instead of merged weights")
     g = p.add_argument_group("several processes")
     g.add_argument("--deepspeed", metavar="DS_JSON", help="DeepSpeed config (under torchrun; accelerate launch "
                                                           "passes its own)")

@@ -41,6 +41,12 @@ def run(args) -> int:
         raise UsageError(f"{args.out}: not a model directory (no config.json)")
     check_model(args.out, flag="OUT")
     check_model(args.against, flag="--against")
+    from scaler_wizard.runtime.hardware import verify_memory_line
+
+    line = verify_memory_line(args.out, args.against)
+    if line and args.format == "text":
+        sys.stdout.write(line + "\n")  # before any work
+        sys.stdout.flush()
     texts = None
     if args.texts:
         from scaler_wizard.runtime.data import check_text_file

@@ -22,6 +22,10 @@ from typing import Any
 from scaler_wizard.diagnostics import UsageError, suggest
 
 
+LORA_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "aim", "all")
+
+
 class RecipeError(UsageError):
     """A bad recipe value; the message names the key."""
 
@@ -37,6 +41,7 @@ class TrainRecipe:
     eval_data: list[str] = field(default_factory=list)  # explicit held-out files (else a split)
     eval_fraction: float = 0.05
     eval_blocks: int = 32  # at most this many held-out blocks per eval
+    data_offset: int = 0  # optimizer steps of data to skip: step s reads the batches of step s + data_offset
     # schedule
     steps: int = 100
     batch_size: int = 8  # per process, per micro-step
@@ -67,6 +72,19 @@ class TrainRecipe:
     breaker_threshold: float = 0.25  # trip when eval ppl > baseline * (1 + threshold) ...
     breaker_patience: int = 2  # ... for this many consecutive evals
     baseline_model: str | None = None  # also measure the original (un-grown) model
+    # expand-then-distill (runtime/distill.py): loss = (1-alpha) LM + alpha T^2 KL(teacher || student)
+    teacher: str | None = None  # teacher model dir (same tokenizer); None: plain LM loss
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    # LoRA through peft (runtime/lora.py); lora_r = 0: full training
+    lora_r: int = 0
+    lora_alpha: float | None = None  # None: 2 * lora_r
+    lora_targets: str = "q,k,v,o,gate,up,down"
+    lora_dropout: float = 0.0
+    lora_new: str = "full"  # tensors the growth record marks new: "full" (train fully) | "lora"
+    lora_merge: bool = True  # save merged plain weights; false: final/ is a peft adapter
+    # experiment trackers (runtime/trackers.py), through accelerate
+    report_to: str = "none"  # none | tensorboard | wandb | mlflow | aim | all, or a comma list
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -121,8 +139,10 @@ class TrainRecipe:
         for key in ("data", "eval_data"):
             setattr(self, key, [str(base / d) if not Path(d).is_absolute() and (base / d).exists() else d
                                 for d in getattr(self, key)])
-        if self.baseline_model and not Path(self.baseline_model).is_absolute() and (base / self.baseline_model).exists():
-            self.baseline_model = str(base / self.baseline_model)
+        for key in ("baseline_model", "teacher"):
+            v = getattr(self, key)
+            if v and not Path(v).is_absolute() and (base / v).exists():
+                setattr(self, key, str(base / v))
         return self
 
     def update(self, options: dict[str, Any], where: str = "train recipe") -> "TrainRecipe":
@@ -152,7 +172,7 @@ class TrainRecipe:
         for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "breaker_patience"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps"):
+        for key in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps", "data_offset"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("lr", "new_lr"):
@@ -173,6 +193,27 @@ class TrainRecipe:
             bad("seed", f"must be an integer from 0 to 2**63-1, got {self.seed}")
         if self.max_grad_norm < 0:
             bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.data_offset and self.streaming:
+            bad("data_offset", "is not supported with `streaming = true` (a stream cannot be entered at a step)")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            bad("distill_alpha", f"must be in [0, 1], got {self.distill_alpha}")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            bad("distill_temperature", f"must be a finite number > 0, got {self.distill_temperature}")
+        if self.lora_r < 0:
+            bad("lora_r", f"must be >= 0 (0: no LoRA), got {self.lora_r}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            bad("lora_alpha", f"must be a finite number > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_new not in ("full", "lora"):
+            bad("lora_new", f"must be `full` or `lora`, got `{self.lora_new}`")
+        roles = [r.strip() for r in self.lora_targets.split(",") if r.strip()]
+        unknown = [r for r in roles if r not in LORA_ROLES]
+        if unknown or not roles:
+            bad("lora_targets", f"must be a comma list of {','.join(LORA_ROLES)}; got `{self.lora_targets}`")
+        trackers = [t.strip() for t in self.report_to.split(",") if t.strip()]
+        if not trackers or any(t not in TRACKERS for t in trackers):
+            bad("report_to", f"must be one of {', '.join(TRACKERS)} (or a comma list); got `{self.report_to}`")
         last = 0
         for seq, until in self.curriculum:
             if seq < 1:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from scaler_wizard.compiler.recipe import (  # noqa: F401  (re-exported)
+    LORA_ROLES,
+    TRACKERS,
     RecipeError,
     TrainRecipe,
     parse_curriculum,

@@ -161,8 +161,9 @@ class _Frozen:
             p[sl] = saved.to(p.device, p.dtype)
 
 
-def _param_groups(model, recipe: TrainRecipe, record: GrowthRecord | None):
-    """AdamW groups: (new | other) x (decay | no decay); frozen tensors get no gradient."""
+def _param_groups(model, recipe: TrainRecipe, record: GrowthRecord | None, plain=lambda n: n):
+    """AdamW groups: (new | other) x (decay | no decay); frozen tensors get no gradient. ``plain``
+    maps a (peft-wrapped) parameter name to the plain model's (None: a LoRA adapter tensor)."""
     frozen = _Frozen()
     # ZeRO-3 partitions parameters at load time: their real shape is ds_shape
     shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
@@ -176,9 +177,16 @@ def _param_groups(model, recipe: TrainRecipe, record: GrowthRecord | None):
     counts = {"new": 0, "grown": 0, "original": 0, "trainable": 0, "frozen": 0}
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
-        status = record.status(name) if record else "original"
+        name = plain(name)
         numel = int(getattr(p, "ds_numel", p.numel()))
-        counts[status] += numel
+        if name is None:  # a LoRA adapter matrix
+            counts["adapter"] = counts.get("adapter", 0) + numel
+        status = (record.status(name) if record else "original") if name is not None else "adapter"
+        if status != "adapter":
+            counts[status] += numel
+        if not p.requires_grad:  # frozen under LoRA adapters
+            counts["frozen"] += numel
+            continue
         if recipe.freeze_original and status == "original":
             p.requires_grad_(False)
             counts["frozen"] += numel
@@ -235,8 +243,8 @@ def _ppl(loss: float) -> float:
 
 
 class _Metrics:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, sink=None):
+        self.path, self.enabled, self.sink = path, enabled, sink
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
@@ -251,6 +259,8 @@ class _Metrics:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(rec, allow_nan=True) + "\n")
+            if self.sink is not None:  # experiment trackers (--report-to)
+                self.sink(rec)
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -365,6 +375,16 @@ def _preflight(model_dir: Path, run_dir: Path, recipe: TrainRecipe, resume) -> N
     if recipe.baseline_model:
         require_hf_dir(check_model(recipe.baseline_model, flag="--baseline-model"), recipe.baseline_model,
                        "--baseline-model", "train")
+    if recipe.teacher:  # the same token ids in teacher and student, before anything is created
+        from transformers import AutoConfig, AutoTokenizer
+
+        from scaler_wizard.runtime.distill import check_teacher
+
+        require_hf_dir(check_model(recipe.teacher, flag="--teacher"), recipe.teacher, "--teacher", "train")
+        check_teacher(recipe.teacher, AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
+    if recipe.lora_r and recipe.freeze_original:
+        raise UsageError("--freeze-original with LoRA: LoRA already keeps every original tensor frozen under its "
+                         "adapters (new tensors train fully, see lora_new); drop --freeze-original")
     m, r = model_dir.resolve(), run_dir.expanduser().resolve()
     if r == m or m in r.parents:
         raise UsageError(f"refusing to write the run {run_dir} into the input model directory {model_dir}; "
@@ -424,6 +444,14 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     recipe.validate()
     _preflight(model_dir, run_dir, recipe, resume)
 
+    from scaler_wizard.runtime import trackers
+
+    tracked = trackers.resolve(recipe.report_to)  # a missing tracker package: exit 2 before any work
+    distiller = None
+    if recipe.teacher:  # loaded before any DeepSpeed engine / ZeRO-3 init context: a plain module per rank
+        from scaler_wizard.runtime.distill import Distiller
+
+        distiller = Distiller(recipe.teacher, recipe.distill_alpha, recipe.distill_temperature)
     plugin = _deepspeed_plugin(deepspeed_config, recipe)
     # Under torchrun on a machine without GPUs accelerate picks MULTI_CPU only when told to use the
     # CPU; otherwise every rank silently trains alone (measured, see DEVELOPERS.md).
@@ -442,6 +470,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         gradient_accumulation_steps=recipe.grad_accum,
         deepspeed_plugin=plugin,
         step_scheduler_with_optimizer=False,
+        **trackers.accelerator_kwargs(tracked, run_dir),
     )
     main = accelerator.is_main_process
     from scaler_wizard.runtime import live_growth as LG
@@ -455,6 +484,11 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    if distiller is not None:
+        distiller.to(accelerator.device)
+    if recipe.lora_r and _zero_stage(accelerator) == 3:
+        raise UsageError("LoRA is not supported under ZeRO-3 (merging adapters needs whole weights); "
+                         "use ZeRO-1/2 or DDP: the frozen base needs no optimizer state to shard")
 
     # ---- resume point
     ckpt: Path | None = None
@@ -485,6 +519,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         raise UsageError(f"cannot load the tokenizer of {model_dir}: {first[:300]}") from None
     model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)  # checked by _preflight
     model.config.use_cache = False
+    if ckpt is not None:  # on the plain module: a DeepSpeed/FSDP wrapper renames (module.) or partitions
+        _check_resume_matches(ckpt, model, weights_dir)
     if recipe.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -495,7 +531,17 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     record = GrowthRecord.load(growth_record) if growth_record and not grown else GrowthRecord.find(weights_dir)
     if record is None and stages:  # nothing grown yet: every tensor is original until the first stage
         record = GrowthRecord(base_model=str(model_dir))
-    groups, frozen, counts = _param_groups(model, recipe, record)
+    lora_plan, plain = None, (lambda n: n)
+    if recipe.lora_r:  # original tensors frozen under adapters, new ones trained fully (runtime/lora.py)
+        if stages:
+            raise UsageError("LoRA (lora_r) together with `at step` growth stages is not supported yet: the "
+                             "adapters would have to grow with their base tensors; train the stages without "
+                             "LoRA, or grow with `apply` first and train the result with LoRA")
+        from scaler_wizard.runtime import lora
+
+        model, lora_plan = lora.wrap(model, model_dir, recipe, record)
+        plain = lora.plain_name
+    groups, frozen, counts = _param_groups(model, recipe, record, plain)
     targets = [(g["lr"], g["weight_decay"]) for g in groups]
     if frozen.regions and str(accelerator.distributed_type).endswith("FSDP"):
         raise UsageError("--freeze-original on partly-grown tensors is not supported under FSDP (sharded "
@@ -512,8 +558,6 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     lam_of = LG.rewarm_lambda(lr_lambda(recipe), stages)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam_of)
 
-    if ckpt is not None:  # on the plain module: a DeepSpeed/FSDP wrapper renames (module.) or partitions
-        _check_resume_matches(ckpt, model, weights_dir)
     if _is_deepspeed(accelerator):
         _fill_deepspeed_auto(accelerator, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -525,7 +569,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         stages[0], after=False) if stages else _forward_flops(model_dir, recipe.max_seq_len)
     held_out = eval_blocks(data.eval_tokens, recipe.max_seq_len, recipe.eval_blocks)
     eval_bs = max(1, recipe.batch_size)
-    metrics = _Metrics(run_dir / METRICS, main)
+    trackers.start(accelerator, tracked, recipe, run_dir)
+    metrics = _Metrics(run_dir / METRICS, main, sink=lambda rec: trackers.log(accelerator, tracked, rec))
 
     # ---- baseline (fresh run) or restored state
     start = 0
@@ -581,10 +626,13 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "training_state"))
-        sd = accelerator.get_state_dict(model)  # collective under ZeRO-3
+        sd = accelerator.get_state_dict(model) if lora_plan is None else None  # collective under ZeRO-3
         accelerator.wait_for_everyone()  # every rank's files are in tmp before rank 0 renames it
         if main:
-            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            if lora_plan is not None:  # merged plain weights (+ the peft adapter with lora_merge = false)
+                lora.save(accelerator.unwrap_model(model), tmp, recipe.lora_merge, tokenizer)
+            else:
+                accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if record is not None and record.path is not None:
                 shutil.copy2(record.path, tmp / SIDECAR)
@@ -618,16 +666,17 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     window_t, window_tok = time.perf_counter(), 0
     device = accelerator.device
     loss_sum = torch.zeros((), device=device)
+    parts_sum = torch.zeros(2, device=device)  # distillation: LM and KD terms
     try:
         for step in range(start + 1, recipe.steps + 1):
             if pending and pending[0].step == step - 1:  # grow after step N, before step N + 1
                 stage = pending.pop(0)
-                plain = accelerator.unwrap_model(model)
-                g = LG.grow_live(plain, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                bare = accelerator.unwrap_model(model)
+                g = LG.grow_live(bare, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                                  stage, record)
                 accelerator._models = [m for m in accelerator._models if m is not model]
                 accelerator._optimizers = [o for o in accelerator._optimizers if o is not optimizer]
-                del plain, model, optimizer
+                del bare, model, optimizer
                 model, record = g.model, g.record
                 model.config.use_cache = False
                 if recipe.gradient_checkpointing:  # as at the start of the run
@@ -656,11 +705,16 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
                 del g
             seq_len = recipe.seq_len_at(step)
             loss_sum.zero_()
+            parts_sum.zero_()
             accelerator.step = 0  # every optimizer step is exactly grad_accum micro-steps
             for micro in range(recipe.grad_accum):
                 ids = data.batches.batch(step, micro, seq_len).to(device, non_blocking=True)
                 with accelerator.accumulate(model):
-                    loss = model(input_ids=ids, labels=ids).loss
+                    if distiller is None:
+                        loss = model(input_ids=ids, labels=ids).loss
+                    else:  # (1 - alpha) LM + alpha T^2 KL(teacher || student)
+                        loss, lm, kd = distiller.loss(model, ids)
+                        parts_sum += torch.stack([lm, kd])
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and recipe.max_grad_norm > 0 and not _is_deepspeed(accelerator):
                         accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
@@ -690,6 +744,11 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
                        "tokens": total_tokens, "tokens_per_s": round(tps, 1),
                        "elapsed_s": round(now - t_run, 3), "cpu_s": round(time.process_time() - cpu_run, 3),
                        "flops": total_flops}
+                if distiller is not None:
+                    parts = parts_sum / recipe.grad_accum
+                    if world > 1:
+                        parts = accelerator.reduce(parts, reduction="mean")
+                    rec.update(lm_loss=float(parts[0]), distill_loss=float(parts[1]))
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
 
             last = step == recipe.steps or step == stop_after
@@ -735,6 +794,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         accelerator.wait_for_everyone()
     elif status == "completed" and main:
         _copy_hf_dir(run_dir / f"checkpoint-{step}", final_dir)
+        if lora_plan is not None and not recipe.lora_merge:  # final/ is the peft adapter
+            _copy_hf_dir(run_dir / f"checkpoint-{step}" / lora.ADAPTER_DIR, final_dir)
     if dump_rank_weights:
         _dump_rank_weights(model, accelerator, run_dir / "rank-weights" / f"rank{rank}.safetensors")
     if main:
@@ -744,6 +805,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
                    "tokens_per_s": tokens_per_s, "world_size": world, "params": counts}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
+    trackers.end(accelerator, tracked)
     _teardown(accelerator, model)
     return TrainResult(status, step, run_dir, final_dir if status != "stopped" else None, baseline,
                        last_eval_ppl, restored, reason, tokens_per_s)

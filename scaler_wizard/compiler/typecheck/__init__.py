@@ -57,6 +57,8 @@ SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
 SW604  (warning) a scalar config key can no longer describe the grown per-layer layout
 SW620  (warning) an ``at step`` stage without growth statements
 SW630  (warning) the memory and time a LESA fit needs (per matrix kind, per inserted layer)
+SW640  (warning) ``check --hardware``: no training setup fits the devices (says what would;
+       emitted by commands/check.py from runtime/hardware.py)
 =====  ==================================================================================
 """
 
