@@ -127,7 +127,10 @@ def test_rebind_refuses_what_it_cannot_account_for(tmp_path, monkeypatch):
 def test_cold_check_of_a_cached_structure_is_torch_free(tmp_path):
     """`check` of a config never seen, whose structure was checked once: no trace, no model build,
     neither torch nor transformers imported; the output equals that of a check that traced."""
+    # head_dim explicit: with it implicit, growing hidden makes conform write it (a verdict with a
+    # note), which is not cached per structure (that config builds its output model once)
     a, delta = PAIRS["llama_gqa"]
+    a = {**a, "head_dim": 16}
     plan = tmp_path / "grow.expand"
     plan.write_text("widen hidden x2 lemon\nwiden ffn x2 net2net\ninsert layers every 2 identity\n")
     dirs = {}

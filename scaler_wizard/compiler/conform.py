@@ -364,8 +364,9 @@ def _key(input_cfg, rp, companions, source: str) -> str:
 def _structure_key(input_cfg, rp, companions, source: str) -> str:
     """The verdict's key with every size symbolic (:mod:`scaler_wizard.ir.structure`): the input
     config's structure, the plan's ops, the kinds of layers the depth map makes, and which of the
-    input's integers and the grown sizes and config values coincide. Only a verdict that kept the
-    type checker's patch as it was, with no note and no error, is stored under it."""
+    input's integers and the grown sizes and config values coincide. Only a plain verdict is stored
+    under it: the type checker's patch with its companion keys back at their input values, no
+    note, no error (nothing that building the model decided)."""
     from scaler_wizard.ir import structure_key_of
     from scaler_wizard.ir.structure import _LAYER_KEYS, _classes, _int_paths, _leaves
 
@@ -435,9 +436,17 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
     if verdict is None:
         patch = {k: after for k, (_, after) in rp.config_diff().items() if k in rp.config_after}
         removed = [k for k, (_, after) in rp.config_diff().items() if k not in rp.config_after]
+        # keys the type checker moved only because their value equals a group's size go back to
+        # their input value first (settle_config's first step, which needs no model)
+        plain = dict(patch)
+        for k in companions:
+            if k in input_cfg:
+                plain[k] = input_cfg[k]
+            else:
+                plain.pop(k, None)
         if use_cache and spath.is_file():
             # the same structure (config and plan, sizes symbolic) conformed as it stood: so does this one
-            verdict = {"patch": patch, "removed": removed, "notes": [], "errors": []}
+            verdict = {"patch": plain, "removed": removed, "notes": [], "errors": []}
     if verdict is None:
         old_sizes = {k: g.size for k, g in rp.ir.groups.items()}
         # The program's tensors are the traced class's (LlamaForCausalLM); a checkpoint stored from the
@@ -456,7 +465,7 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
                 tmp.write_text(json.dumps(verdict, sort_keys=True, default=str))
                 os.replace(tmp, path)
-                if new_patch == patch and not notes and not errors:
+                if new_patch == plain and not notes and not errors:
                     spath.write_text("{}\n")
             except OSError:
                 pass
