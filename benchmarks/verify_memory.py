@@ -13,7 +13,7 @@ times, each command in its own process with its RSS sampled every 50 ms by this 
   (``compare_models(..., layerwise=False)``), the path verification used before.
 
 Shapes (``--shape``): ``small`` (4 layers, hidden 256: a smoke test), ``tinyllama`` (1.1B: hidden 2048,
-22 layers), ``7b`` (Llama-2-7B: hidden 4096, ffn 11008, 32 layers, 32 heads, vocab 32000; 13.5 GB
+22 layers), ``vocab128k`` (two TinyLlama layers with Llama-3's 128256-token vocabulary: ``--new-layers 3``), ``7b`` (Llama-2-7B: hidden 4096, ffn 11008, 32 layers, 32 heads, vocab 32000; 13.5 GB
 in bf16, about 20 GB grown: check ``df -h`` first; ``--clean`` deletes both afterwards).
 
     .venv/bin/python benchmarks/verify_memory.py --shape tinyllama
@@ -43,6 +43,10 @@ SHAPES = {
                       num_key_value_heads=4, vocab_size=32000),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000),
+    # Llama-3's vocabulary on two TinyLlama layers: the embedding and the LM head (1.05 GB each in
+    # fp32) dominate, so the peak shows whether they are read in chunks
+    "vocab128k": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=128256),
 }
 
 

@@ -125,3 +125,30 @@ def test_layerwise_texts_and_grown_vocab_match_whole_model(tmp_path):
     assert [c.name for c in lw.checks][-1] == "texts" and lw.check("texts").n_positions == 9
     for a, b in zip(lw.checks, whole.checks):
         assert a.name == b.name and a.max_abs == pytest.approx(b.max_abs, rel=1e-6, abs=1e-9)
+
+
+def test_layerwise_embedding_and_head_in_chunks(tmp_path, monkeypatch):
+    """With chunks of 4 rows, the embedding and the LM head are never whole in memory (their
+    parameters stay on the meta device), each is still read once, and the logits are the model's."""
+    _, model = build_model("gemma2")  # logit soft-capping after the head, scaled embedding
+    d = _save(model, tmp_path / "m")
+    lm = LayerwiseModel(d)
+    monkeypatch.setattr(LayerwiseModel, "CHUNK_BYTES", 4 * 4 * lm.in_emb.weight.shape[1])
+    chunks = []
+    rows = lm._row_chunks
+
+    def spy(param):
+        for a, w in rows(param):
+            assert lm.in_emb.weight.device.type == "meta"
+            chunks.append(w.shape[0])
+            yield a, w
+
+    lm._row_chunks = spy
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = lm.run([Job("a", ids)])
+    assert max(chunks) == 4 and sum(chunks) == 2 * 128  # every row of both, 4 at a time
+    # each stored tensor once, the tied embedding a second time as the LM head
+    assert lm.reader.bytes_read == lm.reader.total_bytes + 128 * lm.in_emb.weight.shape[1] * 4
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+    assert (out["a"] - ref).abs().max().item() < 1e-5

@@ -363,6 +363,28 @@ def _key(input_cfg, rp, companions, source: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def _structure_key(input_cfg, rp, companions, source: str) -> str:
+    """The verdict's key with every size symbolic (:mod:`scaler_wizard.ir.structure`): the input
+    config's structure, the plan's ops, the kinds of layers the depth map makes, and which of the
+    input's integers and the grown sizes and config values coincide. Only a plain verdict is stored
+    under it: the type checker's patch with its companion keys back at their input values, no
+    note, no error (nothing that building the model decided)."""
+    from scaler_wizard.ir import structure_key_of
+    from scaler_wizard.ir.structure import _LAYER_KEYS, _classes, _int_paths, _leaves
+
+    diff = {k: after for k, (_, after) in rp.config_diff().items()}
+    after = _leaves({k: v for k, v in diff.items() if k not in _LAYER_KEYS})
+    leaves = _leaves(input_cfg)
+    ints = [leaves[p] for p in _int_paths(leaves)] + [after[p] for p in _int_paths(after)] + \
+        [rp.sizes_after[g] for g in sorted(rp.sizes_after)] + [g.size for _, g in sorted(rp.ir.groups.items())]
+    blob = json.dumps({"src": source, "in": structure_key_of(input_cfg), "after": sorted(after),
+                       "ints": _classes([v for v in ints if isinstance(v, int) and not isinstance(v, bool)]),
+                       "map": sorted({(s.src is None, s.init) for s in rp.layer_map}, key=str),
+                       "ops": [[o.kind, o.group, o.method, sorted(o.options)] for o in rp.ops],
+                       "comp": companions, "fmt": CONFORM_FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
 def input_config(rp) -> dict:
     """The config the writer starts from (config.json as stored, or the GGUF header's)."""
     try:
@@ -411,9 +433,23 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
             verdict = json.loads(path.read_text())
         except (OSError, ValueError):
             verdict = None
+    spath = _cache_path("structure-" + _structure_key(input_cfg, rp, companions,
+                                                      "program" if prog is not None else "predicted"))
     if verdict is None:
         patch = {k: after for k, (_, after) in rp.config_diff().items() if k in rp.config_after}
         removed = [k for k, (_, after) in rp.config_diff().items() if k not in rp.config_after]
+        # keys the type checker moved only because their value equals a group's size go back to
+        # their input value first (settle_config's first step, which needs no model)
+        plain = dict(patch)
+        for k in companions:
+            if k in input_cfg:
+                plain[k] = input_cfg[k]
+            else:
+                plain.pop(k, None)
+        if use_cache and spath.is_file():
+            # the same structure (config and plan, sizes symbolic) conformed as it stood: so does this one
+            verdict = {"patch": plain, "removed": removed, "notes": [], "errors": []}
+    if verdict is None:
         old_sizes = {k: g.size for k, g in rp.ir.groups.items()}
         # The program's tensors are the traced class's (LlamaForCausalLM); a checkpoint stored from the
         # headless base class (architectures: LlamaModel) is renamed to it only when written (apply's
@@ -431,6 +467,8 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
                 tmp.write_text(json.dumps(verdict, sort_keys=True, default=str))
                 os.replace(tmp, path)
+                if new_patch == plain and not notes and not errors:
+                    spath.write_text("{}\n")
             except OSError:
                 pass
     if verdict["errors"]:

@@ -4,9 +4,15 @@
     discover(config) -> ModelIR            # always traces (imports torch + transformers)
     instantiate(ir, num_layers) -> ModelIR # per-layer tensors for another depth
 
-The cache-hit path imports neither torch nor transformers: the key is a hash of the config dict
-with the depth and per-layer arrays normalised away, the transformers version (read from package
-metadata) and IR_FORMAT_VERSION; the cached IR is re-instantiated for the real depth.
+The cache-hit path imports neither torch nor transformers. Two levels:
+
+1. exact: a hash of the config dict with the depth and per-layer arrays normalised away, the
+   transformers version (read from package metadata) and IR_FORMAT_VERSION; the cached IR is
+   re-instantiated for the real depth;
+2. structure (:mod:`scaler_wizard.ir.structure`): a hash with every number replaced by its equality
+   class, so a config whose structure was traced once (at any sizes) is re-bound to its own sizes
+   without a trace (``<cache>/structure/<key>.json`` holds the traced IR and the config it came
+   from); when re-binding cannot account for a value, the config is traced as before.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 from scaler_wizard.ir.errors import IRDiscoveryError
 from scaler_wizard.ir.model_ir import IR_FORMAT_VERSION, ModelIR
 
-__all__ = ["model_ir_for", "discover", "instantiate", "cache_dir", "cache_key", "IRDiscoveryError", "ModelIR"]
+__all__ = ["model_ir_for", "discover", "instantiate", "cache_dir", "cache_key", "structure_key_of", "IRDiscoveryError", "ModelIR"]
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -134,13 +140,45 @@ def model_ir_for(ref_or_config_dict: Any, *, use_cache: bool = True) -> ModelIR:
             return instantiate(ir, cfg)
         except (ValueError, KeyError, TypeError):
             pass  # a stale or corrupt entry: trace again
+    spath = cache_dir() / "structure" / f"{structure_key_of(cfg)}.json"
+    if use_cache and spath.is_file():
+        ir = _from_structure(spath, cfg)
+        if ir is not None:
+            return ir
     ir = discover(cfg)
     if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(ir.to_json())
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        _write(path, ir.to_json())
+        _write(spath, json.dumps({"config": cfg, "ir": json.loads(ir.to_json())}, sort_keys=True, default=str))
     return ir
+
+
+def structure_key_of(cfg: dict) -> str:
+    """The structure cache key of a raw config dict (see :mod:`scaler_wizard.ir.structure`)."""
+    from scaler_wizard.ir.structure import structure_key
+
+    return structure_key(cfg, transformers_version=_transformers_version(), format_version=IR_FORMAT_VERSION)
+
+
+def _from_structure(spath: Path, cfg: dict) -> ModelIR | None:
+    """The IR cached for ``cfg``'s structure, re-bound to ``cfg``'s sizes and depth; None when the
+    entry is unreadable or cannot be re-bound exactly."""
+    from scaler_wizard.ir.model_ir import _ir_from_dict
+    from scaler_wizard.ir.structure import rebind
+
+    try:
+        entry = json.loads(spath.read_text())
+        old = _ir_from_dict(entry["ir"])
+        ir = rebind(old, entry["config"], cfg)
+        return None if ir is None else instantiate(ir, cfg)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass

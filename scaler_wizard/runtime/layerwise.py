@@ -2,9 +2,11 @@
 
 :func:`run_layerwise` computes float32 logits of a model directory for a list of :class:`Job` s
 (batches of token ids with their attention mask, position ids, token type ids, or teacher-forced
-KV-cache decoding) while holding at most one decoder layer's weights in float32 (plus the input or
-the output embedding, one at a time, and the small tensors outside the layers: norms, position
-embeddings). Every tensor is read once from the lazy safetensors reader
+KV-cache decoding) while holding at most one decoder layer's weights in float32 (plus the small
+tensors outside the layers: norms, position embeddings). The input embedding and a ``Linear`` LM
+head are read in chunks of rows (``LayerwiseModel.CHUNK_BYTES``, 64 MiB of float32): the input
+embedding keeps only the rows of the ids the jobs use, the LM head is applied chunk by chunk over
+the vocabulary. Every tensor is read once from the lazy safetensors reader
 (:mod:`scaler_wizard.runtime.checkpoint`); a tied output embedding is read a second time, as the
 output embedding.
 
@@ -247,10 +249,78 @@ class LayerwiseModel:
                 layer.__dict__.pop("forward", None)
             self.free(rest)
 
+    # -- the two vocabulary-sized matrices, read in chunks of rows
+    CHUNK_BYTES = 64 << 20  # float32 bytes of one chunk of embedding / LM-head rows
+
+    def _row_chunks(self, param):
+        """(first row, float32 rows) of the stored tensor behind ``param``, chunk by chunk (about
+        :attr:`CHUNK_BYTES` each), read straight from its byte range in the safetensors file; the
+        whole tensor is read once. A tensor that is not a byte range (built by a converter) is read
+        whole and sliced."""
+        import torch
+
+        name = self._stored_name([full for _, _, full in self._slots[id(param)]])
+        info = self.reader.info(name)
+        if tuple(info.shape) != tuple(param.shape):
+            raise ValueError(f"{self.reader.path}: tensor {name!r} has shape {tuple(info.shape)}, "
+                             f"the model built from config.json expects {tuple(param.shape)}")
+        rows = int(info.shape[0])
+        row_numel = max(1, info.numel // max(rows, 1))
+        step = max(1, self.CHUNK_BYTES // (4 * row_numel))
+        where = self.reader.byte_range(name)
+        if where is None:
+            whole = self.reader.get(name)
+            for a in range(0, rows, step):
+                yield a, whole[a:a + step].to(torch.float32)
+            return
+        path, start, _ = where
+        dtype = getattr(torch, info.dtype)
+        item = torch.empty((), dtype=dtype).element_size()
+        with open(path, "rb") as f:
+            for a in range(0, rows, step):
+                b = min(rows, a + step)
+                f.seek(start + a * row_numel * item)
+                buf = bytearray(f.read((b - a) * row_numel * item))
+                t = torch.frombuffer(buf, dtype=dtype).reshape((b - a,) + tuple(info.shape[1:]))
+                yield a, t.to(torch.float32)
+        self.reader.count_copy(info.nbytes)
+
+    def _compact_embedding(self, ids):
+        """The input embedding answering for ``ids`` only: the rows of the ids that occur (read
+        chunk by chunk), behind the module's own forward (scaled embeddings keep their scale)."""
+        import copy
+
+        import torch
+
+        weight = self.in_emb.weight
+        if weight.device.type != "meta" or not isinstance(self.in_emb, torch.nn.Embedding):
+            return None
+        used = torch.unique(torch.cat([i.reshape(-1) for i in ids]))
+        rows = torch.empty(len(used), weight.shape[1], dtype=torch.float32)
+        for a, chunk in self._row_chunks(weight):
+            sel = (used >= a) & (used < a + chunk.shape[0])
+            rows[sel] = chunk[used[sel] - a]
+        mod = copy.copy(self.in_emb)
+        mod._parameters = dict(self.in_emb._parameters)
+        mod._parameters["weight"] = torch.nn.Parameter(rows, requires_grad=False)
+        mod.padding_idx = None  # only gradients read it
+        mod.__dict__.pop("forward", None)
+        fwd = type(self.in_emb).forward
+
+        def forward(input_ids, *a, **k):
+            return fwd(mod, torch.searchsorted(used, input_ids), *a, **k)
+
+        return forward
+
     def _inputs(self, steps, n, DynamicCache):
         import torch
 
-        emb = self.load(self._params(self.in_emb))
+        emb = []
+        compact = self._compact_embedding([st.kwargs["input_ids"] for st in steps])
+        if compact is not None:
+            self.in_emb.forward = compact
+        else:
+            emb = self.load(self._params(self.in_emb))
         try:
             for st in steps:
                 kw = dict(st.kwargs)
@@ -267,6 +337,7 @@ class LayerwiseModel:
                 if len(st.calls) != n:
                     raise LayerwiseUnsupported(f"the forward called {len(st.calls)} of {n} decoder layers")
         finally:
+            self.in_emb.__dict__.pop("forward", None)
             self.free(emb)
 
     def _stand_in_cache(self, DynamicCache, batch: int, length: int):
@@ -325,28 +396,69 @@ class LayerwiseModel:
                 self.free(w)
 
     def _outputs(self, steps, n) -> dict[str, Any]:
+        """Final norm, LM head and logit post-processing of the model's own forward. A plain
+        ``Linear`` head is applied chunk by chunk over the vocabulary: one forward per step records
+        the head's input, the head's rows are read once (chunk by chunk) for every step, and a
+        second forward hands the model those logits (soft-capping and the like stay the model's)."""
         import torch
 
         wrap = (lambda h: (h,)) if self.layer_returns_tuple else (lambda h: h)
         width = self.in_emb.weight.shape[-1]
         self.in_emb.forward = lambda input_ids, *a, **k: torch.zeros(*input_ids.shape, width, dtype=torch.float32)
-        head = self.load(self._params(self.out_emb)) if self.out_emb is not None else []
+        out = self.out_emb
+        chunked = (isinstance(out, torch.nn.Linear) and out.weight.device.type == "meta"
+                   and (out.bias is None or out.bias.device.type == "meta"))
+        head = self.load(self._params(out)) if out is not None and not chunked else []
         chunks: dict[str, list] = {}
+
+        def forward(st, head_forward=None):
+            for i, layer in enumerate(self.layers):
+                if i == 0:
+                    layer.forward = (lambda h: lambda *a, **k: wrap(h))(st.h)
+                else:
+                    layer.forward = lambda *a, **k: wrap(a[0] if a else k["hidden_states"])
+            if head_forward is not None:
+                out.forward = head_forward
+            kw = dict(st.kwargs)
+            if self.causal:
+                kw["use_cache"] = False
+            return self.model(**kw).logits.float()
+
         try:
-            for st in steps:
-                for i, layer in enumerate(self.layers):
-                    if i == 0:
-                        layer.forward = (lambda h: lambda *a, **k: wrap(h))(st.h)
-                    else:
-                        layer.forward = lambda *a, **k: wrap(a[0] if a else k["hidden_states"])
-                kw = dict(st.kwargs)
-                if self.causal:
-                    kw["use_cache"] = False
-                logits = self.model(**kw).logits.float()
-                chunks.setdefault(st.job, []).append(logits)
-                st.h = None
+            if chunked:
+                V = out.weight.shape[0]
+                seen: list = []
+
+                def record(h, *a, **k):
+                    seen.append(h)
+                    return torch.zeros(*h.shape[:-1], V, dtype=torch.float32)
+
+                for st in steps:
+                    forward(st, record)
+                hs, seen = seen, []
+                if len(hs) != len(steps):
+                    raise LayerwiseUnsupported("the LM head ran other than once per forward")
+                logits = [torch.empty(*h.shape[:-1], V, dtype=torch.float32) for h in hs]
+                bias = self.load([out.bias]) if out.bias is not None else []
+                try:
+                    for a, w in self._row_chunks(out.weight):
+                        b = a + w.shape[0]
+                        for h, lg in zip(hs, logits):
+                            lg[..., a:b] = torch.nn.functional.linear(h, w, bias[0][a:b] if bias else None)
+                finally:
+                    self.free(bias)
+                del hs
+                for st, lg in zip(steps, logits):
+                    chunks.setdefault(st.job, []).append(forward(st, (lambda x: lambda *a, **k: x)(lg)))
+                    st.h = None
+            else:
+                for st in steps:
+                    chunks.setdefault(st.job, []).append(forward(st))
+                    st.h = None
         finally:
             self.in_emb.__dict__.pop("forward", None)
+            if out is not None:
+                out.__dict__.pop("forward", None)
             for layer in self.layers:
                 layer.__dict__.pop("forward", None)
             self.free(head)

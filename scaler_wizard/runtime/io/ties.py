@@ -1,0 +1,43 @@
+"""Tied weights: which output embedding is absent from the files because it is the input one."""
+
+from __future__ import annotations
+
+
+def find_ties(reader) -> None:
+    """Map absent tied output-embedding names to their stored input embedding."""
+    if not reader.config.get("tie_word_embeddings", True):
+        return
+    try:
+        pairs = _tied_pairs_from_model(reader.config)
+    except Exception:  # unknown architecture: fall back on the common names
+        pairs = []
+        emb = next((n for n in reader._infos if n.endswith(("embed_tokens.weight", "wte.weight",
+                                                          "word_embeddings.weight", "embed_in.weight"))), None)
+        if emb is not None:
+            pairs = [("lm_head.weight", emb)]
+    have = set(reader._infos) | set(reader.aliases)
+    for absent, stored in pairs:
+        if absent not in have and stored in have:
+            reader.tied[absent] = stored
+        elif stored not in have and absent in have:
+            reader.tied[stored] = absent
+
+
+def _tied_pairs_from_model(config: dict) -> list[tuple[str, str]]:
+    """(output embedding name, input embedding name) from the real model class, built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    cfg.pop("transformers_version", None)
+    conf = AutoConfig.for_model(model_type, **cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out_emb is None or in_emb is None:
+        return []
+    mod_names = {id(m): n for n, m in model.named_modules()}
+    out_name = mod_names[id(out_emb)] + ".weight"
+    in_name = mod_names[id(in_emb)] + ".weight"
+    return [(out_name, in_name)] if out_name != in_name else []

@@ -1,0 +1,158 @@
+"""The structure cache: an IR traced once per structure is re-bound to other sizes without a trace,
+and equals what a trace at those sizes gives (IR JSON identical), torch-free.
+
+Configs are written the way config.json files are: keys the config class derives are left out
+where real checkpoints leave them out (``head_dim`` of Llama-2 / Qwen2 / Phi-3, ``n_inner`` of
+GPT-2, ``num_key_value_heads`` of MHA models), so re-binding must re-derive them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import scaler_wizard.ir as I
+from scaler_wizard.ir.structure import structure_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# family -> (config A as a config.json would hold it, changes giving config B of the same structure)
+PAIRS = {
+    # GQA, head_dim absent (hidden_size // num_attention_heads), depth and eps and theta change too
+    "llama_gqa": (dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=96, vocab_size=128, num_hidden_layers=2, max_position_embeddings=40,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
+                  dict(hidden_size=128, num_attention_heads=8, intermediate_size=160, vocab_size=256,
+                       num_hidden_layers=3, max_position_embeddings=48, rms_norm_eps=1e-6, rope_theta=500000.0)),
+    # kv == heads, head_dim explicit and not hidden // heads
+    "llama_mha": (dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                       intermediate_size=96, vocab_size=128, num_hidden_layers=2, max_position_embeddings=40),
+                  dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=6, head_dim=24,
+                       intermediate_size=160, vocab_size=256)),
+    "qwen2": (dict(model_type="qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=160, vocab_size=256, num_hidden_layers=2, max_position_embeddings=40,
+                   tie_word_embeddings=True),
+              dict(hidden_size=128, num_attention_heads=8, intermediate_size=352, vocab_size=512)),
+    # partial rotary: rotary_dim = int(head_dim * partial_rotary_factor)
+    "phi3": (dict(model_type="phi3", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                  vocab_size=128, num_hidden_layers=2, max_position_embeddings=40, pad_token_id=0,
+                  partial_rotary_factor=0.5),
+             dict(hidden_size=128, num_attention_heads=4, intermediate_size=160, vocab_size=256)),
+    # n_inner absent: ffn = 4 * n_embd; fused qkv (Conv1D)
+    "gpt2": (dict(model_type="gpt2", n_embd=64, n_head=4, n_layer=2, vocab_size=128, n_positions=40),
+             dict(n_embd=96, n_head=6, n_layer=3, vocab_size=200)),
+    "mixtral": (dict(model_type="mixtral", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     intermediate_size=96, vocab_size=128, num_hidden_layers=2, max_position_embeddings=40,
+                     num_local_experts=5, num_experts_per_tok=3),
+                dict(hidden_size=128, num_local_experts=6, intermediate_size=160, vocab_size=256)),
+    # embedding scale sqrt(hidden_size)
+    "gemma": (dict(model_type="gemma", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   intermediate_size=96, vocab_size=128, num_hidden_layers=2, max_position_embeddings=40),
+              dict(hidden_size=100, intermediate_size=160, head_dim=20)),
+    # softmax scale from query_pre_attn_scalar, sliding window, layer kinds
+    "gemma2": (dict(model_type="gemma2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=96, vocab_size=128, num_hidden_layers=2, max_position_embeddings=40,
+                    sliding_window=24, query_pre_attn_scalar=20, layer_types=["sliding_attention", "full_attention"]),
+               dict(hidden_size=128, vocab_size=256, intermediate_size=160, sliding_window=28, query_pre_attn_scalar=36,
+                    num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)),
+    "gpt_neox": (dict(model_type="gpt_neox", hidden_size=64, num_attention_heads=4, intermediate_size=160,
+                      vocab_size=128, num_hidden_layers=2, max_position_embeddings=40, rotary_pct=0.25),
+                 dict(hidden_size=128, intermediate_size=352, vocab_size=256)),
+    "opt": (dict(model_type="opt", hidden_size=64, num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64,
+                 vocab_size=128, num_hidden_layers=2, max_position_embeddings=40, do_layer_norm_before=True,
+                 pad_token_id=1),
+            dict(hidden_size=128, ffn_dim=160, word_embed_proj_dim=128, vocab_size=256)),
+    "bert": (dict(model_type="bert", hidden_size=64, num_attention_heads=4, intermediate_size=96, vocab_size=128,
+                  num_hidden_layers=2, max_position_embeddings=40, type_vocab_size=3),
+             dict(hidden_size=128, num_attention_heads=8, intermediate_size=160, vocab_size=256, type_vocab_size=5)),
+}
+FAST = ("llama_gqa",)
+
+
+def _key(cfg):
+    return structure_key(cfg, transformers_version="x", format_version=0)
+
+
+def test_structure_key_is_sizes_symbolic():
+    a, delta = PAIRS["llama_gqa"]
+    assert _key(a) == _key({**a, **delta})  # other sizes, depth, eps, theta: same structure
+    assert _key(a) != _key({**a, "num_key_value_heads": 4})  # kv == heads is another structure
+    assert _key(a) != _key({**a, "head_dim": 16})  # a key more
+    assert _key(a) != _key({**a, "tie_word_embeddings": True})  # a flag
+    assert _key(a) != _key({**a, "model_type": "mistral"})
+    assert _key(a) != _key({**a, "max_position_embeddings": 96})  # a new coincidence (== intermediate_size)
+    assert _key(a) != _key({**a, "rope_theta": 10000})  # int where a float was
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in PAIRS])
+def test_rebound_ir_equals_a_trace(family, tmp_path, monkeypatch):
+    a, delta = PAIRS[family]
+    b = {**a, **delta}
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path / "exact"))
+    I.model_ir_for(b)
+    traced = I.model_ir_for(b)  # what a second check of B gets: the trace of B, from the cache
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path / "structure"))
+    I.model_ir_for(a)
+
+    def no_trace(cfg):
+        raise AssertionError(f"{family}: traced again although its structure is cached")
+
+    monkeypatch.setattr(I, "discover", no_trace)
+    rebound = I.model_ir_for(b)
+    assert rebound.to_json() == traced.to_json()
+
+
+def test_rebind_refuses_what_it_cannot_account_for(tmp_path, monkeypatch):
+    """A float the IR does not read that changes, or a size whose formula is ambiguous: traced."""
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path))
+    a, delta = PAIRS["llama_gqa"]
+    ir = I.model_ir_for(a)
+    from scaler_wizard.ir.structure import rebind
+
+    assert rebind(ir, a, {**a, **delta}) is not None
+    assert rebind(ir, a, {**a, "initializer_range": 0.5}) is None  # not a key of a (set(leaves) differ)
+    a2 = {**a, "initializer_range": 0.02}
+    assert rebind(ir, a2, {**a2, "initializer_range": 0.5}) is None  # differs, and the IR does not read it
+    # head_dim = 16 = hidden // heads; with max_position 32 also max_position // kv_heads: in B the two
+    # formulas disagree (128 // 8 = 16 vs 48 // 2 = 24), so which one the config class uses is unknown
+    a3 = {**a, "max_position_embeddings": 32}
+    assert rebind(ir, a3, {**a3, **delta}) is None
+
+
+@pytest.mark.slow
+def test_cold_check_of_a_cached_structure_is_torch_free(tmp_path):
+    """`check` of a config never seen, whose structure was checked once: no trace, no model build,
+    neither torch nor transformers imported; the output equals that of a check that traced."""
+    # head_dim explicit: with it implicit, growing hidden makes conform write it (a verdict with a
+    # note), which is not cached per structure (that config builds its output model once)
+    a, delta = PAIRS["llama_gqa"]
+    a = {**a, "head_dim": 16}
+    plan = tmp_path / "grow.expand"
+    plan.write_text("widen hidden x2 lemon\nwiden ffn x2 net2net\ninsert layers every 2 identity\n")
+    dirs = {}
+    for name, cfg in (("a", a), ("b", {**a, **delta})):
+        dirs[name] = tmp_path / name
+        dirs[name].mkdir()
+        (dirs[name] / "config.json").write_text(json.dumps(cfg))
+
+    def check(model, cache, probe=False):
+        code = ("import sys, runpy\n"
+                f"sys.argv = ['scaler-wizard', 'check', {str(plan)!r}, '--model', {str(model)!r}, '--format', 'json']\n"
+                "try:\n    runpy.run_module('scaler_wizard', run_name='__main__')\nexcept SystemExit as e:\n"
+                "    assert not e.code, e.code\n")
+        if probe:
+            code += "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
+        env = {**os.environ, "SCALER_WIZARD_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    check(dirs["a"], tmp_path / "c1")
+    cold = check(dirs["b"], tmp_path / "c1", probe=True)
+    check(dirs["b"], tmp_path / "c2")
+    again = check(dirs["b"], tmp_path / "c2")  # B traced and built, then from its exact cache
+    assert json.loads(cold) == json.loads(again)
