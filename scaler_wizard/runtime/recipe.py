@@ -33,6 +33,7 @@ class TrainRecipe:
     eval_data: list[str] = field(default_factory=list)  # explicit held-out files (else a split)
     eval_fraction: float = 0.05
     eval_blocks: int = 32  # at most this many held-out blocks per eval
+    data_offset: int = 0  # optimizer steps of data to skip: step s reads the batches of step s + data_offset
     # schedule
     steps: int = 100
     batch_size: int = 8  # per process, per micro-step
@@ -148,7 +149,7 @@ class TrainRecipe:
         for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "breaker_patience"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps"):
+        for key in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps", "data_offset"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("lr", "new_lr"):
@@ -169,6 +170,8 @@ class TrainRecipe:
             bad("seed", f"must be an integer from 0 to 2**63-1, got {self.seed}")
         if self.max_grad_norm < 0:
             bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.data_offset and self.streaming:
+            bad("data_offset", "is not supported with `streaming = true` (a stream cannot be entered at a step)")
         last = 0
         for seq, until in self.curriculum:
             if seq < 1:
