@@ -94,6 +94,7 @@ class Preset:
     precision: str = "fp32"
     seed: int = 0
     quick: bool = False
+    verify: bool = True  # apply's fp32 verification (the quick preset relies on the growth events' losses)
 
     @property
     def kv_heads(self) -> int:
@@ -102,9 +103,10 @@ class Preset:
 
 PRESETS = {
     "quick": Preset(hidden=64, heads=4, head_dim=16, ffn=128, layers=2, vocab=384, seq_len=64, batch_size=4,
-                    steps=12, grow_at=4, eval_every=4, eval_blocks=4, lr=3e-3, warmup=2, rewarm=1, quick=True),
-    "default": Preset(hidden=256, heads=4, head_dim=64, ffn=768, layers=8, vocab=2048, seq_len=128, batch_size=16,
-                      steps=400, grow_at=100, eval_every=25, eval_blocks=32, lr=2e-3, warmup=20, rewarm=10),
+                    steps=12, grow_at=4, eval_every=4, eval_blocks=4, lr=3e-3, warmup=2, rewarm=1, quick=True,
+                    verify=False),
+    "default": Preset(hidden=128, heads=4, head_dim=32, ffn=384, layers=4, vocab=1024, seq_len=64, batch_size=8,
+                      steps=300, grow_at=75, eval_every=25, eval_blocks=32, lr=3e-3, warmup=15, rewarm=10),
     "gpu": Preset(hidden=768, heads=12, head_dim=64, ffn=2048, layers=12, vocab=4096, seq_len=512, batch_size=32,
                   steps=3000, grow_at=750, eval_every=100, eval_blocks=64, lr=1e-3, warmup=150, rewarm=50,
                   precision="bf16"),
@@ -194,11 +196,13 @@ def run_train(model_dir: Path, run_dir: Path, recipe: dict) -> list[dict]:
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
-def run_apply(plan: str, model_dir: Path, out: Path) -> None:
-    """`scaler-wizard apply PLAN --model MODEL_DIR -o OUT` (verified: exact plans land only if they pass)."""
+def run_apply(plan: str, model_dir: Path, out: Path, *, verify: bool = True) -> None:
+    """`scaler-wizard apply PLAN --model MODEL_DIR -o OUT` (verified: exact plans land only if they
+    pass; ``verify=False`` passes --no-verify)."""
     pfile = out.parent / f"{out.name}.expand"
     pfile.write_text(plan + "\n")
-    _cli(["apply", str(pfile), "--model", str(model_dir), "-o", str(out), "--force"], "apply")
+    _cli(["apply", str(pfile), "--model", str(model_dir), "-o", str(out), "--force"]
+         + ([] if verify else ["--no-verify"]), "apply")
 
 
 def live_growth_available() -> bool:
@@ -272,13 +276,14 @@ def loss_at(curve: list[dict], flops: float) -> float | None:
     FLOPs the later (grown) point is used."""
     if not curve or flops < curve[0]["flops"] or flops > curve[-1]["flops"]:
         return None
+    at = [pt for pt in curve if pt["flops"] == flops]
+    if at:
+        return at[-1]["eval_loss"]
     for a, b in zip(curve, curve[1:]):
-        if a["flops"] <= flops <= b["flops"]:
-            if b["flops"] == a["flops"]:
-                return b["eval_loss"]
+        if a["flops"] < flops < b["flops"]:
             f = (flops - a["flops"]) / (b["flops"] - a["flops"])
             return a["eval_loss"] + f * (b["eval_loss"] - a["eval_loss"])
-    return curve[-1]["eval_loss"]
+    return None
 
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -383,15 +388,20 @@ def grown_arm(arm: Arm, out: Path, p: Preset, tok, train: list[Path], held: list
     trained = out / f"run-small-w{width}-d{depth}" / "final"
     grown = out / f"grown-{arm.name}"
     t0 = time.perf_counter()
-    run_apply(f'model "{trained}"\n{plan}', trained, grown)
+    run_apply(f'model "{trained}"\n{plan}', trained, grown, verify=p.verify)
     apply_s = time.perf_counter() - t0
     _, before = flops_per_token(trained, p.seq_len)
     _, after = flops_per_token(grown, p.seq_len)
-    arm.growth_events.append({"step": p.grow_at, "flops": flops, "plan": plan, "params_before": before,
-                              "params_after": after, "optimizer": "reset", "apply_s": round(apply_s, 1)})
     t0 = time.perf_counter()
-    metrics = run_train(grown, out / f"run-{arm.name}",
-                        recipe_for(p, train, held, steps=p.steps - p.grow_at, offset=p.grow_at, continuation=True))
+    metrics_grown = run_train(grown, out / f"run-{arm.name}", recipe_for(
+        p, train, held, steps=p.steps - p.grow_at, offset=p.grow_at, continuation=True))
+    # the same held-out blocks just before and just after the growth: equal for an exact plan
+    loss_before = next(r["eval_loss"] for r in reversed(metrics) if r.get("eval_loss") is not None)
+    loss_after = next(r["eval_loss"] for r in metrics_grown if r.get("event") == "baseline")
+    arm.growth_events.append({"step": p.grow_at, "flops": flops, "plan": plan, "params_before": before,
+                              "params_after": after, "optimizer": "reset", "apply_s": round(apply_s, 1),
+                              "eval_loss_before": loss_before, "eval_loss_after": loss_after})
+    metrics = metrics_grown
     add_phase(arm, metrics, model_dir=grown, p=p, step0=p.grow_at, flops0=flops, phase="grown",
               wall_s=time.perf_counter() - t0)
     arm.wall_s = wall + apply_s + arm.runs[-1]["wall_s"]
@@ -413,9 +423,9 @@ def run_benchmark(out: Path, p: Preset, preset_name: str, arms_wanted: list[str]
     live = live_growth_available()
     arms = [Arm("baseline", "target from scratch"),
             Arm("carry", "half width+depth, grown in-run, optimizer carried"),
-            Arm("reset", "half width+depth, apply, fresh optimizer"),
-            Arm("stack", "half depth, stack x2 (G_stack)"),
             Arm("llama-pro", "half depth, identity layer every 1 (LLaMA Pro)"),
+            Arm("stack", "half depth, stack x2 (G_stack)"),
+            Arm("reset", "half width+depth, apply, fresh optimizer"),
             Arm("schedule", "two-stage `at step` schedule")]
     if arms_wanted:
         arms = [a for a in arms if a.name in arms_wanted or a.name == "baseline"]
@@ -440,15 +450,9 @@ def run_benchmark(out: Path, p: Preset, preset_name: str, arms_wanted: list[str]
         elif arm.name == "llama-pro":
             grown_arm(arm, out, p, tok, train, held, width=1, depth=2, plan="insert layers every 1 identity",
                       small_cache=small_cache)
-    summary = summarise(arms)
-    result = {
-        "preset": preset_name, "config": asdict(p), "flops_formula": FLOPS_FORMULA,
-        "data": {"train_plays": [f.name for f in train], "eval_plays": [f.name for f in held],
-                 "tokenizer": f"byte-level BPE, {len(tok)} entries, trained on the training plays"},
-        "arms": [asdict(a) for a in arms], "summary": summary,
-        "wall_s": round(time.perf_counter() - t_all, 1), "threads": _threads(),
-    }
-    (out / "payoff.json").write_text(json.dumps(result, indent=1))
+        _write(out, arms, p, preset_name, train, held, tok, t_all, partial=True)
+    result = _write(out, arms, p, preset_name, train, held, tok, t_all, partial=False)
+    summary = result["summary"]
     png = plot(arms, summary, out / "payoff.png")
     print(table(arms, summary))
     best = summary["best_arm"]
@@ -456,6 +460,25 @@ def run_benchmark(out: Path, p: Preset, preset_name: str, arms_wanted: list[str]
           f"FLOPs; best arm: {best or 'none reached it'}"
           + (f" ({summary['best_ratio']:.2f}x the baseline's FLOPs)" if best else ""))
     print(f"wrote {out / 'payoff.json'}" + (f", {png}" if png else "") + f" in {result['wall_s']:.0f} s")
+    return result
+
+
+def _write(out: Path, arms: list[Arm], p: Preset, preset_name: str, train, held, tok, t_all: float, *,
+           partial: bool) -> dict:
+    """payoff.json with every arm so far (``partial``: written after each arm, so a long run that
+    is stopped keeps what it measured)."""
+    done = [a for a in arms if a.status != "ok" or a.curve]
+    summary = summarise(done) if any(a.name == "baseline" and a.curve for a in done) else {}
+    result = {
+        "preset": preset_name, "config": asdict(p), "flops_formula": FLOPS_FORMULA,
+        "data": {"train_plays": [f.name for f in train], "eval_plays": [f.name for f in held],
+                 "tokenizer": f"byte-level BPE, {len(tok)} entries, trained on the training plays"},
+        "arms": [asdict(a) for a in (done if partial else arms)], "summary": summary, "partial": partial,
+        "wall_s": round(time.perf_counter() - t_all, 1), "threads": _threads(),
+    }
+    tmp = out / "payoff.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "payoff.json")
     return result
 
 
