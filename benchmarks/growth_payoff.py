@@ -303,6 +303,8 @@ def summarise(arms: list[Arm]) -> dict:
             "flops_to_baseline_loss": reach,
             "ratio_to_baseline_flops": reach / base_flops if reach is not None else None,
             "eval_loss_at_baseline_flops_fraction": {str(f): loss_at(a.curve, f * base_flops) for f in FRACTIONS},
+            # equal FLOPs the other way round: the baseline where this arm stopped
+            "baseline_eval_loss_at_total_flops": loss_at(base.curve, a.curve[-1]["flops"]),
         }
     ok = [a for a in arms if a.status == "ok" and a.name != "baseline" and a.summary["ratio_to_baseline_flops"]]
     best = min(ok, key=lambda a: a.summary["ratio_to_baseline_flops"]) if ok else None
@@ -312,23 +314,23 @@ def summarise(arms: list[Arm]) -> dict:
 
 
 def table(arms: list[Arm], summary: dict) -> str:
-    head = ("| arm | final eval loss | total FLOPs | FLOPs to baseline loss | ratio | loss @0.5x | loss @1x |\n"
-            "| --- | --- | --- | --- | --- | --- | --- |")
-    rows = [head]
+    """The README table (markdown)."""
+    def fmt(v, spec=".3f"):
+        return format(v, spec) if v is not None else "-"
+
+    rows = ["| arm | final eval loss | baseline at the same FLOPs | total FLOPs | FLOPs to the baseline's final "
+            "loss | ratio to baseline | eval loss at 0.5x baseline FLOPs |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for a in arms:
         if a.status != "ok":
-            rows.append(f"| {a.name}: {a.label} | skipped: {a.reason} | | | | | |")
+            rows.append(f"| {a.name}: {a.label} | skipped: {(a.reason or '').split(':')[0]} | | | | | |")
             continue
         s = a.summary
-        reach = f"{s['flops_to_baseline_loss']:.3g}" if s["flops_to_baseline_loss"] is not None else "not reached"
+        reach = fmt(s["flops_to_baseline_loss"], ".3g") if s["flops_to_baseline_loss"] is not None else "not reached"
         ratio = f"{s['ratio_to_baseline_flops']:.2f}x" if s["ratio_to_baseline_flops"] is not None else "-"
-        eq = s["eval_loss_at_baseline_flops_fraction"]
-
-        def fmt(v):
-            return f"{v:.3f}" if v is not None else "-"
-
-        rows.append(f"| {a.name}: {a.label} | {s['final_eval_loss']:.3f} | {s['total_flops']:.3g} | {reach} | "
-                    f"{ratio} | {fmt(eq['0.5'])} | {fmt(eq['1.0'])} |")
+        rows.append(f"| {a.name}: {a.label} | {s['final_eval_loss']:.3f} | {fmt(s['baseline_eval_loss_at_total_flops'])}"
+                    f" | {s['total_flops']:.3g} | {reach} | {ratio} | "
+                    f"{fmt(s['eval_loss_at_baseline_flops_fraction']['0.5'])} |")
     return "\n".join(rows)
 
 
@@ -423,9 +425,9 @@ def run_benchmark(out: Path, p: Preset, preset_name: str, arms_wanted: list[str]
     live = live_growth_available()
     arms = [Arm("baseline", "target from scratch"),
             Arm("carry", "half width+depth, grown in-run, optimizer carried"),
+            Arm("reset", "half width+depth, apply, fresh optimizer"),
             Arm("llama-pro", "half depth, identity layer every 1 (LLaMA Pro)"),
             Arm("stack", "half depth, stack x2 (G_stack)"),
-            Arm("reset", "half width+depth, apply, fresh optimizer"),
             Arm("schedule", "two-stage `at step` schedule")]
     if arms_wanted:
         arms = [a for a in arms if a.name in arms_wanted or a.name == "baseline"]
@@ -482,6 +484,18 @@ def _write(out: Path, arms: list[Arm], p: Preset, preset_name: str, train, held,
     return result
 
 
+def report(path: Path) -> int:
+    """Summary, table and PNG of an existing payoff.json (its arms' curves), rewritten in place."""
+    res = json.loads(path.read_text())
+    arms = [Arm(**{k: v for k, v in a.items() if k in Arm.__dataclass_fields__}) for a in res["arms"]]
+    res["summary"] = summarise(arms)
+    res["arms"] = [asdict(a) for a in arms]
+    path.write_text(json.dumps(res, indent=1))
+    plot(arms, res["summary"], path.with_suffix(".png"))
+    print(table(arms, res["summary"]))
+    return 0
+
+
 def _threads() -> int:
     import torch
 
@@ -499,7 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{key.replace('_', '-')}", type=int)
     for key in ("lr", "lr_after"):
         ap.add_argument(f"--{key.replace('_', '-')}", type=float)
+    ap.add_argument("--report", metavar="PAYOFF_JSON",
+                    help="no training: recompute the summary, table and PNG of a payoff.json (written next to it)")
     args = ap.parse_args(argv)
+    if args.report:
+        return report(Path(args.report))
     name = "quick" if args.quick else args.preset
     p = Preset(**asdict(PRESETS[name]))
     for key in ("steps", "grow_at", "eval_every", "rewarm", "seed", "lr", "lr_after"):

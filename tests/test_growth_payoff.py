@@ -45,7 +45,7 @@ def monkeypatch_module():
 def test_every_arm_runs_or_names_the_missing_feature(quick):
     mod, out, res = quick
     arms = {a["name"]: a for a in res["arms"]}
-    assert list(arms) == ["baseline", "carry", "llama-pro", "stack", "reset", "schedule"]
+    assert list(arms) == ["baseline", "carry", "reset", "llama-pro", "stack", "schedule"]
     for name in ("baseline", "reset", "stack", "llama-pro"):
         assert arms[name]["status"] == "ok", name
         assert arms[name]["curve"], name
