@@ -433,7 +433,13 @@ def train(model_dir, run_dir, *, plan: str | None = None, resume=None, progress:
 
     recipe = recipe_from_plan(plan) if plan else TrainRecipe()
     recipe.update(options, "api.train options")  # validated like a recipe file: unknown keys are named
-    return _train(model_dir, run_dir, recipe, resume=resume, progress=progress)
+    stages = ()
+    if plan:  # the plan's `at step` growth stages, resolved against model_dir
+        from scaler_wizard.compiler.stages import stages_for_run
+
+        recipe.validate()
+        stages = stages_for_run(plan, str(model_dir), steps=recipe.steps, seq_len=recipe.max_seq_len)
+    return _train(model_dir, run_dir, recipe, resume=resume, progress=progress, stages=stages)
 
 
 def evaluate(models: list[str], tasks: list[str], **kw):

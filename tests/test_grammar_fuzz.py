@@ -48,8 +48,7 @@ options = st.lists(st.builds(A.Option, idents, values), max_size=3).map(tuple)
 maybe_ident = st.none() | idents
 positive_floats = st.floats(min_value=0.0, exclude_min=True, allow_infinity=False, allow_nan=False)
 
-statements = st.one_of(
-    st.builds(A.ModelStmt, st.text(max_size=30).map(A.Str)),
+growth_statements = st.one_of(
     st.builds(
         A.WidenStmt,
         idents,
@@ -73,6 +72,12 @@ statements = st.one_of(
         st.sampled_from(["", "K", "M", "B"]),
         st.none() | st.sampled_from(["depth", "width"]).map(A.Ident),
     ),
+    st.builds(A.ExtendContext, positive.map(A.Int), maybe_ident, options),
+)
+statements = st.one_of(
+    st.builds(A.ModelStmt, st.text(max_size=30).map(A.Str)),
+    growth_statements,
+    st.builds(A.Stage, nonneg.map(A.Int), options, st.lists(growth_statements, max_size=3).map(tuple)),
     st.builds(A.SeedStmt, nonneg.map(A.Int)),
     st.builds(A.DtypeStmt, idents),
     st.builds(A.NoiseStmt, st.floats(min_value=0.0, allow_infinity=False, allow_nan=False).map(A.Number)),

@@ -104,6 +104,14 @@ def build_recipe(args):
     return recipe
 
 
+def plan_stages(plan_path: str, model_dir: str, recipe) -> tuple:
+    """The plan's `at step` stages resolved against MODEL_DIR (compiler/stages.py)."""
+    from scaler_wizard.compiler.stages import stages_for_run
+
+    recipe.validate()
+    return stages_for_run(plan_path, str(model_dir), steps=recipe.steps, seq_len=recipe.max_seq_len)
+
+
 def run(args) -> int:
     if args.emit_config:
         from scaler_wizard.runtime.launch import emit_config
@@ -125,14 +133,15 @@ def run(args) -> int:
 
     try:
         recipe = build_recipe(args)
+        stages = plan_stages(args.plan, args.model, recipe) if args.plan else ()
     except PlanError as e:
-        sys.stderr.write(render(e.diagnostics) + "\n")
+        sys.stderr.write(render(e.diagnostics, getattr(e, "sources", None) or {}) + "\n")
         return 1
     from scaler_wizard.runtime.train import train
 
     res = train(args.model, args.output, recipe, resume=args.resume, deepspeed_config=args.deepspeed,
                 growth_record=args.growth_record, stop_after=args.stop_after, progress=not args.no_progress,
-                dump_rank_weights=args.dump_rank_weights)
+                dump_rank_weights=args.dump_rank_weights, stages=stages)
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:

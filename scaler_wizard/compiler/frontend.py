@@ -119,13 +119,21 @@ def check_parsed(plan: A.Plan, sources: dict[str, str], *, model: str | None = N
     ir = ir_for(ref, plan, sources, use_cache=use_cache)
     from scaler_wizard.compiler.conform import conform
 
+    from scaler_wizard.compiler.stages import resolve_stages, stages_of, without_stages
+
+    staged = bool(stages_of(plan))
     try:
-        rp = check_plan(plan, ir, model_ref=ref, context=context)
+        rp = check_plan(without_stages(plan) if staged else plan, ir, model_ref=ref, context=context)
     except PlanError as e:
         e.sources = sources
         raise
     # the config the writer will produce must rebuild exactly the grown tensors (SW316 otherwise)
     rp = conform(rp, sources=sources, use_cache=use_cache)
+    if staged:  # each `at step` stage against the model grown by everything before it
+        steps = rp.train.get("steps") if isinstance(rp.train, dict) else None
+        rp = replace(rp, stages=resolve_stages(plan, sources, dict(rp.config_after), context=context,
+                                               total_steps=steps if isinstance(steps, int) else None,
+                                               use_cache=use_cache))
     return replace(rp, plan_text="\n".join(sources.values()))
 
 

@@ -50,7 +50,45 @@ def plan_to_dict(rp: ResolvedPlan) -> dict:
         },
         "alternatives": list(rp.alternatives),
         "warnings": [w.message for w in rp.warnings],
+        **({"stages": [st.to_dict() for st in rp.stages], "schedule": schedule_of(rp)} if rp.stages else {}),
     }
+
+
+def schedule_of(rp: ResolvedPlan) -> dict | None:
+    """Total training FLOPs of the plan's `at step` schedule (None unless the `train` block gives
+    ``steps``, ``batch_size`` and ``seq_len``; FLOPs/token at the check's context)."""
+    from scaler_wizard.compiler.stages import schedule_flops
+
+    tr = rp.train if isinstance(rp.train, dict) else {}
+    need = [tr.get(k) for k in ("steps", "batch_size", "seq_len")]
+    if not rp.stages or not all(isinstance(v, int) for v in need):
+        return None
+    steps, bs, seq = need
+    tokens = bs * seq * int(tr.get("grad_accum", 1) or 1)
+    return schedule_flops(rp.costs_after.flops_per_token, rp.stages, steps=steps, tokens_per_step=tokens)
+
+
+def render_stages(rp: ResolvedPlan, con) -> None:
+    from rich.table import Table
+
+    con.print()
+    con.print(f"growth schedule: {len(rp.stages)} stage(s) during training (FLOPs/token at ctx {rp.costs_after.context})")
+    t = Table(box=None, pad_edge=False)
+    for col in ("step", "statements", "exactness", "config", "parameters", "FLOPs/token", "optimizer"):
+        t.add_column(col, overflow="fold")
+    for st in rp.stages:
+        cb, ca = st.rp.costs_before, st.rp.costs_after
+        diff = ", ".join(f"{k} {_fmt(a)}->{_fmt(b)}" for k, (a, b) in st.rp.config_diff().items()) or "unchanged"
+        opt = st.optimizer + (f", rewarm {st.rewarm}" if st.rewarm else "")
+        t.add_row(str(st.step), st.text.replace("\n", "; "), st.rp.exactness, diff,
+                  f"{cb.params:,} -> {ca.params:,}", f"{human(cb.flops_per_token)} -> {human(ca.flops_per_token)}", opt)
+    con.print(t)
+    sch = schedule_of(rp)
+    if sch is None:
+        con.print("total training FLOPs: give steps, batch_size and seq_len in `train { }` to see it")
+    else:
+        con.print(f"total training FLOPs of the schedule: {human(sch['total_flops'])} "
+                  f"({sch['tokens_per_step']:,} tokens/step, 3 x forward FLOPs/token)")
 
 
 def render_plan(rp: ResolvedPlan, path: str = "") -> str:
@@ -124,4 +162,6 @@ def render_plan(rp: ResolvedPlan, path: str = "") -> str:
         con.print("grow-to solver:")
         for a in rp.alternatives:
             con.print(f"  {a}")
+    if rp.stages:
+        render_stages(rp, con)
     return buf.getvalue().rstrip()

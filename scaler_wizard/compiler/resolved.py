@@ -93,6 +93,7 @@ class ResolvedPlan:
     sizes_after: dict[str, int] = field(default_factory=dict)  # predicted group sizes of the grown model
     plan_text: str = ""  # the plan's source, for the model card and the growth sidecar
     config_notes: tuple[str, ...] = ()  # keys written explicitly or confirmed by building (compiler/conform.py)
+    stages: tuple = ()  # `at step` stages (compiler/stages.py ResolvedStage), grown from config_after on
 
     @property
     def exactness(self) -> str:

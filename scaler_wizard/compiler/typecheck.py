@@ -13,6 +13,7 @@ SW206  unknown dtype
 SW207  bad option value
 SW208  no model: the plan has no ``model`` statement and none was given with ``--model``
 SW209  a plan-wide setting (``model``, ``seed``, ``noise``, ``dtype``, ``train``) given twice
+SW210  a statement this build parses but cannot resolve yet (``at step`` stages, ``extend context``)
 SW402  the plan's ``model`` cannot be loaded (missing, unreadable, not available offline)
 SW301  the amount does not give a whole number of units (``x1.3`` of 9 heads)
 SW302  the amount does not grow the group (``to`` a smaller size, ``x1``, ``by 0``)
@@ -32,10 +33,14 @@ SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=t
 SW316  the grown config would not describe the grown tensors (raised by compiler/conform.py)
 SW317  the plan grows the parameters more than 64x (every statement, as ``grow to``), or applying
        it needs more memory than this machine has
+SW320  ``at step`` stage steps do not increase (compiler/stages.py)
+SW321  an ``at step`` stage step outside the training run (1 .. steps - 1)
+SW322  an unknown ``at step`` option or a bad value (``optimizer=carry|reset``, ``rewarm=<steps>``)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
 SW604  (warning) a scalar config key can no longer describe the grown per-layer layout
+SW620  (warning) an ``at step`` stage without growth statements
 =====  ==================================================================================
 """
 
@@ -189,6 +194,9 @@ class TypeChecker:
             handler = getattr(self, "_" + type(stmt).__name__, None)
             if handler is not None:
                 handler(i, stmt, st)
+            else:  # parsed, not resolved yet: one positioned error, never silently skipped
+                head = f"at step {stmt.step.value} {{ ... }}" if isinstance(stmt, A.Stage) else _print_stmt(stmt)
+                bag.error("SW210", f"`{head}` is not supported by this build yet", stmt.span)
         self._plan_wide_noise(st)
         self._check_config_invariants(st)
         self._check_rope_lists(st)

@@ -6,6 +6,21 @@ moves things around.
 
 Leaf values that a diagnostic may need to point at (group names, method names, layer indices,
 factors) are wrapped in small nodes with their own span (:class:`Ident`, :class:`Int`).
+
+Contract for later phases
+-------------------------
+- :attr:`Plan.statements` holds the file's statements in source order. Growth statements
+  (:data:`GROWTH_STATEMENTS`) at the top level are applied before step 0, as they always were.
+- A :class:`Stage` (``at step <N> [key=value ...] { ... }``) holds only growth statements, in
+  source order; the parser refuses anything else inside a stage (SW109), so a consumer may rely
+  on ``isinstance(s, GROWTH_STATEMENTS)`` for every ``s`` in ``stage.statements``. Stages are
+  never nested. The parser does not check that stage steps increase, lie inside the recipe's
+  ``steps``, or that the header options (``optimizer=carry|reset``, ``rewarm=<steps>``) are
+  known: names and values are the type checker's business, like every other option.
+- Names (groups, methods, inits, option keys, the context-extension method) are :class:`Ident`
+  and are resolved by the type checker; numbers whose range the grammar cannot express are
+  checked by the parser (SW104): layer indices and stage steps are ``>= 0``, counts, sizes and
+  context lengths ``>= 1``.
 """
 
 from __future__ import annotations
@@ -220,6 +235,68 @@ class TrainStmt:
     span: Span = _span()
 
 
+@dataclass(frozen=True)
+class ExtendContext:
+    """``extend context to <N> [<method>] [key=value ...]``: a longer context window.
+
+    ``length`` is the new ``max_position_embeddings`` in tokens (an :class:`Int` >= 1, its own
+    span). ``method`` is the RoPE scaling as written (``linear``, ``dynamic``, ``yarn``,
+    ``llama3``, ``longrope`` in transformers' ``rope_parameters`` / ``rope_scaling`` naming) or
+    ``None`` for the default; the type checker resolves the name and the ``key=value`` options
+    (e.g. ``factor=``, ``original_max_position_embeddings=``), not the parser.
+    """
+
+    length: Int
+    method: Ident | None = None
+    options: tuple[Option, ...] = ()
+    span: Span = _span()
+
+
+GrowthStatement = Union[
+    WidenStmt,
+    InsertLayerStmt,
+    InsertLayersAfterStmt,
+    InsertEveryStmt,
+    DuplicateLayersStmt,
+    StackStmt,
+    UpcycleStmt,
+    GrowToStmt,
+    ExtendContext,
+]
+#: The statement classes a :class:`Stage` may hold (for ``isinstance``).
+GROWTH_STATEMENTS: tuple[type, ...] = (
+    WidenStmt,
+    InsertLayerStmt,
+    InsertLayersAfterStmt,
+    InsertEveryStmt,
+    DuplicateLayersStmt,
+    StackStmt,
+    UpcycleStmt,
+    GrowToStmt,
+    ExtendContext,
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """``at step <N> [key=value ...] { <growth statements> }``: growth in the middle of training.
+
+    ``step`` is the training step (an :class:`Int` >= 0 with its own span) at which the stage's
+    statements are applied, in order, to the model as grown by the stages before it. ``options``
+    are the header's ``key=value`` pairs as written (``optimizer=carry|reset``,
+    ``rewarm=<steps>``; validated by the type checker). ``statements`` holds only growth
+    statements (see :data:`GROWTH_STATEMENTS`), each with its own span; it may be empty
+    (``at step 100 {}``). ``span`` covers the header to the closing ``}``. Statements inside
+    the braces are separated by ``;`` or line breaks; a stage never contains another stage.
+    (Staged Training, Shen et al. 2022; MSG, Yao et al. 2023; G_stack, Du et al. 2024.)
+    """
+
+    step: Int
+    options: tuple[Option, ...] = ()
+    statements: tuple[GrowthStatement, ...] = ()
+    span: Span = _span()
+
+
 Statement = Union[
     ModelStmt,
     WidenStmt,
@@ -230,10 +307,12 @@ Statement = Union[
     StackStmt,
     UpcycleStmt,
     GrowToStmt,
+    ExtendContext,
     SeedStmt,
     DtypeStmt,
     NoiseStmt,
     TrainStmt,
+    Stage,
 ]
 
 

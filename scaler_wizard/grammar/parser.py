@@ -39,6 +39,8 @@ SW106    Unterminated or malformed ``train { }`` block: ``{`` never closed, an e
          stray ``}``.
 SW107    Unknown statement keyword (``widn hidden x2``), with a "did you mean" help.
 SW108    Invalid escape sequence in a string (``"C:\\models"``: write ``\\\\``).
+SW109    A statement that cannot stand inside an ``at step <N> { }`` growth stage: ``model``,
+         ``seed``, ``dtype``, ``noise``, ``train`` (plan-wide settings) or a nested ``at``.
 =======  =====================================================================================
 
 Every syntax diagnostic carries a help line with the expected form of the statement.
@@ -75,12 +77,16 @@ FORMS: dict[str, str] = {
     "stack": "stack x<k> [key=value ...]",
     "upcycle": "upcycle <group> experts <E> top <k> [key=value ...]",
     "grow": "grow to <size>[K|M|B] [prefer depth|width]",
+    "extend": "extend context to <tokens> [<method>] [key=value ...]",
     "seed": "seed <int>",
     "dtype": "dtype <name>  (bfloat16, float16 or float32)",
     "noise": "noise <float>",
     "train": 'train { key = value ... } or train "recipe.toml"',
+    "at": "at step <N> [optimizer=carry|reset] [rewarm=<steps>] { <growth statements> }",
 }
 STATEMENT_KEYWORDS: tuple[str, ...] = tuple(FORMS)
+#: The statements a growth stage (`at step N { ... }`) may hold.
+GROWTH_KEYWORDS: tuple[str, ...] = ("widen", "insert", "duplicate", "stack", "upcycle", "grow", "extend")
 # The three `insert` forms, told apart by the word after `insert` (for help lines).
 _SUB_FORMS = {
     "insert layer": "insert layer <index> [<init>] [key=value ...]",
@@ -121,7 +127,7 @@ def get_lark():
         grammar,
         parser="lalr",
         lexer="contextual",
-        start=["plan", "statement"],
+        start=["plan", "statement", "stage_head"],
         propagate_positions=True,
         maybe_placeholders=True,
     )
@@ -169,24 +175,27 @@ class _Chunk:
     start: int
     end: int
     broken: bool = False  # already reported by the scanner: do not parse
+    block: tuple[int, int] | None = None  # offsets of the first `{` and its matching `}`
 
 
-def _scan(text: str, lines: _Lines, diags: list[Diagnostic]) -> list[_Chunk]:
-    """Split ``text`` into statements (see the module docstring)."""
+def _scan(text: str, lines: _Lines, diags: list[Diagnostic], lo: int = 0, hi: int | None = None) -> list[_Chunk]:
+    """Split ``text[lo:hi]`` into statements (see the module docstring)."""
     chunks: list[_Chunk] = []
-    n = len(text)
-    i = 0
+    n = len(text) if hi is None else hi
+    i = lo
     start: int | None = None
     last = 0  # end offset of the last significant character of the current statement
     broken = False
     braces: list[int] = []
+    block: list[int] = []  # the first block's `{` and `}` offsets
 
     def finish() -> None:
         nonlocal start, broken
         if start is not None:
-            chunks.append(_Chunk(start, last, broken))
+            chunks.append(_Chunk(start, last, broken, tuple(block) if len(block) == 2 else None))
         start, broken = None, False
         braces.clear()
+        block.clear()
 
     def keyword_of(s: int) -> str | None:
         m = _FIRST_WORD.match(text, s)
@@ -197,13 +206,13 @@ def _scan(text: str, lines: _Lines, diags: list[Diagnostic]) -> list[_Chunk]:
         nonlocal broken
         open_at = braces[0]
         kw = keyword_of(start) if start is not None else None
-        what = "`train { }` block" if kw == "train" else "`{ }` block"
+        what = {"train": "`train { }` block", "at": "`at step` block"}.get(kw, "`{ }` block")
         diags.append(
             Diagnostic(
                 "SW106",
                 f"{what} is not closed: {where}",
                 lines.span(open_at, open_at + 1),
-                help=f"close the block with `}}`; the form is `{FORMS['train']}`",
+                help=f"close the block with `}}`; the form is `{FORMS['at' if kw == 'at' else 'train']}`",
             )
         )
         broken = True
@@ -220,12 +229,17 @@ def _scan(text: str, lines: _Lines, diags: list[Diagnostic]) -> list[_Chunk]:
             if not braces:
                 finish()
                 continue
-            # Inside a block: does the next line look like a new statement?
+            # Inside a block: does the next line look like a new statement? (A stage holds
+            # statements: only an `at` indented no deeper than the stage's own ends it early.)
             j = i
             while j < n and text[j] in " \t":
                 j += 1
             m = _FIRST_WORD.match(text, j)
-            if m and m.group(0) in FORMS:
+            if keyword_of(start) == "at":
+                lost = m and m.group(0) == "at" and lines.pos(j)[1] <= lines.pos(start)[1]
+            else:
+                lost = m and m.group(0) in FORMS
+            if lost:
                 k = m.end()
                 while k < n and text[k] in " \t":
                     k += 1
@@ -272,8 +286,12 @@ def _scan(text: str, lines: _Lines, diags: list[Diagnostic]) -> list[_Chunk]:
                 continue
             if c == "{":
                 braces.append(i)
+                if not block:
+                    block.append(i)
             elif c == "}" and braces:
                 braces.pop()
+                if not braces and len(block) == 1:
+                    block.append(i)
             i += 1
             last = i
     if braces and start is not None:
@@ -307,7 +325,7 @@ def _show(s: str, limit: int = 32) -> str:
 _KEYWORD_TERMINALS = {
     "MODEL", "WIDEN", "INSERT", "DUPLICATE", "STACK", "UPCYCLE", "GROW", "SEED", "DTYPE",
     "NOISE", "TRAIN", "LAYER", "LAYERS", "AFTER", "EVERY", "EXPERTS", "TOP", "TO", "BY",
-    "PREFER", "TRUE", "FALSE",
+    "PREFER", "TRUE", "FALSE", "EXTEND", "CONTEXT", "AT", "STEP",
 }  # fmt: skip
 _TERMINAL_WORDS = {
     "IDENT": "a name",
@@ -359,6 +377,7 @@ _NUMBER_AFTER = {
     "layers": "a layer range like `8..24`",
     "insert": "a number of layers",
     "=": "a value",
+    "step": "a training step like `1000`",
 }
 
 
@@ -381,6 +400,8 @@ def _expected(kw: str | None, prev: str, expected: set[str]) -> str:
         return "a `key = value` entry or `}`" if "IDENT" in exp else "`;`, a line break or `}`"
     if exp == {"NUMBER"} and not end_ok:
         if prev == "to":
+            if kw == "extend":
+                return "a context length in tokens like `8192`"
             if kw == "grow":
                 return "a parameter count like `360M` or `1.5B`"
             return "a size like `3072`"
@@ -406,6 +427,8 @@ def _expected(kw: str | None, prev: str, expected: set[str]) -> str:
                 "or the end of the statement"
             )
         return "`key=value` options or the end of the statement"
+    if kw == "at" and "LBRACE" in exp:
+        return "`key=value` options or `{`" if "IDENT" in exp else "`{`"
     if exp == {"EQ"}:
         return "`=` and a value (options are written `key=value`)"
     if exp == {"EQ", "IDENT"} and end_ok:
@@ -689,6 +712,20 @@ class _Walker:
                 )
         return A.GrowToStmt(params, unit, pref, span)
 
+    def s_extend_stmt(self, ch, span):
+        _ext, _ctx, _to, length, method, *opts = ch
+        return A.ExtendContext(
+            self.int_(length, "the context length", 1),
+            self.ident(method) if method is not None else None,
+            self.options(opts),
+            span,
+        )
+
+    def s_stage_head(self, ch, span):
+        """(step, options) of a stage; the parser assembles the :class:`~A.Stage`."""
+        _at, _step, step, *rest = ch
+        return self.int_(step, "the training step", 0), self.options(rest)
+
     def s_seed_stmt(self, ch, span):
         return A.SeedStmt(self.int_(ch[1], "the seed", 0), span)
 
@@ -729,25 +766,28 @@ class _Walker:
 
 # --------------------------------------------------------------------------- statements
 def _ends(expected, in_block: bool) -> set[str]:
-    """Outside a block a separator just means the statement may end here."""
+    """Outside a block a separator just means the statement may end here, and a `}` (which LALR
+    lookahead merges in from the statements of a stage) is not expected."""
     exp = set(expected or ())
+    if not in_block:
+        exp.discard("RBRACE")
     if "_SEP" in exp and not in_block:
         exp.discard("_SEP")
         exp.add("$END")
     return exp
 
 
-def _parses(src: str) -> bool:
+def _parses(src: str, start: str = "statement") -> bool:
     from lark.exceptions import LarkError
 
     try:
-        get_lark().parse(src, start="statement")
+        get_lark().parse(src, start=start)
     except LarkError:
         return False
     return True
 
 
-def _parse_chunk(text: str, chunk: _Chunk, lines: _Lines, diags: list[Diagnostic]):
+def _parse_chunk(text: str, chunk: _Chunk, lines: _Lines, diags: list[Diagnostic], start: str = "statement"):
     from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedToken
 
     src = text[chunk.start : chunk.end]
@@ -775,12 +815,12 @@ def _parse_chunk(text: str, chunk: _Chunk, lines: _Lines, diags: list[Diagnostic
         return 0 <= brace < pos
 
     try:
-        tree = get_lark().parse(src, start="statement")
+        tree = get_lark().parse(src, start=start)
     except UnexpectedCharacters as e:
         pos = e.pos_in_stream
         ch = src[pos] if pos < len(src) else ""
         allowed = _ends(e.allowed, in_block(pos))
-        if _parses(src[:pos]):  # the statement could also end right here
+        if _parses(src[:pos], start):  # the statement could also end right here
             allowed.add("$END")
         expected = _expected(kw, _prev_token(src[:pos]), allowed)
         code = "SW106" if in_block(pos) else "SW101"
@@ -819,7 +859,7 @@ def _parse_chunk(text: str, chunk: _Chunk, lines: _Lines, diags: list[Diagnostic
         span = lines.span(chunk.start + pos, chunk.start + tok.end_pos)
         if tok.type == "RBRACE" and not in_block(pos):
             diags.append(
-                Diagnostic("SW106", "unexpected `}` without a matching `train {`", span,
+                Diagnostic("SW106", "unexpected `}` without a matching `{`", span,
                            help=_form_help(fk))
             )  # fmt: skip
         elif in_block(pos):
@@ -850,11 +890,62 @@ def _parse_chunk(text: str, chunk: _Chunk, lines: _Lines, diags: list[Diagnostic
         return None
 
     walker = _Walker(lines, chunk.start, fk)
-    node = walker.statement(tree.children[0], lines.span(chunk.start, chunk.end))
+    node = walker.statement(tree if start == "stage_head" else tree.children[0], lines.span(chunk.start, chunk.end))
     if walker.problems:
         diags.extend(walker.problems)
         return None
     return node
+
+
+_PLAN_WIDE = "plan-wide settings (`model`, `seed`, `dtype`, `noise`, `train`) go outside any stage"
+
+
+def _parse_stage(text: str, chunk: _Chunk, lines: _Lines, diags: list[Diagnostic]):
+    """``at step <N> [key=value ...] { ... }``: the header through ``{`` is parsed by lark
+    (start ``stage_head``), the statements between the braces one by one like the file's."""
+    end = chunk.block[0] + 1 if chunk.block else chunk.end
+    head = _parse_chunk(text, _Chunk(chunk.start, end), lines, diags, start="stage_head")
+    if chunk.block is None:
+        return None
+    open_at, close_at = chunk.block
+    body, ok = [], head is not None
+    for inner in _scan(text, lines, diags, open_at + 1, close_at):
+        if inner.broken:
+            ok = False
+            continue
+        kw = _FIRST_WORD.match(text, inner.start)
+        kw = kw.group(0) if kw else None
+        if kw in FORMS and kw not in GROWTH_KEYWORDS:
+            span = lines.span(inner.start, inner.start + len(kw))
+            if kw == "at":
+                msg = "an `at step` block cannot hold another `at step` block"
+                help = "close this stage with `}` first: stages are written one after another"
+            else:
+                msg = f"`{kw}` cannot be used inside an `at step` block"
+                help = f"{_PLAN_WIDE}; a stage holds growth statements: {', '.join(GROWTH_KEYWORDS)}"
+            diags.append(Diagnostic("SW109", msg, span, help=f"{help}; the form is `{FORMS['at']}`"))
+            ok = False
+            continue
+        node = _parse_chunk(text, inner, lines, diags)
+        ok = ok and node is not None
+        body.append(node)
+    rest = _PREV_TOKEN.search(text, close_at + 1, chunk.end)
+    while rest and rest.group(0).startswith("#"):
+        rest = _PREV_TOKEN.search(text, rest.end(), chunk.end)
+    if rest:
+        diags.append(
+            Diagnostic(
+                "SW102",
+                f"unexpected {_show(rest.group(0))} after the stage's closing `}}`; expected `;` or a line break",
+                lines.span(rest.start(), rest.end()),
+                help=f"start the next statement on its own line; the form is `{FORMS['at']}`",
+            )
+        )
+        return None
+    if not ok:
+        return None
+    step, options = head
+    return A.Stage(step, options, tuple(body), lines.span(chunk.start, chunk.end))
 
 
 # --------------------------------------------------------------------------- API
@@ -871,7 +962,11 @@ def parse(text: str, file: str = "<plan>") -> A.Plan:
     for chunk in _scan(text, lines, diags):
         if chunk.broken:
             continue
-        node = _parse_chunk(text, chunk, lines, diags)
+        m = _FIRST_WORD.match(text, chunk.start)
+        if m and m.group(0) == "at":
+            node = _parse_stage(text, chunk, lines, diags)
+        else:
+            node = _parse_chunk(text, chunk, lines, diags)
         if node is not None:
             statements.append(node)
     if diags:

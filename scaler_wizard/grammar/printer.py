@@ -1,6 +1,7 @@
 """Canonical text for a plan AST: ``parse(print_plan(plan)) == plan`` for every valid AST.
 
-One statement per line (a non-empty ``train { }`` block spans several lines). Floats are
+One statement per line (a non-empty ``train { }`` block or ``at step`` stage spans several
+lines, a stage's statements indented by two spaces). Floats are
 printed with ``repr`` (shortest round-tripping form), whole factors without ``.0``; strings are
 escaped so that any value, control characters and line breaks included, reads back the same.
 """
@@ -119,6 +120,14 @@ def print_statement(s: A.Statement) -> str:
     if isinstance(s, A.GrowToStmt):
         text = f"grow to {_size(s.params, s.unit)}"
         return text + (f" prefer {s.prefer.name}" if s.prefer is not None else "")
+    if isinstance(s, A.ExtendContext):
+        return f"extend context to {s.length.value}" + _tail(s.method, options=s.options)
+    if isinstance(s, A.Stage):
+        head = f"at step {s.step.value}" + _tail(options=s.options)
+        if not s.statements:
+            return head + " {}"
+        body = "".join(f"  {print_statement(t)}\n" for t in s.statements)
+        return head + " {\n" + body + "}"
     if isinstance(s, A.SeedStmt):
         return f"seed {s.value.value}"
     if isinstance(s, A.DtypeStmt):

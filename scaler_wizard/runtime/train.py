@@ -275,6 +275,11 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     for r in recs:
         if r.get("event") == "breaker_trip":
             ax.axvline(r["step"], color="red", ls="--", label="breaker trip")
+        if r.get("event") == "growth":  # `at step` stage: step, parameters before -> after
+            ax.axvline(r["step"], color="green", ls=":", lw=1)
+            ax.annotate(f"grow {r['params_before']:,}->{r['params_after']:,}", (r["step"], 1.0),
+                        xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7,
+                        color="green")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -311,13 +316,16 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     dump_rank_weights: bool = False,
+    stages: tuple = (),
 ) -> TrainResult:
-    """Continue training ``model_dir`` into ``run_dir``. See the module docstring."""
+    """Continue training ``model_dir`` into ``run_dir``. See the module docstring. ``stages``: the
+    plan's resolved ``at step`` stages (``compiler.stages.resolve_stages`` against ``model_dir``),
+    applied to the live run after their step (``runtime.live_growth``)."""
     fresh = not Path(run_dir).exists()
     try:
         return _train(model_dir, run_dir, recipe, resume=resume, deepspeed_config=deepspeed_config,
                       growth_record=growth_record, stop_after=stop_after, progress=progress,
-                      dump_rank_weights=dump_rank_weights)
+                      dump_rank_weights=dump_rank_weights, stages=tuple(stages or ()))
     except BaseException:
         _reset_accelerate()  # a failed run must not leave its accelerate singletons to the next one
         # a run that failed before its first checkpoint leaves no half-made RUN_DIR behind
@@ -401,7 +409,7 @@ def _check_resume_matches(ckpt: Path, model, model_dir: Path) -> None:
 
 
 def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_record, stop_after, progress,
-           dump_rank_weights) -> TrainResult:
+           dump_rank_weights, stages=()) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -433,6 +441,9 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         step_scheduler_with_optimizer=False,
     )
     main = accelerator.is_main_process
+    from scaler_wizard.runtime import live_growth as LG
+
+    LG.refuse_engine(accelerator, stages)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise UsageError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes} "
@@ -458,6 +469,10 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         raise UsageError(f"{run_dir} already holds checkpoints of another run: pass --resume to continue it, "
                          "or choose a new -o RUN_DIR")
     state = json.loads((ckpt / STATE_FILE).read_text()) if ckpt else {}
+    # stages already applied when the checkpoint was written: the model comes from the checkpoint
+    grown = [s for s in stages if ckpt is not None and s.step < int(state["step"])]
+    pending = [s for s in stages if s not in grown]
+    weights_dir = ckpt if grown else model_dir
 
     set_seed(recipe.seed)
     try:
@@ -465,7 +480,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     except (OSError, ValueError) as e:
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise UsageError(f"cannot load the tokenizer of {model_dir}: {first[:300]}") from None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # checked by _preflight
+    model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)  # checked by _preflight
     model.config.use_cache = False
     if recipe.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -474,7 +489,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
-    record = GrowthRecord.load(growth_record) if growth_record else GrowthRecord.find(model_dir)
+    record = GrowthRecord.load(growth_record) if growth_record and not grown else GrowthRecord.find(weights_dir)
     groups, frozen, counts = _param_groups(model, recipe, record)
     targets = [(g["lr"], g["weight_decay"]) for g in groups]
     if frozen.regions and str(accelerator.distributed_type).endswith("FSDP"):
@@ -489,16 +504,20 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         raise UsageError("--baseline-model is not supported under ZeRO-3 (the original model would be partitioned "
                          "too); use ZeRO-1/2 or DDP for the run, or compare with `scaler-wizard eval`")
     optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
+    lam_of = LG.rewarm_lambda(lr_lambda(recipe), stages)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam_of)
 
     if ckpt is not None:  # on the plain module: a DeepSpeed/FSDP wrapper renames (module.) or partitions
-        _check_resume_matches(ckpt, model, model_dir)
+        _check_resume_matches(ckpt, model, weights_dir)
     if _is_deepspeed(accelerator):
         _fill_deepspeed_auto(accelerator, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
     data = prepare_data(recipe, tokenizer, world=world, rank=rank)
+    # forward FLOPs/token of the model being trained (compiler/predict.py at the recipe's seq_len)
+    fwd_fpt = LG.forward_flops(grown[-1], after=True) if grown else LG.forward_flops(
+        stages[0], after=False) if stages else _forward_flops(model_dir, recipe.max_seq_len)
     held_out = eval_blocks(data.eval_tokens, recipe.max_seq_len, recipe.eval_blocks)
     eval_bs = max(1, recipe.batch_size)
     metrics = _Metrics(run_dir / METRICS, main)
@@ -509,7 +528,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         accelerator.load_state(str(ckpt / "training_state"))
         start = int(state["step"])
         # the recipe of this launch wins over the saved one (same recipe: the same values, bit for bit)
-        lam = lr_lambda(recipe)
+        lam = lam_of
         scheduler.base_lrs = [lr for lr, _ in targets]
         for pg, (lr, wd) in zip(optimizer.param_groups, targets):
             pg["initial_lr"], pg["weight_decay"] = lr, wd
@@ -520,6 +539,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         bad_streak = int(state.get("bad_streak", 0))
         good = list(state.get("good_checkpoints", []))
         total_tokens = int(state.get("tokens", 0))
+        total_flops = state.get("flops")
     else:
         if main:
             (run_dir / METRICS).unlink(missing_ok=True)
@@ -534,8 +554,10 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
         metrics.write({"step": 0, "event": "baseline", "loss": math.log(baseline) if baseline else None,
                        "eval_loss": math.log(baseline) if baseline else None, "eval_ppl": baseline,
                        "original_ppl": baseline_orig, "params": counts, "world_size": world,
-                       "train_tokens": data.train_tokens, "eval_tokens": int(len(data.eval_tokens))})
+                       "train_tokens": data.train_tokens, "eval_tokens": int(len(data.eval_tokens)),
+                       "flops": 0 if fwd_fpt is not None else None})
         bad_streak, good, total_tokens = 0, [], 0
+        total_flops = 0
     reference = baseline_orig if baseline_orig is not None else baseline
     breaker_on = recipe.breaker and reference is not None and len(held_out) > 0
     limit = reference * (1.0 + recipe.breaker_threshold) if breaker_on else None
@@ -561,9 +583,12 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
             tokenizer.save_pretrained(tmp)
             if record is not None and record.path is not None:
                 shutil.copy2(record.path, tmp / SIDECAR)
+            elif record is not None:  # composed by a growth stage
+                record.save(tmp)
             st = {"step": step, "good": is_good, "baseline_ppl": baseline, "original_ppl": baseline_orig,
                   "bad_streak": bad_streak, "good_checkpoints": good + ([step] if is_good else []),
-                  "tokens": total_tokens, "world_size": world, "recipe": recipe.to_dict()}
+                  "tokens": total_tokens, "flops": total_flops, "world_size": world,
+                  "recipe": recipe.to_dict(), "stages_applied": [s.step for s in stages if s.step < step]}
             (tmp / STATE_FILE).write_text(json.dumps(st, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # atomic: a checkpoint dir either exists whole or not at all
@@ -590,6 +615,37 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     loss_sum = torch.zeros((), device=device)
     try:
         for step in range(start + 1, recipe.steps + 1):
+            if pending and pending[0].step == step - 1:  # grow after step N, before step N + 1
+                stage = pending.pop(0)
+                plain = accelerator.unwrap_model(model)
+                g = LG.grow_live(plain, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                 stage, record)
+                accelerator._models = [m for m in accelerator._models if m is not model]
+                accelerator._optimizers = [o for o in accelerator._optimizers if o is not optimizer]
+                del plain, model, optimizer
+                model, record = g.model, g.record
+                model.config.use_cache = False
+                if recipe.gradient_checkpointing:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                groups, frozen, counts = _param_groups(model, recipe, record)
+                targets = [(g2["lr"], g2["weight_decay"]) for g2 in groups]
+                optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps)
+                LG.load_optimizer_state(model, optimizer, g.state)
+                old_sched, scheduler = scheduler, torch.optim.lr_scheduler.LambdaLR(optimizer, lam_of)
+                scheduler.last_epoch = old_sched.last_epoch
+                for pg, (lr, _) in zip(optimizer.param_groups, targets):
+                    pg["initial_lr"], pg["lr"] = lr, lr * lam_of(scheduler.last_epoch)
+                scheduler.base_lrs = [lr for lr, _ in targets]
+                scheduler._last_lr = [pg["lr"] for pg in optimizer.param_groups]
+                accelerator._custom_objects = [scheduler if o is old_sched else o for o in accelerator._custom_objects]
+                model, optimizer = accelerator.prepare(model, optimizer)
+                fwd_fpt = LG.forward_flops(stage, after=True)
+                metrics.write({"step": step - 1, "event": "growth", "stage": stage.index,
+                               "statements": stage.text, "optimizer": stage.optimizer, "rewarm": stage.rewarm,
+                               "params_before": g.params_before, "params_after": g.params_after,
+                               "moments_claimed": round(g.claimed_fraction, 6), "flops": total_flops,
+                               "flops_per_token": None if fwd_fpt is None else 3 * fwd_fpt})
+                del g
             seq_len = recipe.seq_len_at(step)
             loss_sum.zero_()
             accelerator.step = 0  # every optimizer step is exactly grad_accum micro-steps
@@ -609,6 +665,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
             scheduler.step()
             n_tok = recipe.batch_size * seq_len * recipe.grad_accum * world
             total_tokens += n_tok
+            if total_flops is not None and fwd_fpt is not None:
+                total_flops += 3 * fwd_fpt * n_tok  # forward + backward (compiler/stages.py)
             tok_run += n_tok
             window_tok += n_tok
 
@@ -622,7 +680,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
                 window_t, window_tok = now, 0
                 rec = {"step": step, "loss": float(mean), "lr": lr_used, "seq_len": seq_len,
                        "tokens": total_tokens, "tokens_per_s": round(tps, 1),
-                       "elapsed_s": round(now - t_run, 3), "cpu_s": round(time.process_time() - cpu_run, 3)}
+                       "elapsed_s": round(now - t_run, 3), "cpu_s": round(time.process_time() - cpu_run, 3),
+                       "flops": total_flops}
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
 
             last = step == recipe.steps or step == stop_after
@@ -680,6 +739,16 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     _teardown(accelerator, model)
     return TrainResult(status, step, run_dir, final_dir if status != "stopped" else None, baseline,
                        last_eval_ppl, restored, reason, tokens_per_s)
+
+
+def _forward_flops(model_dir, seq_len: int) -> int | None:
+    """The compiler's forward FLOPs/token of ``model_dir`` at ``seq_len`` (None if it cannot tell)."""
+    try:
+        from scaler_wizard.compiler.frontend import check_text
+
+        return int(check_text("", model=str(model_dir), context=seq_len).costs_before.flops_per_token)
+    except Exception:
+        return None
 
 
 def _roll_back(run_dir: Path, model_dir: Path, good: list[int], main: bool) -> str:
