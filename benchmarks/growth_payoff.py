@@ -188,11 +188,17 @@ def _cli(argv: list[str], what: str) -> None:
         raise SystemExit(f"growth_payoff: `scaler-wizard {' '.join(argv)}` ({what}) exited {rc}")
 
 
-def run_train(model_dir: Path, run_dir: Path, recipe: dict) -> list[dict]:
-    """`scaler-wizard train MODEL_DIR --recipe R -o RUN_DIR`; returns its metrics.jsonl records."""
+def run_train(model_dir: Path, run_dir: Path, recipe: dict, plan: str | None = None) -> list[dict]:
+    """`scaler-wizard train MODEL_DIR --recipe R -o RUN_DIR [--plan P]` (``plan``: its text, for
+    `at step` stages); returns its metrics.jsonl records."""
     rfile = run_dir.parent / f"{run_dir.name}.recipe.json"
     rfile.write_text(json.dumps(recipe, indent=1))
-    _cli(["train", str(model_dir), "--recipe", str(rfile), "-o", str(run_dir), "--no-progress"], "train")
+    argv = ["train", str(model_dir), "--recipe", str(rfile), "-o", str(run_dir), "--no-progress"]
+    if plan is not None:
+        pfile = run_dir.parent / f"{run_dir.name}.expand"
+        pfile.write_text(plan)
+        argv += ["--plan", str(pfile)]
+    _cli(argv, "train")
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
@@ -244,6 +250,8 @@ def add_phase(arm: Arm, metrics: list[dict], *, model_dir: Path, p: Preset, step
     for r in metrics:
         s = int(r["step"])
         flops = flops0 + fpt * tok_per_step * s
+        if r.get("event") == "growth":
+            continue
         if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"]):
             pt = {"step": step0 + s, "tokens": (step0 + s) * tok_per_step, "flops": flops,
                   "eval_loss": r["eval_loss"], "phase": phase}
@@ -253,8 +261,11 @@ def add_phase(arm: Arm, metrics: list[dict], *, model_dir: Path, p: Preset, step
         if r.get("event") is None and r.get("loss") is not None:
             arm.train_curve.append({"step": step0 + s, "flops": flops, "loss": r["loss"]})
         last = max(last, s)
+    project = [r["flops"] for r in metrics if r.get("flops") is not None and r.get("event") is None]
     arm.runs.append({"phase": phase, "model": str(model_dir), "params": params, "flops_per_token": fpt,
-                     "steps": last, "wall_s": round(wall_s, 1)})
+                     "steps": last, "wall_s": round(wall_s, 1),
+                     # the run's own count (train's metrics.jsonl `flops`), for comparison with ours
+                     "project_flops": project[-1] if project else None})
     return flops0 + fpt * tok_per_step * last
 
 
@@ -409,9 +420,49 @@ def grown_arm(arm: Arm, out: Path, p: Preset, tok, train: list[Path], held: list
     arm.wall_s = wall + apply_s + arm.runs[-1]["wall_s"]
 
 
+WIDTH = "widen hidden x2; widen heads x2 dup; widen ffn x2 net2net"
+DEPTH = "insert layers every 1 identity"
+
+
 def width_plan(p: Preset) -> str:
-    return ("widen hidden x2 lemon\nwiden heads x2 dup\nwiden ffn x2 lemon\n"
-            "insert layers every 1 identity")
+    """Half width and depth -> the target, exactly (the ops whose AdamW moment map is derived)."""
+    return f"{WIDTH}; {DEPTH}"
+
+
+def live_arm(arm: Arm, out: Path, p: Preset, tok, train: list[Path], held: list[Path], *,
+             stages: list[tuple[int, str, str]]) -> None:
+    """One `scaler-wizard train --plan` run from the half-width, half-depth model with ``stages``
+    = [(step, optimizer, statements)] as `at step` blocks; FLOPs are the run's own cumulative
+    ``flops`` (3 x the compiler's forward FLOPs/token, the formula above)."""
+    small = out / "init-w2-d2"
+    if not small.exists():
+        make_model(small, p, tok, width=2, depth=2)
+    plan = "\n".join(f"at step {step} optimizer={opt} rewarm={p.rewarm} {{ {stmts} }}" for step, opt, stmts in stages)
+    t0 = time.perf_counter()
+    metrics = run_train(small, out / f"run-{arm.name}", recipe_for(p, train, held, steps=p.steps),
+                        plan=f'model "{small}"\n{plan}\n')
+    wall = time.perf_counter() - t0
+    tok_per_step = p.batch_size * p.seq_len
+    phase, last_eval = "small", None
+    for r in metrics:
+        s = int(r["step"])
+        if r.get("event") == "growth":
+            arm.growth_events.append({
+                "step": s, "flops": r["flops"], "plan": r["statements"], "params_before": r["params_before"],
+                "params_after": r["params_after"], "optimizer": r["optimizer"], "rewarm": r["rewarm"],
+                "moments_claimed": r.get("moments_claimed"), "eval_loss_before": last_eval})
+            phase = f"stage {r['stage'] + 1}" if isinstance(r.get("stage"), int) else "grown"
+            continue
+        if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"]):
+            arm.curve.append({"step": s, "tokens": s * tok_per_step, "flops": float(r["flops"]),
+                              "eval_loss": r["eval_loss"], "phase": phase})
+            last_eval = r["eval_loss"]
+        if r.get("event") is None and r.get("loss") is not None:
+            arm.train_curve.append({"step": s, "flops": float(r["flops"]), "loss": r["loss"]})
+    fpt, params = flops_per_token(small, p.seq_len)
+    arm.runs.append({"phase": "live", "model": str(small), "params": params, "flops_per_token": fpt,
+                     "steps": p.steps, "wall_s": round(wall, 1), "plan": plan})
+    arm.wall_s = wall
 
 
 def run_benchmark(out: Path, p: Preset, preset_name: str, arms_wanted: list[str] | None = None) -> dict:
@@ -425,10 +476,10 @@ def run_benchmark(out: Path, p: Preset, preset_name: str, arms_wanted: list[str]
     live = live_growth_available()
     arms = [Arm("baseline", "target from scratch"),
             Arm("carry", "half width+depth, grown in-run, optimizer carried"),
-            Arm("reset", "half width+depth, apply, fresh optimizer"),
+            Arm("reset", "half width+depth, grown in-run, fresh optimizer"),
             Arm("llama-pro", "half depth, identity layer every 1 (LLaMA Pro)"),
             Arm("stack", "half depth, stack x2 (G_stack)"),
-            Arm("schedule", "two-stage `at step` schedule")]
+            Arm("schedule", "half width+depth: depth x2 at S, width x2 at 2S, in-run, carried")]
     if arms_wanted:
         arms = [a for a in arms if a.name in arms_wanted or a.name == "baseline"]
     small_cache: dict = {}
@@ -441,12 +492,13 @@ def run_benchmark(out: Path, p: Preset, preset_name: str, arms_wanted: list[str]
             add_phase(arm, metrics, model_dir=target, p=p, step0=0, flops0=0.0, phase="target",
                       wall_s=time.perf_counter() - t0)
             arm.wall_s = arm.runs[-1]["wall_s"]
-        elif arm.name in ("carry", "schedule"):
-            arm.status = "skipped"
-            arm.reason = SKIP_LIVE if not live else (
-                "`at step` stages exist in this build but this benchmark does not drive them yet")
-        elif arm.name == "reset":
-            grown_arm(arm, out, p, tok, train, held, width=2, depth=2, plan=width_plan(p), small_cache=small_cache)
+        elif not live and arm.name in ("carry", "reset", "schedule"):
+            arm.status, arm.reason = "skipped", SKIP_LIVE
+        elif arm.name in ("carry", "reset"):
+            live_arm(arm, out, p, tok, train, held, stages=[(p.grow_at, arm.name, width_plan(p))])
+        elif arm.name == "schedule":  # depth first (cheap while narrow), then width
+            live_arm(arm, out, p, tok, train, held,
+                     stages=[(p.grow_at, "carry", DEPTH), (2 * p.grow_at, "carry", WIDTH)])
         elif arm.name == "stack":
             grown_arm(arm, out, p, tok, train, held, width=1, depth=2, plan="stack x2", small_cache=small_cache)
         elif arm.name == "llama-pro":
