@@ -17,18 +17,25 @@ saved as a ``PreTrainedTokenizerFast`` next to every model. Every run reads the 
 continuation after growth starts at ``data_offset = S`` (it sees the batches of steps S+1..T,
 the ones the baseline saw there). Held-out loss: the same ``eval_blocks`` blocks for every run.
 
-Arms (the target is a ``LlamaForCausalLM``; every "small" model is trained S steps, grown, and
-continued T - S steps, so every arm sees T x batch x seq_len tokens):
+Arms (the target is a ``LlamaForCausalLM``; every arm runs T optimizer steps on the same
+batches; a "small" model is the target with half the hidden size, heads and FFN width and/or half
+the layers, trained S steps, then grown exactly to the target's shape):
 
     1 baseline   the target from scratch, T steps
-    2 carry      half width and depth, grown exactly to the target inside the run, optimizer carried
-    3 reset      as 2 through apply between two runs: the optimizer starts fresh after growth
-    4 stack      half depth, `stack x2` (G_stack, approximate), continued
-    5 llama-pro  half depth, `insert layers every 1 identity` (LLaMA Pro, exact), continued
-    6 schedule   one `train --plan` run with two `at step` stages
+    2 carry      half width and depth, one `train --plan` run with `at step S optimizer=carry
+                 { widen hidden x2; widen heads x2 dup; widen ffn x2 net2net; insert layers every 1
+                 identity }`: grown inside the run, AdamW moments mapped through the growth
+    3 reset      as 2 with `optimizer=reset` (fresh AdamW moments, same LR schedule)
+    4 stack      half depth, S steps, `scaler-wizard apply` with `stack x2` (G_stack, approximate),
+                 then `scaler-wizard train` for T - S steps from data step S (fresh optimizer, own
+                 warmup and cosine)
+    5 llama-pro  as 4 with `insert layers every 1 identity` (LLaMA Pro, exact)
+    6 schedule   half width and depth, one run with two stages: depth x2 at S, width x2 at 2S
 
-Arms 2 and 6 need growth inside a training run (``at step`` stages, issue 12); where this build
-lacks it they are reported as skipped with the reason, never approximated by another arm.
+Arms 2, 3 and 6 need growth inside a training run (``at step`` stages, issue 12); a build
+without it reports them as skipped with the reason, never approximated by another arm. In-run
+arms follow one warmup + cosine schedule over T with a linear re-warmup of ``rewarm`` steps
+after each growth.
 
 FLOPs (training, per token; Kaplan et al. 2020, "Scaling Laws for Neural Language Models", with
 the forward model of ``scaler_wizard.compiler.predict.costs``)::
