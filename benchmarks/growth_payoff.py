@@ -572,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{key.replace('_', '-')}", type=int)
     for key in ("lr", "lr_after"):
         ap.add_argument(f"--{key.replace('_', '-')}", type=float)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (on a shared, oversubscribed machine 1 is "
+                                                "several times faster than spinning OpenMP threads)")
     ap.add_argument("--report", metavar="PAYOFF_JSON",
                     help="no training: recompute the summary, table and PNG of a payoff.json (written next to it)")
     args = ap.parse_args(argv)
@@ -584,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
             setattr(p, key, getattr(args, key))
     if not 0 < p.grow_at < p.steps:
         ap.error(f"--grow-at must lie inside (0, steps={p.steps})")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
