@@ -504,7 +504,8 @@ def run_benchmark(out: Path, p: Preset, preset_name: str, arms_wanted: list[str]
         elif arm.name in ("carry", "reset"):
             live_arm(arm, out, p, tok, train, held, stages=[(p.grow_at, arm.name, width_plan(p))])
         elif arm.name == "schedule" and 2 * p.grow_at >= p.steps:
-            arm.status, arm.reason = "skipped", f"its second stage (2 x grow_at = {2 * p.grow_at}) must come before step {p.steps}"
+            arm.status = "skipped"
+            arm.reason = f"its second stage (2 x grow_at = {2 * p.grow_at}) must come before step {p.steps}"
         elif arm.name == "schedule":  # depth first (cheap while narrow), then width
             live_arm(arm, out, p, tok, train, held,
                      stages=[(p.grow_at, "carry", DEPTH), (2 * p.grow_at, "carry", WIDTH)])
