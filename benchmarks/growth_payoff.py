@@ -1,10 +1,12 @@
 """Should I grow? Eval loss against cumulative training FLOPs: a Llama-style target trained from
-scratch against smaller models trained first, grown by the project (`scaler-wizard apply`) and
-continued (`scaler-wizard train`), all on the same Shakespeare token stream.
+scratch against smaller models trained first, grown by the project (`scaler-wizard train --plan`
+with `at step` stages, or `scaler-wizard apply` between two `scaler-wizard train` runs), all on the
+same Shakespeare token stream.
 
-    .venv/bin/python benchmarks/growth_payoff.py -o payoff-out/            # default size (CPU, fp32)
+    .venv/bin/python benchmarks/growth_payoff.py -o payoff-out/ --threads 1   # default size (CPU, fp32)
     .venv/bin/python benchmarks/growth_payoff.py -o payoff-out/ --quick    # tiny, for the test suite
-    .venv/bin/python benchmarks/growth_payoff.py -o payoff-out/ --preset gpu   # bigger, bf16 autocast
+    .venv/bin/python benchmarks/growth_payoff.py -o payoff-out/ --preset gpu   # bigger, bf16 (not run yet)
+    .venv/bin/python benchmarks/growth_payoff.py --report payoff-out/payoff.json   # table + PNG again
 
 Writes OUT/payoff.json (every eval point, growth event and summary figure), OUT/payoff.png (eval
 loss vs FLOPs, every arm) and prints the table.
