@@ -134,11 +134,21 @@ def test_carry_refused_for_elements_without_a_derived_map():
 
 
 def test_growth_record_follows_the_stages(llama):
-    _, prog1, _ = _grow(llama, "widen ffn x2 zero")
+    from scaler_wizard.runtime.recipe import TrainRecipe
+    from scaler_wizard.runtime.train import _param_groups
+
+    _, prog1, grown = _grow(llama, "widen ffn x2 zero")
     rec = compose_record(None, prog1, plan="widen ffn x2 zero")
     up = rec.tensors["model.layers.0.mlp.up_proj.weight"]
     assert up.status == "grown" and up.original_region == ((0, 96), (0, 64))
     assert rec.tensors["model.layers.0.self_attn.q_proj.weight"].status == "original"
+    # --freeze-original after the growth: what the stage added trains, the rest is frozen
+    groups, frozen, counts = _param_groups(grown, TrainRecipe(freeze_original=True), rec)
+    params = dict(grown.named_parameters())
+    assert not params["model.layers.0.self_attn.q_proj.weight"].requires_grad
+    assert params["model.layers.0.mlp.up_proj.weight"].requires_grad
+    assert len(frozen.regions) == 6  # 2 layers x (gate, up, down): their original halves stay frozen
+    assert counts["trainable"] == 6 * 192 * 64
     # a second stage that widens the same tensor again keeps the run's original region
     cfg2 = json.loads(json.dumps(api.check("widen ffn x2 zero", llama[0]).config_after))
     prog2 = api.compile("widen ffn x2 zero", cfg2)
@@ -254,3 +264,37 @@ def test_ddp_two_cpu_processes_grow_mid_run(tmp_path):
     assert recs[0]["world_size"] == 2
     assert [r["step"] for r in recs if r.get("event") == "growth"] == [2, 4]
     assert final["model.embed_tokens.weight"].shape[1] == 64
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_deepspeed_run_with_stages_is_refused_before_training(tmp_path):
+    from scaler_wizard.runtime.launch import emit_config
+    from scaler_wizard.runtime.tiny import make_tiny_llama
+
+    corpus = _corpus(tmp_path)
+    model = make_tiny_llama(tmp_path / "tiny", "to be or not to be " * 50, vocab_size=300, hidden=32, ffn=64)
+    plan = tmp_path / "schedule.expand"
+    plan.write_text(SCHEDULE.format(data=corpus))
+    emit_config("zero2", tmp_path / "cfg")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "scaler_wizard", "train", str(model), "--plan", str(plan), "-o", str(tmp_path / "run"),
+           "--no-progress", "--deepspeed", str(tmp_path / "cfg" / "ds_zero2.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, start_new_session=True)
+    assert proc.returncode != 0
+    # each rank exits 2 with the message (the launcher adds its own report of the failed ranks)
+    assert "scaler-wizard train: error: `at step` growth stages are not supported under DeepSpeed" in proc.stderr
+    assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any step
+
+
+def test_rewarm_ramps_the_lr_after_a_stage_then_the_schedule_continues():
+    from types import SimpleNamespace
+
+    from scaler_wizard.runtime.live_growth import rewarm_lambda
+
+    f = rewarm_lambda(lambda i: 1.0, [SimpleNamespace(step=4, rewarm=4), SimpleNamespace(step=8, rewarm=0)])
+    # multiplier of optimizer step index i (step i + 1): steps 5..8 ramp 1/4 .. 4/4, the rest untouched
+    assert [f(i) for i in range(10)] == [1, 1, 1, 1, 0.25, 0.5, 0.75, 1, 1, 1]

@@ -530,7 +530,7 @@ def grow_live(model, optimizer, stage, record: GrowthRecord | None) -> GrowthRes
     new_shapes = {n: tuple(p.shape) for n, p in new.named_parameters()}
     mm = moment_map(prog)
     new_state = grow_adam_state(mm, state, new_shapes, mode=stage.optimizer)
-    claimed = sum(int(mm.claimed[n].sum()) for n in new_shapes if n in mm.claimed)
+    claimed = sum(int(mm.claimed[n].sum()) for n in new_shapes if n in mm.claimed) if new_state else 0
     total = sum(torch.Size(s).numel() for s in new_shapes.values())
     rec = compose_record(record, prog, plan=stage.text)
     return GrowthResult(new, new_state, rec, sum(p.numel() for p in model.parameters()),

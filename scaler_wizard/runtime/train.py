@@ -241,7 +241,10 @@ class _Metrics:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        def kept(r: dict) -> bool:  # a growth after `step` happened after checkpoint-<step>: redone on resume
+            return r["step"] < step or (r["step"] == step and r.get("event") != "growth")
+
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and kept(json.loads(ln))]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, rec: dict) -> None:
@@ -490,6 +493,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     model.train()
 
     record = GrowthRecord.load(growth_record) if growth_record and not grown else GrowthRecord.find(weights_dir)
+    if record is None and stages:  # nothing grown yet: every tensor is original until the first stage
+        record = GrowthRecord(base_model=str(model_dir))
     groups, frozen, counts = _param_groups(model, recipe, record)
     targets = [(g["lr"], g["weight_decay"]) for g in groups]
     if frozen.regions and str(accelerator.distributed_type).endswith("FSDP"):
@@ -625,8 +630,11 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
                 del plain, model, optimizer
                 model, record = g.model, g.record
                 model.config.use_cache = False
-                if recipe.gradient_checkpointing:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if recipe.gradient_checkpointing:  # as at the start of the run
+                    if hasattr(model, "activation_checkpointing_enable"):
+                        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                    else:
+                        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 groups, frozen, counts = _param_groups(model, recipe, record)
                 targets = [(g2["lr"], g2["weight_decay"]) for g2 in groups]
                 optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps)
@@ -694,7 +702,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
                 last_eval_ppl = ev_ppl
                 bad_streak = bad_streak + 1 if is_bad else 0
                 if rec is None:
-                    rec = {"step": step, "loss": float(loss_sum / recipe.grad_accum)}
+                    rec = {"step": step, "loss": float(loss_sum / recipe.grad_accum), "flops": total_flops}
                 rec.update(eval_loss=ev_loss, eval_ppl=ev_ppl)
                 if breaker_on:
                     rec.update(breaker_limit_ppl=limit, bad_streak=bad_streak)
