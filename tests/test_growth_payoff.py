@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # 36-90 s on 2 shared cores (1 thread): 6 tiny training runs, 2 applies
+pytestmark = pytest.mark.slow  # 26-90 s on 2 shared cores (1 thread): 6 tiny training runs, 2 applies
 
 
 def _bench():
