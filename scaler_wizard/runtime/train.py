@@ -708,7 +708,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
             parts_sum.zero_()
             accelerator.step = 0  # every optimizer step is exactly grad_accum micro-steps
             for micro in range(recipe.grad_accum):
-                ids = data.batches.batch(step, micro, seq_len).to(device, non_blocking=True)
+                ids = data.batches.batch(step + recipe.data_offset, micro, seq_len).to(device, non_blocking=True)
                 with accelerator.accumulate(model):
                     if distiller is None:
                         loss = model(input_ids=ids, labels=ids).loss
