@@ -51,7 +51,7 @@ TORCH_EXT_DIR ?= $(or $(TORCH_EXTENSIONS_DIR),$(HOME)/.cache/torch_extensions)
 
 test: $(STAMP)
 	-find "$(TORCH_EXT_DIR)" -name lock -type f -delete 2>/dev/null
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --durations=30 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	-find "$(TORCH_EXT_DIR)" -name lock -type f -delete 2>/dev/null

@@ -88,7 +88,14 @@ def test_structure_key_is_sizes_symbolic():
     assert _key(a) != _key({**a, "rope_theta": 10000})  # int where a float was
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in PAIRS])
+# In the suite: the structures that differ most (GQA, kv == heads, fused qkv, MoE, partial rotary, sandwich
+# norms + layer types); the rest of PAIRS (qwen2, gpt2, gemma, opt, bert: all passed when added) run with
+# SW_STRUCTURE_ALL=1, to keep the suite inside its time budget.
+SUITE = ("llama_gqa", "llama_mha", "phi3", "mixtral", "gpt_neox", "gemma2")
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in PAIRS
+                                    if f in SUITE or os.environ.get("SW_STRUCTURE_ALL") == "1"])
 def test_rebound_ir_equals_a_trace(family, tmp_path, monkeypatch):
     a, delta = PAIRS[family]
     b = {**a, **delta}

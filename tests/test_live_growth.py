@@ -177,6 +177,23 @@ def test_stage_diagnostics_point_into_the_stage(llama):
     assert rp.stages[1].rp.costs_before.params == rp.stages[0].rp.costs_after.params
 
 
+def test_class_changing_statement_in_a_stage_is_refused_at_check(llama):
+    # a live run rebuilds the model with its own class: upcycling (llama -> mixtral) belongs before training
+    assert _codes("at step 3 { upcycle ffn experts 4 top 2 }", llama[0]) == [("SW323", 1)]
+
+
+def test_carry_without_a_derived_map_is_refused_before_training(llama):
+    # widen vocab by mean builds new rows from several original rows: no moment map; refused when the run
+    # is set up (UsageError naming the stage), not at the stage's step
+    from scaler_wizard.diagnostics import UsageError
+    from scaler_wizard.runtime.live_growth import refuse_uncarried
+
+    rp = api.check("at step 3 { widen vocab by 64 mean }\nat step 5 optimizer=reset { widen vocab by 64 mean }", llama[0])
+    with pytest.raises(UsageError, match="stage at step 3 .* cannot carry AdamW's moments"):
+        refuse_uncarried(rp.stages)
+    refuse_uncarried(rp.stages[1:])  # reset: nothing to map
+
+
 # --------------------------------------------------------------------------- training (slow)
 def _corpus(root: Path) -> Path:
     from scaler_wizard.runtime.tiny import shakespeare_texts

@@ -145,6 +145,14 @@ def resolve_stages(plan: A.Plan, sources: dict[str, str], base: str | dict[str, 
         sub = A.Plan(statements=settings + tuple(s.statements), file=plan.file, source=plan.source)
         rp = check_parsed(sub, sources, model=model, context=context, use_cache=use_cache)
         rp = dataclasses.replace(rp, seed=rp.seed + k)
+        for op in rp.ops:  # the live run rebuilds the model with its own class: a class change cannot happen there
+            if op.config_patch.get("model_type") not in (None, rp.config_before.get("model_type")):
+                raise _fail([Diagnostic(
+                    "SW323", f"`{op.text}` inside a stage changes the model class "
+                    f"({rp.config_before.get('model_type')} -> {op.config_patch['model_type']}), which a live "
+                    "training run cannot do", op.span,
+                    help="upcycle before training (a statement outside `at step`, applied by `apply`), then train "
+                         "the result")], sources)
         if not s.statements:
             rp = dataclasses.replace(rp, warnings=rp.warnings + (Diagnostic(
                 "SW620", f"the stage at step {s.step.value} has no growth statements", s.span, severity="warning"),))

@@ -482,6 +482,26 @@ def refuse_engine(accelerator, stages) -> None:
                          "schedule in one process or under DDP")
 
 
+def refuse_uncarried(stages) -> None:
+    """``optimizer = carry`` needs a derived moment map for every grown tensor: a stage whose program
+    builds an element from several original elements (``widen vocab ... mean``, ...) is refused before
+    training starts (UsageError naming the stage and the tensors), not at its step."""
+    from scaler_wizard.compiler.stages import compile_stage
+    from scaler_wizard.diagnostics import UsageError
+
+    for stage in stages:
+        if stage.optimizer != "carry":
+            continue
+        prog, _ = compile_stage(stage)
+        mixed = linear_map(prog).mixed_outputs()
+        if mixed:
+            raise UsageError(
+                f"the stage at step {stage.step} (`{stage.text.strip()}`) cannot carry AdamW's moments: no derived "
+                "moment map for " + ", ".join(mixed[:4]) + (f" (and {len(mixed) - 4} more)" if len(mixed) > 4 else "")
+                + " (an element there is a sum of several original elements or a product of two); give that "
+                "stage `optimizer=reset`")
+
+
 def rewarm_lambda(base, stages):
     """LR multiplier of optimizer step index ``i`` (0-based; step ``i + 1``): the recipe's schedule
     ``base(i)``, times ``(step - N) / R`` for the ``R`` steps after a stage at step ``N`` with

@@ -476,6 +476,7 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     from scaler_wizard.runtime import live_growth as LG
 
     LG.refuse_engine(accelerator, stages)
+    LG.refuse_uncarried(stages)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise UsageError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes} "
