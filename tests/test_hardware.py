@@ -104,7 +104,8 @@ def test_estimate_against_peak_rss_of_a_real_cpu_run(corpus, tmp_path):
     """Measured (2 cores, torch 2.13 CPU, fp32), per sequence of 256 tokens: estimated 31.9 MiB of
     activations; measured RSS growth 34.6 MiB on an idle machine and 17.5 MiB in a CI run next to other
     jobs (peak RSS depends on when glibc returns freed blocks). So the estimate is held as what it is
-    used for, a bound: the measured per-sequence growth lies within [0.4x, 1.25x] of it. The whole
+    used for, a bound: the measured per-sequence growth is at most 1.25x of it (three CI runs measured
+    34.6, 17.5 and 7.3 MiB: a lower bound cannot be asserted from peak RSS). The whole
     process's peak growth also holds the framework's own working memory (allocator caches, oneDNN
     buffers, checkpoint writing), which the estimate leaves out: measured ~200 MiB idle and 350 MiB in
     a loaded CI run, so the whole estimate plus 512 MiB must bound the measured peak growth."""
@@ -124,6 +125,6 @@ def test_estimate_against_peak_rss_of_a_real_cpu_run(corpus, tmp_path):
     est = {bs: 16 * params + H.activation_bytes(s, bs, 256, checkpointing=False, fp32=True) for bs in measured}
     slope_measured = (measured[12] - measured[2]) / 10
     slope_est = (est[12] - est[2]) / 10
-    assert 0.4 * slope_est <= slope_measured <= 1.25 * slope_est, (slope_est, slope_measured)
+    assert 0 < slope_measured <= 1.25 * slope_est, (slope_est, slope_measured)
     for bs in measured:
-        assert 0.4 * est[bs] <= measured[bs] <= est[bs] + 512 * 2**20, (bs, est[bs] / 2**20, measured[bs] / 2**20)
+        assert 0 < measured[bs] <= est[bs] + 512 * 2**20, (bs, est[bs] / 2**20, measured[bs] / 2**20)
