@@ -14,16 +14,13 @@ import torch
 from scaler_wizard.cli import main as cli
 from scaler_wizard.runtime.distill import kd_loss
 from scaler_wizard.runtime.recipe import TrainRecipe
-from scaler_wizard.runtime.tiny import make_tiny_llama, shakespeare_texts
+from scaler_wizard.runtime.tiny import make_tiny_llama, write_corpus
 from scaler_wizard.runtime.train import train
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("corpus")
-    for f in shakespeare_texts()[:2]:
-        (d / f.name).write_text(f.read_text(errors="replace")[:40_000])
-    return d
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from scaler_wizard.runtime.launch import emit_config
-from scaler_wizard.runtime.tiny import make_tiny_llama, shakespeare_texts
+from scaler_wizard.runtime.tiny import make_tiny_llama, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for f in shakespeare_texts()[:2]:
-        (corpus / f.name).write_text(f.read_text(errors="replace")[:40_000])
+    corpus = write_corpus(root / "corpus")
     text = "".join(p.read_text() for p in sorted(corpus.iterdir()))
     model = make_tiny_llama(root / "tiny", text, vocab_size=320, hidden=32, ffn=64)
     emit_config("zero2", root / "cfg")

@@ -196,13 +196,9 @@ def test_carry_without_a_derived_map_is_refused_before_training(llama):
 
 # --------------------------------------------------------------------------- training (slow)
 def _corpus(root: Path) -> Path:
-    from scaler_wizard.runtime.tiny import shakespeare_texts
+    from scaler_wizard.runtime.tiny import write_corpus
 
-    d = root / "corpus"
-    d.mkdir()
-    for f in shakespeare_texts()[:2]:
-        (d / f.name).write_text(f.read_text(errors="replace")[:40_000])
-    return d
+    return write_corpus(root / "corpus")
 
 
 SCHEDULE = """train {{ steps = 8; lr = 2e-3; batch_size = 2; seq_len = 32; eval_blocks = 2; seed = 1; data = "{data}" }}

@@ -20,6 +20,16 @@ def shakespeare_texts(limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
+def write_corpus(directory: Path, plays: int = 2, chars: int = 40_000) -> Path:
+    """A small text corpus for tests and demos: the first ``chars`` characters of the first ``plays``
+    plays, one ``.txt`` file each, in ``directory`` (created). Returns ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in shakespeare_texts()[:plays]:
+        (directory / f.name).write_text(f.read_text(errors="replace")[:chars])
+    return directory
+
+
 def train_tokenizer(text: str, vocab_size: int = 512):
     """A byte-level BPE tokenizer trained on ``text`` (offline), as PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
