@@ -210,6 +210,11 @@ def test_upcycle_rules():
     assert codes("upcycle ffn experts 4 top 5", ir_of("llama")) == ["SW310"]
     assert codes("upcycle ffn experts 4 top 2", ir_of("mixtral")) == ["SW309"]
     assert codes("upcycle heads experts 4 top 2", ir_of("llama")) == ["SW202"]
+    # Width growth after upcycle is not lowered: refused at check (it used to pass check and fail in apply).
+    assert codes("upcycle ffn experts 4 top 2\nwiden ffn x2 net2net", ir_of("llama")) == ["SW318"]
+    assert codes("upcycle ffn experts 4 top 2\nwiden hidden x2", ir_of("llama")) == ["SW318"]
+    assert resolve("widen ffn x2 net2net\nupcycle ffn experts 4 top 2", ir_of("llama")).config_after[
+        "intermediate_size"] == 2 * ir_of("llama").config["intermediate_size"]
 
 
 def test_names_options_and_values():

@@ -38,6 +38,7 @@ SW315  widening hidden with a tied LM head needs a final norm gain (or ``untie=t
 SW316  the grown config would not describe the grown tensors (raised by compiler/conform.py)
 SW317  the plan grows the parameters more than 64x (every statement, as ``grow to``), or applying
        it needs more memory than this machine has
+SW318  width growth after ``upcycle`` in the same plan (write ``widen`` first)
 SW320  ``at step`` stage steps do not increase (compiler/stages.py)
 SW321  an ``at step`` stage step outside the training run (1 .. steps - 1)
 SW322  an unknown ``at step`` option or a bad value (``optimizer=carry|reset``, ``rewarm=<steps>``)

@@ -84,6 +84,15 @@ class WidthRules:
         group = self._group(st, s.group)
         if group is None:
             return
+        if st.upcycled:
+            st.bag.error(
+                "SW318",
+                f"`widen {s.group.name}` after `upcycle` in the same plan: width growth of an upcycled "
+                "(mixture-of-experts) model is not lowered",
+                s.span,
+                help="put the `widen` statements before `upcycle` (the experts are then copies of the wider FFN)",
+            )
+            return
         old = st.sizes[group]
         new = self._new_size(st, s.amount, old, group)
         method_name = s.method.name if s.method else None
