@@ -171,10 +171,37 @@ def test_stage_diagnostics_point_into_the_stage(llama):
     assert _codes("at step 3 optimizer=keep { stack x2 }", cfg) == [("SW322", 1)]
     assert _codes("at step 3 rewarm=-1 { stack x2 }", cfg)[0][0] in ("SW322", "SW104", "SW102")
     assert _codes("at step 3 { stack x2 }\nat step 5 {\n  widen fnn x2\n}", cfg) == [("SW201", 3)]
+    assert _codes("at step 3 optimizer=carry optimizer=reset { stack x2 }", cfg) == [("SW322", 1)]  # not "last wins"
+    rp = api.check("train { steps = 10 }\nat step 6 rewarm=8 { stack x2 }", cfg)
+    assert "SW621" in [d.code for d in rp.stages[0].rp.warnings]  # the run ends mid-ramp: said, not refused
     # the second stage is checked against the model the first one grew: 2 -> 4 -> 8 layers
     rp = api.check("at step 3 { stack x2 }\nat step 5 { stack x2 }", cfg)
     assert [len(s.rp.layer_map) for s in rp.stages] == [4, 8]
     assert rp.stages[1].rp.costs_before.params == rp.stages[0].rp.costs_after.params
+
+
+def test_train_refuses_stages_on_a_model_the_growth_before_them_was_not_applied_to(llama, tmp_path):
+    # check reports the stages against the model *after* the top-level growth; training the un-grown model
+    # would run them on another model (a stage 96 -> 384 instead of 192 -> 384). MODEL_DIR must be apply's output.
+    from scaler_wizard.commands.train import plan_stages
+    from scaler_wizard.runtime.recipe import TrainRecipe
+
+    src = tmp_path / "m"
+    llama[1].save_pretrained(str(src))
+    plan = tmp_path / "p.expand"
+    plan.write_text("widen ffn x2 net2net\nat step 2 { widen ffn to 384 net2net }\n")
+    recipe = TrainRecipe(steps=4)
+    with pytest.raises(PlanError) as e:
+        plan_stages(str(plan), str(src), recipe)
+    (d,) = e.value.diagnostics
+    assert d.code == "SW324" and d.span.line == 1 and "apply" in d.help
+    out = tmp_path / "grown"
+    api.apply(plan.read_text(), str(src), out=str(out), verify=False)
+    (stage,) = plan_stages(str(plan), str(out), recipe)
+    assert stage.rp.config_diff()["intermediate_size"] == (192, 384)
+    # a plan with no growth before its stages trains MODEL_DIR as given
+    plan.write_text("at step 2 { widen ffn x2 net2net }\n")
+    assert len(plan_stages(str(plan), str(src), recipe)) == 1
 
 
 def test_class_changing_statement_in_a_stage_is_refused_at_check(llama):

@@ -129,7 +129,46 @@ def plan_stages(plan_path: str, model_dir: str, recipe) -> tuple:
     from scaler_wizard.compiler.stages import stages_for_run
 
     recipe.validate()
+    _check_applied(plan_path, model_dir)
     return stages_for_run(plan_path, str(model_dir), steps=recipe.steps, seq_len=recipe.max_seq_len)
+
+
+def _check_applied(plan_path: str, model_dir: str) -> None:
+    """A plan with stages *and* growth statements outside them describes: apply those statements, then
+    train the result with the stages (that is what ``check`` reports). MODEL_DIR must then be that
+    result: its growth record (``scaler_wizard_growth.json``, written by ``apply``) lists the same
+    statements. Raises PlanError SW324, positioned at the first such statement, when it does not
+    (training the un-grown model would run the stages on a model they were not checked against)."""
+    import json
+    from pathlib import Path
+
+    from scaler_wizard.compiler.frontend import parse_plan_file
+    from scaler_wizard.diagnostics import Diagnostic, PlanError
+    from scaler_wizard.grammar import ast as A
+    from scaler_wizard.grammar.printer import statement_text
+
+    settings = (A.Stage, A.ModelStmt, A.SeedStmt, A.DtypeStmt, A.NoiseStmt, A.TrainStmt)
+    plan, sources = parse_plan_file(plan_path)
+    growth = [s for s in plan.statements if not isinstance(s, settings)]
+    if not growth or not any(isinstance(s, A.Stage) for s in plan.statements):
+        return
+    wanted = sorted(statement_text(s) for s in growth)
+    record = Path(model_dir) / "scaler_wizard_growth.json"
+    try:
+        got = sorted({o.get("statement", "") for o in json.loads(record.read_text()).get("ops") or []})
+    except (OSError, ValueError, AttributeError):
+        got = None
+    if got is not None and sorted(set(wanted)) == got:
+        return
+    why = ("it has no growth record (scaler_wizard_growth.json): it is not an `apply` output" if got is None
+           else "its growth record lists other statements (" + "; ".join(got) + ")")
+    err = PlanError([Diagnostic(
+        "SW324", f"this plan grows the model before training (`{statement_text(growth[0])}`) and then during it (`at step`), "
+        f"but MODEL_DIR {model_dir} is not the result of the growth before training: {why}", growth[0].span,
+        help=f"apply first, then train the result: `scaler-wizard apply {plan_path} --out GROWN` and "
+             f"`scaler-wizard train GROWN --plan {plan_path} ...`")])
+    err.sources = sources
+    raise err
 
 
 def run(args) -> int:

@@ -15,7 +15,8 @@ Stage options (the header's ``key=value`` pairs):
   over that many steps after the growth, then follows the schedule.
 
 Codes: SW320 stage steps do not increase; SW321 a stage step outside the recipe's steps;
-SW322 an unknown stage option or a bad value; SW620 (warning) a stage without statements.
+SW322 an unknown stage option, one given twice, or a bad value; SW620 (warning) a stage without
+statements; SW621 (warning) a rewarm that lasts past the end of the run.
 Random generators of stage ``k`` (1-based) draw with seed ``plan seed + k`` so that two stages never
 repeat each other's noise.
 
@@ -79,8 +80,13 @@ def _fail(diags, sources) -> PlanError:
 
 def _options(stage: A.Stage, diags: list[Diagnostic]) -> tuple[str, int]:
     mode, rewarm = "carry", 0
+    seen: set[str] = set()
     for o in stage.options:
         key, v = o.key.name, o.value
+        if key in seen and key in STAGE_OPTIONS:
+            diags.append(Diagnostic("SW322", f"stage option `{key}` is given twice", o.span,
+                                    help="write each option once"))
+        seen.add(key)
         raw = getattr(v, "value", getattr(v, "name", v))
         if key == "optimizer":
             if raw not in OPTIMIZER_MODES:
@@ -129,7 +135,11 @@ def resolve_stages(plan: A.Plan, sources: dict[str, str], base: str | dict[str, 
             diags.append(Diagnostic("SW321", f"stage step {n} is outside the training run (steps {bound})",
                                     s.step.span, help="growth before training is a statement outside `at step` "
                                                       "(applied by `apply`); a stage at the last step or later never trains"))
-        _options(s, diags)
+        _, rewarm = _options(s, diags)
+        if total_steps is not None and rewarm and n + rewarm > total_steps:
+            diags.append(Diagnostic("SW621", f"`rewarm={rewarm}` outlasts the run: the learning rate is still "
+                                    f"ramping up when training ends at step {total_steps}", s.span,
+                                    severity="warning", help=f"at most rewarm={max(total_steps - n, 0)} here"))
         if not s.statements:
             diags.append(Diagnostic("SW620", f"the stage at step {n} has no growth statements", s.span,
                                     severity="warning"))
@@ -153,9 +163,9 @@ def resolve_stages(plan: A.Plan, sources: dict[str, str], base: str | dict[str, 
                     "training run cannot do", op.span,
                     help="upcycle before training (a statement outside `at step`, applied by `apply`), then train "
                          "the result")], sources)
-        if not s.statements:
-            rp = dataclasses.replace(rp, warnings=rp.warnings + (Diagnostic(
-                "SW620", f"the stage at step {s.step.value} has no growth statements", s.span, severity="warning"),))
+        mine = tuple(d for d in diags if d.severity == "warning" and s.span.start <= d.span.start < s.span.end)
+        if mine:
+            rp = dataclasses.replace(rp, warnings=rp.warnings + mine)
         text = "\n".join(sources.get(plan.file, plan.source)[st.span.start:st.span.end] for st in s.statements)
         out.append(ResolvedStage(k, s.step.value, mode, rewarm, rp, s.span, text))
         model = dict(rp.config_after)

@@ -58,6 +58,7 @@ SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
 SW604  (warning) a scalar config key can no longer describe the grown per-layer layout
 SW620  (warning) an ``at step`` stage without growth statements
+SW621  (warning) an ``at step`` stage's ``rewarm`` lasts past the end of the run
 SW630  (warning) the memory and time a LESA fit needs (per matrix kind, per inserted layer)
 SW640  (warning) ``check --hardware``: no training setup fits the devices (says what would;
        emitted by commands/check.py from runtime/hardware.py)
