@@ -62,6 +62,8 @@ def test_cost_is_bounded_by_one_kind():
     c = LE.cost(4096, 4096, 32, epochs=1, width=64)
     assert not c["full_svd"] and c["bytes"] > 8 * 4096 * 4096 * 32
     assert LE.cost(64, 64, 4)["full_svd"]
+    # the predictor MLP's parameters, Adam state and activations count: width scales the bytes
+    assert LE.cost(64, 64, 4, width=10**6)["bytes"] > 8 * 4 * 3 * 64 * 10**6
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +123,9 @@ def test_lesa_check_reports_cost_and_refuses(four_layer_models, tmp_path):
     with pytest.raises(PlanError) as e:
         api.check("insert layer 1 lesa width=0", str(four_layer_models["llama"]))
     assert "SW331" in str(e.value)
+    with pytest.raises(PlanError) as e:  # a predictor of 10^11 hidden units: refused at check, not at apply's allocation
+        api.check("insert layer 1 lesa width=99999999999", str(four_layer_models["llama"]))
+    assert "SW331" in str(e.value) and "width" in str(e.value)
     with pytest.raises(PlanError) as e:
         api.check("insert layer 1 identity epochs=3", str(four_layer_models["llama"]))
     assert "SW204" in str(e.value)

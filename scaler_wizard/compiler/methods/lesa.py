@@ -88,14 +88,17 @@ def check_shapes(shapes: list[tuple[int, ...]], kind: str = "matrix") -> tuple[i
 def cost(out: int, inn: int, layers: int, rank: int | None = None, epochs: int = 100, width: int = 64) -> dict:
     """Estimated peak bytes and floating-point operations of one kind's decomposition + fit.
 
-    bytes: the float64 concatenation, U, V^T and the training columns (inputs 2r, targets r);
+    bytes: the float64 concatenation, U, V^T and the training columns (inputs 2r, targets r), plus the
+    predictor MLP (``3 r width + width + r`` parameters, each with its gradient and two Adam moments)
+    and its activations over all samples (hidden pre- and post-GELU, ``2 * samples * width``);
     flops: SVD (``4 m n^2`` full, ``~ 4 m n q`` randomized with ``q = rank + 10``), plus the MLP's
     forward+backward (``6 * samples * params`` per epoch)."""
     m, n = out, layers * inn
     full = m * n <= FULL_SVD_LIMIT and rank is None
     r = min(m, n) if rank is None else min(rank, m, n)
     samples = max(layers - 2, 0) * inn
-    b = 8 * (m * n + m * r + r * n + samples * 3 * r)
+    mlp_params = 3 * r * width + width + r
+    b = 8 * (m * n + m * r + r * n + samples * 3 * r + 4 * mlp_params + 2 * samples * width)
     svd = 4 * m * n * min(m, n) if full else 4 * m * n * (r + 10)
     mlp = 6 * samples * (2 * r * width + width * r) * epochs
     return {"bytes": b, "flops": svd + mlp, "full_svd": full, "rank": r}

@@ -118,7 +118,15 @@ class DepthRules:
         epochs, width, rank = opts.get("epochs", 100), opts.get("width", 64), opts.get("rank")
         costs_ = [LE.cost(o, i, n, rank, epochs, width) for o, i in kinds]
         if costs_:
+            from scaler_wizard.compiler.predict import machine_memory_bytes
+
             peak = max(c["bytes"] for c in costs_)
+            mem = machine_memory_bytes()
+            if mem is not None and peak > mem:
+                st.bag.error("SW331", f"the LESA fit (predictor width {width}) needs about {human(peak, 'B')} (float64, its largest matrix "
+                             f"kind), more than this machine's {human(mem, 'B')}", s.span,
+                             help="lower `width=` or `rank=` (the predictor's size), or run it on a bigger machine")
+                return False
             flops = sum(c["flops"] for c in costs_)
             st.bag.warning("SW630", f"LESA fits {len(costs_)} matrix kinds over {n} layers: peak about "
                            f"{human(peak, 'B')} (one kind at a time, float64), about {flops / 1e9:,.1f} GFLOP "
