@@ -82,6 +82,8 @@ def test_rope_longrope_attention_factor_one_is_unchanged_below_old_length():
     (dict(options={"beta": 1}), "takes no option `beta`"),
     (dict(method="llama3", options={"low_freq_factor": 4, "high_freq_factor": 1}), "greater than"),
     (dict(method="yarn", options={"beta_fast": "x"}), "must be a number"),
+    (dict(method="longrope", options={"attention_factor": 0}), r"must be a number > 0"),  # cos/sin x 0
+    (dict(method="yarn", options={"attention_factor": 0.0}), r"must be a number > 0"),
 ])
 def test_rope_extension_refusals(bad, message):
     cfg_d = FAMILIES["llama"]().to_dict()

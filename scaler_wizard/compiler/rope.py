@@ -233,10 +233,14 @@ def context_length(config: dict) -> tuple[str, int]:
     raise ExtendError("the config names no context length (" + ", ".join(LENGTH_KEYS) + ")")
 
 
-def _num(options: dict, key: str, default, lo: float | None = None):
+def _num(options: dict, key: str, default, lo: float | None = None, *, strict: bool = False):
+    """``options[key]`` (or ``default``) as a finite number ``>= lo`` (``> lo`` when ``strict``).
+    Raises :class:`ExtendError` naming the option otherwise."""
     v = options.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (lo is not None and v < lo):
-        raise ExtendError(f"option `{key}` must be a number{f' >= {lo:g}' if lo is not None else ''}, got {v!r}")
+    low = lo is not None and (v <= lo if strict else v < lo) if isinstance(v, (int, float)) else False
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or low:
+        bound = f" {'>' if strict else '>='} {lo:g}" if lo is not None else ""
+        raise ExtendError(f"option `{key}` must be a number{bound}, got {v!r}")
     return v
 
 
@@ -278,8 +282,8 @@ def extend_rope(config: dict, new_length: int, method: str = "yarn", options: di
     elif method == "yarn":
         params["original_max_position_embeddings"] = L0
         for k, lo in (("beta_fast", 0.0), ("beta_slow", 0.0), ("attention_factor", 0.0)):
-            if k in options:
-                params[k] = float(_num(options, k, None, lo))
+            if k in options:  # a zero attention_factor multiplies cos/sin by 0: q and k vanish
+                params[k] = float(_num(options, k, None, lo, strict=k == "attention_factor"))
         if "truncate" in options:
             if not isinstance(options["truncate"], bool):
                 raise ExtendError(f"option `truncate` must be true or false, got {options['truncate']!r}")
@@ -300,7 +304,7 @@ def extend_rope(config: dict, new_length: int, method: str = "yarn", options: di
         params["short_factor"] = [1.0] * rotary_pairs
         params["long_factor"] = [float(f)] * rotary_pairs
         if "attention_factor" in options:
-            params["attention_factor"] = float(_num(options, "attention_factor", None, 0.0))
+            params["attention_factor"] = float(_num(options, "attention_factor", None, 0.0, strict=True))
         if params.get("attention_factor") == 1.0:
             below = L0
             reason = f"longrope: short factors 1 and attention_factor 1: unchanged below {L0} tokens"
