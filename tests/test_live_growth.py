@@ -247,6 +247,11 @@ def test_train_grows_mid_run_and_resumes_across_a_growth_bit_for_bit(tmp_path):
     base = ["train", str(model), "--plan", str(plan), "--no-progress"]
     assert cli([*base, "-o", str(tmp_path / "a")]) == 0
     assert cli([*base, "-o", str(tmp_path / "b"), "--save-every", "1", "--stop-after", "5"]) == 0
+    # the plan edited before the checkpoint's step (a stage the run already did): refused, not silently continued
+    edited = tmp_path / "edited.expand"
+    edited.write_text(SCHEDULE.format(data=corpus).replace("widen ffn x2 net2net", "widen ffn x2 zero"))
+    assert cli(["train", str(model), "--plan", str(edited), "--no-progress", "-o", str(tmp_path / "b"),
+                "--resume"]) == 2
     assert cli([*base, "-o", str(tmp_path / "b"), "--save-every", "1", "--resume"]) == 0
 
     def recs(run):

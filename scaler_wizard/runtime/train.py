@@ -431,6 +431,24 @@ def _check_resume_matches(ckpt: Path, model, model_dir: Path) -> None:
                          f"({detail}); resume with the model the run started from, or start a new -o RUN_DIR")
 
 
+def _check_resume_stages(ckpt: Path, state: dict, grown: list) -> None:
+    """The plan's stages before the checkpoint's step are the ones the checkpoint ran (same steps, same
+    statements): the resumed run replays none of them, so a plan edited there would silently continue
+    with the old growth. Raises UsageError naming the first difference."""
+    ran = [int(x) for x in state.get("stages_applied") or []]
+    want = [s.step for s in grown]
+    if ran != want:
+        raise UsageError(f"--resume {ckpt}: the checkpoint's run grew at steps {ran or 'none'} before step "
+                         f"{state['step']}, the plan now grows at {want or 'none'} there; resume with the plan the "
+                         "run started with, or start a new -o RUN_DIR")
+    texts = state.get("stage_statements")
+    for s in grown if texts is not None else ():
+        if texts.get(str(s.step)) != s.text:
+            raise UsageError(f"--resume {ckpt}: the stage at step {s.step} now reads `{s.text}`, but the checkpoint "
+                             f"ran `{texts.get(str(s.step))}`; resume with the plan the run started with, or start "
+                             "a new -o RUN_DIR")
+
+
 def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_record, stop_after, progress,
            dump_rank_weights, stages=()) -> TrainResult:
     from accelerate import Accelerator
@@ -510,6 +528,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
     # stages already applied when the checkpoint was written: the model comes from the checkpoint
     grown = [s for s in stages if ckpt is not None and s.step < int(state["step"])]
     pending = [s for s in stages if s not in grown]
+    if ckpt is not None:
+        _check_resume_stages(ckpt, state, grown)
     weights_dir = ckpt if grown else model_dir
 
     set_seed(recipe.seed)
@@ -642,7 +662,8 @@ def _train(model_dir, run_dir, recipe, *, resume, deepspeed_config, growth_recor
             st = {"step": step, "good": is_good, "baseline_ppl": baseline, "original_ppl": baseline_orig,
                   "bad_streak": bad_streak, "good_checkpoints": good + ([step] if is_good else []),
                   "tokens": total_tokens, "flops": total_flops, "world_size": world,
-                  "recipe": recipe.to_dict(), "stages_applied": [s.step for s in stages if s.step < step]}
+                  "recipe": recipe.to_dict(), "stages_applied": [s.step for s in stages if s.step < step],
+                  "stage_statements": {str(s.step): s.text for s in stages if s.step < step}}
             (tmp / STATE_FILE).write_text(json.dumps(st, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # atomic: a checkpoint dir either exists whole or not at all
