@@ -43,6 +43,8 @@ SW320  ``at step`` stage steps do not increase (compiler/stages.py)
 SW321  an ``at step`` stage step outside the training run (1 .. steps - 1)
 SW322  an unknown ``at step`` option or a bad value (``optimizer=carry|reset``, ``rewarm=<steps>``)
 SW323  a statement inside an ``at step`` stage that changes the model class (``upcycle``)
+SW324  ``train --plan``: the plan grows the model before its ``at step`` stages, but MODEL_DIR is not
+       ``apply``'s output of that growth (commands/train.py)
 SW330  LESA cannot decompose this model (fewer than 3 layers, or per-layer tensors that differ)
 SW331  a LESA option out of range (epochs, width, rank, seed)
 SW332  ``extend context`` cannot be expressed for this model (method, options, already scaled RoPE,
