@@ -140,6 +140,17 @@ def _excerpt(src: str, col: int, end_col: int) -> tuple[str, int, int]:
     return left + src[start:stop] + right, col - start + len(left), width
 
 
+MAX_MESSAGE = 400  # characters of a rendered message; a plan can echo a megabyte identifier
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` whole when short, else its head and tail around a count of the characters left out."""
+    if len(text) <= limit:
+        return text
+    head, tail = text[: limit * 2 // 3], text[-(limit // 4):]
+    return f"{head} ... ({len(text) - len(head) - len(tail):,} characters) ... {tail}"
+
+
 def render(diags: Iterable[Diagnostic], sources: dict[str, str] | None = None, color: bool = False,
            limit: int | None = MAX_RENDERED) -> str:
     """Render diagnostics sorted by position. ``sources`` maps file name -> text for the excerpt.
@@ -158,7 +169,7 @@ def render(diags: Iterable[Diagnostic], sources: dict[str, str] | None = None, c
             continue
         shown[s.file] = shown.get(s.file, 0) + 1
         loc = f"{s.file}:{s.line}:{s.col}" if s.line else s.file
-        head = f"{loc}: {d.severity}[{d.code}]: {d.message}"
+        head = f"{loc}: {d.severity}[{d.code}]: {_clip(d.message)}"
         if color:
             c = {"error": "31", "warning": "33"}.get(d.severity, "36")
             head = f"\x1b[1;{c}m{head}\x1b[0m"
@@ -178,9 +189,9 @@ def render(diags: Iterable[Diagnostic], sources: dict[str, str] | None = None, c
                 out.append(f"{num} | {shown_src}")
                 out.append(f"{pad} | {' ' * (col - 1)}{'^' * width}")
         for n in d.notes:
-            out.append(f"  = note: {n}")
+            out.append(f"  = note: {_clip(n)}")
         if d.help:
-            out.append(f"  = help: {d.help}")
+            out.append(f"  = help: {_clip(d.help)}")
     for f, h in hidden.items():
         what = ", ".join(f"{n} more {sev}{'s' if n != 1 else ''}" for sev, n in sorted(h.items()))
         out.append(f"{f}: ... and {what} not shown (the first {limit} are above)")

@@ -398,6 +398,13 @@ def test_long_line_with_many_bad_options_is_bounded(w, tmp_path, capsys):
     assert len(err) < 60_000 and max(len(line) for line in err.splitlines()) < 400
 
 
+def test_megabyte_identifier_is_not_echoed_whole(w, tmp_path, capsys):
+    p = _plan(tmp_path, "widen " + "q" * 1_000_000 + " x2\n")
+    rc, err = run(["check", p, "--model", w / "m"], capsys)
+    assert_clean(rc, err, 1, "SW201")
+    assert "characters) ..." in err and len(err) < 4_000
+
+
 def test_check_json_keeps_going_past_an_unreadable_plan(w, tmp_path, capsys):
     good = _plan(tmp_path, "widen ffn x2\n")
     rc = cli(["check", "--format", "json", str(good), str(tmp_path / "missing.expand"), "--model", str(w / "m")])
