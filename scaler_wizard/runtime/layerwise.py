@@ -308,7 +308,7 @@ class LayerwiseModel:
         fwd = type(self.in_emb).forward
 
         def forward(input_ids, *a, **k):
-            return fwd(mod, torch.searchsorted(used, input_ids), *a, **k)
+            return fwd(mod, torch.searchsorted(used, input_ids.contiguous()), *a, **k)
 
         return forward
 
