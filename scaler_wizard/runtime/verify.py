@@ -332,13 +332,13 @@ class _Side:
     def vocab(self) -> int:
         return self.lw.vocab() if self.lw is not None else _vocab(self.whole)
 
-    def logits(self, jobs) -> dict:
+    def logits(self, jobs, **run_kw) -> dict:
         if self.lw is None:
             return _whole_model_logits(self.whole, jobs)
         from scaler_wizard.runtime.layerwise import LayerwiseUnsupported
 
         try:
-            return self.lw.run(jobs)
+            return self.lw.run(jobs, **run_kw)
         except LayerwiseUnsupported as e:  # found only while running (a layer skipped, no cache)
             self.why_whole = str(e)
             self.whole = load_model(self.lw.reader.path)
@@ -364,6 +364,7 @@ def compare_models(
     check_padding: bool = True,
     max_text_tokens: int = 256,
     layerwise: bool | None = None,
+    reuse_prefix: bool = True,
 ) -> VerifyReport:
     """Compare a grown model with its original (directories or modules). See the module docstring.
 
@@ -372,7 +373,15 @@ def compare_models(
     plus activations, each model read once), and modules / GGUF files / models that path cannot
     drive whole in memory (a note says so); True requires the layer-wise path (ValueError when it
     cannot run); False loads both models whole (the reference the layer-wise path is tested against).
-    One model is run after the other; only the logits are kept between them."""
+    One model is run after the other; only the logits are kept between them.
+
+    ``reuse_prefix`` (layer by layer only): the grown model's leading decoder layers that are
+    byte-identical to the original's (same weights, same config for them, checked from the files:
+    :func:`scaler_wizard.runtime.layerwise.identical_prefix`) and whose inputs are bitwise the
+    original's (checked while running) are not computed a second time: running the same code on
+    the same weights and inputs gives the same bits, so their outputs (and KV-cache entries) are
+    taken from the original's run. A depth plan that inserts layers after the first k keeps k
+    layers identical. ``False`` computes every layer of both models (a note says what was reused)."""
     import torch
 
     from scaler_wizard.runtime.layerwise import Job
@@ -440,10 +449,24 @@ def compare_models(
     if not jobs:
         raise ValueError("nothing to compare: n_random=0 and no texts")
 
-    lo = o.logits(jobs)  # the original decodes with its cache too: see kv_cache_vs_original below
+    share = 0
+    if reuse_prefix and o.lw is not None and g.lw is not None:
+        from scaler_wizard.runtime.layerwise import identical_prefix
+
+        share, why_end = identical_prefix(o.lw, g.lw)
+    lo = o.logits(jobs, capture=share) if share else o.logits(jobs)  # the original decodes with its cache too
     o_why = o.why_whole
+    prefix = getattr(o.lw, "captured", None) if share and o.lw is not None else None
     o.release()
-    lg = g.logits(jobs)
+    lg = g.logits(jobs, reuse=prefix) if prefix is not None else g.logits(jobs)
+    if prefix is not None and g.lw is not None:
+        if g.lw.reused_layers:
+            rep.notes.append(f"the first {g.lw.reused_layers} decoder layers of the grown model are byte-identical to "
+                             "the original's and got bitwise the same inputs: their outputs were taken from the "
+                             "original's run (reuse_prefix=False computes them again)")
+        elif g.lw.reuse_note:
+            rep.notes.append(g.lw.reuse_note)
+    del prefix
     g_why = g.why_whole
     g.release()
     for who, why in (("original", o_why), ("grown", g_why)):

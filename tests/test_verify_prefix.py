@@ -1,0 +1,85 @@
+"""Verification reuses the grown model's leading decoder layers that are byte-identical to the
+original's (runtime/layerwise.identical_prefix + LayerwiseModel._reuse): the report is bitwise the
+one computing every layer gives, and nothing is reused when weights, config or inputs differ."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from families import build_model
+from scaler_wizard.runtime.layerwise import LayerwiseModel, identical_prefix
+from scaler_wizard.runtime.verify import compare_models
+
+
+def _deeper(model, order):
+    """A depth-grown copy: layer j of the new model is a copy of layer order[j] of ``model``."""
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = len(order)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [model.config.layer_types[i] for i in order]
+    new = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    sd = model.state_dict()
+    out = {}
+    for k in new.state_dict():
+        if ".layers." in k:
+            head, rest = k.split(".layers.", 1)
+            j, tail = rest.split(".", 1)
+            out[k] = sd[f"{head}.layers.{order[int(j)]}.{tail}"].clone()
+        else:
+            out[k] = sd[k].clone()
+    new.load_state_dict(out)
+    return new
+
+
+def _report(g, o, **kw):
+    d = compare_models(g, o, n_random=2, seq_len=6, layerwise=True, **kw).to_dict()
+    return d.pop("notes"), d
+
+
+@pytest.mark.parametrize("family", ["gemma2"])  # per-layer layer_types, sliding window, soft-capping
+def test_identical_leading_layers_are_reused_bitwise(tmp_path, family):
+    _, model = build_model(family)
+    model.save_pretrained(tmp_path / "o")
+    grown = _deeper(model, [0, 1, 0, 1])  # the first two layers are the original's
+    with torch.no_grad():  # and the rest not quite (else the drift is zero everywhere)
+        for p in grown.model.layers[2].parameters():
+            p.add_(1e-3)
+    grown.save_pretrained(tmp_path / "g")
+    a, b = LayerwiseModel(tmp_path / "o"), LayerwiseModel(tmp_path / "g")
+    assert identical_prefix(a, b)[0] == 2
+    notes, reused = _report(tmp_path / "g", tmp_path / "o")
+    assert any("first 2 decoder layers" in n for n in notes), notes
+    plain_notes, plain = _report(tmp_path / "g", tmp_path / "o", reuse_prefix=False)
+    assert reused == plain  # every figure bitwise equal (floats compared with ==)
+    assert not any("decoder layers" in n for n in plain_notes)
+    assert reused["max_abs"] > 0 and any(c["name"] == "kv_cache_vs_original" for c in reused["checks"])
+
+
+def test_nothing_reused_when_weights_config_or_inputs_differ(tmp_path):
+    _, model = build_model("llama")
+    model.save_pretrained(tmp_path / "o")
+    o = LayerwiseModel(tmp_path / "o")
+
+    w = _deeper(model, [0, 1, 1])
+    with torch.no_grad():
+        w.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-6  # one element of the first layer
+    w.save_pretrained(tmp_path / "w")
+    assert identical_prefix(o, LayerwiseModel(tmp_path / "w")) == (0, "layer 0: mlp.down_proj.weight differs")
+
+    c = _deeper(model, [0, 1, 1])
+    c.config.rms_norm_eps = c.config.rms_norm_eps * 2  # a key the layers read
+    c.save_pretrained(tmp_path / "c")
+    k, why = identical_prefix(o, LayerwiseModel(tmp_path / "c"))
+    assert k == 0 and "rms_norm_eps" in why
+
+    e = _deeper(model, [0, 1, 1])  # identical layers, but another embedding: inputs differ
+    with torch.no_grad():
+        e.model.embed_tokens.weight.mul_(1.5)
+    e.save_pretrained(tmp_path / "e")
+    assert identical_prefix(o, LayerwiseModel(tmp_path / "e"))[0] == 2
+    notes, reused = _report(tmp_path / "e", tmp_path / "o")
+    assert any("not reused: the hidden states entering layer 0 differ" in n for n in notes), notes
+    assert reused == _report(tmp_path / "e", tmp_path / "o", reuse_prefix=False)[1]
+    assert not reused["passed"]
