@@ -83,3 +83,23 @@ def test_nothing_reused_when_weights_config_or_inputs_differ(tmp_path):
     assert any("not reused: the hidden states entering layer 0 differ" in n for n in notes), notes
     assert reused == _report(tmp_path / "e", tmp_path / "o", reuse_prefix=False)[1]
     assert not reused["passed"]
+
+
+def test_kv_decoding_schedule_prefill_chunk_then_single_steps(tmp_path):
+    """The KV-cache check: prefill, one forward through the cache, then the last tokens one by one;
+    every position equals the full forward (whole model and layer by layer alike)."""
+    from scaler_wizard.runtime.layerwise import Job, decode_schedule
+    from scaler_wizard.runtime.verify import kv_decode_logits
+
+    assert decode_schedule(32, 16, 4) == [(0, 16), (16, 28), (28, 29), (29, 30), (30, 31), (31, 32)]
+    assert decode_schedule(8, 4, 4) == [(0, 4), (4, 5), (5, 6), (6, 7), (7, 8)]
+    assert decode_schedule(6, 3, 0) == [(0, 3), (3, 4), (4, 5), (5, 6)]  # steps=0: every token alone
+    _, model = build_model("llama")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+    whole = kv_decode_logits(model, ids, 6, steps=2)
+    assert whole.shape == full.shape and (whole - full).abs().max().item() < 1e-5
+    model.save_pretrained(tmp_path / "m")
+    lw = LayerwiseModel(tmp_path / "m").run([Job("kv", ids, prefill=6, steps=2)])["kv"]
+    assert torch.equal(lw, whole)

@@ -33,6 +33,12 @@ so the model builds the step's positions and masks as it would in real decoding;
 step runs, in order, against one real ``DynamicCache`` per job, layer by layer (layer ``l`` of
 step ``t`` only reads layer ``l`` of the cache, written by steps before ``t``).
 
+Identical leading layers (``run(capture=k)`` on the original, ``run(reuse=prefix)`` on the grown
+model; :func:`identical_prefix` decides k from the files): a depth plan that inserts layers after
+the first k leaves those k layers byte-identical, with the same config, fed the same hidden states
+and arguments; the grown model then starts at layer k from the original's captured outputs and KV
+caches (every input is compared bitwise first; anything different and every layer is computed).
+
 Raises :class:`LayerwiseUnsupported` when the model cannot be driven this way (GGUF files, no
 decoder-layer list found); callers fall back on the whole-model forward.
 """
@@ -58,8 +64,10 @@ class _Stop(Exception):
 class Job:
     """One batch to run. ``input_ids`` [B, T] (int64); optional ``attention_mask`` [B, T],
     ``position_ids`` [B, T], ``token_type_ids`` [B, T]. ``prefill`` > 0: teacher-forced KV-cache
-    decoding (forward on ids[:, :prefill] with a cache, then one token at a time); the logits of
-    every position are returned, as :func:`scaler_wizard.runtime.verify.kv_decode_logits` does."""
+    decoding (forward on ids[:, :prefill] with a cache, then one token at a time; with ``steps`` >
+    0 only the last ``steps`` tokens one at a time, the ones between in one forward through the
+    cache); the logits of every position are returned, as
+    :func:`scaler_wizard.runtime.verify.kv_decode_logits` does."""
 
     name: str
     input_ids: Any
@@ -67,6 +75,19 @@ class Job:
     position_ids: Any = None
     token_type_ids: Any = None
     prefill: int = 0
+    steps: int = 0
+
+
+def decode_schedule(T: int, prefill: int, steps: int = 0) -> list[tuple[int, int]]:
+    """The forwards of teacher-forced KV-cache decoding of T tokens, as (start, stop) token ranges:
+    the prefill ``[0, prefill)``; then, when ``steps`` > 0 and tokens remain before the last
+    ``steps``, one forward over them through the cache; then one forward per token."""
+    out = [(0, prefill)]
+    tail = T - steps if steps > 0 else prefill
+    if tail > prefill:
+        out.append((prefill, tail))
+    out += [(t, t + 1) for t in range(max(prefill, tail), T)]
+    return out
 
 
 @dataclass
@@ -349,10 +370,8 @@ class LayerwiseModel:
             if j.prefill > 0:
                 if not self.causal or self.cache_kw is None:
                     raise LayerwiseUnsupported(f"{type(self.model).__name__}: no KV-cache decoding")
-                T = j.input_ids.shape[1]
-                steps.append(_Step(j.name, {"input_ids": j.input_ids[:, :j.prefill]}, 0))
-                for t in range(j.prefill, T):
-                    steps.append(_Step(j.name, {"input_ids": j.input_ids[:, t:t + 1]}, t))
+                for a, b in decode_schedule(j.input_ids.shape[1], j.prefill, j.steps):
+                    steps.append(_Step(j.name, {"input_ids": j.input_ids[:, a:b]}, a))
             else:
                 steps.append(_Step(j.name, base))
 

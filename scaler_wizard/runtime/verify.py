@@ -6,8 +6,9 @@
 * the given ``texts`` (tokenised one by one, no padding),
 * a padded batch, right-padded and left-padded (``position_ids`` follow the mask), compared only at
   real (non-pad) positions,
-* incremental decoding with the KV cache (prefill half, then token by token with
-  ``past_key_values``), compared with the grown model's own full forward and with the original,
+* incremental decoding with the KV cache (prefill half, then the tokens up to the last four in
+  one forward through the cache, then the last four token by token with ``past_key_values``),
+  compared with the grown model's own full forward and with the original,
 * seeded random ``token_type_ids`` when the model has more than one token type (BERT),
 
 Models load with their own class when ``config.architectures`` names one that is not a causal LM
@@ -249,20 +250,22 @@ def _forward(model, ids, mask=None, position_ids=None, token_type_ids=None):
         return _scores(model(input_ids=ids, **kw))
 
 
-def kv_decode_logits(model, ids, prefill: int):
+def kv_decode_logits(model, ids, prefill: int, steps: int = 0):
     """Logits for every position of ``ids`` [B, T]: full forward on ids[:, :prefill] with the cache,
-    then one token at a time through ``past_key_values``."""
+    then one token at a time through ``past_key_values`` (``steps`` > 0: only the last ``steps``
+    tokens one at a time, those between them and the prefill in one forward through the cache;
+    :func:`scaler_wizard.runtime.layerwise.decode_schedule`)."""
     import torch
 
     import inspect
 
+    from scaler_wizard.runtime.layerwise import decode_schedule
+
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    chunks, past = [], None
     with torch.no_grad():
-        out = model(input_ids=ids[:, :prefill], use_cache=True)
-        past = getattr(out, kw, None) if kw in out else out.past_key_values
-        chunks = [_scores(out)]
-        for t in range(prefill, ids.shape[1]):
-            out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: past})
+        for a, b in decode_schedule(ids.shape[1], prefill, steps):
+            out = model(input_ids=ids[:, a:b], use_cache=True, **({kw: past} if a else {}))
             past = getattr(out, kw, None) if kw in out else out.past_key_values
             chunks.append(_scores(out))
     return torch.cat(chunks, dim=1)
@@ -295,7 +298,7 @@ def _whole_model_logits(model, jobs) -> dict:
     out = {}
     for j in jobs:
         if j.prefill > 0:
-            out[j.name] = kv_decode_logits(model, j.input_ids, j.prefill)
+            out[j.name] = kv_decode_logits(model, j.input_ids, j.prefill, j.steps)
         else:
             out[j.name] = _forward(model, j.input_ids, j.attention_mask, j.position_ids, j.token_type_ids)
     return out
@@ -365,6 +368,7 @@ def compare_models(
     max_text_tokens: int = 256,
     layerwise: bool | None = None,
     reuse_prefix: bool = True,
+    kv_steps: int = 4,
 ) -> VerifyReport:
     """Compare a grown model with its original (directories or modules). See the module docstring.
 
@@ -374,6 +378,16 @@ def compare_models(
     drive whole in memory (a note says so); True requires the layer-wise path (ValueError when it
     cannot run); False loads both models whole (the reference the layer-wise path is tested against).
     One model is run after the other; only the logits are kept between them.
+
+    KV-cache decoding (``check_kv``): the first half of the random ids is the prefill, the last
+    ``kv_steps`` tokens are decoded one at a time, and the tokens between go through the cache in
+    one forward (0: every token after the prefill one at a time, as before). Each single-token
+    forward streams every weight of the model for a few rows of arithmetic, so on large models they
+    dominate the cost; the cache is still written by a prefill, read and extended by a multi-token
+    forward and by single-token decoding, every position is compared (with the model's full
+    forward and with the original), and the prefill ends at the same position (so length-dependent
+    RoPE, longrope's switch past ``original_max_position_embeddings``, is crossed inside the cached
+    decoding as before).
 
     ``reuse_prefix`` (layer by layer only): the grown model's leading decoder layers that are
     byte-identical to the original's (same weights, same config for them, checked from the files:
@@ -424,7 +438,7 @@ def compare_models(
         if check_kv and seq_len >= 2 and not causal:
             rep.notes.append(f"KV-cache checks skipped: {type(o.model).__name__} is not a causal LM (no incremental decoding)")
         if check_kv and seq_len >= 2 and causal:
-            jobs.append(Job("kv_decode", ids, prefill=max(1, seq_len // 2)))
+            jobs.append(Job("kv_decode", ids, prefill=max(1, seq_len // 2), steps=kv_steps))
             kv_check = True
 
     text_jobs: list[str] = []
