@@ -293,6 +293,48 @@ def padded_batch(ids, lengths: Sequence[int], side: str, pad_id: int = 0):
 # ------------------------------------------------------------------------------------------------ compare
 
 
+def idle_threads() -> int | None:
+    """torch threads for a verification run: torch's default (one per core) lowered to the cores
+    not busy with other work (CPUs minus the 1-minute load average, at least 1). None when the user
+    chose (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set): then torch's setting stands.
+
+    Why: fp32 GEMM threads spin while waiting for each other; on a machine whose cores are taken,
+    2 threads measured 2x the CPU and more wall time than 1 (README, Figures)."""
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return None
+    import torch
+
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), int(cpus - busy + 0.5)))
+
+
+class torch_threads:
+    """``with torch_threads(n):`` torch's intra-op threads set to ``n`` (None: unchanged), restored after."""
+
+    def __init__(self, n: int | None):
+        self.n, self.old = n, None
+
+    def __enter__(self):
+        import torch
+
+        if self.n is not None:
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.old is not None:
+            torch.set_num_threads(self.old)
+        return False
+
+
+
 def _whole_model_logits(model, jobs) -> dict:
     """The jobs of :mod:`scaler_wizard.runtime.layerwise` run on a whole model in memory."""
     out = {}
