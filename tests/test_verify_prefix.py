@@ -103,3 +103,22 @@ def test_kv_decoding_schedule_prefill_chunk_then_single_steps(tmp_path):
     model.save_pretrained(tmp_path / "m")
     lw = LayerwiseModel(tmp_path / "m").run([Job("kv", ids, prefill=6, steps=2)])["kv"]
     assert torch.equal(lw, whole)
+
+
+def test_verification_threads_follow_the_idle_cores(monkeypatch):
+    import os
+
+    from scaler_wizard.runtime.verify import idle_threads, torch_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (1e6, 0.0, 0.0))  # every core busy
+    assert idle_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # idle: torch's default
+    assert idle_threads() == min(before, len(os.sched_getaffinity(0)))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user chose
+    assert idle_threads() is None
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
