@@ -334,7 +334,6 @@ class torch_threads:
         return False
 
 
-
 def _whole_model_logits(model, jobs) -> dict:
     """The jobs of :mod:`scaler_wizard.runtime.layerwise` run on a whole model in memory."""
     out = {}
