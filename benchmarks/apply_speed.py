@@ -24,6 +24,24 @@ Programs (``--program``):
 The raw baseline writes, for every output tensor, bytes of the same shape and dtype made from one
 input tensor it reads (so it reads and writes as much as a copy can), in the same shards.
 
+Whole commands (``--suite cli``, the default; issue 11's table), each a fresh process timed from
+outside (wall; CPU = user + system from wait4; peak RSS = the larger of wait4's high-water mark and
+50 ms sampling of the process tree), in one run, the order reversed every other round (``--rounds``):
+
+* ``apply``: ``scaler-wizard apply PLAN --model SRC -o OUT --no-verify`` (start-up included);
+* ``verify``: ``scaler-wizard apply PLAN --model SRC -o OUT`` (the default: verifies, then lands);
+* ``copy``: a userspace byte copy of as many bytes as the output's shards (``cat SHARDS | head -c N``);
+* ``cp``: an in-kernel copy (coreutils ``cp``: ``copy_file_range``) of input shards, repeated until
+  as many bytes as the output's were copied, its time scaled to exactly that many bytes;
+* ``mergekit``: mergekit's ``passthrough`` merge of the same layer order (``mergekit-yaml``),
+  installed on demand into its own virtual environment under the cache directory (``python -m
+  venv``; the project's environment is on its path read-only through a ``.pth`` file, so pip adds
+  only what is missing, into that environment); skipped with a note when it cannot be installed
+  (no network, a build error). Its output is compared with apply's tensor by tensor (bytes).
+
+    .venv/bin/python benchmarks/apply_speed.py --rounds 2                 # the table of the README
+    .venv/bin/python benchmarks/apply_speed.py --suite program --order raw,execute,torch,cp
+
     .venv/bin/python benchmarks/apply_speed.py                # 1.1B (about 2.2 GB in, 3.2 GB out)
     .venv/bin/python benchmarks/apply_speed.py --small        # a 4-layer toy of the same shape family
 """
@@ -243,6 +261,194 @@ def child(args) -> dict:
             "rss_before_bytes": rss_before, **extra}
 
 
+# ----------------------------------------------------------------------------------- whole commands
+
+
+def _timed(cmd, env: dict, shell: bool = False) -> dict:
+    """Wall, CPU (user+sys, wait4) and peak RSS (max of wait4's high-water mark and 50 ms sampling
+    of the process tree) of one command."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from verify_memory import Sampler
+
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env, shell=shell)
+        smp = Sampler(p.pid)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        peak = max(smp.stop(), ru.ru_maxrss * 1024)
+        fo.seek(0)
+        fe.seek(0)
+        return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss": peak,
+                "rc": os.waitstatus_to_exitcode(status), "stdout": fo.read(), "stderr": fe.read()}
+
+
+def _mergekit(cache: Path) -> tuple[Path | None, str]:
+    """mergekit-yaml from a virtual environment of its own under ``cache`` (made on first use);
+    (None, why) when it cannot be installed."""
+    venv = cache / "mergekit-venv"
+    exe = venv / "bin" / "mergekit-yaml"
+    if exe.is_file():
+        return exe, ""
+    base = getattr(sys, "_base_executable", sys.executable)
+    r = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None, f"python -m venv failed: {r.stderr.strip()[-300:]}"
+    # the project's packages (torch, transformers, ...) visible read-only: pip installs only what
+    # is missing, into this environment (it never uninstalls outside it)
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    mine = next((venv / "lib").glob("python*/site-packages"))
+    (mine / "project-env.pth").write_text(str(site) + "\n")
+    print("installing mergekit into", venv, "...", file=sys.stderr)
+    r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "mergekit"],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or not exe.is_file():
+        shutil.rmtree(venv, ignore_errors=True)
+        return None, f"pip install mergekit failed: {(r.stderr or r.stdout).strip()[-300:]}"
+    return exe, ""
+
+
+def _mergekit_config(dims: dict, new_layers: int, src: Path, path: Path) -> None:
+    """A passthrough merge with the layer order the depth plan gives (first the layers up to the
+    end of the duplicated range, then the range again, then the rest)."""
+    n = dims["num_hidden_layers"]
+    k = new_layers - n
+    a = (n - k) // 2
+    slices = [(0, a + k), (a, a + k), (a + k, n)]
+    lines = ["merge_method: passthrough", "dtype: bfloat16", "slices:"]
+    for lo, hi in slices:
+        if hi > lo:
+            lines += ["  - sources:", f"      - model: {src}", f"        layer_range: [{lo}, {hi}]"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _same_tensors(a: Path, b: Path) -> str:
+    """'identical' when both checkpoints hold the same tensor names with the same bytes, else what differs."""
+    from scaler_wizard.runtime.checkpoint import open_checkpoint
+
+    ra, rb = open_checkpoint(a), open_checkpoint(b)
+    if set(ra.names()) != set(rb.names()):
+        return f"different tensor names ({len(set(ra.names()) ^ set(rb.names()))} differ)"
+    for n in ra.names():
+        (fa, sa, ea), (fb, sb, eb) = ra.byte_range(n), rb.byte_range(n)
+        if ea - sa != eb - sb or ra.dtype(n) != rb.dtype(n) or ra.shape(n) != rb.shape(n):
+            return f"{n}: different dtype or shape"
+        with open(fa, "rb") as x, open(fb, "rb") as y:
+            for off in range(0, ea - sa, 64 << 20):
+                k = min(64 << 20, ea - sa - off)
+                if os.pread(x.fileno(), k, sa + off) != os.pread(y.fileno(), k, sb + off):
+                    return f"{n}: different bytes"
+    return "identical"
+
+
+def cli_suite(args, dims: dict, name: str, src: Path, new_layers: int) -> int:
+    cache = Path(args.cache)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    plan = cache / f"depth-{name}.expand"
+    plan.write_text(plan_for("depth", dims, new_layers))
+    cli = [sys.executable, "-m", "scaler_wizard", "apply", str(plan), "--model", str(src), "--no-progress",
+           "--shard-size", args.shard_size, "--force", "-o"]
+    inputs = sorted(src.glob("*.safetensors"))
+    modes = args.order.split(",") if args.order != "raw,execute,torch,cp" else ["apply", "verify", "copy", "cp", "mergekit"]
+    notes = []
+    mk = None
+    if "mergekit" in modes:
+        mk, why = _mergekit(cache)
+        if mk is None:
+            notes.append(f"mergekit skipped: {why}")
+            modes.remove("mergekit")
+        else:
+            _mergekit_config(dims, new_layers, src, cache / f"mergekit-{name}.yml")
+    # warm the structure cache and measure the output's size (not timed)
+    ref = cache / f"out-{name}-reference"
+    if not (ref / "config.json").is_file():
+        r = subprocess.run(cli + [str(ref), "--no-verify"], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            print(r.stderr[-3000:], file=sys.stderr)
+            return 1
+    bytes_out = sum(f.stat().st_size for f in ref.glob("*.safetensors"))
+    results: dict[str, list] = {m: [] for m in modes}
+    load = []
+    for rnd in range(args.rounds):
+        order = modes if rnd % 2 == 0 else modes[::-1]
+        for mode in order:
+            dst = cache / f"out-{name}-{mode}"
+            shutil.rmtree(dst, ignore_errors=True)
+            os.sync()  # one run's dirty pages must not slow the next
+            load.append(os.getloadavg()[0])
+            scale = 1.0
+            if mode == "apply":
+                r = _timed(cli + [str(dst), "--no-verify"], env)
+            elif mode == "verify":
+                r = _timed(cli + [str(dst), "--format", "json"], env)
+            elif mode == "copy":
+                dst.mkdir(parents=True)
+                reps = -(-bytes_out // sum(f.stat().st_size for f in inputs))
+                files = " ".join(f"'{f}'" for f in inputs * reps)
+                r = _timed(f"cat {files} | head -c {bytes_out} > '{dst}/copy.bin'", env, shell=True)
+            elif mode == "cp":
+                dst.mkdir(parents=True)
+                cmds, total, k = [], 0, 0
+                while total < bytes_out:
+                    f = inputs[k % len(inputs)]
+                    cmds.append(f"cp '{f}' '{dst}/{k}-{f.name}'")
+                    total += f.stat().st_size
+                    k += 1
+                r = _timed(" && ".join(cmds), env, shell=True)
+                scale = bytes_out / total
+            elif mode == "mergekit":
+                r = _timed([str(mk), str(cache / f"mergekit-{name}.yml"), str(dst), "--out-shard-size", "1B",
+                            "--no-copy-tokenizer"], env)
+                if r["rc"] == 0 and rnd == 0:  # in a child: this process stays small (see _timed)
+                    same = subprocess.run([sys.executable, __file__, "--child", "same", "--src", str(dst), "--dst",
+                                           str(ref)], capture_output=True, text=True, env=env)
+                    notes.append(f"mergekit's output vs apply's: {(same.stdout or same.stderr).strip()[-300:]}")
+            else:
+                raise SystemExit(f"unknown mode {mode!r} for --suite cli")
+            if r["rc"] != 0 and not (mode == "verify" and r["rc"] == 1):
+                print(f"{mode} failed (exit {r['rc']}):\n{r['stderr'][-3000:]}", file=sys.stderr)
+                return 1
+            r["wall_s"] *= scale
+            r["cpu_s"] *= scale
+            if mode == "verify":
+                txt = r["stdout"]
+                v = json.loads(txt[txt.index("{"):])["verification"]
+                r["verification"] = {k: v.get(k) for k in ("passed", "judged", "max_rel", "notes")}
+            results[mode].append(r)
+            print(f"round {rnd + 1} {mode:<9} {r['wall_s']:8.2f} s  CPU {r['cpu_s']:7.2f} s  peak RSS "
+                  f"{r['peak_rss'] / 1e9:6.3f} GB  (load {load[-1]:.1f})", file=sys.stderr)
+            if not args.keep:
+                shutil.rmtree(dst, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(ref, ignore_errors=True)
+
+    def med(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+    base = {k: med([r["wall_s"] for r in results[k]]) for k in ("copy", "cp") if results.get(k)}
+    print(f"plan: {plan_for('depth', dims, new_layers).strip()} ({dims['num_hidden_layers']} -> {new_layers} layers); "
+          f"model {name}; output {bytes_out / 1e9:.2f} GB; {args.rounds} round(s), order reversed every other "
+          f"round; load average {min(load):.1f}-{max(load):.1f} (1 min, at each start; {os.cpu_count()} CPUs)")
+    print(f"{'run':<9} {'wall s (median)':>16} {'runs':>20} {'CPU s':>8} {'x copy':>7} {'x cp':>6} {'peak RSS GB':>12}")
+    for mode, rs in results.items():
+        w = med([r["wall_s"] for r in rs])
+        xs = ", ".join(f"{r['wall_s']:.1f}" for r in rs)
+        print(f"{mode:<9} {w:16.2f} {xs:>20} {med([r['cpu_s'] for r in rs]):8.1f} "
+              f"{w / base['copy'] if 'copy' in base else float('nan'):7.2f} {w / base['cp'] if 'cp' in base else float('nan'):6.2f} "
+              f"{max(r['peak_rss'] for r in rs) / 1e9:12.3f}")
+    for r in results.get("verify", []):
+        notes.append(f"verification: {r['verification']}")
+        break
+    for n in notes:
+        print("note:", n)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=str(ROOT / "bench-cache"))
@@ -251,11 +457,18 @@ def main(argv=None) -> int:
     ap.add_argument("--program", default="depth", choices=["depth", "width", "loads"])
     ap.add_argument("--new-layers", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
-    ap.add_argument("--order", default="raw,execute,torch,cp", help="run order (comma separated)")
-    ap.add_argument("--child", choices=["raw", "execute", "torch", "cp", "build"], help=argparse.SUPPRESS)
+    ap.add_argument("--order", default="raw,execute,torch,cp",
+                    help="run order (comma separated; --suite cli default: apply,verify,copy,cp,mergekit)")
+    ap.add_argument("--suite", default="cli", choices=["cli", "program"],
+                    help="cli: whole commands, ratios to copies (default); program: the executor in-process")
+    ap.add_argument("--rounds", type=int, default=1, help="--suite cli: rounds (order reversed every other)")
+    ap.add_argument("--child", choices=["raw", "execute", "torch", "cp", "build", "same"], help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--dst", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child == "same":
+        print(_same_tensors(Path(args.src), Path(args.dst)))
+        return 0
     if args.child:
         res = child(args)
         if res:
@@ -271,6 +484,8 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, __file__, "--child", "build", "--dst", str(src), "--shard-size",
                         args.shard_size] + (["--small"] if args.small else []), check=True, env=env)
     new_layers = args.new_layers or (dims["num_hidden_layers"] * 32 // 22)
+    if args.suite == "cli":
+        return cli_suite(args, dims, name, src, new_layers)
     results = {}
     for mode in args.order.split(","):
         dst = cache / f"out-{name}-{mode}"

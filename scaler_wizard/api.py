@@ -293,7 +293,7 @@ def tolerance_for(exactness: str | None, tolerance: float | None) -> float | Non
 def verify_dirs(out, against, *, texts=None, tolerance: float | None = None, exactness: str | None = None,
                 symmetry: bool = True) -> dict[str, Any]:
     """Compare OUT with the original; judge by the plan's exactness class (from the sidecar)."""
-    from scaler_wizard.runtime.verify import compare_models, symmetry_check
+    from scaler_wizard.runtime.verify import compare_models, idle_threads, symmetry_check, torch_threads
 
     side = {}
     p = Path(out) / SIDECAR
@@ -311,7 +311,8 @@ def verify_dirs(out, against, *, texts=None, tolerance: float | None = None, exa
     cast = _narrowing_cast(out, against) if tol is not None and tolerance is None else None
     if cast is not None:
         tol, cast_note = _cast_tolerance(against, cast, tol, texts)
-    rep = compare_models(str(out), str(against), texts=texts, rtol=tol if tol is not None else 1e-5)
+    with torch_threads(idle_threads()):  # the cores other work leaves free (see idle_threads)
+        rep = compare_models(str(out), str(against), texts=texts, rtol=tol if tol is not None else 1e-5)
     judged = tol is not None
     d = rep.to_dict()
     if cast_note:

@@ -215,8 +215,7 @@ def execute(
     ``bytes_through_torch``: read and write outputs that are unchanged stored tensors through torch
     too (by default their bytes are copied file to file, see :meth:`ShardStream.copy_range`).
     """
-    import psutil
-    import torch
+    import psutil  # torch is imported at the first output that is computed (byte copies need none)
 
     t0 = time.perf_counter()
     proc = psutil.Process()
@@ -273,9 +272,11 @@ def execute(
                             stream.copy_range(name, rng[0], rng[1], rng[2], reader.dtype(n.name), n.shape)
                             reader.count_copy(rng[2] - rng[1])
                             bar.advance(size_of[name])
+                            copied += 1
                         computed += 1
-                        copied += 1
                         continue
+                    import torch  # noqa: F811 - here, not at the top: a program of byte copies never needs it
+
                     try:
                         if isinstance(n, Load):
                             val = reader.get(n.name)

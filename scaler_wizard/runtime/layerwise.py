@@ -33,6 +33,12 @@ so the model builds the step's positions and masks as it would in real decoding;
 step runs, in order, against one real ``DynamicCache`` per job, layer by layer (layer ``l`` of
 step ``t`` only reads layer ``l`` of the cache, written by steps before ``t``).
 
+Identical leading layers (``run(capture=k)`` on the original, ``run(reuse=prefix)`` on the grown
+model; :func:`identical_prefix` decides k from the files): a depth plan that inserts layers after
+the first k leaves those k layers byte-identical, with the same config, fed the same hidden states
+and arguments; the grown model then starts at layer k from the original's captured outputs and KV
+caches (every input is compared bitwise first; anything different and every layer is computed).
+
 Raises :class:`LayerwiseUnsupported` when the model cannot be driven this way (GGUF files, no
 decoder-layer list found); callers fall back on the whole-model forward.
 """
@@ -40,6 +46,7 @@ decoder-layer list found); callers fall back on the whole-model forward.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +64,10 @@ class _Stop(Exception):
 class Job:
     """One batch to run. ``input_ids`` [B, T] (int64); optional ``attention_mask`` [B, T],
     ``position_ids`` [B, T], ``token_type_ids`` [B, T]. ``prefill`` > 0: teacher-forced KV-cache
-    decoding (forward on ids[:, :prefill] with a cache, then one token at a time); the logits of
-    every position are returned, as :func:`scaler_wizard.runtime.verify.kv_decode_logits` does."""
+    decoding (forward on ids[:, :prefill] with a cache, then one token at a time; with ``steps`` >
+    0 only the last ``steps`` tokens one at a time, the ones between in one forward through the
+    cache); the logits of every position are returned, as
+    :func:`scaler_wizard.runtime.verify.kv_decode_logits` does."""
 
     name: str
     input_ids: Any
@@ -66,6 +75,19 @@ class Job:
     position_ids: Any = None
     token_type_ids: Any = None
     prefill: int = 0
+    steps: int = 0
+
+
+def decode_schedule(T: int, prefill: int, steps: int = 0) -> list[tuple[int, int]]:
+    """The forwards of teacher-forced KV-cache decoding of T tokens, as (start, stop) token ranges:
+    the prefill ``[0, prefill)``; then, when ``steps`` > 0 and tokens remain before the last
+    ``steps``, one forward over them through the cache; then one forward per token."""
+    out = [(0, prefill)]
+    tail = T - steps if steps > 0 else prefill
+    if tail > prefill:
+        out.append((prefill, tail))
+    out += [(t, t + 1) for t in range(max(prefill, tail), T)]
+    return out
 
 
 @dataclass
@@ -75,6 +97,113 @@ class _Step:
     cache_len: int = -1  # >= 0: a decode step, with this many positions already cached
     h: Any = None
     calls: list = field(default_factory=list)  # per layer: (args after hidden, kwargs)
+
+
+@dataclass
+class Prefix:
+    """What a model's first ``layers`` decoder layers saw and gave in one :meth:`LayerwiseModel.run`
+    (``capture=``): per step, (job, cache length, hidden states entering layer 0), the arguments
+    of each of those layers, the hidden states they output, and the KV caches (job -> cache) whose
+    layers 0..layers-1 they filled. About ``layers`` x (arguments) + two hidden states per step:
+    small next to one decoder layer's weights."""
+
+    layers: int
+    inputs: list
+    calls: list
+    outputs: Any
+    caches: dict
+    returns_tuple: bool = False
+
+
+def _same(a, b) -> bool:
+    """Bitwise equality of recorded layer arguments: tensors (dtype, shape, values), containers
+    element by element, caches as caches (each run swaps in its own), other values by ``==``."""
+    import torch
+    from transformers.cache_utils import Cache
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, Cache) or isinstance(b, Cache):
+        return isinstance(a, Cache) and isinstance(b, Cache)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that cannot be compared are not known to be equal
+        return False
+
+
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# config keys no decoder layer reads (the depth, the vocabulary, names, the storage dtype)
+_NOT_LAYER_KEYS = frozenset(_DEPTH_KEYS + ("vocab_size", "architectures", "dtype", "torch_dtype",
+                                           "transformers_version", "_name_or_path"))
+
+
+def identical_prefix(a: "LayerwiseModel", b: "LayerwiseModel") -> tuple[int, str]:
+    """(k, why): the first k decoder layers of ``a`` and ``b`` are the same computation: the same
+    class, the same config apart from keys no layer reads (depth, vocabulary size, names, storage
+    dtype; per-layer lists equal over the first k entries), the same parameter names, and stored
+    tensors of equal dtype and shape whose bytes are equal (compared straight from the safetensors
+    files, 16 MiB at a time, stopping at the first difference). ``why`` says what ends the prefix.
+
+    Sound because a decoder layer is a function of its code, its config, its weights and its
+    inputs: with inputs checked bitwise as well (:meth:`LayerwiseModel._reuse`), the same kernels
+    on the same shapes give the same bits. Tensors that are not a byte range of a file (built by a
+    converter) end the prefix."""
+    if type(a.model) is not type(b.model) or type(a.layers) is not type(b.layers):
+        return 0, "different model classes"
+    n = min(len(a.layers), len(b.layers))
+    ca, cb = a.config.to_dict(), b.config.to_dict()
+    da, db = len(a.layers), len(b.layers)
+    for key in sorted(set(ca) | set(cb)):
+        va, vb = ca.get(key), cb.get(key)
+        if key in _NOT_LAYER_KEYS or va == vb:
+            continue
+        if isinstance(va, list) and isinstance(vb, list) and len(va) == da and len(vb) == db:
+            same = 0
+            while same < min(da, db) and va[same] == vb[same]:
+                same += 1
+            n = min(n, same)
+            continue
+        return 0, f"config key {key!r} differs"
+    for i in range(n):
+        la, lb = a.layers[i], b.layers[i]
+        if type(la) is not type(lb):
+            return i, f"layer {i}: different classes"
+        pa = dict(la.named_parameters(remove_duplicate=False))
+        pb = dict(lb.named_parameters(remove_duplicate=False))
+        if pa.keys() != pb.keys():
+            return i, f"layer {i}: different parameters"
+        for rel in pa:
+            if not _same_bytes(a, pa[rel], b, pb[rel]):
+                return i, f"layer {i}: {rel} differs"
+    return n, "all layers of the shorter model" if n else "no layers"
+
+
+def _same_bytes(a: "LayerwiseModel", pa, b: "LayerwiseModel", pb) -> bool:
+    try:
+        na = a._stored_name([full for _, _, full in a._slots[id(pa)]])
+        nb = b._stored_name([full for _, _, full in b._slots[id(pb)]])
+    except (KeyError, ValueError):
+        return False
+    ia, ib = a.reader.info(na), b.reader.info(nb)
+    if ia.dtype != ib.dtype or tuple(ia.shape) != tuple(ib.shape):
+        return False
+    ra, rb = a.reader.byte_range(na), b.reader.byte_range(nb)
+    if ra is None or rb is None or ra[2] - ra[1] != rb[2] - rb[1]:
+        return False
+    size, step = ra[2] - ra[1], 16 << 20
+    with open(ra[0], "rb") as fa, open(rb[0], "rb") as fb:
+        for off in range(0, size, step):
+            k = min(step, size - off)
+            if os.pread(fa.fileno(), k, ra[1] + off) != os.pread(fb.fileno(), k, rb[1] + off):
+                return False
+    return True
 
 
 def _all(module) -> list:
@@ -214,10 +343,22 @@ class LayerwiseModel:
         return [p for p in self._params(self.model) if id(p) not in big]
 
     # -- forward
-    def run(self, jobs: list[Job]) -> dict[str, Any]:
-        """float32 logits [B, T, V] per job name (see the module docstring)."""
+    def run(self, jobs: list[Job], *, capture: int = 0, reuse: "Prefix | None" = None) -> dict[str, Any]:
+        """float32 logits [B, T, V] per job name (see the module docstring).
+
+        ``capture`` > 0: also keep, in :attr:`captured` (a :class:`Prefix`), what the first
+        ``capture`` decoder layers saw and gave (inputs, arguments, outputs, KV caches) for
+        another model's :meth:`run` to ``reuse``; ``reuse``: a Prefix captured by a model whose
+        first ``reuse.layers`` layers are byte-identical to this one's (:func:`identical_prefix`):
+        when this model's inputs to them are bitwise those of the capture, their outputs are
+        taken from it instead of computed (see :class:`Prefix`); otherwise everything is computed
+        and :attr:`reuse_note` says why."""
         import torch
         from transformers import DynamicCache
+
+        self.captured = None
+        self.reuse_note = None
+        self.reused_layers = 0
 
         steps: list[_Step] = []
         for j in jobs:
@@ -229,10 +370,8 @@ class LayerwiseModel:
             if j.prefill > 0:
                 if not self.causal or self.cache_kw is None:
                     raise LayerwiseUnsupported(f"{type(self.model).__name__}: no KV-cache decoding")
-                T = j.input_ids.shape[1]
-                steps.append(_Step(j.name, {"input_ids": j.input_ids[:, :j.prefill]}, 0))
-                for t in range(j.prefill, T):
-                    steps.append(_Step(j.name, {"input_ids": j.input_ids[:, t:t + 1]}, t))
+                for a, b in decode_schedule(j.input_ids.shape[1], j.prefill, j.steps):
+                    steps.append(_Step(j.name, {"input_ids": j.input_ids[:, a:b]}, a))
             else:
                 steps.append(_Step(j.name, base))
 
@@ -242,7 +381,10 @@ class LayerwiseModel:
             rest = self.load(self._rest_params())
             with torch.no_grad():
                 self._inputs(steps, n, DynamicCache)
-                self._layers(steps, DynamicCache)
+                start, caches = 0, None
+                if reuse is not None and reuse.layers > 0:
+                    start, caches = self._reuse(steps, reuse)
+                self._layers(steps, DynamicCache, start=start, caches=caches, capture=min(capture, n))
                 return self._outputs(steps, n)
         finally:
             for layer in self.layers:  # the recorders and replayers are instance attributes
@@ -367,18 +509,28 @@ class LayerwiseModel:
 
         return record
 
-    def _layers(self, steps, DynamicCache):
+    def _layers(self, steps, DynamicCache, *, start: int = 0, caches: dict | None = None, capture: int = 0):
         from transformers.cache_utils import Cache
 
-        caches: dict[str, Any] = {}
+        if caches is None:
+            caches = {}
         for st in steps:
             if st.cache_len >= 0 and st.job not in caches:
                 caches[st.job] = DynamicCache(config=self.config)
+        cap = None
+        if capture > 0:
+            cap = Prefix(capture, [(st.job, st.cache_len, st.h.clone()) for st in steps],
+                         [list(st.calls[:capture]) for st in steps], [], caches)
 
         def swap(v, st):
             return caches[st.job] if isinstance(v, Cache) else v
 
         for i, layer in enumerate(self.layers):
+            if i < start:  # taken from the capture of an identical model (see _reuse)
+                layer.__dict__.pop("forward", None)
+                for st in steps:
+                    st.calls[i] = None
+                continue
             layer.__dict__.pop("forward", None)
             w = self.load(self._params(layer))
             try:
@@ -394,6 +546,53 @@ class LayerwiseModel:
                     st.calls[i] = None  # the arguments of a layer are not needed again
             finally:
                 self.free(w)
+            if cap is not None and i == capture - 1:
+                cap.outputs = [st.h for st in steps]  # layers do not modify their input in place
+                cap.returns_tuple = self.layer_returns_tuple
+        self.captured = cap
+
+    def _reuse(self, steps, prefix: "Prefix"):
+        """(first layer to compute, the KV caches to continue) for reusing ``prefix``: its layers
+        are byte-identical to ours (the caller checked the weights and config); here the inputs
+        are checked: the same steps, bitwise the same hidden states entering layer 0 and bitwise
+        the same arguments (masks, position embeddings, cache positions) to every reused layer.
+        Then this model's layers 0..k-1 would compute, op for op, what the captured ones did, and
+        their outputs (and the KV-cache layers they wrote) are taken from the capture. Anything
+        different: nothing is reused and :attr:`reuse_note` says what."""
+        k = prefix.layers
+        why = None
+        if len(steps) != len(prefix.inputs) or k > len(self.layers) or prefix.outputs is None:
+            why = "the runs differ in steps"
+        else:
+            for si, (st, (job, cache_len, h0)) in enumerate(zip(steps, prefix.inputs)):
+                if (st.job, st.cache_len) != (job, cache_len) or not _same(st.h, h0):
+                    why = f"the hidden states entering layer 0 differ ({st.job})"
+                    break
+                bad = next((i for i in range(k) if not _same(st.calls[i], prefix.calls[si][i])), None)
+                if bad is not None:
+                    why = f"the arguments of layer {bad} differ ({st.job})"
+                    break
+        caches: dict[str, Any] = {}
+        if why is None:
+            for job, c in prefix.caches.items():
+                layers = getattr(c, "layers", None)
+                if not isinstance(layers, list) or len(layers) < k:
+                    why = "the KV cache has no per-layer list"
+                    break
+                mine = type(c)(config=self.config)
+                if not isinstance(getattr(mine, "layers", None), list) or len(mine.layers) < k:
+                    why = "the KV cache has no per-layer list"
+                    break
+                mine.layers[:k] = layers[:k]  # the state layers 0..k-1 would have after every step
+                caches[job] = mine
+        if why is not None:
+            self.reuse_note = f"identical leading layers not reused: {why}"
+            return 0, None
+        for st, h in zip(steps, prefix.outputs):
+            st.h = h
+        self.layer_returns_tuple = self.layer_returns_tuple or prefix.returns_tuple
+        self.reused_layers = k
+        return k, caches
 
     def _outputs(self, steps, n) -> dict[str, Any]:
         """Final norm, LM head and logit post-processing of the model's own forward. A plain

@@ -25,11 +25,38 @@ class StoredClassError(ValueError):
     """The checkpoint's stored class cannot be grown by this plan (message is user-facing)."""
 
 
+def _class_facts(config: dict[str, Any]) -> dict[str, Any]:
+    """{"base": the family's headless base class name, "prefix": the ``base_model_prefix`` of the
+    head class (``architectures`` when it names a head, else the causal / masked-LM class of the
+    ``model_type``)} from transformers' auto mappings; cached per (architectures, model_type,
+    transformers version) so a reader needs no import of transformers (runtime/io/facts.py)."""
+    arch = (config.get("architectures") or [None])[0]
+    mt = config.get("model_type")
+
+    def compute() -> dict[str, Any]:
+        try:
+            import transformers
+            from transformers.models.auto.modeling_auto import (
+                MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+        except ImportError:
+            return {"base": None, "prefix": None}
+        base = base_class_name(config)
+        head = arch if arch and arch != base else None
+        if head is None:  # the class the IR is traced from (see scaler_wizard.ir.trace.build_meta_model)
+            head = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) or MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(mt)
+        prefix = getattr(getattr(transformers, head, None), "base_model_prefix", None) if isinstance(head, str) else None
+        return {"base": base, "prefix": prefix if isinstance(prefix, str) else None}
+
+    from scaler_wizard.runtime.io.facts import cached_fact
+
+    return cached_fact("classes", [arch if isinstance(arch, str) else None, mt], compute)
+
+
 def headless_prefix(config: dict[str, Any], stored: Iterable[str]) -> str | None:
     """``base_model_prefix`` of the head class when the checkpoint holds the headless base class:
     ``architectures`` names the base class and no stored tensor is under the prefix. None otherwise."""
     arch = (config.get("architectures") or [None])[0]
-    if not arch or arch != base_class_name(config):
+    if not arch or arch != _class_facts(config)["base"]:
         return None
     return missing_prefix(config, stored)
 
@@ -39,18 +66,7 @@ def missing_prefix(config: dict[str, Any], stored: Iterable[str]) -> str | None:
     headless, or a head-class checkpoint stored in the base model's names (the hub's ``gpt2`` keeps
     ``h.0.attn...`` for ``GPT2LMHeadModel``, whose tied head has no tensor of its own); transformers
     adds the prefix on load, and so does the reader. None when the names carry it."""
-    try:
-        import transformers
-        from transformers.models.auto.modeling_auto import (
-            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-    except ImportError:
-        return None
-    arch = (config.get("architectures") or [None])[0]
-    mt = config.get("model_type")
-    head = arch if arch and arch != base_class_name(config) else None
-    if head is None:  # the class the IR is traced from (see scaler_wizard.ir.trace.build_meta_model)
-        head = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) or MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(mt)
-    prefix = getattr(getattr(transformers, head, None), "base_model_prefix", None) if isinstance(head, str) else None
+    prefix = _class_facts(config)["prefix"]
     stored = list(stored)
     if not prefix or not stored or any(n.startswith(prefix + ".") for n in stored):
         return None
@@ -224,6 +240,36 @@ def meta_model_for(config: dict[str, Any]):
         return cls(conf) if cls is not None else AutoModelForCausalLM.from_config(conf)
 
 
+def saves_memory_names(config: dict[str, Any]) -> bool:
+    """Whether ``save_pretrained`` of the class built from ``config`` writes every tensor under its
+    in-memory name and shape: transformers' reverse conversion (``revert_weight_conversion``) takes
+    its quick exit because the model's conversion mapping, without legacy renamings and prefix
+    changes, is empty. Cached per config structure and transformers version (runtime/io/facts.py);
+    False when the class cannot be built (the caller then reports why)."""
+    def compute() -> bool:
+        try:
+            model = meta_model_for(config)
+        except Exception:  # noqa: BLE001 - to_disk_names builds it again and reports the error
+            return False
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import PrefixChange
+        except ImportError:  # an older transformers writes what it holds (as disk_layout assumes)
+            return True
+        if getattr(model, "_weight_conversions", None) is not None:
+            return False
+        convs = [x for x in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(x, PrefixChange)]
+        return not convs
+
+    from scaler_wizard.runtime.io.facts import cached_fact, structure_of
+
+    try:
+        key = structure_of(config)
+    except Exception:  # noqa: BLE001 - an odd config: no cache, the full path decides
+        return False
+    return bool(cached_fact("disk", key, compute))
+
+
 def to_disk_names(program, config: dict[str, Any]):
     """A copy of ``program`` whose outputs have the names and shapes ``save_pretrained`` of the output
     class writes (per-expert tensors, ``embed_out``, ...), each computed from the in-memory output's
@@ -234,6 +280,8 @@ def to_disk_names(program, config: dict[str, Any]):
 
     from scaler_wizard.compiler import program as P
 
+    if saves_memory_names(config):  # nothing to rename: no model built, no torch imported
+        return program
     try:
         model = meta_model_for(config)
     except Exception as e:  # noqa: BLE001 - transformers refuses the output config: say so, never a traceback

@@ -6,8 +6,9 @@
 * the given ``texts`` (tokenised one by one, no padding),
 * a padded batch, right-padded and left-padded (``position_ids`` follow the mask), compared only at
   real (non-pad) positions,
-* incremental decoding with the KV cache (prefill half, then token by token with
-  ``past_key_values``), compared with the grown model's own full forward and with the original,
+* incremental decoding with the KV cache (prefill half, then the tokens up to the last four in
+  one forward through the cache, then the last four token by token with ``past_key_values``),
+  compared with the grown model's own full forward and with the original,
 * seeded random ``token_type_ids`` when the model has more than one token type (BERT),
 
 Models load with their own class when ``config.architectures`` names one that is not a causal LM
@@ -249,20 +250,22 @@ def _forward(model, ids, mask=None, position_ids=None, token_type_ids=None):
         return _scores(model(input_ids=ids, **kw))
 
 
-def kv_decode_logits(model, ids, prefill: int):
+def kv_decode_logits(model, ids, prefill: int, steps: int = 0):
     """Logits for every position of ``ids`` [B, T]: full forward on ids[:, :prefill] with the cache,
-    then one token at a time through ``past_key_values``."""
+    then one token at a time through ``past_key_values`` (``steps`` > 0: only the last ``steps``
+    tokens one at a time, those between them and the prefill in one forward through the cache;
+    :func:`scaler_wizard.runtime.layerwise.decode_schedule`)."""
     import torch
 
     import inspect
 
+    from scaler_wizard.runtime.layerwise import decode_schedule
+
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    chunks, past = [], None
     with torch.no_grad():
-        out = model(input_ids=ids[:, :prefill], use_cache=True)
-        past = getattr(out, kw, None) if kw in out else out.past_key_values
-        chunks = [_scores(out)]
-        for t in range(prefill, ids.shape[1]):
-            out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: past})
+        for a, b in decode_schedule(ids.shape[1], prefill, steps):
+            out = model(input_ids=ids[:, a:b], use_cache=True, **({kw: past} if a else {}))
             past = getattr(out, kw, None) if kw in out else out.past_key_values
             chunks.append(_scores(out))
     return torch.cat(chunks, dim=1)
@@ -290,12 +293,53 @@ def padded_batch(ids, lengths: Sequence[int], side: str, pad_id: int = 0):
 # ------------------------------------------------------------------------------------------------ compare
 
 
+def idle_threads() -> int | None:
+    """torch threads for a verification run: torch's default (one per core) lowered to the cores
+    not busy with other work (CPUs minus the 1-minute load average, at least 1). None when the user
+    chose (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set): then torch's setting stands.
+
+    Why: fp32 GEMM threads spin while waiting for each other; on a machine whose cores are taken,
+    2 threads measured 2x the CPU and more wall time than 1 (README, Figures)."""
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return None
+    import torch
+
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), int(cpus - busy + 0.5)))
+
+
+class torch_threads:
+    """``with torch_threads(n):`` torch's intra-op threads set to ``n`` (None: unchanged), restored after."""
+
+    def __init__(self, n: int | None):
+        self.n, self.old = n, None
+
+    def __enter__(self):
+        import torch
+
+        if self.n is not None:
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.old is not None:
+            torch.set_num_threads(self.old)
+        return False
+
+
 def _whole_model_logits(model, jobs) -> dict:
     """The jobs of :mod:`scaler_wizard.runtime.layerwise` run on a whole model in memory."""
     out = {}
     for j in jobs:
         if j.prefill > 0:
-            out[j.name] = kv_decode_logits(model, j.input_ids, j.prefill)
+            out[j.name] = kv_decode_logits(model, j.input_ids, j.prefill, j.steps)
         else:
             out[j.name] = _forward(model, j.input_ids, j.attention_mask, j.position_ids, j.token_type_ids)
     return out
@@ -332,13 +376,13 @@ class _Side:
     def vocab(self) -> int:
         return self.lw.vocab() if self.lw is not None else _vocab(self.whole)
 
-    def logits(self, jobs) -> dict:
+    def logits(self, jobs, **run_kw) -> dict:
         if self.lw is None:
             return _whole_model_logits(self.whole, jobs)
         from scaler_wizard.runtime.layerwise import LayerwiseUnsupported
 
         try:
-            return self.lw.run(jobs)
+            return self.lw.run(jobs, **run_kw)
         except LayerwiseUnsupported as e:  # found only while running (a layer skipped, no cache)
             self.why_whole = str(e)
             self.whole = load_model(self.lw.reader.path)
@@ -364,6 +408,8 @@ def compare_models(
     check_padding: bool = True,
     max_text_tokens: int = 256,
     layerwise: bool | None = None,
+    reuse_prefix: bool = True,
+    kv_steps: int = 4,
 ) -> VerifyReport:
     """Compare a grown model with its original (directories or modules). See the module docstring.
 
@@ -372,7 +418,25 @@ def compare_models(
     plus activations, each model read once), and modules / GGUF files / models that path cannot
     drive whole in memory (a note says so); True requires the layer-wise path (ValueError when it
     cannot run); False loads both models whole (the reference the layer-wise path is tested against).
-    One model is run after the other; only the logits are kept between them."""
+    One model is run after the other; only the logits are kept between them.
+
+    KV-cache decoding (``check_kv``): the first half of the random ids is the prefill, the last
+    ``kv_steps`` tokens are decoded one at a time, and the tokens between go through the cache in
+    one forward (0: every token after the prefill one at a time, as before). Each single-token
+    forward streams every weight of the model for a few rows of arithmetic, so on large models they
+    dominate the cost; the cache is still written by a prefill, read and extended by a multi-token
+    forward and by single-token decoding, every position is compared (with the model's full
+    forward and with the original), and the prefill ends at the same position (so length-dependent
+    RoPE, longrope's switch past ``original_max_position_embeddings``, is crossed inside the cached
+    decoding as before).
+
+    ``reuse_prefix`` (layer by layer only): the grown model's leading decoder layers that are
+    byte-identical to the original's (same weights, same config for them, checked from the files:
+    :func:`scaler_wizard.runtime.layerwise.identical_prefix`) and whose inputs are bitwise the
+    original's (checked while running) are not computed a second time: running the same code on
+    the same weights and inputs gives the same bits, so their outputs (and KV-cache entries) are
+    taken from the original's run. A depth plan that inserts layers after the first k keeps k
+    layers identical. ``False`` computes every layer of both models (a note says what was reused)."""
     import torch
 
     from scaler_wizard.runtime.layerwise import Job
@@ -415,7 +479,7 @@ def compare_models(
         if check_kv and seq_len >= 2 and not causal:
             rep.notes.append(f"KV-cache checks skipped: {type(o.model).__name__} is not a causal LM (no incremental decoding)")
         if check_kv and seq_len >= 2 and causal:
-            jobs.append(Job("kv_decode", ids, prefill=max(1, seq_len // 2)))
+            jobs.append(Job("kv_decode", ids, prefill=max(1, seq_len // 2), steps=kv_steps))
             kv_check = True
 
     text_jobs: list[str] = []
@@ -440,10 +504,24 @@ def compare_models(
     if not jobs:
         raise ValueError("nothing to compare: n_random=0 and no texts")
 
-    lo = o.logits(jobs)  # the original decodes with its cache too: see kv_cache_vs_original below
+    share = 0
+    if reuse_prefix and o.lw is not None and g.lw is not None:
+        from scaler_wizard.runtime.layerwise import identical_prefix
+
+        share, why_end = identical_prefix(o.lw, g.lw)
+    lo = o.logits(jobs, capture=share) if share else o.logits(jobs)  # the original decodes with its cache too
     o_why = o.why_whole
+    prefix = getattr(o.lw, "captured", None) if share and o.lw is not None else None
     o.release()
-    lg = g.logits(jobs)
+    lg = g.logits(jobs, reuse=prefix) if prefix is not None else g.logits(jobs)
+    if prefix is not None and g.lw is not None:
+        if g.lw.reused_layers:
+            rep.notes.append(f"the first {g.lw.reused_layers} decoder layers of the grown model are byte-identical to "
+                             "the original's and got bitwise the same inputs: their outputs were taken from the "
+                             "original's run (reuse_prefix=False computes them again)")
+        elif g.lw.reuse_note:
+            rep.notes.append(g.lw.reuse_note)
+    del prefix
     g_why = g.why_whole
     g.release()
     for who, why in (("original", o_why), ("grown", g_why)):

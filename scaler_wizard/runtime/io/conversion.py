@@ -53,7 +53,15 @@ def find_aliases(reader) -> None:
     ``block_sparse_moe.experts.E.w1/w3`` -> stacked ``mlp.experts.gate_up_proj``). Expose the
     in-memory names, which the IR uses, through transformers' own conversion table, applied as
     its loader does (every renaming in turn, then at most one converter per stored key):
-    renames become ``aliases``, converters become lazy ``virtual`` tensors."""
+    renames become ``aliases``, converters become lazy ``virtual`` tensors.
+
+    Whether the table has entries for the checkpoint's class is a cached fact
+    (:mod:`scaler_wizard.runtime.io.facts`): for the many families without entries, nothing of
+    transformers (nor torch) is imported."""
+    arch = (reader.config.get("architectures") or [None])[0]
+    model_type = reader.config.get("model_type")
+    if not has_conversions(arch, model_type):
+        return
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import (
@@ -61,9 +69,8 @@ def find_aliases(reader) -> None:
         )
     except ImportError:  # an older transformers: names on disk are names in memory
         return
-    arch = (reader.config.get("architectures") or [None])[0]
     transforms = (arch and get_checkpoint_conversion_mapping(arch)) or get_checkpoint_conversion_mapping(
-        reader.config.get("model_type")
+        model_type
     ) or []
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -85,6 +92,21 @@ def find_aliases(reader) -> None:
         renamed = apply_renamings(absent, renamings)
         if renamed != absent:
             reader.tied[renamed] = stored
+
+
+def has_conversions(arch: str | None, model_type: str | None) -> bool:
+    """Whether transformers' checkpoint conversion table has entries for the class ``arch`` (an
+    ``architectures`` entry) or, failing that, ``model_type`` (cached per transformers version)."""
+    def compute() -> bool:
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        except ImportError:
+            return False
+        return bool((arch and get_checkpoint_conversion_mapping(arch)) or get_checkpoint_conversion_mapping(model_type))
+
+    from scaler_wizard.runtime.io.facts import cached_fact
+
+    return bool(cached_fact("conversion", [arch, model_type], compute))
 
 
 def add_virtual(reader, conv, layer_name: str, by_pattern: dict[str, list[str]]) -> None:

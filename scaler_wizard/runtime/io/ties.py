@@ -8,7 +8,7 @@ def find_ties(reader) -> None:
     if not reader.config.get("tie_word_embeddings", True):
         return
     try:
-        pairs = _tied_pairs_from_model(reader.config)
+        pairs = tied_pairs(reader.config)
     except Exception:  # unknown architecture: fall back on the common names
         pairs = []
         emb = next((n for n in reader._infos if n.endswith(("embed_tokens.weight", "wte.weight",
@@ -21,6 +21,16 @@ def find_ties(reader) -> None:
             reader.tied[absent] = stored
         elif stored not in have and absent in have:
             reader.tied[stored] = absent
+
+
+def tied_pairs(config: dict) -> list[tuple[str, str]]:
+    """:func:`_tied_pairs_from_model`, cached per config structure and transformers version
+    (runtime/io/facts.py): the parameter names depend on which modules the class builds, not on
+    sizes. A class that cannot be built raises (nothing cached)."""
+    from scaler_wizard.runtime.io.facts import cached_fact, structure_of
+
+    got = cached_fact("ties", structure_of(config), lambda: [list(p) for p in _tied_pairs_from_model(config)])
+    return [(a, b) for a, b in got]
 
 
 def _tied_pairs_from_model(config: dict) -> list[tuple[str, str]]:
