@@ -67,6 +67,16 @@ class WidthRules:
                 help="e.g. `insert layers every 4 identity` or `insert 2 layers after 11`",
             )
             return None
+        if name == "kv_heads" and "heads" in self.ir.groups:
+            st.bag.error(
+                "SW201",
+                "this model has no `kv_heads` group: its key/value heads are not a config value of their own "
+                "(they follow the query heads, or are one head shared by all: multi-query attention)",
+                ident.span,
+                help="`widen heads` (where head_dim is not derived) or `widen hidden` grow the query heads; "
+                     "shared key/value heads stay shared",
+            )
+            return None
         hint = suggest(name, self.ir.groups)
         st.bag.error(
             "SW201" if name not in ("experts",) else "SW312",

@@ -47,6 +47,23 @@ def _render_axis(an: Analysis, atom, extra) -> list[list[Factor]]:
         for p in e[1]:
             segs.extend(_render_axis(an, p, extra))
         return segs
+    if r not in an.names and r not in extra and e is not None and e[0] == PROD and e[1]:
+        # (a | b | c) x d, the concatenation outermost (row-major): the axis is the concatenation
+        # a x d | b x d | c x d. Multi-query attention's fused projection: (heads | 1 | 1) x head_dim.
+        first = A.find(e[1][0])
+        fe = A.exp.get(first)
+        if first not in an.names and first not in extra and fe is not None and fe[0] == CAT:
+            rest: list[Factor] = []
+            for p in e[1][1:]:
+                f = _render_prod(an, p, extra)
+                if f is None:
+                    break
+                rest.extend(f)
+            else:
+                segs = []
+                for p in fe[1]:
+                    segs.extend(seg + rest for seg in _render_axis(an, p, extra))
+                return segs
     f = _render_prod(an, atom, extra)
     return [f if f is not None else [Factor("const", A.size(r))]]
 
