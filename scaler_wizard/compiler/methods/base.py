@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
-from scaler_wizard.compiler.resolved import EXACT
+from scaler_wizard.compiler.resolved import APPROX, EXACT
 from scaler_wizard.diagnostics import DiagnosticBag, suggest
 from scaler_wizard.grammar import ast as A
 
@@ -173,6 +173,23 @@ class Method:
 # --------------------------------------------------------------------------- the registry
 
 REGISTRY: dict[tuple[str, str], type[Method]] = {}
+
+
+@dataclass(frozen=True)
+class LayerCopyOp(Method):
+    """A depth op whose new layers are whole copies of existing ones (``duplicate``, ``stack``):
+    approx, since a copied layer adds its update to the residual stream a second time."""
+
+    kind = "op"
+    base = APPROX
+    groups = ("layers",)
+    init = "copy"
+
+    def unread(self, group=None):
+        return {"noise": f"`{self.name}` copies layers whole"}
+
+    def exactness(self, cx):
+        return APPROX, "copied layers change the function (SOLAR / G_stack style)"
 
 
 def register(cls: type[Method]) -> type[Method]:
