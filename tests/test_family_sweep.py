@@ -151,3 +151,61 @@ def test_readme_family_table_is_generated_from_the_committed_sweep():
     assert "| family |" in readme.split(sweep.README_BEGIN)[1]
     with pytest.raises(ValueError, match="markers"):
         sweep.readme_with_table("no markers here", result)
+
+
+# ---------------------------------------------------------------- fixes by kind (sweep3)
+def test_depth_growth_without_a_layer_stack_is_refused(tmp_path_factory):
+    # BART's causal LM (built from an encoder-decoder config) takes its depth from decoder_layers
+    # while num_hidden_layers names encoder_layers: discovery finds no per-layer tensors. Depth
+    # growth used to fail inside the depth pass ("the IR names no per-layer tensors").
+    model = _tiny(tmp_path_factory, "bart")
+    for plan in ("insert layer 1 identity", "duplicate layers 0..2", "stack x2"):
+        d = _refusal(plan, model)
+        assert d.code == "SW353" and "layer stack was not found" in d.message and "encoder_layers" in d.message, d.message
+
+
+def test_identity_layer_needs_every_layer_tensor_understood(tmp_path_factory):
+    # Aria's routed experts run through grouped_mm (no shape rule): their down projection was not
+    # known as a residual writer, so `insert layer identity` left it non-zero and was called exact
+    # (measured drift 9.6e-2). Copy layers (approx) do not depend on it.
+    from scaler_wizard import api
+
+    model = _tiny(tmp_path_factory, "aria_text")
+    d = _refusal("insert layer 1 identity", model)
+    assert d.code == "SW354" and "mlp.experts" in d.message, d.message
+    assert api.check("insert layer 1 copy", model).ops[0].exactness == "approx"
+
+
+def test_group_binding_survives_tiny_size_coincidences(tmp_path_factory):
+    # Aria's tiny config has kv_heads == moe_topk == moe_num_shared_experts == 2, heads ==
+    # moe_num_experts == 4 and ffn 192 == 3 * hidden == 2 shared experts * 96. kv_heads was left
+    # unbound (its x2 trace makes it equal heads: the group vanishes) and derived as
+    # vocab_size // hidden_size, so `widen vocab` implied a kv_heads growth that failed in its pass.
+    from scaler_wizard import api
+
+    model = _tiny(tmp_path_factory, "aria_text")
+    ir = api.ir(model, use_cache=False)
+    assert ir.groups["kv_heads"].config_key == "num_key_value_heads"
+    assert ir.groups["ffn"].derived == "intermediate_size * moe_num_shared_experts"
+    assert not ir.groups["kv_heads"].companion_keys and not ir.groups["heads"].companion_keys  # moe_topk, experts follow nothing
+    rp = api.check("widen vocab by 64 mean", model)
+    assert [o.group for o in rp.ops] == ["vocab"]
+
+
+def test_norm_over_all_ffn_units_refuses_ffn_growth(tmp_path_factory):
+    # BitNet's ffn_sub_norm normalises the FFN activations over all units: widen ffn failed inside
+    # its pass ("axis 0 has role `elem` on ffn").
+    model = _tiny(tmp_path_factory, "bitnet")
+    d = _refusal("widen ffn x2 net2net", model)
+    assert d.code == "SW355" and "ffn_sub_norm" in d.message, d.message
+
+
+def test_embedding_scale_applies_to_token_embedding_only(tmp_path_factory):
+    # BioGPT scales its token embedding by sqrt(hidden); its learned position table is added
+    # unscaled. Widening hidden scaled both, and the exact output drifted 4.6e-2.
+    from scaler_wizard import api
+
+    prog = api.compile("widen hidden x2 tile", _tiny(tmp_path_factory, "biogpt"))
+    assert type(prog.outputs["biogpt.embed_positions.weight"].node).__name__ == "Tile"
+    tok = prog.outputs["biogpt.embed_tokens.weight"].node
+    assert type(tok).__name__ == "Scale" and abs(tok.factor - 0.5 ** 0.5) < 1e-12

@@ -53,6 +53,14 @@ SW351  a norm normalises over several heads at once (OLMo-2's q/k norms over the
        growing heads, kv_heads or head_dim would change its statistics (not supported yet)
 SW352  the layers hold a softmax that discovery does not recognise as attention (Bloom's ALiBi
        baddbmm): refused, naming the module, rather than grown by guesswork
+SW353  depth growth (insert / duplicate / stack) where discovery found no layer stack: the config's
+       depth key is not the length of any module list of the traced model (BART-style causal LMs
+       built from an encoder-decoder config take their depth from ``decoder_layers``)
+SW354  an identity-style layer (``identity`` / ``zero`` / ``cancel``) in a model with a per-layer
+       tensor whose use discovery did not understand (an axis of role ``other``, e.g. experts run
+       through an op without a shape rule): it may write to the residual stream un-zeroed
+SW355  a norm normalises over all FFN units at once (BitNet's ffn_sub_norm): growing ffn would
+       change its statistics (not supported yet)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op

@@ -65,6 +65,26 @@ class AttentionRules:
                 help="per-frequency rope lists (longrope's short/long factors) grow only with `widen head_dim` by an integer factor",
             )
 
+    def _check_norms_over_ffn(self, st: _State) -> None:
+        """SW355: a norm whose elementwise axis spans the FFN units (BitNet's ffn_sub_norm between the
+        up and down projections) computes one statistic over all units; new units (zero, copied or
+        split) change it, so no FFN growth is exact there."""
+        spanning = [t for t in self.ir.tensors if any(ax.role == "elem" and "ffn" in ax.groups() for ax in t.axes)]
+        if not spanning:
+            return
+        for op in st.ops:
+            if op.kind != "widen" or op.group != "ffn":
+                continue
+            t = spanning[0]
+            st.bag.error(
+                "SW355",
+                f"`{op.text.split('  #')[0]}`: `{t.name}` ({t.module_type}) normalises over all FFN units at once; "
+                "growing ffn would change its statistics, which is not supported yet",
+                op.span,
+                help="widen hidden / heads, insert / duplicate / stack layers and vocab growth leave it unchanged",
+            )
+            return
+
     def _check_norms_over_heads(self, st: _State) -> None:
         """SW351: a norm whose elementwise axis spans heads (or kv_heads) computes one statistic over
         all heads (OLMo-2's q_norm over heads x head_dim); new heads, zero head_dim units or fresh

@@ -64,6 +64,7 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, Depth
                 bag.error("SW210", f"`{head}` is not supported by this build yet", stmt.span)
         self._plan_wide_noise(st)
         self._check_norms_over_heads(st)
+        self._check_norms_over_ffn(st)
         self._check_config_invariants(st)
         self._check_rope_lists(st)
         self._layer_summaries(st)

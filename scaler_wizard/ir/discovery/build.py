@@ -27,7 +27,8 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
     ikeys = _int_keys(cfg, layers_key)
     notes = list(an.notes)
 
-    bound, derived, overrides, companions, extra = bind_groups(config, an, cfg, ikeys, notes, differential=differential)
+    bound, derived, overrides, companions, extra = bind_groups(config, an, cfg, ikeys, notes, differential=differential,
+                                                               param_names=traced.param_shapes)
     tp = traced
     tensors, norm_infos, router_params = classify_tensors(tp, an, cfg, ikeys, extra)
 
