@@ -174,6 +174,10 @@ def test_identity_layer_needs_every_layer_tensor_understood(tmp_path_factory):
     d = _refusal("insert layer 1 identity", model)
     assert d.code == "SW354" and "mlp.experts" in d.message, d.message
     assert api.check("insert layer 1 copy", model).ops[0].exactness == "approx"
+    # The same experts' hidden axis (a constant 64 to discovery) made `widen hidden` a refusal of the
+    # compiler's own consistency check (SW316): now refused up front, naming the tensor.
+    d = _refusal("widen hidden x2 tile", model)
+    assert d.code == "SW357" and "experts.down_proj" in d.message and "(64)" in d.message, d.message
 
 
 def test_group_binding_survives_tiny_size_coincidences(tmp_path_factory):
@@ -209,3 +213,24 @@ def test_embedding_scale_applies_to_token_embedding_only(tmp_path_factory):
     assert type(prog.outputs["biogpt.embed_positions.weight"].node).__name__ == "Tile"
     tok = prog.outputs["biogpt.embed_tokens.weight"].node
     assert type(tok).__name__ == "Scale" and abs(tok.factor - 0.5 ** 0.5) < 1e-12
+
+
+def test_fused_qkv_layout_owed_to_a_coincidence_refuses_heads_growth(tmp_path_factory):
+    # CodeGen splits its fused qkv into a fixed 4 model-parallel chunks; with 4 heads each chunk
+    # looks like one head and discovery read [heads x 3 x head_dim]. A probe trace with 8 heads is
+    # not understood, so heads growth (implied by widen hidden) is refused: it was called exact and
+    # drifted 0.88 relative.
+    model = _tiny(tmp_path_factory, "codegen")
+    d = _refusal("widen hidden x2 tile", model)
+    assert d.code == "SW356" and "n_head = 8" in d.message and "qkv_proj" in d.message, d.message
+    from scaler_wizard import api
+
+    api.check("widen ffn x2 net2net\ninsert layer 1 identity", model)
+
+
+def test_fixed_table_over_hidden_refuses_hidden_growth(tmp_path_factory):
+    # CTRL adds a sinusoidal table (a buffer, not a parameter) computed from n_embd to the stream:
+    # the grown config re-computes it, so widening hidden was called exact and drifted 1.0.
+    model = _tiny(tmp_path_factory, "ctrl")
+    d = _refusal("widen hidden x2 tile", model)
+    assert d.code == "SW356" and "transformer.pos_encoding" in d.message, d.message

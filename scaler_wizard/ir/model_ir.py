@@ -107,6 +107,7 @@ class Group:
     companion_keys: tuple[str, ...] = ()  # keys that must keep the group's value (OPT word_embed_proj_dim)
     per_layer: bool = True  # False for hidden/vocab (one value model-wide)
     members: tuple[tuple[str, int], ...] = ()  # (tensor template, axis index)
+    fixed: str | None = None  # why the group cannot grow although a key binds it (a probe trace disagreed)
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,47 @@ class AttentionRules:
             )
             return
 
+    def _check_unplaced_axes(self, st: _State) -> None:
+        """SW357: width growth of a group when some tensor has an axis discovery could not place
+        (role ``other``, constant factors only) of exactly the group's size: it is likely the same
+        dimension used through an op without a shape rule (Aria's experts run through grouped_mm),
+        and the grown config would re-size it while the program leaves it."""
+        for op in st.ops:
+            if op.kind != "widen" or not op.group or not op.old_size:
+                continue
+            for t in self.ir.tensors:
+                k = next((k for k, ax in enumerate(t.axes) if ax.role == "other" and not ax.groups()
+                          and ax.size == op.old_size), None)
+                if k is None:
+                    continue
+                st.bag.error(
+                    "SW357",
+                    f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                    + f": discovery did not understand how `{t.name}` ({t.module_type}, shape {list(t.shape)}) is "
+                    f"used; its axis {k} has the size of `{op.group}` ({op.old_size}) and may be the same dimension",
+                    op.span,
+                    help=f"not supported yet for this model: ops that leave `{op.group}` as it is are unaffected",
+                )
+                return
+
+    def _check_fixed_groups(self, st: _State) -> None:
+        """SW356: growth of a group that discovery marked ``Group.fixed``: a probe trace with the key
+        doubled disagreed (CodeGen's fused qkv is split into a fixed number of chunks that the traced
+        head count happened to equal), or a non-parameter table over the group is re-computed from
+        the config (CTRL's sinusoidal positions over hidden)."""
+        for op in st.ops:
+            g = self.ir.groups.get(op.group) if op.kind == "widen" and op.group else None
+            if g is None or not g.fixed:
+                continue
+            st.bag.error(
+                "SW356",
+                f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                + f": `{op.group}` cannot grow in this model: {g.fixed}",
+                op.span,
+                help=f"ops that leave `{op.group}` as it is (and imply no growth of it) are unaffected",
+            )
+            return
+
     def _check_norms_over_heads(self, st: _State) -> None:
         """SW351: a norm whose elementwise axis spans heads (or kv_heads) computes one statistic over
         all heads (OLMo-2's q_norm over heads x head_dim); new heads, zero head_dim units or fresh

@@ -65,6 +65,8 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, Depth
         self._plan_wide_noise(st)
         self._check_norms_over_heads(st)
         self._check_norms_over_ffn(st)
+        self._check_fixed_groups(st)
+        self._check_unplaced_axes(st)
         self._check_config_invariants(st)
         self._check_rope_lists(st)
         self._layer_summaries(st)
