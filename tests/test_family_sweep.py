@@ -234,3 +234,37 @@ def test_fixed_table_over_hidden_refuses_hidden_growth(tmp_path_factory):
     model = _tiny(tmp_path_factory, "ctrl")
     d = _refusal("widen hidden x2 tile", model)
     assert d.code == "SW356" and "transformer.pos_encoding" in d.message, d.message
+
+
+def test_lemon_eps_shared_with_qk_norms_without_pre_norms_is_approx(tmp_path_factory):
+    # EXAONE-4 normalises only after its sublayers: q/k norms see raw-stream projections, so the
+    # config eps that LEMON rescales for the hidden norms moves them by far more than an epsilon
+    # effect (0.12 relative, called exact-eps). Integer factors stay exact.
+    from scaler_wizard import api
+
+    model = _tiny(tmp_path_factory, "exaone4")
+    assert api.check("widen hidden x1.5 lemon", model).ops[0].exactness == "approx"
+    assert api.check("widen hidden x2 lemon", model).ops[0].exactness == "exact"
+
+
+@pytest.mark.slow  # ~15-40 s: Falcon-H1's discovery runs several differential traces
+def test_config_with_non_finite_floats_loads(tmp_path_factory):
+    # transformers writes inf as {"__float__": "Infinity"} (Falcon-H1's time_step_limit); read raw,
+    # the config class refused it and every op ended in a traceback.
+    import json
+    from pathlib import Path
+
+    model = _tiny(tmp_path_factory, "falcon_h1")
+    assert "__float__" in (Path(model) / "config.json").read_text()
+    d = _refusal("insert layer 1 identity", model)  # a hybrid: its mixer's A_log is not understood
+    assert d.code == "SW354" and "mamba" in d.message, d.message
+    from scaler_wizard.ir.config import decode_special_floats
+
+    assert decode_special_floats(json.loads('{"a": [0.0, {"__float__": "Infinity"}]}')) == {"a": [0.0, float("inf")]}
+
+
+def test_elementwise_parameter_on_hidden_refuses_hidden_growth(tmp_path_factory):
+    # Doge scales the residual stream per channel (input_residual): widen hidden failed inside its
+    # pass ("elementwise on hidden but not a known norm").
+    d = _refusal("widen hidden x2 tile", _tiny(tmp_path_factory, "doge"))
+    assert d.code == "SW358" and "input_residual" in d.message, d.message

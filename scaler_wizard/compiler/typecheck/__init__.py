@@ -59,14 +59,16 @@ SW353  depth growth (insert / duplicate / stack) where discovery found no layer 
 SW354  an identity-style layer (``identity`` / ``zero`` / ``cancel``) in a model with a per-layer
        tensor whose use discovery did not understand (an axis of role ``other``, e.g. experts run
        through an op without a shape rule): it may write to the residual stream un-zeroed
-SW355  a norm normalises over all FFN units at once (BitNet's ffn_sub_norm): growing ffn would
-       change its statistics (not supported yet)
+SW355  a norm normalises over all FFN units at once (BitNet's ffn_sub_norm), or another parameter
+       acts elementwise on them (Dory's suv_gate): growing ffn is not supported yet
 SW356  growth of a group discovery marked as fixed: a probe trace disagreed (CodeGen: with heads ==
        its fixed 4 model-parallel chunks the fused qkv looks per-head; a trace with twice the heads
        is not), or a non-parameter table over it is re-computed from the config (CTRL's sinusoidal
        positions over hidden)
 SW357  width growth of a group when a tensor has an axis discovery could not place (role ``other``)
        of exactly that group's size (Aria's grouped_mm experts over hidden)
+SW358  hidden growth when a parameter acts elementwise on hidden without being a recognised norm
+       gain or bias (Doge's ``input_residual`` per-channel residual scale)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op

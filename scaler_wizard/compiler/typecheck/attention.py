@@ -76,10 +76,12 @@ class AttentionRules:
             if op.kind != "widen" or op.group != "ffn":
                 continue
             t = spanning[0]
+            what = ("normalises over all FFN units at once; growing ffn would change its statistics"
+                    if t.kind in ("norm_weight", "norm_bias") else
+                    "acts elementwise on the FFN units (not a norm discovery recognised); growing ffn through it")
             st.bag.error(
                 "SW355",
-                f"`{op.text.split('  #')[0]}`: `{t.name}` ({t.module_type}) normalises over all FFN units at once; "
-                "growing ffn would change its statistics, which is not supported yet",
+                f"`{op.text.split('  #')[0]}`: `{t.name}` ({t.module_type}) {what}, which is not supported yet",
                 op.span,
                 help="widen hidden / heads, insert / duplicate / stack layers and vocab growth leave it unchanged",
             )
@@ -107,6 +109,30 @@ class AttentionRules:
                     help=f"not supported yet for this model: ops that leave `{op.group}` as it is are unaffected",
                 )
                 return
+
+    def _check_elementwise_on_hidden(self, st: _State) -> None:
+        """SW358: hidden growth when a parameter acts elementwise on the hidden axis without being a
+        norm gain or bias that discovery recognised (Doge's ``input_residual`` scaling the residual
+        stream per channel): whether its new entries must be copies, ones or zeros depends on the
+        op it feeds, which discovery did not establish."""
+        names = {x for n in self.ir.norms if n.group == "hidden" for x in (n.weight, n.bias) if x}
+        odd = [t for t in self.ir.tensors if t.name not in names
+               and any(ax.role == "elem" and "hidden" in ax.groups() for ax in t.axes)]
+        if not odd:
+            return
+        for op in st.ops:
+            if op.kind != "widen" or op.group != "hidden":
+                continue
+            t = odd[0]
+            st.bag.error(
+                "SW358",
+                f"`{op.text.split('  #')[0]}`: `{t.name}` ({t.module_type}, shape {list(t.shape)}) acts elementwise on "
+                "the hidden axis but is not a norm gain or bias discovery recognised; growing hidden is not "
+                "supported for it yet",
+                op.span,
+                help="ops that leave hidden as it is (widen ffn, insert / duplicate / stack layers, vocab) are unaffected",
+            )
+            return
 
     def _check_fixed_groups(self, st: _State) -> None:
         """SW356: growth of a group that discovery marked ``Group.fixed``: a probe trace with the key
