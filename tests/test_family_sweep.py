@@ -268,3 +268,24 @@ def test_elementwise_parameter_on_hidden_refuses_hidden_growth(tmp_path_factory)
     # pass ("elementwise on hidden but not a known norm").
     d = _refusal("widen hidden x2 tile", _tiny(tmp_path_factory, "doge"))
     assert d.code == "SW358" and "input_residual" in d.message, d.message
+
+
+def test_per_head_values_grow_with_their_heads(tmp_path_factory):
+    # GraniteSWA's attention sinks (one logit per query head, role elem on heads): the heads growth
+    # implied by `widen hidden` failed inside the heads pass. New zero-fan-out heads get a value
+    # that is never seen; copied heads copy it (measured exact: 5.3e-7 with verify).
+    from scaler_wizard import api
+
+    prog = api.compile("widen hidden x2 tile", _tiny(tmp_path_factory, "granite_swa"))
+    out = prog.outputs["model.layers.0.self_attn.sinks"]
+    assert out.node.shape == (8,) and out.exactness == "exact"
+
+
+def test_head_dim_growth_through_an_unknown_reader_is_refused(tmp_path_factory):
+    # HRM gates the attention output with gate_proj [heads x head_dim, hidden]: widen head_dim failed
+    # inside its pass ("carries head_dim but is not q/k/v/o"). Its layer stack is not found either
+    # (depth key num_hidden_layers does not size the traced module lists).
+    model = _tiny(tmp_path_factory, "hrm_text")
+    d = _refusal("widen head_dim x2", model)
+    assert d.code == "SW359" and "gate_proj" in d.message, d.message
+    assert _refusal("stack x2", model).code == "SW353"

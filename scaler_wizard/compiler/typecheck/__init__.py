@@ -69,6 +69,8 @@ SW357  width growth of a group when a tensor has an axis discovery could not pla
        of exactly that group's size (Aria's grouped_mm experts over hidden)
 SW358  hidden growth when a parameter acts elementwise on hidden without being a recognised norm
        gain or bias (Doge's ``input_residual`` per-channel residual scale)
+SW359  head_dim growth when a tensor other than q/k/v/o and the q/k norms carries head_dim (HRM's
+       attention-output gate_proj)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op

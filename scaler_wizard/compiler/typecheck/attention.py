@@ -134,6 +134,31 @@ class AttentionRules:
             )
             return
 
+    def _check_head_dim_readers(self, st: _State) -> None:
+        """SW359: head_dim growth when a tensor other than the q/k/v/o projections and the q/k norms
+        carries head_dim (HRM's gate_proj gating the attention output per head dim): where its new
+        units go is not established."""
+        att = self.ir.attention
+        if att is None or att.fused_qkv or "head_dim" not in self.ir.groups:
+            return
+        bases = {t.rsplit(".", 1)[0] for t in (att.q, att.k, att.v, att.o) if t}
+        norms = {n.weight for n in self.ir.norms if n.group == "head_dim" and n.weight}
+        odd = [name for name, _ in self.ir.groups["head_dim"].members
+               if name.rsplit(".", 1)[0] not in bases and name not in norms]
+        if not odd:
+            return
+        for op in st.ops:
+            if op.kind != "widen" or op.group != "head_dim":
+                continue
+            st.bag.error(
+                "SW359",
+                f"`{op.text.split('  #')[0]}`: `{odd[0]}` carries head_dim but is not a q/k/v/o projection or a q/k "
+                "norm; growing head_dim through it is not supported yet",
+                op.span,
+                help="widen heads / kv_heads (where the config allows), ffn, layers and vocab are unaffected",
+            )
+            return
+
     def _check_fixed_groups(self, st: _State) -> None:
         """SW356: growth of a group that discovery marked ``Group.fixed``: a probe trace with the key
         doubled disagreed (CodeGen's fused qkv is split into a fixed number of chunks that the traced

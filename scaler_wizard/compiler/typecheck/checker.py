@@ -68,6 +68,7 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, Depth
         self._check_fixed_groups(st)
         self._check_unplaced_axes(st)
         self._check_elementwise_on_hidden(st)
+        self._check_head_dim_readers(st)
         self._check_config_invariants(st)
         self._check_rope_lists(st)
         self._layer_summaries(st)

@@ -30,9 +30,9 @@ class DepthRules:
 
     def _layers_understood(self, st: _State, init: str | None, span) -> bool:
         """Depth growth needs the layer stack (SW353) and, for a layer that must be the identity
-        (``identity`` / ``zero`` / ``cancel``: every residual writer zeroed or cancelled), every
-        per-layer tensor's use understood (SW354): a tensor discovery could not place (an axis of
-        role ``other``, e.g. experts run through an op without a shape rule) may write to the
+        (``identity`` / ``zero`` / ``cancel``: every residual writer zeroed or cancelled), no
+        per-layer tensor with an axis discovery could not place (role ``other``) of the hidden size
+        (SW354): such a tensor (experts run through an op without a shape rule) may write to the
         residual stream and would be left non-zero."""
         ir = self.ir
         if not any(t.layers is not None for t in ir.tensors):
@@ -48,17 +48,20 @@ class DepthRules:
             return False
         if init is None or not M.lookup("layer", init).needs_pre_ln:
             return True
+        hidden = ir.groups["hidden"].size if "hidden" in ir.groups else None
         for t in ir.tensors:
             if t.layers is None:
                 continue
-            k = next((k for k, ax in enumerate(t.axes) if ax.role == "other"), None)
+            # an output written to the stream has the hidden width: an unplaced axis of that size
+            # (not a scalar such as XIELU's alpha, not a mixer's inner size) may be one
+            k = next((k for k, ax in enumerate(t.axes) if ax.role == "other" and ax.size == hidden), None)
             if k is None:
                 continue
             st.bag.error(
                 "SW354",
                 f"`{init}` layers must zero every tensor that writes to the residual stream; discovery did not "
-                f"understand how `{t.name}` ({t.module_type}, shape {list(t.shape)}) is used (axis {k} has no "
-                "known role), so it may write to the residual stream and would be left non-zero",
+                f"understand how `{t.name}` ({t.module_type}, shape {list(t.shape)}) is used (axis {k}, of the hidden "
+                "size, has no known role), so it may write to the residual stream and would be left non-zero",
                 span,
                 help="use `copy` layers (approx) or `duplicate layers`; a tensor whose use discovery understands "
                      "(linear, embedding, norm, routed experts) is zeroed exactly",
