@@ -78,7 +78,9 @@ def discover(config) -> ModelIR:
 def _config_from_dict(d: dict):
     from transformers import AutoConfig
 
-    d = dict(d)
+    from scaler_wizard.ir.config import decode_special_floats
+
+    d = decode_special_floats(dict(d))
     mt = d.pop("model_type", None)
     if not mt:
         raise IRDiscoveryError("config has no model_type")

@@ -57,6 +57,21 @@ def resolve_short_name(ref: str) -> Path | None:
     raise UsageError(f"model {ref!r}: no {ext} file inside the installed `{pkg}` package")
 
 
+_SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def decode_special_floats(v):
+    """config.json as transformers writes it: non-finite floats are objects ``{"__float__":
+    "Infinity"}`` (Falcon-H1's time_step_limit); read them back as floats."""
+    if isinstance(v, dict):
+        if set(v) == {"__float__"} and v["__float__"] in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[v["__float__"]]
+        return {k: decode_special_floats(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [decode_special_floats(x) for x in v]
+    return v
+
+
 def _read_json(p: Path) -> dict:
     try:
         d = json.loads(p.read_text())
@@ -66,7 +81,7 @@ def _read_json(p: Path) -> dict:
         raise UsageError(f"{p}: malformed config.json: {e}") from e
     if not isinstance(d, dict) or "model_type" not in d:
         raise UsageError(f"{p}: not a transformers config (no model_type)")
-    return d
+    return decode_special_floats(d)
 
 
 def _gguf_config(p: Path) -> dict:

@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-IR_FORMAT_VERSION = 6
+IR_FORMAT_VERSION = 7
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
@@ -107,6 +107,7 @@ class Group:
     companion_keys: tuple[str, ...] = ()  # keys that must keep the group's value (OPT word_embed_proj_dim)
     per_layer: bool = True  # False for hidden/vocab (one value model-wide)
     members: tuple[tuple[str, int], ...] = ()  # (tensor template, axis index)
+    fixed: str | None = None  # why the group cannot grow although a key binds it (a probe trace disagreed)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ def render_ir(ir: ModelIR) -> str:
         if g.companion_keys:
             bind += " (with " + ", ".join(g.companion_keys) + ")"
         L.append(f"  {g.name:<10} {g.size:>8}  {bind:<28} {len(g.members)} members{'' if g.per_layer else ' (model-wide)'}")
+        if g.fixed:
+            L.append(f"    cannot grow: {g.fixed}")
     L.append("tensors (globals and one layer template):")
     for t in ir.tensors:
         axes = " ; ".join(axis_str(a) for a in t.axes)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from scaler_wizard.compiler.methods.base import register
 from scaler_wizard.compiler.methods.width import WidthMethod, copy_reason
-from scaler_wizard.compiler.resolved import EXACT, EXACT_EPS
+from scaler_wizard.compiler.resolved import APPROX, EXACT, EXACT_EPS
 
 
 @register
@@ -40,6 +40,15 @@ class Lemon(WidthMethod):
             return None, ""
         shared = cx.eps_shared_with_other_groups
         eta2 = (new // old) * old / new
+        if shared and not any(n.placement in ("pre", "sandwich_pre") for n in cx.ir.norms):
+            # No norm before the sublayers: the other norms (q/k norms) see raw-stream projections
+            # whose scale nothing bounds, so the epsilon change is not a small effect (EXAONE-4's
+            # post-sublayer-only norms: 0.12 relative on a tiny model).
+            return (
+                APPROX,
+                f"eps rescaled by eta^2={eta2:.4g} for the hidden norms, but the same config eps also serves "
+                + ", ".join(shared) + ", which read un-normalised projections of the stream",
+            )
         if shared:
             return (
                 EXACT_EPS,

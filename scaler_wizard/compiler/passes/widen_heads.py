@@ -52,6 +52,13 @@ class WidenHeads(Pass):
                              exactness=op.exactness, keeps_values=op.method == "zero",
                              text=f"heads {d}->{d2} ({op.method}): o columns "
                              + ("of copies split" if op.method != "zero" else "of new heads zero"))
+            elif role == "elem" and len(ts.axes[a].groups()) == 1 and (ts.info is None or ts.info.kind not in (
+                    "norm_weight", "norm_bias")):
+                # a per-head value (attention sinks: one logit per query head) goes with its head:
+                # a copied head copies it, a new zero-fan-out head's value is never seen (zero)
+                rewrite_axis(st, ts, a, "heads", m, lambda x, ax: grow_units(x, ax, m),
+                             exactness=op.exactness, keeps_values=True,
+                             text=f"heads {d}->{d2} ({op.method}): per-head values copied with their head")
             else:
                 raise self.fail(st, f"{name}: axis {a} has role `{role}` on heads")
         st.sizes["heads"] = d2

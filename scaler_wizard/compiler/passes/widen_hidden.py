@@ -112,7 +112,11 @@ class WidenHidden(Pass):
             role = ts.axes[a].role
             x_shape = ts.node.shape
             if role == "out":
-                e_scale = s_emb if ts.info is not None and ts.info.kind == "embedding" else 1.0
+                # the sqrt(hidden) scale multiplies the token embedding only (discovery reads it off the
+                # token lookup); a learned position table (BioGPT) beside it is added unscaled
+                token = ts.info is not None and ts.info.kind == "embedding" and any(
+                    x.role == "index" and "vocab" in x.groups() for x in ts.axes)
+                e_scale = s_emb if token else 1.0
                 scale = e_scale * s_stream
 
                 def fn(x, ax, scale=scale):

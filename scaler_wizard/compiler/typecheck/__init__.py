@@ -55,6 +55,24 @@ SW351  a norm normalises over several heads at once (OLMo-2's q/k norms over the
        growing heads, kv_heads or head_dim would change its statistics (not supported yet)
 SW352  the layers hold a softmax that discovery does not recognise as attention (Bloom's ALiBi
        baddbmm): refused, naming the module, rather than grown by guesswork
+SW353  depth growth (insert / duplicate / stack) where discovery found no layer stack: the config's
+       depth key is not the length of any module list of the traced model (BART-style causal LMs
+       built from an encoder-decoder config take their depth from ``decoder_layers``)
+SW354  an identity-style layer (``identity`` / ``zero`` / ``cancel``) in a model with a per-layer
+       tensor whose use discovery did not understand (an axis of role ``other``, e.g. experts run
+       through an op without a shape rule): it may write to the residual stream un-zeroed
+SW355  a norm normalises over all FFN units at once (BitNet's ffn_sub_norm), or another parameter
+       acts elementwise on them (Dory's suv_gate): growing ffn is not supported yet
+SW356  growth of a group discovery marked as fixed: a probe trace disagreed (CodeGen: with heads ==
+       its fixed 4 model-parallel chunks the fused qkv looks per-head; a trace with twice the heads
+       is not), or a non-parameter table over it is re-computed from the config (CTRL's sinusoidal
+       positions over hidden)
+SW357  width growth of a group when a tensor has an axis discovery could not place (role ``other``)
+       of exactly that group's size (Aria's grouped_mm experts over hidden)
+SW358  hidden growth when a parameter acts elementwise on hidden without being a recognised norm
+       gain or bias (Doge's ``input_residual`` per-channel residual scale)
+SW359  head_dim growth when a tensor other than q/k/v/o and the q/k norms carries head_dim (HRM's
+       attention-output gate_proj)
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op

@@ -65,6 +65,118 @@ class AttentionRules:
                 help="per-frequency rope lists (longrope's short/long factors) grow only with `widen head_dim` by an integer factor",
             )
 
+    def _check_norms_over_ffn(self, st: _State) -> None:
+        """SW355: a norm whose elementwise axis spans the FFN units (BitNet's ffn_sub_norm between the
+        up and down projections) computes one statistic over all units; new units (zero, copied or
+        split) change it, so no FFN growth is exact there."""
+        spanning = [t for t in self.ir.tensors if any(ax.role == "elem" and "ffn" in ax.groups() for ax in t.axes)]
+        if not spanning:
+            return
+        for op in st.ops:
+            if op.kind != "widen" or op.group != "ffn":
+                continue
+            t = spanning[0]
+            what = ("normalises over all FFN units at once; growing ffn would change its statistics"
+                    if t.kind in ("norm_weight", "norm_bias") else
+                    "acts elementwise on the FFN units (not a norm discovery recognised); growing ffn through it")
+            st.bag.error(
+                "SW355",
+                f"`{op.text.split('  #')[0]}`: `{t.name}` ({t.module_type}) {what}, which is not supported yet",
+                op.span,
+                help="widen hidden / heads, insert / duplicate / stack layers and vocab growth leave it unchanged",
+            )
+            return
+
+    def _check_unplaced_axes(self, st: _State) -> None:
+        """SW357: width growth of a group when some tensor has an axis discovery could not place
+        (role ``other``, constant factors only) of exactly the group's size: it is likely the same
+        dimension used through an op without a shape rule (Aria's experts run through grouped_mm),
+        and the grown config would re-size it while the program leaves it."""
+        for op in st.ops:
+            if op.kind != "widen" or not op.group or not op.old_size:
+                continue
+            for t in self.ir.tensors:
+                k = next((k for k, ax in enumerate(t.axes) if ax.role == "other" and not ax.groups()
+                          and ax.size == op.old_size), None)
+                if k is None:
+                    continue
+                st.bag.error(
+                    "SW357",
+                    f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                    + f": discovery did not understand how `{t.name}` ({t.module_type}, shape {list(t.shape)}) is "
+                    f"used; its axis {k} has the size of `{op.group}` ({op.old_size}) and may be the same dimension",
+                    op.span,
+                    help=f"not supported yet for this model: ops that leave `{op.group}` as it is are unaffected",
+                )
+                return
+
+    def _check_elementwise_on_hidden(self, st: _State) -> None:
+        """SW358: hidden growth when a parameter acts elementwise on the hidden axis without being a
+        norm gain or bias that discovery recognised (Doge's ``input_residual`` scaling the residual
+        stream per channel): whether its new entries must be copies, ones or zeros depends on the
+        op it feeds, which discovery did not establish."""
+        names = {x for n in self.ir.norms if n.group == "hidden" for x in (n.weight, n.bias) if x}
+        odd = [t for t in self.ir.tensors if t.name not in names
+               and any(ax.role == "elem" and "hidden" in ax.groups() for ax in t.axes)]
+        if not odd:
+            return
+        for op in st.ops:
+            if op.kind != "widen" or op.group != "hidden":
+                continue
+            t = odd[0]
+            st.bag.error(
+                "SW358",
+                f"`{op.text.split('  #')[0]}`: `{t.name}` ({t.module_type}, shape {list(t.shape)}) acts elementwise on "
+                "the hidden axis but is not a norm gain or bias discovery recognised; growing hidden is not "
+                "supported for it yet",
+                op.span,
+                help="ops that leave hidden as it is (widen ffn, insert / duplicate / stack layers, vocab) are unaffected",
+            )
+            return
+
+    def _check_head_dim_readers(self, st: _State) -> None:
+        """SW359: head_dim growth when a tensor other than the q/k/v/o projections and the q/k norms
+        carries head_dim (HRM's gate_proj gating the attention output per head dim): where its new
+        units go is not established."""
+        att = self.ir.attention
+        if att is None or att.fused_qkv or "head_dim" not in self.ir.groups:
+            return
+        bases = {t.rsplit(".", 1)[0] for t in (att.q, att.k, att.v, att.o) if t}
+        norms = {n.weight for n in self.ir.norms if n.group == "head_dim" and n.weight}
+        odd = [name for name, _ in self.ir.groups["head_dim"].members
+               if name.rsplit(".", 1)[0] not in bases and name not in norms]
+        if not odd:
+            return
+        for op in st.ops:
+            if op.kind != "widen" or op.group != "head_dim":
+                continue
+            st.bag.error(
+                "SW359",
+                f"`{op.text.split('  #')[0]}`: `{odd[0]}` carries head_dim but is not a q/k/v/o projection or a q/k "
+                "norm; growing head_dim through it is not supported yet",
+                op.span,
+                help="widen heads / kv_heads (where the config allows), ffn, layers and vocab are unaffected",
+            )
+            return
+
+    def _check_fixed_groups(self, st: _State) -> None:
+        """SW356: growth of a group that discovery marked ``Group.fixed``: a probe trace with the key
+        doubled disagreed (CodeGen's fused qkv is split into a fixed number of chunks that the traced
+        head count happened to equal), or a non-parameter table over the group is re-computed from
+        the config (CTRL's sinusoidal positions over hidden)."""
+        for op in st.ops:
+            g = self.ir.groups.get(op.group) if op.kind == "widen" and op.group else None
+            if g is None or not g.fixed:
+                continue
+            st.bag.error(
+                "SW356",
+                f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                + f": `{op.group}` cannot grow in this model: {g.fixed}",
+                op.span,
+                help=f"ops that leave `{op.group}` as it is (and imply no growth of it) are unaffected",
+            )
+            return
+
     def _check_norms_over_heads(self, st: _State) -> None:
         """SW351: a norm whose elementwise axis spans heads (or kv_heads) computes one statistic over
         all heads (OLMo-2's q_norm over heads x head_dim); new heads, zero head_dim units or fresh

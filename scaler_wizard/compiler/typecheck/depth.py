@@ -28,6 +28,47 @@ class DepthRules:
             return False
         return True
 
+    def _layers_understood(self, st: _State, init: str | None, span) -> bool:
+        """Depth growth needs the layer stack (SW353) and, for a layer that must be the identity
+        (``identity`` / ``zero`` / ``cancel``: every residual writer zeroed or cancelled), no
+        per-layer tensor with an axis discovery could not place (role ``other``) of the hidden size
+        (SW354): such a tensor (experts run through an op without a shape rule) may write to the
+        residual stream and would be left non-zero."""
+        ir = self.ir
+        if not any(t.layers is not None for t in ir.tensors):
+            st.bag.error(
+                "SW353",
+                f"`{ir.model_type}` ({ir.architecture}): the layer stack was not found: the config's depth "
+                f"`{ir.layers_key}` = {ir.num_layers} is not the length of any module list of the traced model, "
+                "so no tensor is known to belong to a layer",
+                span,
+                help="layers cannot be inserted, duplicated or stacked for this model yet (its causal-LM class "
+                     "takes its depth from another config key); width growth is unaffected",
+            )
+            return False
+        if init is None or not M.lookup("layer", init).needs_pre_ln:
+            return True
+        hidden = ir.groups["hidden"].size if "hidden" in ir.groups else None
+        for t in ir.tensors:
+            if t.layers is None:
+                continue
+            # an output written to the stream has the hidden width: an unplaced axis of that size
+            # (not a scalar such as XIELU's alpha, not a mixer's inner size) may be one
+            k = next((k for k, ax in enumerate(t.axes) if ax.role == "other" and ax.size == hidden), None)
+            if k is None:
+                continue
+            st.bag.error(
+                "SW354",
+                f"`{init}` layers must zero every tensor that writes to the residual stream; discovery did not "
+                f"understand how `{t.name}` ({t.module_type}, shape {list(t.shape)}) is used (axis {k}, of the hidden "
+                "size, has no known role), so it may write to the residual stream and would be left non-zero",
+                span,
+                help="use `copy` layers (approx) or `duplicate layers`; a tensor whose use discovery understands "
+                     "(linear, embedding, norm, routed experts) is zeroed exactly",
+            )
+            return False
+        return True
+
     def _init(self, st: _State, ident: A.Ident | None, default: str = "identity") -> str | None:
         if ident is None:
             return default
@@ -163,6 +204,8 @@ class DepthRules:
             return
         if init is None or not self._depth_allowed(st, init, s.init.span if s.init else s.span):
             return
+        if not self._layers_understood(st, init, s.span):
+            return
         if self._too_deep(st, 1, s.span):
             return
         src = self._source_for_new(st, idx, opts, s.span)
@@ -188,6 +231,8 @@ class DepthRules:
             ok = False
         if not ok or init is None or not self._depth_allowed(st, init, s.init.span if s.init else s.span):
             return
+        if not self._layers_understood(st, init, s.span):
+            return
         if self._too_deep(st, n, s.count.span):
             return
         src = self._source_for_new(st, after + 1, opts, s.span)
@@ -212,6 +257,8 @@ class DepthRules:
         if "from" in opts:
             st.bag.error("SW204", "`from` does not apply to `insert layers every`", s.span)
             return
+        if not self._layers_understood(st, init, s.span):
+            return
         if self._too_deep(st, st.depth // k, s.span):
             return
         new_map: list[LayerSource] = []
@@ -232,7 +279,7 @@ class DepthRules:
                 help=f"e.g. `duplicate layers {st.depth // 4}..{st.depth - st.depth // 4}`",
             )
             return
-        if self._too_deep(st, b - a, s.span):
+        if not self._layers_understood(st, None, s.span) or self._too_deep(st, b - a, s.span):
             return
         copies = [LayerSource(src.src, "copy") for src in st.layer_map[a:b]]
         new_map = st.layer_map[:b] + copies + st.layer_map[b:]
@@ -247,6 +294,8 @@ class DepthRules:
         if k > MAX_LAYERS or self._too_deep(st, (k - 1) * st.depth, s.factor.span):
             if k > MAX_LAYERS:
                 st.bag.error("SW314", f"`stack x{k}` is beyond any model this tool can write", s.factor.span)
+            return
+        if not self._layers_understood(st, None, s.span):
             return
         new_map = list(st.layer_map) + [LayerSource(src.src, "copy") for _ in range(k - 1) for src in st.layer_map]
         self._depth_op(i, s, st, "stack", "copy", opts, new_map)

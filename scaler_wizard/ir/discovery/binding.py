@@ -21,21 +21,50 @@ def _int_keys(cfg: dict, layers_key: str) -> dict[str, int]:
     return out
 
 
-def _derive(size: int, bound: dict[str, str], ikeys: dict[str, int]) -> str | None:
-    """A product / quotient of bound keys (and small integers) equal to ``size``."""
-    items = [(k, ikeys[k]) for k in sorted(set(bound.values())) if k in ikeys]
-    for a, va in items:
-        for b, vb in items:
-            if a != b and vb and va // vb == size and va % vb == 0:
-                return f"{a} // {b}"
-    for a, va in items:
-        for c in (2, 3, 4, 8):
-            if va * c == size:
-                return f"{c} * {a}"
-    for a, va in items:
-        for b, vb in items:
-            if a < b and va * vb == size:
-                return f"{a} * {b}"
+def _formulas(size: int, keys: list[str], ikeys: dict[str, int]) -> list[str]:
+    """Every product / quotient of ``keys`` (and small integers) equal to ``size``, in order of preference."""
+    items = [(k, ikeys[k]) for k in sorted(set(keys)) if k in ikeys]
+    out = [f"{a} // {b}" for a, va in items for b, vb in items if a != b and vb and va // vb == size and va % vb == 0]
+    out += [f"{c} * {a}" for a, va in items for c in (2, 3, 4, 8) if va * c == size]
+    out += [f"{a} * {b}" for a, va in items for b, vb in items if a < b and va * vb == size]
+    return out
+
+
+def _evaluate(expr: str, values: dict[str, int]) -> int | None:
+    a, op, b = expr.split(" ")
+    va = int(a) if a.isdigit() else values.get(a)
+    vb = int(b) if b.isdigit() else values.get(b)
+    if not isinstance(va, int) or not isinstance(vb, int):
+        return None
+    if op == "//":
+        return va // vb if vb and va % vb == 0 else None
+    return va * vb
+
+
+def _derive(size: int, bound: dict[str, str], ikeys: dict[str, int], group: str | None = None,
+            trials: dict[str, tuple[int, dict[str, int]]] | None = None) -> str | None:
+    """A product / quotient of bound keys (and small integers) equal to ``size``.
+
+    With differential traces (``trials``: key -> (trial value, group sizes it gave)), keys whose
+    change moved ``group`` may appear too, and a formula must predict the group's size in every
+    trace where the group still exists: a coincidence of the tiny sizes (ffn 192 = 3 * hidden 64 =
+    2 shared experts * 96) is not taken for the config's formula."""
+    trials = trials or {}
+    movers = [k for k, (_, sz) in trials.items() if group is not None and sz.get(group) != size]
+    pool = list(bound.values()) + (list(ikeys) if movers else [])
+    for expr in _formulas(size, pool, ikeys):
+        keys = [x for x in expr.split(" ")[::2] if not x.isdigit()]
+        if movers and not any(k in keys for k in movers):
+            continue  # a formula without the key that moved the group is a coincidence
+        ok = True
+        for k, (trial, sz) in trials.items():
+            if group is None or group not in sz:
+                continue
+            if _evaluate(expr, {**ikeys, k: trial}) != sz[group]:
+                ok = False
+                break
+        if ok:
+            return expr
     return None
 
 
@@ -74,12 +103,13 @@ def fit_rope_lists(changed, original) -> None:
         setattr(changed, key, d)
 
 
-def _sizes_for(config) -> dict[str, int]:
-    an = analyse(trace_config(config))
-    return dict(an.sizes)
+def _sizes_for(config) -> tuple[dict[str, int], frozenset[str]]:
+    """(group sizes, parameter names) of a differential trace of ``config``."""
+    tp = trace_config(config)
+    return dict(analyse(tp).sizes), frozenset(tp.param_shapes)
 
 
-def bind_groups(config, an: Analysis, cfg, ikeys, notes, *, differential: bool = True):
+def bind_groups(config, an: Analysis, cfg, ikeys, notes, *, differential: bool = True, param_names=None):
     """(bound, derived, overrides, companions, extra): each group's config key, derived formula,
     overriding key, companion keys, and the extra (non-canonical) axis classes named by their key.
     Appends what differential tracing found to ``notes``."""
@@ -94,6 +124,8 @@ def bind_groups(config, an: Analysis, cfg, ikeys, notes, *, differential: bool =
         elif len(cands) > 1:
             ambiguous[g] = cands
     moved_by: dict[str, list[str]] = {}
+    trials: dict[str, tuple[int, dict[str, int]]] = {}
+    switches: set[str] = set()  # keys whose change added or removed parameters
     if ambiguous and differential:
         keys = sorted({k for c in ambiguous.values() for k in c})
         for k in keys:
@@ -108,12 +140,15 @@ def bind_groups(config, an: Analysis, cfg, ikeys, notes, *, differential: bool =
                 try:
                     setattr(c2, k, trial)
                     fit_rope_lists(c2, config)  # per-frequency rope lists follow a moved rotary dim
-                    sizes2 = _sizes_for(c2)
+                    sizes2, names2 = _sizes_for(c2)
                     break
                 except Exception:  # noqa: BLE001 - a value the model rejects tells us nothing
                     sizes2 = None
             if sizes2 is None:
                 continue
+            trials[k] = (trial, sizes2)
+            if param_names is not None and names2 != frozenset(param_names):
+                switches.add(k)
             for g in ambiguous:
                 if k in ambiguous[g] and sizes2.get(g) == trial and g not in bound:
                     bound[g] = k
@@ -121,24 +156,24 @@ def bind_groups(config, an: Analysis, cfg, ikeys, notes, *, differential: bool =
             moved_by[k] = moved
             notes.append(f"differential trace: {k} {how} moved " + (", ".join(moved) or "no group"))
     for g, c in ambiguous.items():
+        # a key whose change made the group vanish (kv_heads x2 == heads: grouped-query attention
+        # became multi-head) moved it; when it is the only candidate that did, it is the group's key
+        movers = [k for k in c if k in trials and trials[k][1].get(g) is None]
+        if g not in bound and len(movers) == 1 and movers[0] not in bound.values() \
+                and not any(k in trials and trials[k][1].get(g) not in (None, an.sizes[g]) for k in c if k != movers[0]):
+            bound[g] = movers[0]
+            notes.append(f"differential trace: {movers[0]} x2 merged {g} into another group: bound")
+    for g, c in ambiguous.items():
         if g not in bound:
             free = [k for k in c if k not in bound.values()]
             if len(free) == 1:
                 bound[g] = free[0]
             else:
                 notes.append(f"group {g}: config keys {c} all equal {an.sizes[g]}; not bound")
-    # A key that shares a group's value but moved no group when changed alone is a structural
-    # switch (OPT's word_embed_proj_dim adds projections when it differs from hidden_size): it
-    # must follow the group when the group grows.
-    companions: dict[str, list[str]] = {}
-    for g, c in ambiguous.items():
-        for k in c:
-            if g in bound and k != bound[g] and moved_by.get(k) == []:
-                companions.setdefault(g, []).append(k)
     derived = {}
     for g, sz in an.sizes.items():
         if g not in bound:
-            d = _derive(sz, bound, ikeys)
+            d = _derive(sz, bound, ikeys, g, trials)
             if d:
                 derived[g] = d
     # -- a derived group may still have a config key that overrides it when set (GPT-2's n_inner
@@ -158,7 +193,7 @@ def bind_groups(config, an: Analysis, cfg, ikeys, notes, *, differential: bool =
                 try:
                     setattr(c2, k, want)
                     fit_rope_lists(c2, config)
-                    sizes2 = _sizes_for(c2)
+                    sizes2, _ = _sizes_for(c2)
                 except Exception:  # noqa: BLE001 - the model rejects this key: not an override
                     continue
                 if sizes2.get(g) == want and all(sizes2.get(o) == an.sizes[o] for o in an.sizes if o != g):
@@ -179,4 +214,15 @@ def bind_groups(config, an: Analysis, cfg, ikeys, notes, *, differential: bool =
             cands = [k for k, v in ikeys.items() if v == sz and k not in bound.values()]
             if len(cands) == 1:
                 extra[r] = cands[0]
+    # A key that shares a group's value but moved no group when changed alone is a structural
+    # switch (OPT's word_embed_proj_dim adds projections when it differs from hidden_size): it
+    # must follow the group when the group grows. Only a key whose change added or removed
+    # parameters is a switch (when the traced names are known): Aria's moe_topk == kv_heads moves
+    # nothing and its moe_num_experts == heads only re-sizes the experts axis; neither may follow.
+    companions: dict[str, list[str]] = {}
+    for g, c in ambiguous.items():
+        for k in c:
+            if g in bound and k != bound[g] and moved_by.get(k) == [] \
+                    and (param_names is None or k in switches):
+                companions.setdefault(g, []).append(k)
     return bound, derived, overrides, companions, extra

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
+from dataclasses import replace
 
 from scaler_wizard.ir.discovery.analysis import Analysis, analyse
 from scaler_wizard.ir.discovery.attention import _attention
-from scaler_wizard.ir.discovery.binding import _int_keys, bind_groups
+from scaler_wizard.ir.discovery.binding import _int_keys, bind_groups, fit_rope_lists
+from scaler_wizard.ir.dims import _strip_wrapper
+from scaler_wizard.ir.errors import IRDiscoveryError
 from scaler_wizard.ir.discovery.graph import _jsonable
 from scaler_wizard.ir.discovery.residual import _moe, _residual
 from scaler_wizard.ir.discovery.tensors import classify_tensors
@@ -27,7 +31,8 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
     ikeys = _int_keys(cfg, layers_key)
     notes = list(an.notes)
 
-    bound, derived, overrides, companions, extra = bind_groups(config, an, cfg, ikeys, notes, differential=differential)
+    bound, derived, overrides, companions, extra = bind_groups(config, an, cfg, ikeys, notes, differential=differential,
+                                                               param_names=traced.param_shapes)
     tp = traced
     tensors, norm_infos, router_params = classify_tensors(tp, an, cfg, ikeys, extra)
 
@@ -51,6 +56,18 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
 
     # -- attention, moe, residual
     attention = _attention(tp, an, cfg, bound, tensors)
+    if differential and attention is not None and attention.fused_qkv and attention.fused_layout == "per_head":
+        why = _probe_fused_heads(config, groups.get("heads"), attention.fused_qkv)
+        if why:
+            groups["heads"] = replace(groups["heads"], fixed=why)
+            notes.append(f"heads cannot grow: {why}")
+    table = _fixed_table_on_hidden(tp, an)
+    if table and "hidden" in groups:
+        why = (f"the model adds a table that is not a parameter, `{table[0]}` {list(table[1])}, over the hidden "
+               "axis (sinusoidal positions, say): transformers re-computes it for a new hidden size, so the "
+               "grown model would not compute the same function")
+        groups["hidden"] = replace(groups["hidden"], fixed=why)
+        notes.append(f"hidden cannot grow: {why}")
     moe = _moe(tp, an, cfg, ikeys, bound, router_params)
     residual = _residual(tp, an, tensors, norm_infos, cfg)
     tied = tuple(tuple(split_layer(n, tp.layer_list_path)[0] for n in s) for s in tp.tied_sets)
@@ -83,3 +100,53 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
         traced_layers=tp.config.num_hidden_layers,
     )
     return ir
+
+
+def _probe_fused_heads(config, heads, fused: str) -> str | None:
+    """A fused q/k/v projection read as [heads x 3 x head_dim] may owe that reading to a coincidence
+    of the traced sizes (CodeGen splits it into a fixed 4 model-parallel chunks: with 4 heads the
+    chunks look like heads). Trace once more with the heads key doubled: when that trace does not
+    discover twice the heads, growing heads would not give the layout the lowering writes. Returns
+    why (None when the probe agrees, or when the config rejects the doubled value: no evidence)."""
+    if heads is None or not heads.config_key or not isinstance(getattr(config, heads.config_key, None), int):
+        return None
+    key, trial = heads.config_key, heads.size * 2
+    c2 = copy.deepcopy(config)
+    try:
+        setattr(c2, key, trial)
+        fit_rope_lists(c2, config)
+        traced = trace_config(c2)
+    except Exception:  # noqa: BLE001 - the config or model rejects the value: tells nothing
+        return None
+    try:
+        got = analyse(traced).sizes.get("heads")
+    except IRDiscoveryError as e:
+        return (f"a trace with {key} = {trial} is not understood ({e}): "
+                f"the fused projection `{fused}` is not laid out per head the way {heads.size} heads suggest")
+    if got != trial:
+        return (f"a trace with {key} = {trial} discovers {got} heads: the fused projection `{fused}` is not "
+                f"laid out per head the way {heads.size} heads suggest")
+    return None
+
+
+def _fixed_table_on_hidden(tp: Traced, an: Analysis) -> tuple[str, tuple[int, ...]] | None:
+    """(name, shape) of a buffer or lifted constant with an axis in the hidden class (CTRL's
+    sinusoidal ``pos_encoding`` [n_positions, n_embd], recomputed from the config and added to
+    the stream), or None."""
+    if an.hidden_atom is None:
+        return None
+    sig = tp.exported.graph_signature
+    tables = {**dict(getattr(sig, "inputs_to_buffers", {}) or {}),
+              **dict(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})}
+    h = an.root(an.hidden_atom)
+    for node in tp.exported.graph.nodes:
+        if node.op != "placeholder" or node.name not in tables:
+            continue
+        axes = an.dg.values.get(node.name)
+        if not axes or not isinstance(axes, (list, tuple)):
+            continue
+        flat = [a for ax in axes if ax for a in (ax if isinstance(ax, (list, tuple)) else [ax])]
+        if any(isinstance(a, int) and an.root(a) == h for a in flat):
+            shape = tuple(int(d) for d in node.meta["val"].shape) if "val" in node.meta else ()
+            return _strip_wrapper(tables[node.name]), shape
+    return None
