@@ -152,3 +152,19 @@ def test_layerwise_embedding_and_head_in_chunks(tmp_path, monkeypatch):
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits
     assert (out["a"] - ref).abs().max().item() < 1e-5
+
+
+def test_layerwise_when_the_model_moves_ids_to_the_embedding_device(tmp_path):
+    # Llama-4 embeds `input_ids.to(embed_tokens.weight.device)`: with the weight left on the meta
+    # device the ids lost their values and layer 0 saw uninitialised memory (the model failed
+    # verification against itself, differently on every run).
+    from scaler_wizard import sweep
+    from scaler_wizard.runtime.layerwise import run_layerwise
+    from transformers import AutoModelForCausalLM
+
+    sweep.build_tiny("llama4_text", tmp_path / "m")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    lw = run_layerwise(tmp_path / "m", [Job("a", ids)])["a"]
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(lw, m(ids).logits)

@@ -450,6 +450,8 @@ class LayerwiseModel:
         fwd = type(self.in_emb).forward
 
         def forward(input_ids, *a, **k):
+            if input_ids.device.type == "meta":  # the values are gone: never embed uninitialised memory
+                raise LayerwiseUnsupported("the model moved the token ids to the meta device before embedding")
             return fwd(mod, torch.searchsorted(used, input_ids.contiguous()), *a, **k)
 
         return forward
@@ -459,8 +461,16 @@ class LayerwiseModel:
 
         emb = []
         compact = self._compact_embedding([st.kwargs["input_ids"] for st in steps])
+        meta_weight = None
         if compact is not None:
             self.in_emb.forward = compact
+            # A model may move the ids to the embedding weight's device first (Llama-4:
+            # `embed_tokens(input_ids.to(embed_tokens.weight.device))`): with the weight on the meta
+            # device the ids would lose their values. Stand in a CPU weight of its shape that holds
+            # no memory (stride 0); the compact forward never reads it.
+            meta_weight = self.in_emb._parameters["weight"]
+            self.in_emb._parameters["weight"] = torch.nn.Parameter(
+                torch.zeros(1, dtype=meta_weight.dtype).expand(meta_weight.shape), requires_grad=False)
         else:
             emb = self.load(self._params(self.in_emb))
         try:
@@ -480,6 +490,8 @@ class LayerwiseModel:
                     raise LayerwiseUnsupported(f"the forward called {len(st.calls)} of {n} decoder layers")
         finally:
             self.in_emb.__dict__.pop("forward", None)
+            if meta_weight is not None:
+                self.in_emb._parameters["weight"] = meta_weight
             self.free(emb)
 
     def _stand_in_cache(self, DynamicCache, batch: int, length: int):
