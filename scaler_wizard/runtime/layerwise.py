@@ -486,6 +486,11 @@ class LayerwiseModel:
                     self.model(**kw)
                 except _Stop:
                     pass
+                except Exception as e:  # noqa: BLE001 - a forward that never reached the last layer
+                    if len(st.calls) == n:  # (e.g. the list found is another tower's, GIT's vision
+                        raise  # layers) touched weights left on the meta device: not drivable
+                    raise LayerwiseUnsupported(f"the forward called {len(st.calls)} of {n} decoder layers "
+                                               f"before failing ({type(e).__name__})") from None
                 if len(st.calls) != n:
                     raise LayerwiseUnsupported(f"the forward called {len(st.calls)} of {n} decoder layers")
         finally:
