@@ -79,8 +79,14 @@ def test_fact_cache_is_keyed_by_transformers_version_and_survives_corruption(tmp
         p.write_text("{not json")
     assert facts.cached_fact("t", ["x"], compute) == [4]  # a corrupt entry is recomputed
     assert facts.cached_fact("t", ["x"], compute) == [4]
+    # a well-formed entry of the wrong type (edited by hand) is rejected by the caller's validator
+    import json
+    for p in (tmp_path / "ir" / "facts").glob("*.json"):
+        if p.read_text().startswith("{\""):  # the entry rewritten above (the others stay corrupt)
+            p.write_text(json.dumps({**json.loads(p.read_text()), "value": 5}))
+    assert facts.cached_fact("t", ["x"], compute, lambda v: isinstance(v, list)) == [5]
     monkeypatch.setenv("SCALER_WIZARD_NO_FACT_CACHE", "1")
-    assert facts.cached_fact("t", ["x"], compute) == [5]
+    assert facts.cached_fact("t", ["x"], compute) == [6]
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "mixtral", "qwen2", "llama"])

@@ -49,7 +49,11 @@ def _class_facts(config: dict[str, Any]) -> dict[str, Any]:
 
     from scaler_wizard.runtime.io.facts import cached_fact
 
-    return cached_fact("classes", [arch if isinstance(arch, str) else None, mt], compute)
+    def valid(v) -> bool:
+        return isinstance(v, dict) and set(v) == {"base", "prefix"} and all(
+            x is None or isinstance(x, str) for x in v.values())
+
+    return cached_fact("classes", [arch if isinstance(arch, str) else None, mt], compute, valid)
 
 
 def headless_prefix(config: dict[str, Any], stored: Iterable[str]) -> str | None:
@@ -267,7 +271,7 @@ def saves_memory_names(config: dict[str, Any]) -> bool:
         key = structure_of(config)
     except Exception:  # noqa: BLE001 - an odd config: no cache, the full path decides
         return False
-    return bool(cached_fact("disk", key, compute))
+    return bool(cached_fact("disk", key, compute, lambda v: isinstance(v, bool)))
 
 
 def to_disk_names(program, config: dict[str, Any]):

@@ -116,7 +116,7 @@ class AttentionRules:
         stream per channel): whether its new entries must be copies, ones or zeros depends on the
         op it feeds, which discovery did not establish."""
         names = {x for n in self.ir.norms if n.group == "hidden" for x in (n.weight, n.bias) if x}
-        odd = [t for t in self.ir.tensors if t.name not in names
+        odd = [t for t in self.ir.tensors if t.name not in names and t.kind != "bias"
                and any(ax.role == "elem" and "hidden" in ax.groups() for ax in t.axes)]
         if not odd:
             return

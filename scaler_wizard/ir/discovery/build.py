@@ -11,7 +11,7 @@ from scaler_wizard.ir.discovery.attention import _attention
 from scaler_wizard.ir.discovery.binding import _int_keys, bind_groups, fit_rope_lists
 from scaler_wizard.ir.dims import _strip_wrapper
 from scaler_wizard.ir.errors import IRDiscoveryError
-from scaler_wizard.ir.discovery.graph import _jsonable
+from scaler_wizard.ir.discovery.graph import ATTN_OPS, _ancestors_of, _base, _jsonable
 from scaler_wizard.ir.discovery.residual import _moe, _residual
 from scaler_wizard.ir.discovery.tensors import classify_tensors
 from scaler_wizard.ir.model_ir import Group, ModelIR
@@ -61,6 +61,13 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
         if why:
             groups["heads"] = replace(groups["heads"], fixed=why)
             notes.append(f"heads cannot grow: {why}")
+    bias = _per_head_score_bias(tp, an) if "heads" in groups and not groups["heads"].fixed else None
+    if bias:
+        why = (f"the attention scores get a per-head bias `{bias}` computed from the head count, not from "
+               "parameters (ALiBi slopes): new heads would need new slopes and the old heads' slopes would "
+               "change, so the grown model would not compute the same function")
+        groups["heads"] = replace(groups["heads"], fixed=why)
+        notes.append(f"heads cannot grow: {why}")
     table = _fixed_table_on_hidden(tp, an)
     if table and "hidden" in groups:
         why = (f"the model adds a table that is not a parameter, `{table[0]}` {list(table[1])}, over the hidden "
@@ -126,6 +133,44 @@ def _probe_fused_heads(config, heads, fused: str) -> str | None:
     if got != trial:
         return (f"a trace with {key} = {trial} discovers {got} heads: the fused projection `{fused}` is not "
                 f"laid out per head the way {heads.size} heads suggest")
+    return None
+
+
+def _per_head_score_bias(tp: Traced, an: Analysis) -> str | None:
+    """The name of a term added to attention scores that has one slice per head ([.., heads, q, k]
+    with heads > 1) and no parameter among its ancestors (ALiBi's slopes, built from the head
+    count: MPT, Falcon with ``alibi``), or None. Eager attention: an ``add`` between the score
+    product and the softmax; SDPA: its ``attn_mask``. A causal or padding mask broadcasts over
+    heads (size 1 there) and is not one."""
+    heads = an.sizes.get("heads")
+    if not heads or heads < 2:
+        return None
+    ep = tp.exported
+    params = set(getattr(ep.graph_signature, "inputs_to_parameters", {}) or {})
+
+    def per_head(t) -> bool:
+        val = getattr(t, "meta", {}).get("val") if hasattr(t, "meta") else None
+        shape = tuple(getattr(val, "shape", ()) or ())
+        if len(shape) < 3 or int(shape[-3]) != heads:
+            return False
+        return not any(a.op == "placeholder" and a.name in params for a in _ancestors_of(ep, t))
+
+    for n in ep.graph.nodes:
+        b = _base(n)
+        if b in ATTN_OPS:
+            m = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+            if m is not None and hasattr(m, "op") and per_head(m):
+                return m.name
+        elif b in ("softmax", "_softmax"):
+            src = n.args[0]
+            while hasattr(src, "op") and src.op == "call_function" and _base(src) not in ("matmul", "bmm", "baddbmm"):
+                if _base(src) == "add":
+                    for other in src.args[:2]:
+                        if hasattr(other, "op") and per_head(other):
+                            return other.name
+                src = src.args[0] if hasattr(src.args[0], "op") else (src.all_input_nodes or [None])[0]
+                if src is None:
+                    break
     return None
 
 

@@ -146,6 +146,14 @@ def classify_tensors(tp: Traced, an: Analysis, cfg, ikeys, extra):
             sib = [o["sublayer"] for o in templates.values() if o["module"] == info["module"] and o["sublayer"]]
             if sib:
                 info["sublayer"] = sib[0]
+    for tmpl, info in templates.items():
+        # a bias added by hand (FalconLinear: x @ W.T + b) is traced as an elementwise add; when its
+        # module's weight has an output axis of the same factors, it is that output's bias (role out)
+        ax = info["axes"]
+        if info["kind"] == "bias" and len(ax) == 1 and ax[0].role == "elem":
+            sib = [o for o in templates.values() if o["module"] == info["module"] and o["kind"] == "weight"]
+            if any(x.role == "out" and x.segments == ax[0].segments for o in sib for x in o["axes"]):
+                info["axes"] = (Axis(ax[0].segments, "out"),)
     tensors = []
     for tmpl, info in templates.items():
         layers = None if info["layers"] is None else tuple(sorted(info["layers"]))

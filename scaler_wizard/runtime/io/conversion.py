@@ -106,7 +106,7 @@ def has_conversions(arch: str | None, model_type: str | None) -> bool:
 
     from scaler_wizard.runtime.io.facts import cached_fact
 
-    return bool(cached_fact("conversion", [arch, model_type], compute))
+    return bool(cached_fact("conversion", [arch, model_type], compute, lambda v: isinstance(v, bool)))
 
 
 def add_virtual(reader, conv, layer_name: str, by_pattern: dict[str, list[str]]) -> None:

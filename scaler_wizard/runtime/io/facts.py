@@ -48,16 +48,18 @@ def _key(kind: str, inputs: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def cached_fact(kind: str, inputs: Any, compute: Callable[[], Any]) -> Any:
+def cached_fact(kind: str, inputs: Any, compute: Callable[[], Any],
+                valid: Callable[[Any], bool] | None = None) -> Any:
     """The JSON value ``compute()`` gives for ``(kind, inputs)`` under the installed transformers,
     from the cache when present (no call), else computed and stored. ``compute`` must return a
-    JSON-serialisable value (lists come back as lists)."""
+    JSON-serialisable value (lists come back as lists). ``valid``: a stored value it rejects (an
+    edited or corrupted file) is computed again, never used."""
     if os.environ.get("SCALER_WIZARD_NO_FACT_CACHE"):
         return compute()
     path = _dir() / f"{_key(kind, inputs)}.json"
     try:
         entry = json.loads(path.read_text())
-        if entry.get("kind") == kind:
+        if entry.get("kind") == kind and (valid is None or valid(entry["value"])):
             return entry["value"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass

@@ -29,7 +29,11 @@ def tied_pairs(config: dict) -> list[tuple[str, str]]:
     sizes. A class that cannot be built raises (nothing cached)."""
     from scaler_wizard.runtime.io.facts import cached_fact, structure_of
 
-    got = cached_fact("ties", structure_of(config), lambda: [list(p) for p in _tied_pairs_from_model(config)])
+    def valid(v) -> bool:
+        return isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                                           for p in v)
+
+    got = cached_fact("ties", structure_of(config), lambda: [list(p) for p in _tied_pairs_from_model(config)], valid)
     return [(a, b) for a, b in got]
 
 

@@ -1,4 +1,4 @@
-"""Fused projections whose concatenation is the outermost factor of a product (issue 10).
+"""Attention layouts found by the family sweep (issue 10): fused multi-query projections, ALiBi, hand-added biases.
 
 Falcon's multi-query attention fuses q, k and v into one projection viewed as
 ``[heads + 2, head_dim]``: the axis is ``(heads | 1 | 1) x head_dim``. Discovery renders it as the
@@ -43,3 +43,37 @@ def test_multi_query_hidden_growth_is_exact(falcon, tmp_path):
         api.check("widen kv_heads x2", falcon)
     (d,) = e.value.diagnostics
     assert d.code == "SW201" and "multi-query" in d.message
+
+
+def test_alibi_heads_cannot_grow(tmp_path):
+    # MPT's ALiBi: a per-head score bias built from the head count (not parameters). Growing heads
+    # (or hidden, which implies heads here) was called exact and drifted 0.25; now refused at check.
+    from scaler_wizard import api
+    from scaler_wizard.diagnostics import PlanError
+
+    sweep.build_tiny("mpt", tmp_path / "mpt")
+    with pytest.raises(PlanError) as e:
+        api.check("widen hidden x2 tile", str(tmp_path / "mpt"))
+    (d,) = e.value.diagnostics
+    assert d.code == "SW356" and "ALiBi" in d.message
+    api.check("insert layer 1 identity", str(tmp_path / "mpt"))  # heads unchanged: fine
+
+
+@pytest.mark.slow
+def test_hand_added_bias_is_its_writers_output_bias(tmp_path):
+    # FalconLinear adds its bias by hand (x @ W.T + b): traced as elementwise, it is the output
+    # bias of its module's weight; hidden growth used to fail inside the pass after check said exact.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from scaler_wizard import api
+
+    cfg, _ = sweep.tiny_config("falcon")
+    cfg.bias = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    ir = api.ir(str(tmp_path / "m"), use_cache=False)
+    b = next(t for t in ir.tensors if t.name.endswith("dense_4h_to_h.bias"))
+    assert [ax.role for ax in b.axes] == ["out"]
+    r = api.apply("widen hidden x1.5 lemon", model=str(tmp_path / "m"), out=str(tmp_path / "o"), verify=True)
+    assert r["passed"] and r["exactness"] == "exact"
