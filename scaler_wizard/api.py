@@ -103,7 +103,7 @@ def compile(plan, model: str | None = None, *, seed: int | None = None, dtype: s
 def sidecar(prog, plan_text: str, base_model: str | None, rp=None) -> dict:
     predicted = {}
     if rp is not None:  # what the compiler predicts the re-traced output IR will show
-        predicted = {"groups": dict(rp.sizes_after), "layers": len(rp.layer_map), "params": rp.costs_after.params,
+        predicted = {"groups": dict(sorted(rp.sizes_after.items())), "layers": len(rp.layer_map), "params": rp.costs_after.params,
                      "model_type": rp.config_after.get("model_type", rp.ir.model_type)}
     return {
         "format": 1,
