@@ -50,7 +50,7 @@ def tiny_config(fam: str, layers: int, ffn: int, vocab: int):
 
 
 @pytest.mark.slow
-@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fam=st.sampled_from(FAMS), layers=st.integers(1, 3), ffn=st.sampled_from([80, 96, 112]),
        vocab=st.sampled_from([96, 128]), stmts=st.lists(STATEMENTS, min_size=1, max_size=3, unique=True),
        seed=st.integers(0, 1000))
