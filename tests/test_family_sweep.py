@@ -289,3 +289,10 @@ def test_head_dim_growth_through_an_unknown_reader_is_refused(tmp_path_factory):
     d = _refusal("widen head_dim x2", model)
     assert d.code == "SW359" and "gate_proj" in d.message, d.message
     assert _refusal("stack x2", model).code == "SW353"
+
+
+def test_an_exception_inside_discovery_is_a_refusal_not_a_traceback(tmp_path_factory):
+    # ProphetNet's config refuses `num_hidden_layers` (discovery sets it to trace a reduced model);
+    # JetMoE's graph has data-dependent sizes the op rules cannot take: both were tracebacks.
+    d = _refusal("widen ffn x2", _tiny(tmp_path_factory, "prophetnet"))
+    assert d.code == "SW401" and "NotImplementedError" in d.message and "num_hidden_layers" in d.message, d.message

@@ -71,8 +71,20 @@ def discover(config) -> ModelIR:
     if isinstance(config, dict):
         config = _config_from_dict(config)
     from scaler_wizard.ir.discovery import build_ir
+    from scaler_wizard.ir.errors import IRDiscoveryError
 
-    return build_ir(config)
+    try:
+        return build_ir(config)
+    except (IRDiscoveryError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - a model discovery cannot handle is a refusal (SW401), not a traceback
+        import traceback
+
+        last = traceback.extract_tb(e.__traceback__)[-1]
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise IRDiscoveryError(f"discovery failed on this model: {type(e).__name__}: {first[:200]} "
+                               f"[{last.filename.rsplit('/', 1)[-1]}:{last.lineno}]",
+                               module=type(config).__name__) from e
 
 
 def _config_from_dict(d: dict):
