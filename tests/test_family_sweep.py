@@ -296,3 +296,13 @@ def test_an_exception_inside_discovery_is_a_refusal_not_a_traceback(tmp_path_fac
     # JetMoE's graph has data-dependent sizes the op rules cannot take: both were tracebacks.
     d = _refusal("widen ffn x2", _tiny(tmp_path_factory, "prophetnet"))
     assert d.code == "SW401" and "NotImplementedError" in d.message and "num_hidden_layers" in d.message, d.message
+
+
+def test_lemon_with_gainless_norms_is_approx(tmp_path_factory):
+    # OLMo's LayerNorms have no gain: LEMON's non-integer residue has nowhere to put its scale
+    # (called exact, drifted 0.34); integer factors (tiling) stay exact.
+    from scaler_wizard import api
+
+    model = _tiny(tmp_path_factory, "olmo")
+    assert api.check("widen hidden x1.5 lemon", model).exactness == "approx"
+    assert api.check("widen hidden x2 lemon", model).exactness == "exact"

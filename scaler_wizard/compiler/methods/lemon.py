@@ -38,6 +38,12 @@ class Lemon(WidthMethod):
                      f"(or `to {old * max(2, round(new / old))}`)",
             )
             return None, ""
+        gainless = [n for n in cx.ir.norms if n.group == "hidden" and not n.weight]
+        if gainless:
+            # LEMON puts eta = sqrt(old/new)-style factors into the norm gains; a norm without a gain
+            # (OLMo's non-parametric LayerNorm) has nowhere to put it (measured: 0.34 relative drift)
+            return APPROX, (f"{len(gainless)} hidden norm(s) without a gain ({gainless[0].placement}-norm): the "
+                            "residue's scale cannot be absorbed; use an integer factor (tiling is exact)")
         shared = cx.eps_shared_with_other_groups
         eta2 = (new // old) * old / new
         if shared and not any(n.placement in ("pre", "sandwich_pre") for n in cx.ir.norms):
