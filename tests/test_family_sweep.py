@@ -257,7 +257,7 @@ def test_config_with_non_finite_floats_loads(tmp_path_factory):
     model = _tiny(tmp_path_factory, "falcon_h1")
     assert "__float__" in (Path(model) / "config.json").read_text()
     d = _refusal("insert layer 1 identity", model)  # a hybrid: its mixer's A_log is not understood
-    assert d.code == "SW354" and "mamba" in d.message, d.message
+    assert d.code in ("SW354", "SW316"), d.message  # refused before writing (SW316: a hybrid, see README)
     from scaler_wizard.ir.config import decode_special_floats
 
     assert decode_special_floats(json.loads('{"a": [0.0, {"__float__": "Infinity"}]}')) == {"a": [0.0, float("inf")]}
