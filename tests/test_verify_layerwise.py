@@ -168,3 +168,24 @@ def test_layerwise_when_the_model_moves_ids_to_the_embedding_device(tmp_path):
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(lw, m(ids).logits)
+
+
+def test_causal_lm_without_kv_cache_and_list_returning_blocks(tmp_path):
+    # OpenAI GPT: a causal LM whose forward takes no cache and whose Block returns a list. The
+    # layer-wise runner took only tuples apart (a list reached the next layer as its input) and the
+    # verifier asked for a cache the model does not have: every plan's output "did not run".
+    from scaler_wizard import sweep
+    from scaler_wizard.runtime.layerwise import run_layerwise
+    from transformers import AutoModelForCausalLM
+
+    sweep.build_tiny("openai-gpt", tmp_path / "m")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    lw = run_layerwise(tmp_path / "m", [Job("a", ids)])["a"]
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(lw, m(ids).logits)
+    rep = compare_models(str(tmp_path / "m"), str(tmp_path / "m"), n_random=2, seq_len=8)
+    assert rep.passed and {c.name for c in rep.checks} == {"random_ids", "padding_right", "padding_left"}
+    assert any("has no KV cache" in n for n in rep.notes)
+    noisy = _save(_noisy(m), tmp_path / "g")
+    assert not compare_models(noisy, str(tmp_path / "m"), n_random=2, seq_len=8, rtol=1e-9).passed

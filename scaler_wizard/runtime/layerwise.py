@@ -556,7 +556,7 @@ class LayerwiseModel:
                     args = tuple(swap(a, st) for a in args)
                     kwargs = {k: swap(v, st) for k, v in kwargs.items()}
                     out = layer(st.h, *args, **kwargs)
-                    if isinstance(out, tuple):
+                    if isinstance(out, (tuple, list)):  # a list: OpenAI GPT's Block
                         self.layer_returns_tuple = True
                         out = out[0]
                     st.h = out

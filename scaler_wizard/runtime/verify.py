@@ -180,6 +180,15 @@ def is_causal_lm(model) -> bool:
     return False
 
 
+def has_kv_cache(model) -> bool:
+    """The model's forward takes a KV cache (``past_key_values`` or ``cache``): incremental decoding
+    can be checked. OpenAI GPT, a causal LM, has none."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "past_key_values" in params or "cache" in params
+
+
 def _scores(out):
     """Logits, or the last hidden states of a headless base class."""
     logits = getattr(out, "logits", None)
@@ -478,7 +487,10 @@ def compare_models(
             plan.append(("token_type_ids", "token_type_ids", "token_type_ids", None))
         if check_kv and seq_len >= 2 and not causal:
             rep.notes.append(f"KV-cache checks skipped: {type(o.model).__name__} is not a causal LM (no incremental decoding)")
-        if check_kv and seq_len >= 2 and causal:
+        if check_kv and seq_len >= 2 and causal and not (has_kv_cache(o.model) and has_kv_cache(g.model)):
+            rep.notes.append(f"KV-cache checks skipped: {type(o.model).__name__} has no KV cache (its forward takes no "
+                             "past_key_values: every forward recomputes the whole prefix)")
+        elif check_kv and seq_len >= 2 and causal:
             jobs.append(Job("kv_decode", ids, prefill=max(1, seq_len // 2), steps=kv_steps))
             kv_check = True
 
