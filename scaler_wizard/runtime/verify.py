@@ -4,12 +4,13 @@
 
 * seeded random token ids (``n_random`` sequences of ``seq_len``, default 2 x 32),
 * the given ``texts`` (tokenised one by one, no padding),
-* a padded batch, right-padded and left-padded (``position_ids`` follow the mask; ``n_random`` rows
-  of at most ``pad_len`` tokens, default ``seq_len // 2``, one full and the others shorter),
-  compared only at real (non-pad) positions,
+* one padded batch ``pad_len`` wide (default ``seq_len // 2``): random sequences 2.. cut shorter,
+  right-padded, and the same sequences left-padded (``position_ids`` follow the mask), compared
+  only at real (non-pad) positions (checks ``padding_right`` and ``padding_left``),
 * incremental decoding with the KV cache on the first two random sequences (prefill half, then the
-  tokens up to the last four in one forward through the cache, then the last four token by token
-  with ``past_key_values``), compared with the grown model's own full forward and with the original,
+  tokens up to the last ``kv_steps`` (2) in one forward through the cache, then those token by
+  token with ``past_key_values``), compared with the grown model's own full forward and with the
+  original,
 * seeded random ``token_type_ids`` when the model has more than one token type (BERT),
 
 Models load with their own class when ``config.architectures`` names one that is not a causal LM
@@ -26,17 +27,18 @@ and reports, per check: max |grown - original| over logits, the same divided by 
 and the mean KL(original || grown) of next-token distributions. When the vocabulary grew, only the
 original vocabulary slice of the logits is compared (and both softmaxes are taken over it).
 
-The sample size (default 64 random, two padded batches of 2 x 16 and 64 decoded: 192 token positions per model) is set by
-cost, not by statistics: every position of every check passes through every weight of the model, so
-a construction that is not function-preserving (a wrong split, a missing scale, a broken head or
-layer) moves essentially every position's logits, and a handful of positions detects it as surely
-as hundreds (tests/test_verify_layerwise.py: a broken layer, a 1 % change of one head). The forward
-is float32 matmuls over those positions, so verification costs about ``2 x parameters x 192`` FLOPs
-per model; 416 positions (the earlier 4 x 32 sample, padded batches and KV decoding of every row)
-made verifying a 1.1B model 10x slower than writing it. What no small sample covers is every
-embedding row: 64 random ids draw at most 64 rows of a 32k vocabulary (the earlier sample 128);
-the constructions treat all rows alike, so a wrong one shows in whichever rows are drawn. Pass more (``n_random``, ``seq_len``,
-``texts``) when the cost is no concern.
+The sample size (default 64 random positions, a padded batch of 2 x 16 and 64 decoded: 160
+token positions per model) is set by cost, not by statistics: every position of every check passes
+through every weight of the model, so a construction that is not function-preserving (a wrong
+split, a missing scale, a broken head or layer) moves essentially every position's logits, and a
+handful of positions detects it as surely as hundreds (tests/test_verify_layerwise.py: a broken
+layer, a 1 % change of one head). Verification costs about ``2 x parameters x 160`` float32 FLOPs
+per model, plus one pass over every weight per single-token decoding step (memory-bound); the
+earlier sample (4 x 32 random ids, two padded batches of 4 x 32, four single-token steps over four
+rows: 416 positions) made verifying a 1.1B model 10x slower than writing it. What no small sample
+covers is every embedding row: 64 random ids draw at most 64 rows of a 32k vocabulary (the earlier
+sample 128); the constructions treat all rows alike, so a wrong one shows in whichever rows are
+drawn. Pass more (``n_random``, ``seq_len``, ``pad_len``, ``texts``) when the cost is no concern.
 
 Tolerance (``rtol``, default 1e-5): a check passes when ``max_abs <= rtol * max|original logit|``.
 Why 1e-5: an exact growth re-associates float32 sums (split columns, tiled rows, a different
@@ -298,11 +300,12 @@ def kv_decode_logits(model, ids, prefill: int, steps: int = 0):
     return torch.cat(chunks, dim=1)
 
 
-def padded_batch(ids, lengths: Sequence[int], side: str, pad_id: int = 0):
-    """Rows of ``ids`` cut to ``lengths`` and padded to the longest on ``side`` -> (ids, mask, position_ids)."""
+def padded_batch(ids, lengths: Sequence[int], side: str, pad_id: int = 0, width: int | None = None):
+    """Rows of ``ids`` cut to ``lengths`` and padded on ``side`` to ``width`` (default: the longest)
+    -> (ids, mask, position_ids), each [len(lengths), width]."""
     import torch
 
-    T = max(lengths)
+    T = max(lengths) if width is None else width
     B = len(lengths)
     out = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
@@ -437,7 +440,7 @@ def compare_models(
     max_text_tokens: int = 256,
     layerwise: bool | None = None,
     reuse_prefix: bool = True,
-    kv_steps: int = 4,
+    kv_steps: int = 2,
 ) -> VerifyReport:
     """Compare a grown model with its original (directories or modules). See the module docstring.
 
@@ -495,11 +498,17 @@ def compare_models(
         plan.append(("random_ids", "random_ids", "random_ids", None))
         P = min(seq_len, pad_len if pad_len is not None else max(4, seq_len // 2))
         if check_padding and n_random >= 2 and P >= 4:
-            lengths = [P] + [max(2, P - (P * k) // (2 * n_random)) for k in range(1, n_random)]
-            for side in ("right", "left"):
-                pids, mask, pos = padded_batch(ids, lengths, side)
-                jobs.append(Job(f"padding_{side}", pids, mask, pos))
-                plan.append((f"padding_{side}", f"padding_{side}", f"padding_{side}", mask))
+            # One batch: random rows 1.. cut shorter than P, right-padded, then the same rows
+            # left-padded, all P wide; each check is judged at its own rows' real positions.
+            lengths = [max(2, P - (P * k) // (2 * n_random)) for k in range(1, n_random)]
+            parts = [padded_batch(ids[1:], lengths, side, width=P) for side in ("right", "left")]
+            pids, mask, pos = (torch.cat([a[i] for a in parts]) for i in range(3))
+            jobs.append(Job("padding", pids, mask, pos))
+            half = len(lengths)
+            for side, rows in (("right", slice(0, half)), ("left", slice(half, 2 * half))):
+                only = torch.zeros_like(mask)
+                only[rows] = mask[rows]
+                plan.append((f"padding_{side}", "padding", "padding", only))
         n_types = int(getattr(o.config, "type_vocab_size", 0) or 0)
         if n_types > 1:  # token type embeddings write the residual stream too (BERT)
             tt = torch.randint(0, n_types, ids.shape, generator=gen)
