@@ -96,6 +96,11 @@ def test_layerwise_reads_each_tensor_once_and_holds_one_layer(tmp_path):
     assert torch.equal(out["a"], ref)
     assert (out["kv"] - ref).abs().max().item() < 1e-5
     assert all(p.device.type == "meta" for p in lm.model.parameters())  # everything released
+    # the freed weights wait in the buffer pool for the next layer of the same shapes: at most one
+    # layer's float32 buffers (plus the embedding, the rest) and one stored-dtype buffer per shape
+    pooled = [t for ts in lm._pool.values() for t in ts]
+    assert pooled and sum(t.numel() for t in pooled if t.dtype == torch.float32) <= layer_numel + emb + rest
+    assert len({t.data_ptr() for t in pooled}) == len(pooled)
 
 
 def test_layerwise_requires_directories(tmp_path):
@@ -189,3 +194,27 @@ def test_causal_lm_without_kv_cache_and_list_returning_blocks(tmp_path):
     assert any("has no KV cache" in n for n in rep.notes)
     noisy = _save(_noisy(m), tmp_path / "g")
     assert not compare_models(noisy, str(tmp_path / "m"), n_random=2, seq_len=8, rtol=1e-9).passed
+
+
+def test_layerwise_reads_narrow_dtypes_into_pooled_buffers(tmp_path):
+    # bf16 / fp16 checkpoints: each tensor is read with pread into a pooled buffer of its stored
+    # dtype and converted into a pooled float32 buffer; the logits equal the whole-model path's
+    # (from_pretrained in float32) bit for bit, and a second run of the same model reuses the pool.
+    _, model = build_model("llama")
+    for dtype in (torch.bfloat16, torch.float16):
+        d = tmp_path / str(dtype)
+        copy.deepcopy(model).to(dtype).save_pretrained(str(d))
+        ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+        lm = LayerwiseModel(d)
+        first = lm.run([Job("a", ids)])["a"]
+        kept = {t.data_ptr() for ts in lm._pool.values() for t in ts}
+        again = lm.run([Job("a", ids)])["a"]
+        assert {t.data_ptr() for ts in lm._pool.values() for t in ts} == kept  # no new buffers
+        assert {t.dtype for ts in lm._pool.values() for t in ts} == {torch.float32, dtype}
+        from transformers import AutoModelForCausalLM
+
+        whole = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = whole(input_ids=ids, use_cache=False).logits
+        assert torch.equal(first, ref) and torch.equal(again, ref)
+
