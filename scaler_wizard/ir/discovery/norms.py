@@ -17,6 +17,7 @@ from scaler_wizard.ir.discovery.graph import (
     _skip_trivial_back,
     _skip_trivial_fwd,
     _tied_src,
+    _weight_of,
 )
 from scaler_wizard.ir.model_ir import NormInfo
 from scaler_wizard.ir.trace import Traced, split_layer
@@ -140,7 +141,8 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
         if b:
             params[b] = "norm_bias"
         ni = NormInfo(weight=wt, bias=bt, kind=kind, group=group, placement=placement, eps=float(eps) if eps is not None else 0.0,
-                      eps_key=_eps_key(eps, cfg), sublayer=sub if placement != "qk" else ("attn"), layers=layers)
+                      eps_key=_eps_key(eps, cfg), sublayer=sub if placement != "qk" else ("attn"), layers=layers,
+                      feeds_head=placement == "final" and _reaches_head(an, out_node))
         if tmpl_m in seen:
             old = infos[seen[tmpl_m]]
             if layers is not None:
@@ -148,6 +150,11 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
             continue
         seen[tmpl_m] = len(infos)
         infos.append(ni)
+    finals = [i for i, n in enumerate(infos) if n.placement == "final" and n.group == "hidden"]
+    if finals and not any(infos[i].feeds_head for i in finals) and an.lm_head is None:
+        # the head is not a projection discovery names (a matmul by the embedding): the last final
+        # norm in execution order is the one before it
+        infos[finals[-1]] = NormInfo(**{**infos[finals[-1]].__dict__, "feeds_head": True})
     if any(n.placement == "sandwich_post" for n in infos):
         infos = [NormInfo(**{**n.__dict__, "placement": "sandwich_pre"}) if n.placement == "pre" else n for n in infos]
     # norm params of every traced layer (not only the template's first)
@@ -160,6 +167,29 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
             if split_layer(q, tp.layer_list_path)[0] == t:
                 all_params[p] = k
     return infos, all_params
+
+
+def _reaches_head(an: Analysis, node) -> bool:
+    """Whether the LM head's projection reads ``node`` through no other projection (elementwise ops,
+    views, slices and casts in between are fine)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        for u in n.users:
+            if u.op != "call_function":
+                continue
+            w = _weight_of(an, u)
+            if w is not None:
+                if an.lm_head is not None and w in (an.lm_head, _tied_src(an.traced, an.lm_head, an)):
+                    return True
+                continue
+            if _base(u) in ("linear", "addmm", "mm", "matmul", "bmm"):
+                continue
+            stack.append(u)
+    return False
 
 
 def _sublayer_of_param(an: Analysis, p: str | None) -> str | None:
