@@ -104,12 +104,21 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
             wa = an.dg.param_axes.get(w) or an.dg.param_axes.get(_tied_src(tp, w, an))
             if wa and wa[-1] is not None:
                 group = an.names.get(A.find(wa[-1]))
-        if group is None:
-            group = "hidden"
         # input and output of the module invocation
         in_node = next((a for n in ns for a in n.all_input_nodes if owner(a) != m and a.name not in an.dg.placeholder_param
                         and a.op != "placeholder" or (a.op == "placeholder" and a.name not in an.dg.placeholder_param
                         and a.name not in (ep.graph_signature.inputs_to_buffers or {}))), None)
+        if group is None and in_node is not None:
+            # no gain to read the axis off (Llama-4's L2 q/k norm, OLMo's LayerNorm): the normalised
+            # axis is the input's last one (a product after Llama-4's complex RoPE: [head_dim pairs, 2]);
+            # one named group among its factors names it
+            va = an.dg.values.get(in_node.name)
+            if isinstance(va, list) and va and va[-1]:
+                named = {an.names.get(A.find(x)) for x in va[-1]} - {None}
+                if len(named) == 1:
+                    group = named.pop()
+        if group is None:
+            group = "hidden"
         out_node = max((n for n in ns if any(owner(u) != m for u in n.users)), key=lambda n: idx[n.name], default=ns[-1])
         li = _layer_of(tp, m)
         sub = None
