@@ -145,7 +145,9 @@ class AttentionInfo:
     kv_heads: int
     head_dim: int
     scaling: float  # the softmax scale actually used
-    scaling_source: str  # "head_dim" (1/sqrt(head_dim)) | "config:<key>" | "none"
+    # "head_dim" (1/sqrt(head_dim)) | "config:<key>" (1/sqrt(cfg[key])) | "config-value:<key>" (cfg[key]
+    # itself: a literal multiplier, unchanged by head_dim growth) | "none"
+    scaling_source: str
     q: str | None  # tensor templates (None when fused)
     k: str | None
     v: str | None

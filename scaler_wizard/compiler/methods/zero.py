@@ -31,8 +31,8 @@ class Zero(WidthMethod):
         if cx.group == "head_dim":
             att = cx.ir.attention
             qk_norms = [n for n in cx.ir.norms if n.group == "head_dim"]
-            if att.scaling_source.startswith("config:"):
-                scal = f"softmax scale from {att.scaling_source[7:]} is unchanged"
+            if att.scaling_source.startswith(("config:", "config-value:")):
+                scal = f"softmax scale from {att.scaling_source.split(':', 1)[1]} is unchanged"
             else:
                 scal = "q rows scaled to keep 1/sqrt(head_dim)"
             gainless = [n for n in qk_norms if not n.weight]
