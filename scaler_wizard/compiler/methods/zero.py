@@ -41,6 +41,9 @@ class Zero(WidthMethod):
                 # (Llama-4's L2 q/k norm: every score x sqrt(k), 0.33 relative drift on a tiny model)
                 return APPROX, (f"q/k norm over head_dim without a gain ({gainless[0].kind}): the new zero dims "
                                 f"scale every normalised q and k by sqrt({cx.new}/{cx.old}) and no gain can undo it")
+            if qk_norms and cx.new % cx.old == 0:
+                return EXACT, (f"{scal}; q/k rows' new dims copy old ones, so the q/k norms' mean-square and "
+                               "eps are unchanged; q_norm's new gains zero" + cx.note)
             if qk_norms:
                 return EXACT_EPS, (f"{scal}; q/k norms over head_dim see mean-square / k, so their eps is off by "
                                    "that factor" + cx.note)
