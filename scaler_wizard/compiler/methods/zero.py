@@ -42,6 +42,8 @@ class Zero(WidthMethod):
                 return APPROX, (f"q/k norm over head_dim without a gain ({gainless[0].kind}): the new zero dims "
                                 f"scale every normalised q and k by sqrt({cx.new}/{cx.old}) and no gain can undo it")
             if qk_norms and cx.new % cx.old == 0:
+                if not att.scaling_source.startswith(("config:", "config-value:")):
+                    scal = "q_norm's gains x sqrt(k) keep 1/sqrt(head_dim)"
                 return EXACT, (f"{scal}; q/k rows' new dims copy old ones, so the q/k norms' mean-square and "
                                "eps are unchanged; q_norm's new gains zero" + cx.note)
             if qk_norms:
