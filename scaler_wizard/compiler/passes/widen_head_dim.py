@@ -35,6 +35,10 @@ def _proj_of(name: str, att) -> str | None:
     return None
 
 
+def _is_q(norm_weight: str) -> bool:
+    return "q_" in norm_weight.rsplit(".", 2)[-2] or ".q" in norm_weight
+
+
 class WidenHeadDim(Pass):
     name = "widen-head-dim"
 
@@ -61,8 +65,10 @@ class WidenHeadDim(Pass):
         qk_norms = {n.weight: n for n in ir.norms if n.group == "head_dim" and n.weight}
         scale_from_hd = att.scaling_source == "head_dim"
         # q/k norms with an integer factor: copy q/k dims so the norms' statistics (and eps) hold
+        # (only rows whose own norm follows them: q without a norm keeps zero new dims and its sqrt(k))
         copy_qk = bool(qk_norms) and d2 % d == 0
         mc = head_dim_copy_map(m, style=att.rope.style if att.rope is not None else None) if copy_qk else None
+        normed = {"q" if _is_q(t) else "k" for t in qk_norms}
         # c_q * c_k must make (k * c_q * c_k) / sqrt(k) (qk norms) or c_q / 1 (no norms) keep the score
         std = st.init_std()
         for name, ts, a in st.members("head_dim"):
@@ -73,7 +79,7 @@ class WidenHeadDim(Pass):
                 norm = qk_norms.get(tmpl)
                 if norm is None:
                     raise self.fail(st, f"{name}: elementwise on head_dim but not a q/k norm")
-                is_q = "q_" in tmpl.rsplit(".", 2)[-2] or ".q" in tmpl
+                is_q = _is_q(tmpl)
                 new_gain = 1.0
                 if copy_qk:
                     # same statistics: q_norm carries the scale's 1/sqrt(k) and zeroes q's new dims
@@ -100,7 +106,7 @@ class WidenHeadDim(Pass):
                 raise self.fail(st, f"{name}: carries head_dim but is not q/k/v/o")
             coef = None
             fresh = None
-            if copy_qk and proj in ("q", "k"):
+            if copy_qk and proj in normed:
                 def fn(x, ax, mc=mc):
                     return grow_units(x, ax, mc)
 
@@ -109,7 +115,7 @@ class WidenHeadDim(Pass):
                                   f"new dims copy old ones (the {proj} norm's mean-square is unchanged)")
                 continue
             if proj == "q":
-                if scale_from_hd and not qk_norms:
+                if scale_from_hd and (not qk_norms or (copy_qk and "q" not in normed)):
                     coef = tuple(math.sqrt(k) for _ in range(d2))
                 text = "q rows placed by rotary pair, new dims zero" + (f", x sqrt({k:g})" if coef else "")
             elif proj == "k":
