@@ -13,6 +13,13 @@ The cache-hit path imports neither torch nor transformers. Two levels:
    class, so a config whose structure was traced once (at any sizes) is re-bound to its own sizes
    without a trace (``<cache>/structure/<key>.json`` holds the traced IR and the config it came
    from); when re-binding cannot account for a value, the config is traced as before.
+
+Both levels re-index the cached IR by the config's per-layer arrays (:func:`instantiate`); an array
+the file leaves to the config class (``layer_types`` of a Qwen2 / Gemma-3 config written before
+transformers 4.53) is derived first (:func:`with_derived_arrays`: memoised per config when it is
+traced; otherwise the config object is built, importing transformers and torch but tracing nothing).
+A real layer whose kind the cached IR never traced (an exact key has no depth: Gemma-3's pattern puts
+the first full-attention layer at index 5) makes the entry unusable, and the config is traced.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 from scaler_wizard.ir.errors import IRDiscoveryError
 from scaler_wizard.ir.model_ir import IR_FORMAT_VERSION, ModelIR
 
-__all__ = ["model_ir_for", "discover", "instantiate", "cache_dir", "cache_key", "structure_key_of", "IRDiscoveryError", "ModelIR"]
+__all__ = ["model_ir_for", "discover", "instantiate", "with_derived_arrays", "cache_dir", "cache_key", "structure_key_of", "IRDiscoveryError", "ModelIR"]
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -194,7 +201,7 @@ def with_derived_arrays(ir: ModelIR, cfg: dict) -> dict:
     re-indexed by these arrays (:func:`instantiate`) and the type checker re-indexes and re-summarises
     them for depth ops, so a derived ``layer_types`` must be as present as a stated one. Memoised on
     disk per raw config (written when the config is traced); a miss builds the config object
-    (imports transformers)."""
+    (imports transformers and torch)."""
     missing = [k for k in ir.layer_arrays if not isinstance(cfg.get(k), list)]
     if not missing:
         return cfg
