@@ -49,6 +49,7 @@ def test_cached_ir_equals_the_trace_without_layer_types(cfg, tmp_path, monkeypat
     assert cached.config["layer_types"] == traced.config["layer_types"]
 
 
+@pytest.mark.slow
 def test_cache_hit_with_derived_arrays_is_torch_free(tmp_path):
     env = {**os.environ, "SCALER_WIZARD_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     code = ("import sys, scaler_wizard.ir as I\n"
@@ -120,7 +121,12 @@ CASES = [  # (variant, plan, exactness, layer_types after, summary key -> value 
 ]
 
 
-@pytest.mark.parametrize("variant,plan,exactness,types_after,summary", CASES,
+SUITE = {("gemma3_pattern", "widen hidden x2 tile"), ("gemma3_pattern", "insert layer 1 identity"),
+         ("qwen2_max_window", "insert layer 1 identity")}  # the rest run with the slow tests (CI)
+
+
+@pytest.mark.parametrize("variant,plan,exactness,types_after,summary",
+                         [pytest.param(*c, marks=() if c[:2] in SUITE else pytest.mark.slow) for c in CASES],
                          ids=[f"{c[0]}-{c[1].split()[0]}" for c in CASES])
 def test_check_apply_verify_without_layer_types(bases, tmp_path, monkeypatch, variant, plan, exactness, types_after,
                                                 summary):
