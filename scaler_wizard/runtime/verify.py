@@ -325,7 +325,7 @@ def padded_batch(ids, lengths: Sequence[int], side: str, pad_id: int = 0, width:
 
 def idle_threads() -> int | None:
     """torch threads for a verification run: torch's default (one per core) lowered to the cores
-    not busy with other work (CPUs minus the 1-minute load average, at least 1). None when the user
+    not busy with other work (CPUs minus the cores busy now, :func:`busy_cores`, at least 1). None when the user
     chose (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set): then torch's setting stands.
 
     Why: fp32 GEMM threads spin while waiting for each other; on a machine whose cores are taken,
@@ -334,12 +334,40 @@ def idle_threads() -> int | None:
         return None
     import torch
 
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
+    busy = busy_cores()
+    if busy is None:
         return None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(torch.get_num_threads(), int(cpus - busy + 0.5)))
+
+
+def busy_cores(window: float = 0.25) -> float | None:
+    """Cores busy with other work now: the non-idle share of every CPU's time over ``window``
+    seconds of ``/proc/stat`` (this process sleeps meanwhile), times the CPU count; where there is
+    no /proc/stat, the 1-minute load average. Not the load average first: it remembers the last
+    minute, so a verification right after the write (or after another command of a benchmark)
+    saw the machine's past work and ran with one thread on an idle machine."""
+    import time
+
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        return sum(v), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(window)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return None
+    if t1 <= t0:
+        return 0.0
+    n = os.cpu_count() or 1
+    return n * (1.0 - (i1 - i0) / (t1 - t0))
 
 
 class torch_threads:
