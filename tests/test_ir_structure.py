@@ -224,6 +224,12 @@ def test_constant_sizes_rebind_only_when_the_config_explains_them():
     # 192 = 3 * hidden = 2 * ffn: which one the model uses is unknown once they move apart
     assert _rebind_const(192, old, {**old, "hidden_size": 128}) is None
     assert _rebind_const(192, old, {**old, "hidden_size": 128, "ffn_dim": 192}) == 384
+    # beside group factors a constant is a part count (heads x 3 x head_dim): kept while nothing that
+    # could explain it moves, unknown when something does (3 = heads - 1 is a coincidence, or not)
+    assert _rebind_const(3, {"heads": 4, "hidden": 64}, {"heads": 4, "hidden": 128}, multiplier=True) == 3
+    assert _rebind_const(3, {"heads": 4, "hidden": 64}, {"heads": 8, "hidden": 128}, multiplier=True) is None
+    assert _rebind_const(3, {"hidden": 64}, {"hidden": 128}, multiplier=True) == 3
+    assert _rebind_const(3, {"hidden": 64}, {"hidden": 128}) is None  # a whole axis of 3 rows, unexplained
 
 
 def test_ambiguous_offset_table_is_traced(tmp_path, monkeypatch):
@@ -236,3 +242,20 @@ def test_ambiguous_offset_table_is_traced(tmp_path, monkeypatch):
     ir = I.model_ir_for(a)
     assert rebind(ir, a, {**a, "max_position_embeddings": 40}) is None
     assert rebind(ir, a, {**a, "max_position_embeddings": 40, "ffn_dim": 44}) is not None
+
+
+def test_fused_part_count_is_not_rebound_by_coincidence(tmp_path, monkeypatch):
+    """GPT-NeoX's fused qkv is heads x 3 x head_dim; with 4 heads, 3 is also heads - 1. Re-bound to 8
+    heads the entry must not answer 7 parts: it refuses (the config is traced); with the heads kept it
+    serves the traced layout."""
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path))
+    from scaler_wizard.ir.structure import rebind
+
+    a, delta = PAIRS["gpt_neox"]
+    ir = I.model_ir_for(a)
+    qkv = next(t for t in ir.tensors if t.name.endswith("query_key_value.weight"))
+    assert [f.size for f in qkv.axes[0].segments[0].factors] == [4, 3, 16]
+    assert rebind(ir, a, {**a, "hidden_size": 128, "num_attention_heads": 8}) is None
+    kept = rebind(ir, a, {**a, **delta})
+    qkv = next(t for t in kept.tensors if t.name.endswith("query_key_value.weight"))
+    assert [f.size for f in qkv.axes[0].segments[0].factors] == [4, 3, 32] and qkv.shape == (384, 128)
