@@ -163,3 +163,99 @@ def test_cold_check_of_a_cached_structure_is_torch_free(tmp_path):
     check(dirs["b"], tmp_path / "c2")
     again = check(dirs["b"], tmp_path / "c2")  # B traced and built, then from its exact cache
     assert json.loads(cold) == json.loads(again)
+
+
+# OPT's learned position table has max_position_embeddings + 2 rows (an offset): no config value equals
+# its size, so the trace renders the axis as a constant factor, which must follow its config value
+OPT_POS = dict(model_type="opt", hidden_size=64, num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=64,
+               vocab_size=128, num_hidden_layers=2, max_position_embeddings=32, do_layer_norm_before=True,
+               pad_token_id=1, bos_token_id=2, eos_token_id=2)
+
+
+def _tensors(ir):
+    return {t.name: (t.shape, t.axes, t.layers) for t in ir.tensors}
+
+
+def test_offset_table_follows_its_config_value(tmp_path, monkeypatch):
+    """OPT traced at 32 positions, then asked for at 40: re-bound without a trace to the 42-row table,
+    tensor by tensor what a fresh trace at 40 gives; and a grown plan on it conforms (no SW316)."""
+    from scaler_wizard import api
+    from scaler_wizard.compiler.conform import conform
+
+    b = {**OPT_POS, "max_position_embeddings": 40}
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path / "fresh"))
+    traced = I.model_ir_for(b)
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path / "structure"))
+    first = I.model_ir_for(OPT_POS)
+    assert {t.shape for t in first.tensors if "embed_positions" in t.name} == {(34, 64)}
+
+    def no_trace(cfg):
+        raise AssertionError("traced again although the structure is cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(I, "discover", no_trace)
+        rebound = I.model_ir_for(b)
+    want, got = _tensors(traced), _tensors(rebound)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name] == want[name], name
+    assert got["model.decoder.embed_positions.weight"][0] == (42, 64)
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path / "fresh"))
+    assert rebound.to_json() == I.model_ir_for(b).to_json()  # what a second look-up of the trace gives
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path / "structure"))
+
+    model = tmp_path / "opt40"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(b))
+    rp = api.check("widen ffn x2 net2net\nwiden hidden x2 tile\n", str(model))  # served by the structure entry
+    assert {t.shape for t in rp.ir.tensors if "embed_positions" in t.name} == {(42, 64)}
+    conform(rp)  # raised SW316 (the grown config builds 42 rows, the IR said 34)
+
+
+def test_constant_sizes_rebind_only_when_the_config_explains_them():
+    from scaler_wizard.ir.structure import _rebind_const
+
+    old = {"max_position_embeddings": 40, "hidden_size": 64, "ffn_dim": 96, "eos_token_id": 40}
+    assert _rebind_const(42, old, {**old, "max_position_embeddings": 48}) == 50  # v + 2
+    assert _rebind_const(79, old, {**old, "max_position_embeddings": 48}) == 95  # 2 v - 1 (relative table)
+    assert _rebind_const(42, old, {**old, "eos_token_id": 7}) == 42  # token ids are not sizes
+    assert _rebind_const(1, old, {**old, "hidden_size": 128}) == 1  # a singleton axis
+    assert _rebind_const(1000, old, old) is None  # explained by nothing: not served
+    # 192 = 3 * hidden = 2 * ffn: which one the model uses is unknown once they move apart
+    assert _rebind_const(192, old, {**old, "hidden_size": 128}) is None
+    assert _rebind_const(192, old, {**old, "hidden_size": 128, "ffn_dim": 192}) == 384
+    # beside group factors a constant is a part count (heads x 3 x head_dim): kept while nothing that
+    # could explain it moves, unknown when something does (3 = heads - 1 is a coincidence, or not)
+    assert _rebind_const(3, {"heads": 4, "hidden": 64}, {"heads": 4, "hidden": 128}, multiplier=True) == 3
+    assert _rebind_const(3, {"heads": 4, "hidden": 64}, {"heads": 8, "hidden": 128}, multiplier=True) is None
+    assert _rebind_const(3, {"hidden": 64}, {"hidden": 128}, multiplier=True) == 3
+    assert _rebind_const(3, {"hidden": 64}, {"hidden": 128}) is None  # a whole axis of 3 rows, unexplained
+
+
+def test_ambiguous_offset_table_is_traced(tmp_path, monkeypatch):
+    """34 rows = max_position_embeddings + 2 = ffn_dim - 2: when only max_position_embeddings moves, the
+    structure entry cannot say which, so the config is traced (and the trace is right)."""
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path))
+    from scaler_wizard.ir.structure import rebind
+
+    a = {**OPT_POS, "ffn_dim": 36}
+    ir = I.model_ir_for(a)
+    assert rebind(ir, a, {**a, "max_position_embeddings": 40}) is None
+    assert rebind(ir, a, {**a, "max_position_embeddings": 40, "ffn_dim": 44}) is not None
+
+
+def test_fused_part_count_is_not_rebound_by_coincidence(tmp_path, monkeypatch):
+    """GPT-NeoX's fused qkv is heads x 3 x head_dim; with 4 heads, 3 is also heads - 1. Re-bound to 8
+    heads the entry must not answer 7 parts: it refuses (the config is traced); with the heads kept it
+    serves the traced layout."""
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path))
+    from scaler_wizard.ir.structure import rebind
+
+    a, delta = PAIRS["gpt_neox"]
+    ir = I.model_ir_for(a)
+    qkv = next(t for t in ir.tensors if t.name.endswith("query_key_value.weight"))
+    assert [f.size for f in qkv.axes[0].segments[0].factors] == [4, 3, 16]
+    assert rebind(ir, a, {**a, "hidden_size": 128, "num_attention_heads": 8}) is None
+    kept = rebind(ir, a, {**a, **delta})
+    qkv = next(t for t in kept.tensors if t.name.endswith("query_key_value.weight"))
+    assert [f.size for f in qkv.axes[0].segments[0].factors] == [4, 3, 32] and qkv.shape == (384, 128)

@@ -10,7 +10,11 @@ traced for one config of a structure and re-binds it to another config of the sa
 * group sizes follow their config key (``Group.config_key``, ``override_key``), their ``derived``
   expression, or, for a size the config class derives from keys the file omits (``head_dim``
   absent from a Llama config), the one product/quotient of the file's integers that gives it;
-* every tensor axis is re-sized from its factors (``Factor.group``); constant factors stay;
+* every tensor axis is re-sized from its factors (``Factor.group``); a constant factor (a size the
+  trace could not name as a group: OPT's position table of ``max_position_embeddings + 2`` rows, a
+  fused part count) follows the affine formulas ``k * v + c`` of the old config's values that give
+  it, which must all agree on the new value (a size none explains is not served: the config is
+  traced); a constant beside group factors (a fused part count) stays only while no formula moves;
 * attention (heads, kv_heads, head_dim, the softmax scale from ``head_dim`` or a config key), rope
   (theta, the rotated dimensions of a partial rotary), norm epsilons, the MoE expert count and
   top-k, and a ``sqrt(hidden_size)`` embedding scale are re-computed from the new values with the
@@ -130,6 +134,43 @@ def _derive_from_file(size: int, cfg: dict) -> list[str]:
     return next((t for t in tiers if t), [])
 
 
+_TOKEN_ID = ("_token_id", "_token_ids")
+
+
+def _const_candidates(size: int, leaves: dict) -> list[tuple[str, int, int]]:
+    """The affine formulas ``k * v + c`` over the config's integer values (not token ids, not the
+    depth) that give ``size``: offsets ``v + c`` and ``2 v + c`` (|c| <= 2: OPT's position table of
+    max_position_embeddings + 2 rows, a relative table of 2 v - 1) and multiples ``k v`` (k in 3, 4, 8):
+    how a size the trace could not name as a group may depend on the config."""
+    out = []
+    for p, v in leaves.items():
+        if not _is_int(v) or v <= 1 or p.endswith(_TOKEN_ID):
+            continue
+        for k in (1, 2, 3, 4, 8):
+            c = size - k * v
+            if c == 0 or (k <= 2 and -2 <= c <= 2):
+                out.append((p, k, c))
+    return out
+
+
+def _rebind_const(size: int, ol: dict, nl: dict, *, multiplier: bool = False) -> int | None:
+    """The new value of a constant factor (or of an axis the trace rendered without factors) of
+    ``size`` in a config of the same structure: every affine formula of the old config that gives
+    ``size`` must give the same value in the new one. A size of 1 stays (a singleton axis); a size
+    no formula explains, or that two formulas explain differently, is unknown (None: trace).
+
+    A ``multiplier`` (a constant beside group factors in one product: the 3 of GPT-NeoX's
+    ``heads x 3 x head_dim``) is usually a count of fused parts, which a formula explains only by
+    coincidence (heads - 1 when heads is 4): it stays when no formula moves, and is unknown when one
+    does (a part count can follow the config too: ``q_per_kv + 2`` of a grouped fused qkv)."""
+    if size <= 1:
+        return size
+    news = {k * nl[p] + c for p, k, c in _const_candidates(size, ol)}
+    if multiplier:
+        return size if news <= {size} else None
+    return news.pop() if len(news) == 1 else None
+
+
 def _f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
@@ -228,21 +269,40 @@ def _rebind(ir: ModelIR, old_raw: dict, new_raw: dict) -> ModelIR | None:
             return vmap[old]
         return old
 
-    # -- tensors
-    def factor(f: Factor) -> Factor:
+    # -- tensors: group factors follow their group; a constant factor follows the config value(s)
+    # that explain it (max_position_embeddings + 2), or the entry cannot serve this config
+    consts: dict[tuple[int, bool], int | None] = {}
+
+    def const(size: int, multiplier: bool = False) -> int | None:
+        if (size, multiplier) not in consts:
+            consts[size, multiplier] = _rebind_const(size, ol, nl, multiplier=multiplier)
+        return consts[size, multiplier]
+
+    def factor(f: Factor, multiplier: bool) -> Factor:
         if f.group == "const":
-            return f
+            n = const(f.size, multiplier)
+            if n is None:
+                raise ValueError(f"constant factor {f.size} not explained by the config")
+            return Factor("const", n)
         return Factor(f.group, sizes[f.group])
+
+    def segment(s: Segment) -> Segment:
+        multiplier = any(f.group != "const" for f in s.factors)
+        return Segment(tuple(factor(f, multiplier) for f in s.factors))
 
     tensors = []
     for t in ir.tensors:
         axes, shape = [], []
         for d, ax in zip(t.shape, t.axes):
-            nax = Axis(tuple(Segment(tuple(factor(f) for f in s.factors)) for s in ax.segments), ax.role)
-            if ax.groups():
+            nax = Axis(tuple(segment(s) for s in ax.segments), ax.role)
+            if any(s.factors for s in ax.segments):
                 if ax.size != d:
                     return None
                 d = nax.size
+            else:  # an axis the trace rendered without factors: its size is a constant too
+                d = const(d)
+                if d is None:
+                    return None
             axes.append(nax)
             shape.append(d)
         if len(t.axes) != len(t.shape):
