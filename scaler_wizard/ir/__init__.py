@@ -118,8 +118,8 @@ def instantiate(ir: ModelIR, cfg: dict) -> ModelIR:
     from scaler_wizard.ir.trace import layer_signatures
 
     n = next((cfg[k] for k in (ir.layers_key,) + _LAYER_KEYS if isinstance(cfg.get(k), int)), ir.num_layers)
-    old_sigs, _ = layer_signatures(ir.config, ir.num_layers)
-    new_sigs, _ = layer_signatures(cfg, n)
+    old_sigs, _ = layer_signatures(ir.config, ir.num_layers, ir.layer_arrays)
+    new_sigs, _ = layer_signatures(cfg, n, ir.layer_arrays)
     # traced-kind representative: old layer index -> signature; new layer -> old layers with that signature
     by_sig: dict[tuple, set[int]] = {}
     for i, s in enumerate(new_sigs):
@@ -135,7 +135,8 @@ def instantiate(ir: ModelIR, cfg: dict) -> ModelIR:
     norms = tuple(replace(x, layers=remap(x.layers)) for x in ir.norms)
     moe = replace(ir.moe, layers=remap(ir.moe.layers) or ()) if ir.moe else None
     notes = tuple(x for x in ir.notes if not x.startswith("traced layer "))
-    return replace(ir, config=cfg, num_layers=n, tensors=tensors, norms=norms, moe=moe, notes=notes)
+    mixers = tuple(replace(m, layers=remap(m.layers) or ()) for m in ir.mixers)
+    return replace(ir, config=cfg, num_layers=n, tensors=tensors, norms=norms, moe=moe, notes=notes, mixers=mixers)
 
 
 def model_ir_for(ref_or_config_dict: Any, *, use_cache: bool = True) -> ModelIR:

@@ -66,9 +66,12 @@ def _signatures(cfg: dict, num_layers: int, kinds: list[tuple[str, str]]) -> lis
     ]
 
 
-def layer_signatures(cfg: dict, num_layers: int) -> tuple[list[tuple], tuple[str, ...]]:
-    """Per-layer signature from config arrays, and the names of those arrays."""
+def layer_signatures(cfg: dict, num_layers: int, keys=None) -> tuple[list[tuple], tuple[str, ...]]:
+    """Per-layer signature from config arrays, and the names of those arrays (only ``keys`` when
+    given: the arrays discovery established as per-layer)."""
     kinds = _array_kinds(cfg, num_layers)
+    if keys is not None:
+        kinds = [(k, kind) for k, kind in kinds if k in keys]
     return _signatures(cfg, num_layers, kinds), tuple(k for k, _ in kinds)
 
 
@@ -93,6 +96,29 @@ def _per_layer_by_construction(config) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _fixed_length_lists(config, keys: list[str]) -> set[str]:
+    """Of the lists whose length equals the layer count, those the config class itself makes with
+    that same length when rebuilt with one layer more and without the list (Falcon-H1's
+    ``time_step_limit`` pair and ``mlp_multipliers``: two entries whatever the depth, a per-layer
+    array only by coincidence of a 2-layer config)."""
+    cfg = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if isinstance(cfg.get(k), int)), None)
+    out = set()
+    if key is None:
+        return out
+    for k in keys:
+        trial = {kk: vv for kk, vv in cfg.items() if kk != k}
+        trial[key] = cfg[key] + 1
+        try:
+            rebuilt = type(config)(**trial)
+        except Exception:  # noqa: BLE001 - the class needs the list: no evidence either way
+            continue
+        again = getattr(rebuilt, k, None)
+        if isinstance(again, (list, tuple)) and len(again) == len(cfg[k]):
+            out.add(k)
+    return out
+
+
 def reduced_config(config):
     """A copy of ``config`` with the fewest layers covering every distinct layer signature."""
     n = _num_layers(config)
@@ -101,6 +127,9 @@ def reduced_config(config):
     if n == 1:
         # One layer: a list of length 1 may be per-layer (layer_types) or not (architectures).
         kinds = [(k, "per_layer") for k in _per_layer_by_construction(config)]
+    else:
+        fixed = _fixed_length_lists(config, [k for k, kind in kinds if kind == "per_layer"])
+        kinds = [(k, kind) for k, kind in kinds if k not in fixed]
     arrays = tuple(k for k, _ in kinds)
     sigs = _signatures(cfg, n, kinds)
     keep: list[int] = []
