@@ -248,19 +248,60 @@ def test_lemon_eps_shared_with_qk_norms_without_pre_norms_is_approx(tmp_path_fac
 
 
 @pytest.mark.slow  # ~15-40 s: Falcon-H1's discovery runs several differential traces
-def test_config_with_non_finite_floats_loads(tmp_path_factory):
+def test_config_with_non_finite_floats_loads(tmp_path_factory, tmp_path):
     # transformers writes inf as {"__float__": "Infinity"} (Falcon-H1's time_step_limit); read raw,
-    # the config class refused it and every op ended in a traceback.
+    # the config class refused it and every op ended in a traceback. The pair (0, inf) is two entries
+    # whatever the depth: with 2 layers it looked like a per-layer array, and depth growth made it
+    # [0, inf, 0, inf] (SW316). Falcon-H1 is a parallel hybrid (attention + Mamba in every layer):
+    # the Mamba block's output projection is not the FFN, and an identity layer is exact.
     import json
     from pathlib import Path
 
+    from scaler_wizard import api
+    from scaler_wizard.ir import model_ir_for
+
     model = _tiny(tmp_path_factory, "falcon_h1")
     assert "__float__" in (Path(model) / "config.json").read_text()
-    d = _refusal("insert layer 1 identity", model)  # a hybrid: its mixer's A_log is not understood
-    assert d.code in ("SW354", "SW316"), d.message  # refused before writing (SW316: a hybrid, see README)
+    ir = model_ir_for(model)
+    assert "time_step_limit" not in ir.layer_arrays and "mlp_multipliers" not in ir.layer_arrays
+    assert [m.module for m in ir.mixers] == ["model.layers.{i}.mamba"] and ir.mixers[0].layers == (0, 1)
+    assert ir.groups["ffn"].size == 96 and not any("mamba" in t for t, _ in ir.groups["ffn"].members)
+    r = api.apply("insert layer 1 identity", model, out=str(tmp_path / "out"), verify=True)
+    assert r["passed"] and r["exactness"] == "exact"
+    grown = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert grown["num_hidden_layers"] == 3 and len(grown["time_step_limit"]) == 2
     from scaler_wizard.ir.config import decode_special_floats
 
     assert decode_special_floats(json.loads('{"a": [0.0, {"__float__": "Infinity"}]}')) == {"a": [0.0, float("inf")]}
+
+
+@pytest.mark.slow  # ~40-60 s: discovery of a gated-delta hybrid, one apply, two forwards
+def test_hybrid_linear_attention_block_is_a_mixer_not_the_ffn(tmp_path_factory, tmp_path):
+    # Qwen3-Next alternates gated-delta-net layers (conv1d + chunked delta rule) with softmax
+    # attention. The gated-delta block's out_proj [hidden, 512] was named ffn, next to the experts'
+    # 96: every op, even `widen vocab`, ended in the SW316 self-check. Now the block is an IR fact
+    # (ModelIR.mixers) and growth that only touches its projections to / from the residual stream is exact.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from scaler_wizard import api
+    from scaler_wizard.ir import model_ir_for
+
+    model = _tiny(tmp_path_factory, "qwen3_next")
+    ir = model_ir_for(model)
+    (mx,) = ir.mixers
+    assert mx.module == "model.layers.{i}.linear_attn" and mx.layers == (0,) and "conv1d" in mx.ops, mx
+    assert "model.layers.{i}.linear_attn.out_proj.weight" in mx.tensors
+    assert ir.groups["ffn"].size == 96 and not any("linear_attn" in t for t, _ in ir.groups["ffn"].members)
+    out = tmp_path / "out"
+    # verify=False: the layer-wise verifier's stand-in KV cache has no linear-attention layers yet
+    r = api.apply("widen hidden x2 tile", model, out=str(out), verify=False)
+    assert r["exactness"] == "exact"
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()(input_ids=ids).logits
+        b = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(input_ids=ids).logits
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
 
 
 def test_elementwise_parameter_on_hidden_refuses_hidden_growth(tmp_path_factory):

@@ -118,6 +118,11 @@ def instantiate(ir: ModelIR, cfg: dict) -> ModelIR:
     from scaler_wizard.ir.trace import layer_signatures
 
     n = next((cfg[k] for k in (ir.layers_key,) + _LAYER_KEYS if isinstance(cfg.get(k), int)), ir.num_layers)
+    if n == ir.num_layers and all(cfg.get(k) == ir.config.get(k) for k in ir.layer_arrays):
+        # the same layout: the traced facts stand as they are (layers told apart by a scalar key,
+        # first_k_dense_replace, have no array signature to re-index by)
+        notes = tuple(x for x in ir.notes if not x.startswith("traced layer "))
+        return replace(ir, config=cfg, notes=notes)
     old_sigs, _ = layer_signatures(ir.config, ir.num_layers, ir.layer_arrays)
     new_sigs, _ = layer_signatures(cfg, n, ir.layer_arrays)
     # traced-kind representative: old layer index -> signature; new layer -> old layers with that signature

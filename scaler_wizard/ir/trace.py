@@ -132,13 +132,35 @@ def reduced_config(config):
         kinds = [(k, kind) for k, kind in kinds if k not in fixed]
     arrays = tuple(k for k, _ in kinds)
     sigs = _signatures(cfg, n, kinds)
+    shapes = _layer_structures(config, n)
+    if shapes is not None:  # layers told apart by a scalar key (first_k_dense_replace): their tensors differ
+        sigs = [(s, shapes[i]) for i, s in enumerate(sigs)]
     keep: list[int] = []
     seen: dict[tuple, int] = {}
     for i, s in enumerate(sigs):
         if s not in seen:
             seen[s] = len(keep)
             keep.append(i)
-    layer_map = {j: tuple(i for i in range(n) if sigs[i] == sigs[keep[j]]) for j in range(len(keep))}
+    if shapes is not None and keep != list(range(len(keep))):
+        # a reduced config re-creates the kept layers only through the arrays; a scalar key lays out
+        # a prefix of the real layers as it lays out the whole: trace the prefix up to the last new kind
+        trial = _reduce(config, cfg, kinds, keep)
+        if _layer_structures(trial, len(keep)) != [shapes[i] for i in keep]:
+            keep = list(range(keep[-1] + 1))
+    first = {}
+    for j, i in enumerate(keep):
+        first.setdefault(sigs[i], j)
+    layer_map: dict[int, tuple[int, ...]] = {j: () for j in range(len(keep))}
+    for i in range(n):
+        j = keep.index(i) if i in keep else first[sigs[i]]
+        layer_map[j] += (i,)
+    red = _reduce(config, cfg, kinds, keep)
+    red.use_cache = False
+    _static_rope(red)
+    return red, layer_map, arrays, n
+
+
+def _reduce(config, cfg: dict, kinds, keep: list[int]):
     red = copy.deepcopy(config)
     red.num_hidden_layers = len(keep)
     for k, kind in kinds:
@@ -147,9 +169,27 @@ def reduced_config(config):
             setattr(red, k, [v[i] for i in keep])
         else:
             setattr(red, k, [j for j, i in enumerate(keep) if i in v])
-    red.use_cache = False
-    _static_rope(red)
-    return red, layer_map, arrays, n
+    return red
+
+
+def _layer_structures(config, n: int) -> list[tuple] | None:
+    """Per layer, the sorted (relative name, shape) of its parameters in the model built from
+    ``config`` on the meta device; None when it cannot be built or has no layer list of depth n."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_meta_model(config)
+    except Exception:  # noqa: BLE001 - no evidence: the arrays alone decide
+        return None
+    path = find_layer_list(model, n)
+    if path is None:
+        return None
+    layers = model.get_submodule(path)
+    return [tuple(sorted((name, tuple(p.shape)) for name, p in layer.named_parameters())) for layer in layers]
+
+
 
 
 def _static_rope(config) -> None:

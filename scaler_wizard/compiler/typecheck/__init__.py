@@ -73,6 +73,9 @@ SW358  hidden growth when a parameter acts elementwise on hidden without being a
        gain or bias (Doge's ``input_residual`` per-channel residual scale)
 SW359  head_dim growth when a tensor other than q/k/v/o and the q/k norms carries head_dim (HRM's
        attention-output gate_proj)
+SW365  width growth of a group that a hybrid's non-attention token mixer carries inside it (``ModelIR.mixers``:
+       Mamba / gated-delta / lightning-attention blocks, short convolutions), beyond its projections from
+       and to the residual stream: the growth rules do not describe that block
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op

@@ -110,6 +110,54 @@ class AttentionRules:
                 )
                 return
 
+    def _check_hybrid_mixers(self, st: _State) -> None:
+        """SW365: width growth of a group that a hybrid's non-attention token mixer (``ModelIR.mixers``:
+        a Mamba / gated-delta / lightning-attention block, a short convolution) carries inside it.
+        The growth rules are transformer rules: a mixer may read the residual stream (an input
+        projection's ``in`` axis over hidden) and write it (an output projection's ``out`` axis), and
+        hold recognised norms; any other place of the group in its tensors (its heads, its inner width,
+        a depthwise convolution's channels) would be grown by rules that do not describe it."""
+        ir = self.ir
+        if not ir.mixers:
+            return
+        norms = {x for n in ir.norms for x in (n.weight, n.bias) if x}
+        readers, writers = set(ir.residual.readers), set(ir.residual.writers)
+        tensors = {t.name: t for t in ir.tensors}
+        for op in st.ops:
+            if op.kind != "widen" or not op.group:
+                continue
+            for mx in ir.mixers:
+                hit = None
+                for name in mx.tensors:
+                    t = tensors.get(name)
+                    if t is None:
+                        continue
+                    for k, ax in enumerate(t.axes):
+                        if op.group not in ax.groups():
+                            continue
+                        if op.group == "hidden" and (ax.role == "in" and name in readers or ax.role == "out" and name in writers
+                                                     or ax.role == "elem" and name in norms):
+                            continue  # the block's boundary with the residual stream, or a norm discovery knows
+                        hit = (t, k, ax)
+                        break
+                    if hit:
+                        break
+                if hit is None:
+                    continue
+                t, k, ax = hit
+                st.bag.error(
+                    "SW365",
+                    f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                    + f": `{ir.model_type}` is a hybrid: {_mixer_phrase(mx)}; its tensor `{t.name}` carries "
+                    f"`{op.group}` on axis {k} ({ax.role}), and how that block uses `{op.group}` is not understood, so "
+                    "it cannot be grown",
+                    op.span,
+                    help=f"nothing was written; ops that leave `{op.group}` as it is only change the attention and MLP "
+                         "parts and the block's projections to and from the residual stream (`scaler-wizard ir` lists "
+                         "the block's tensors)",
+                )
+                return
+
     def _check_elementwise_on_hidden(self, st: _State) -> None:
         """SW358: hidden growth when a parameter acts elementwise on the hidden axis without being a
         norm gain or bias that discovery recognised (Doge's ``input_residual`` scaling the residual
@@ -202,3 +250,15 @@ class AttentionRules:
                 help="widen ffn, insert / duplicate / stack layers and vocab growth leave it unchanged",
             )
             return
+
+
+def _mixer_phrase(mx) -> str:
+    """"layers 0,2 mix tokens with `model.layers.{i}.linear_attn` (Qwen3NextGatedDeltaNet: conv1d, cumsum,
+    matmul), not softmax attention" -- the SW365 wording of one ``MixerInfo``."""
+    from scaler_wizard.ir.printer import ranges
+
+    ops = [o for o in mx.ops if o != "softmax"]
+    what = ("a softmax attention of a form discovery does not recognise" if "softmax" in mx.ops
+            else "not softmax attention (a state-space, linear-attention or convolution mixer)")
+    return (f"layers {ranges(mx.layers)} mix tokens with `{mx.module}` ({mx.module_type}: {', '.join(ops)}), "
+            f"{what}")

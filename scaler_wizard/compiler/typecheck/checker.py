@@ -63,6 +63,7 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, Depth
                 head = f"at step {stmt.step.value} {{ ... }}" if isinstance(stmt, A.Stage) else _print_stmt(stmt)
                 bag.error("SW210", f"`{head}` is not supported by this build yet", stmt.span)
         self._plan_wide_noise(st)
+        self._check_hybrid_mixers(st)
         self._check_norms_over_heads(st)
         self._check_norms_over_ffn(st)
         self._check_fixed_groups(st)

@@ -244,6 +244,8 @@ def _token_mixers(an: Analysis, nodes) -> dict[str, list[str]]:
         if any(mod == m or mod.startswith(m + ".") for m in attn_mods | routed):
             continue
         by_layer.setdefault(li, {}).setdefault(mod, []).append(b)
+    softmax_owners = [owner(n) for n in nodes if n.op == "call_function" and _base(n) in ("softmax", "_softmax")]
+    depth = (traced.layer_list_path or "").count(".") + 2  # components of a layer's own path
     out: dict[str, list[str]] = {}
     for li, mods in by_layer.items():
         paths = [m.split(".") for m in mods]
@@ -252,9 +254,14 @@ def _token_mixers(an: Analysis, nodes) -> dict[str, list[str]]:
             if len(set(parts)) != 1:
                 break
             common.append(parts[0])
-        path = ".".join(common)
-        ops = [o for m in mods.values() for o in m]
-        out[path] = list(dict.fromkeys(ops))
+        # one block holding every mixing op (model.layers.3.mamba), else each module on its own
+        # (convolutions on the attention and MLP branches, ops of the layer itself)
+        groups = {".".join(common): [o for m in mods.values() for o in m]} if len(common) > depth else mods
+        for path, ops in groups.items():
+            ops = list(dict.fromkeys(ops))
+            if any(o == path or o.startswith(path + ".") for o in softmax_owners):
+                ops.append("softmax")  # attention of a form discovery does not recognise (sinks, say)
+            out[path] = ops
     return out
 
 

@@ -126,7 +126,10 @@ def _mixers(tp: Traced, an: Analysis, tensors) -> tuple[MixerInfo, ...]:
         e["ops"] += [o for o in ops if o not in e["ops"]]
     out = []
     for tpl, e in by_tpl.items():
-        owned = tuple(t.name for t in tensors if t.module == tpl or t.module.startswith(tpl + "."))
+        # a block name shared by every layer kind (Nemotron-H's `mixer` is Mamba, attention or MoE by layer):
+        # only the tensors of the layers where it mixes tokens without attention
+        owned = tuple(t.name for t in tensors if (t.module == tpl or t.module.startswith(tpl + "."))
+                      and t.layers is not None and set(t.layers) <= e["layers"])
         out.append(MixerInfo(module=tpl, module_type=e["type"], layers=tuple(sorted(e["layers"])),
                              ops=tuple(e["ops"]), tensors=owned))
     return tuple(out)
