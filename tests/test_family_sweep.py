@@ -347,3 +347,43 @@ def test_lemon_with_gainless_norms_is_approx(tmp_path_factory):
     model = _tiny(tmp_path_factory, "olmo")
     assert api.check("widen hidden x1.5 lemon", model).exactness == "approx"
     assert api.check("widen hidden x2 lemon", model).exactness == "exact"
+
+
+# ---------------------------------------------------------------- hybrids and other SW316 kinds (issue 10)
+@pytest.mark.slow  # ~30-60 s: MiniMax's discovery (lightning-attention layers next to softmax attention)
+def test_hybrid_mixer_resized_by_the_grown_config_is_refused_as_a_hybrid(tmp_path_factory, tmp_path):
+    # MiniMax's lightning-attention block sizes its norm and projections from hidden / heads in a way
+    # discovery does not know: `widen hidden` ended in the SW316 self-check. Now it is refused as a
+    # hybrid, naming the block, and nothing is written; ops that leave those sizes grow as usual.
+    from scaler_wizard import api
+    from scaler_wizard.diagnostics import PlanError
+
+    model = _tiny(tmp_path_factory, "minimax")
+    d = _refusal("widen hidden x2 tile", model)
+    assert d.code == "SW366", d.message
+    assert "`minimax` is a hybrid: layers 1 mix tokens with `model.layers.{i}.self_attn` (MiniMaxLightningAttention" in d.message
+    assert "not softmax attention" in d.message and "model.layers.1.self_attn." in d.message, d.message
+    out = tmp_path / "out"
+    with pytest.raises(PlanError):
+        api.apply("widen hidden x2 tile", model, out=str(out))
+    assert not out.exists()
+    r = api.check("widen ffn x2 net2net\ninsert layer 1 identity", model)
+    assert [o.exactness for o in r.ops] == ["exact", "exact"]
+
+
+def test_attention_output_not_read_as_heads_refuses_head_growth(tmp_path_factory):
+    # DiffLlama's differential attention regroups the heads in pairs before o_proj: its input axis
+    # was named ffn (64, next to the MLP's 96), so every op -- even `widen vocab` -- ended in SW316.
+    # Now o_proj's input is not ffn, the MLP's ffn binds to intermediate_size, and head growth is
+    # refused by name.
+    from scaler_wizard import api
+    from scaler_wizard.ir import model_ir_for
+
+    model = _tiny(tmp_path_factory, "diffllama")
+    ir = model_ir_for(model)
+    assert ir.groups["ffn"].size == 96 and ir.groups["ffn"].config_key == "intermediate_size"
+    for plan in ("widen heads x2 dup", "widen kv_heads x2", "widen head_dim x2"):
+        d = _refusal(plan, model)
+        assert d.code == "SW367" and "o_proj.weight" in d.message and "not as heads x head_dim" in d.message, d.message
+    r = api.check("widen ffn x2 net2net\ninsert layer 1 identity\nwiden vocab by 64 mean", model)
+    assert [o.exactness for o in r.ops][:2] == ["exact", "exact"]

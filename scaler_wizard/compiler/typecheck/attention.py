@@ -158,6 +158,34 @@ class AttentionRules:
                 )
                 return
 
+    def _check_attention_output_layout(self, st: _State) -> None:
+        """SW367: heads / kv_heads / head_dim growth when the attention output projection does not read
+        its input as heads x head_dim (DiffLlama's differential attention regroups the heads into
+        pairs before o_proj): where the new heads' units land in o_proj's input is not known."""
+        att = self.ir.attention
+        if att is None or not att.o:
+            return
+        t = next((x for x in self.ir.tensors if x.name == att.o), None)
+        ax = next((a for a in (t.axes if t else ()) if a.role == "in"), None)
+        if ax is None or "heads" in ax.groups():
+            return
+        for op in st.ops:
+            if op.kind != "widen" or op.group not in ("heads", "kv_heads", "head_dim"):
+                continue
+            layout = " x ".join(f"{f.group}({f.size})" if f.group != "const" else str(f.size)
+                                for seg in ax.segments for f in seg.factors)
+            st.bag.error(
+                "SW367",
+                f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                + f": the attention output projection `{att.o}` reads its input as [{layout}], not as heads x "
+                "head_dim (the heads are regrouped before it, as in differential attention); where grown heads "
+                "would land in it is not understood",
+                op.span,
+                help="nothing was written; widen ffn, insert / duplicate / stack layers and vocab growth leave the "
+                     "attention as it is",
+            )
+            return
+
     def _check_elementwise_on_hidden(self, st: _State) -> None:
         """SW358: hidden growth when a parameter acts elementwise on the hidden axis without being a
         norm gain or bias that discovery recognised (Doge's ``input_residual`` scaling the residual

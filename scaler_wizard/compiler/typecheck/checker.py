@@ -64,6 +64,8 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, Depth
                 bag.error("SW210", f"`{head}` is not supported by this build yet", stmt.span)
         self._plan_wide_noise(st)
         self._check_hybrid_mixers(st)
+        self._check_attention_output_layout(st)
+        self._check_layer_kinds(st)
         self._check_norms_over_heads(st)
         self._check_norms_over_ffn(st)
         self._check_fixed_groups(st)

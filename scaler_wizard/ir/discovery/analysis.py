@@ -193,8 +193,11 @@ def analyse(traced: Traced) -> Analysis:
         if _layer_of(traced, u.module) is None:
             continue  # outside the layers (e.g. a prediction-head transform)
         if any((u.module == m or u.module.startswith(m + ".")) and m.count(".") > (traced.layer_list_path or "").count(".") + 1
-               for m in an.mixers):
-            continue  # a state-space / linear-attention block's output projection: its inner size is not ffn
+               for m in list(an.mixers) + [owner(a.node) for a in an.attn_nodes]):
+            # a state-space / linear-attention block's output projection, or an attention output
+            # projection whose input is not laid out as heads x head_dim (DiffLlama's differential
+            # attention): their inner size is not ffn
+            continue
         an.name_atom(inner, "ffn")
     an.names = {A.find(r): n for r, n in an.names.items()}
     return an
