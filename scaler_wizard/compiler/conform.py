@@ -413,6 +413,27 @@ def _culprit_span(rp, text: str):
     return A.Span()
 
 
+_KIND_ERROR = re.compile(r"^(\S+?)\.(\d+)\.(\S+): (the program writes \[[^\]]*\], the grown config's model has no such "
+                         r"tensor|the grown config's model has \[[^\]]*\], the program does not write it)")
+
+
+def _layer_kind_refusal(rp, error: str) -> str | None:
+    """SW368's message when a depth op's first mismatch is a per-layer tensor that one side has and
+    the other lacks: the grown config lays the layers' kinds out by a rule of its own (ModernBERT's
+    first layer without attn_norm, a dense prefix), which the copied layer does not follow."""
+    op = next((o for o in rp.ops if o.kind in ("insert", "duplicate", "stack")), None)
+    m = _KIND_ERROR.match(error)
+    if op is None or m is None:
+        return None
+    layer, rest = int(m.group(2)), m.group(3)
+    src = rp.layer_map[layer].src if layer < len(rp.layer_map) else None
+    has = "writes" in m.group(4)
+    return (f"`{op.text.split('  #')[0]}`: the layers of `{rp.ir.model_type}` differ in kind and the config lays "
+            f"the kinds out by a rule of its own: the grown layer {layer} (from layer {src}) "
+            f"{'has' if has else 'lacks'} `{rest}`, where the grown config's model puts a layer that "
+            f"{'lacks' if has else 'has'} it")
+
+
 def _hybrid_refusal(rp, error: str) -> str | None:
     """SW366's message when the first mismatch is a tensor of a hybrid's non-attention token mixer
     (``ModelIR.mixers``): the grown config re-sizes the block by rules discovery does not know (its
@@ -492,6 +513,15 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
                 pass
     if verdict["errors"]:
         span = _culprit_span(rp, "")
+        kind = _layer_kind_refusal(rp, verdict["errors"][0])
+        if kind is not None:
+            err = PlanError([Diagnostic(
+                "SW368", kind, span,
+                help="nothing was written; width growth and depth growth that keeps every layer's kind in place "
+                     "are unaffected",
+                notes=tuple(re.sub(r" \(internal error[^)]*\)", "", e) for e in verdict["errors"]))])
+            err.sources = sources or {}
+            raise err
         hybrid = _hybrid_refusal(rp, verdict["errors"][0])
         if hybrid is not None:
             err = PlanError([Diagnostic(

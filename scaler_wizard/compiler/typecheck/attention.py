@@ -170,6 +170,18 @@ class AttentionRules:
         if ax is None or "heads" in ax.groups():
             return
         for op in st.ops:
+            if op.kind == "insert" and op.method in ("identity", "zero", "cancel"):
+                st.bag.error(
+                    "SW367",
+                    f"`{op.text.split('  #')[0]}`: the attention output projection `{att.o}` does not read its input "
+                    "as heads x head_dim, so discovery does not understand this attention; an identity-style layer "
+                    "is exact only if every other layer computes as before, which such an attention need not do when "
+                    "the layers are renumbered (differential attention's lambda_init follows the layer index)",
+                    op.span,
+                    help="nothing was written; `duplicate` / `stack` (approx, measured by verify), widen ffn and "
+                         "vocab growth are unaffected",
+                )
+                return
             if op.kind != "widen" or op.group not in ("heads", "kv_heads", "head_dim"):
                 continue
             layout = " x ".join(f"{f.group}({f.size})" if f.group != "const" else str(f.size)
