@@ -387,3 +387,39 @@ def test_attention_output_not_read_as_heads_refuses_head_growth(tmp_path_factory
         assert d.code == "SW367" and "o_proj.weight" in d.message and "not as heads x head_dim" in d.message, d.message
     r = api.check("widen ffn x2 net2net\ninsert layer 1 identity\nwiden vocab by 64 mean", model)
     assert [o.exactness for o in r.ops][:2] == ["exact", "exact"]
+
+
+@pytest.mark.slow  # ~30-60 s: two MoE families, one apply with verify
+def test_layers_told_apart_by_a_scalar_key_are_traced_apart(tmp_path_factory, tmp_path):
+    # GLM-4-MoE / Sarvam-MoE: `first_k_dense_replace` makes layer 0 dense and the rest MoE, with no
+    # per-layer array saying so. Discovery traced one layer and called every layer dense: every op
+    # ended in SW316. Now the parameter structure tells the layers apart; width growth is exact,
+    # and depth growth that would put a dense copy where the config puts experts is refused by name.
+    from scaler_wizard import api
+    from scaler_wizard.diagnostics import PlanError
+    from scaler_wizard.ir import model_ir_for
+
+    model = _tiny(tmp_path_factory, "glm4_moe")
+    ir = model_ir_for(model)
+    assert ir.tensor("model.layers.{i}.mlp.down_proj.weight").layers == (0,)
+    assert ir.tensor("model.layers.{i}.mlp.experts.down_proj").layers == (1,) and ir.moe.layers == (1,)
+    assert api.check("widen ffn x2 net2net", model).ops[0].exactness == "exact"
+    for plan in ("insert layer 1 identity", "stack x2"):
+        d = _refusal(plan, model)
+        assert d.code == "SW368" and "differ in kind" in d.message and "mlp.experts" in d.message, d.message
+    out = tmp_path / "out"
+    with pytest.raises(PlanError):
+        api.apply("stack x2", model, out=str(out))
+    assert not out.exists()
+    # Sarvam-MoE stores q/k/v fused as `query_key_value`; transformers splits it by the q / k / v
+    # parameter sizes (a conversion op that needs the model): the reader runs it on a meta model.
+    sarvam = _tiny(tmp_path_factory, "sarvam_moe")
+    r = api.apply("widen hidden x2 tile", sarvam, out=str(tmp_path / "sarvam"), verify=True)
+    assert r["passed"] and r["exactness"] == "exact"
+
+
+def test_layer_kind_laid_out_by_index_refuses_depth_growth(tmp_path_factory):
+    # ModernBERT-decoder's first layer has no attn_norm; its `layer_types` (full / sliding) does not
+    # say so. A duplicated first layer lacks the norm the config gives every later layer: SW316 before.
+    d = _refusal("duplicate layers 0..2", _tiny(tmp_path_factory, "modernbert-decoder"))
+    assert d.code == "SW368" and "lacks `attn_norm.weight`" in d.message, d.message
