@@ -385,8 +385,10 @@ def test_attention_output_not_read_as_heads_refuses_head_growth(tmp_path_factory
     for plan in ("widen heads x2 dup", "widen kv_heads x2", "widen head_dim x2"):
         d = _refusal(plan, model)
         assert d.code == "SW367" and "o_proj.weight" in d.message and "not as heads x head_dim" in d.message, d.message
-    r = api.check("widen ffn x2 net2net\ninsert layer 1 identity\nwiden vocab by 64 mean", model)
-    assert [o.exactness for o in r.ops][:2] == ["exact", "exact"]
+    # an identity layer renumbers the layers after it, and DiffLlama's lambda_init follows the index
+    d = _refusal("insert layer 1 identity", model)
+    assert d.code == "SW367" and "identity-style layer" in d.message, d.message
+    assert api.check("widen ffn x2 net2net", model).ops[0].exactness == "exact"
 
 
 @pytest.mark.slow  # ~30-60 s: two MoE families, one apply with verify
