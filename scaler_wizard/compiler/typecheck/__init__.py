@@ -82,6 +82,8 @@ SW367  heads / kv_heads / head_dim growth when the attention output projection d
        (DiffLlama's differential attention regroups the heads before o_proj)
 SW368  depth growth of a model whose layers differ in kind (dense MLP vs experts) by a scalar config key
        (``first_k_dense_replace``), not a per-layer array, when the grown order is not the old one continued
+SW369  ffn growth when a residual writer in the layers reads an inner width that is not ffn (a second FFN:
+       Afmoe's shared experts, moe_intermediate_size x num_shared_experts) bound to no config key
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op

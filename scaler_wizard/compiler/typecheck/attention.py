@@ -198,6 +198,38 @@ class AttentionRules:
             )
             return
 
+    def _check_second_ffn_width(self, st: _State) -> None:
+        """SW369: ffn growth when a residual writer in the layers (not attention, not a hybrid's mixer)
+        reads an inner axis that is not ffn: a second FFN of another width (Afmoe's shared experts,
+        moe_intermediate_size x num_shared_experts, next to experts of moe_intermediate_size). No key
+        binds it, and the keys ffn growth changes may size it: the grown config would re-size it."""
+        ir = self.ir
+        ops = [o for o in st.ops if o.kind == "widen" and o.group == "ffn"]
+        if not ops or "ffn" not in ir.groups:
+            return
+        att = ir.attention
+        skip = {x for x in (att.o, att.fused_qkv) if x} if att else set()
+        skip |= {t for m in ir.mixers for t in m.tensors}
+        tensors = {t.name: t for t in ir.tensors}
+        for name in ir.residual.writers:
+            t = tensors.get(name)
+            if t is None or t.layers is None or name in skip or t.kind != "weight":
+                continue
+            ax = next((a for a in t.axes if a.role == "in"), None)
+            if ax is None or ax.groups():
+                continue
+            op = ops[0]
+            st.bag.error(
+                "SW369",
+                f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                + f": `{name}` writes the residual stream from an inner axis of {ax.size} that is not ffn "
+                f"({ir.groups['ffn'].size}, `{ir.groups['ffn'].config_key or ir.groups['ffn'].derived}`): a second "
+                "FFN width (shared experts, say) that no config key binds; the values ffn growth changes may size it",
+                op.span,
+                help="nothing was written; width growth of other groups, depth growth and vocab growth are unaffected",
+            )
+            return
+
     def _check_elementwise_on_hidden(self, st: _State) -> None:
         """SW358: hidden growth when a parameter acts elementwise on the hidden axis without being a
         norm gain or bias that discovery recognised (Doge's ``input_residual`` scaling the residual

@@ -174,6 +174,7 @@ def analyse(traced: Traced) -> Analysis:
 
     # ffn: inner axis of the residual writers that are not the attention output
     hid = A.find(hidden_atom)
+    cands = []
     for u in dg.uses:
         if u.op not in ("linear", "addmm", "matmul", "bmm", "mm"):
             continue
@@ -197,6 +198,15 @@ def analyse(traced: Traced) -> Analysis:
             # a state-space / linear-attention block's output projection, or an attention output
             # projection whose input is not laid out as heads x head_dim (DiffLlama's differential
             # attention): their inner size is not ffn
+            continue
+        cands.append((inner, _layer_of(traced, u.module), A.size(A.find(inner))))
+    # One FFN width per layer: a second writer of another width in a layer that has one of the first
+    # width is a different block (Afmoe's shared experts, moe_intermediate_size x num_shared_experts,
+    # next to its experts), not the ffn; widths that differ between layers stay ffn (noted).
+    first = cands[0][2] if cands else None
+    layers_with_first = {li for _, li, size in cands if size == first}
+    for inner, li, size in cands:
+        if size != first and li in layers_with_first:
             continue
         an.name_atom(inner, "ffn")
     an.names = {A.find(r): n for r, n in an.names.items()}
