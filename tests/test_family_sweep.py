@@ -302,6 +302,38 @@ def test_hybrid_linear_attention_block_is_a_mixer_not_the_ffn(tmp_path_factory, 
         a = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()(input_ids=ids).logits
         b = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(input_ids=ids).logits
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+    # SW365: were a group the growth rules know (heads) to appear inside the block, beyond its
+    # projections to / from the residual stream, its growth would be refused naming the block.
+    from dataclasses import replace
+
+    from scaler_wizard.compiler.typecheck import check_plan
+    from scaler_wizard.diagnostics import PlanError
+    from scaler_wizard.grammar import parse
+    from scaler_wizard.ir.model_ir import Axis, Factor, Segment
+
+    heads = ir.groups["heads"].size
+    name = "model.layers.{i}.linear_attn.dt_bias"
+    t = ir.tensor(name)
+    odd = replace(t, shape=(heads,), axes=(Axis((Segment((Factor("heads", heads),)),), "elem"),))
+    ir2 = replace(ir, tensors=tuple(odd if x.name == name else x for x in ir.tensors))
+    with pytest.raises(PlanError) as e:
+        check_plan(parse("widen heads x2 dup"), ir2, model_ref="t")
+    d = e.value.diagnostics[0]
+    assert d.code == "SW365" and "`qwen3_next` is a hybrid: layers 0 mix tokens with `model.layers.{i}.linear_attn`" in d.message
+    assert name in d.message, d.message
+    check_plan(parse("widen heads x2 dup"), ir, model_ref="t")  # the real IR: the block carries no heads
+
+
+def test_second_ffn_width_refuses_ffn_growth(tmp_path_factory):
+    # Afmoe's shared experts are moe_intermediate_size x num_shared_experts wide (192) next to experts
+    # of 96: both were named ffn, and every op ended in SW316. The shared width is not ffn now; ffn
+    # growth (whose keys size it) is refused by name, growth that leaves ffn as it is compiles.
+    from scaler_wizard import api
+
+    model = _tiny(tmp_path_factory, "afmoe")
+    d = _refusal("widen ffn x2 net2net", model)
+    assert d.code == "SW369" and "shared_experts.down_proj.weight" in d.message and "192" in d.message, d.message
+    assert api.check("widen hidden x2 tile", model).ops[0].exactness == "exact"
 
 
 def test_elementwise_parameter_on_hidden_refuses_hidden_growth(tmp_path_factory):
