@@ -51,18 +51,18 @@ TORCH_EXT_DIR ?= $(or $(TORCH_EXTENSIONS_DIR),$(HOME)/.cache/torch_extensions)
 
 test: $(STAMP)
 	-find "$(TORCH_EXT_DIR)" -name lock -type f -delete 2>/dev/null
-	$(PY) -m pytest -n 2 --durations=30 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=30 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	-find "$(TORCH_EXT_DIR)" -name lock -type f -delete 2>/dev/null
-	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 # The suite against the newest releases of every dependency (torch stays $(TORCH_SPEC)), in its own venv.
 test-latest:
 	rm -rf .venv-latest
 	$(call install-into,.venv-latest,--upgrade)
 	.venv-latest/bin/python -m pip freeze --all --exclude-editable | diff $(LOCK) - || true
-	.venv-latest/bin/python -m pytest -n 2 $(PYTEST_ARGS)
+	.venv-latest/bin/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # Refresh the lock from the newest releases: run `make test-latest` first, then commit the new lock
 # only if that suite is green.

@@ -113,7 +113,7 @@ def test_llama_approx_reports_drift(models, tmp_path, plan):
     ("gpt_neox", "widen hidden x2\nwiden ffn x2 net2net\ninsert layers every 1 identity"),  # [heads,3,hd]
     ("opt_postln", "widen hidden x2 untie=true"),  # Post-LN, tied head without a final norm
     ("qwen3", "widen hidden to 96 lemon"),  # exact-eps: rms_norm_eps also serves q/k norms
-    ("qwen3", "widen head_dim x2"),  # exact-eps: q/k norms over head_dim
+    ("qwen3", "widen head_dim x2"),  # q/k norms over head_dim: new q/k dims copies, q_norm new gains 0
 ])
 def test_other_families_exact(models, tmp_path, fam, plan):
     res = _apply(plan, models[fam], tmp_path / "out")

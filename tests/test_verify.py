@@ -114,8 +114,11 @@ def test_padding_mask_path_matches_unpadded_sequences(model):
             assert real.shape == alone.shape
             assert compare_logits("pad", real[None], alone[None]).passed, side
     # a grown model whose difference only shows at padded positions would pass: pads are not compared
-    rep = compare_models(model, model, n_random=3, seq_len=12, check_kv=False)
-    assert rep.check("padding_left").n_positions == sum([12, 10, 8])
+    rep = compare_models(model, model, n_random=3, seq_len=12, pad_len=12, check_kv=False)
+    assert rep.check("padding_left").n_positions == sum([10, 8])  # random rows 2 and 3, cut shorter
+    assert rep.check("padding_right").n_positions == sum([10, 8])
+    rep = compare_models(model, model, n_random=3, seq_len=12, check_kv=False)  # default: seq_len // 2 wide
+    assert rep.check("padding_left").n_positions == sum([5, 4])
 
 
 def test_texts_are_tokenised_and_compared(model):

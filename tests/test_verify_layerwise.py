@@ -96,6 +96,11 @@ def test_layerwise_reads_each_tensor_once_and_holds_one_layer(tmp_path):
     assert torch.equal(out["a"], ref)
     assert (out["kv"] - ref).abs().max().item() < 1e-5
     assert all(p.device.type == "meta" for p in lm.model.parameters())  # everything released
+    # the freed weights wait in the buffer pool for the next layer of the same shapes: at most one
+    # layer's float32 buffers (plus the embedding, the rest) and one stored-dtype buffer per shape
+    pooled = [t for ts in lm._pool.values() for t in ts]
+    assert pooled and sum(t.numel() for t in pooled if t.dtype == torch.float32) <= layer_numel + emb + rest
+    assert len({t.data_ptr() for t in pooled}) == len(pooled)
 
 
 def test_layerwise_requires_directories(tmp_path):
@@ -168,3 +173,48 @@ def test_layerwise_when_the_model_moves_ids_to_the_embedding_device(tmp_path):
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(lw, m(ids).logits)
+
+
+def test_causal_lm_without_kv_cache_and_list_returning_blocks(tmp_path):
+    # OpenAI GPT: a causal LM whose forward takes no cache and whose Block returns a list. The
+    # layer-wise runner took only tuples apart (a list reached the next layer as its input) and the
+    # verifier asked for a cache the model does not have: every plan's output "did not run".
+    from scaler_wizard import sweep
+    from scaler_wizard.runtime.layerwise import run_layerwise
+    from transformers import AutoModelForCausalLM
+
+    sweep.build_tiny("openai-gpt", tmp_path / "m")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    lw = run_layerwise(tmp_path / "m", [Job("a", ids)])["a"]
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(lw, m(ids).logits)
+    rep = compare_models(str(tmp_path / "m"), str(tmp_path / "m"), n_random=2, seq_len=8)
+    assert rep.passed and {c.name for c in rep.checks} == {"random_ids", "padding_right", "padding_left"}
+    assert any("has no KV cache" in n for n in rep.notes)
+    noisy = _save(_noisy(m), tmp_path / "g")
+    assert not compare_models(noisy, str(tmp_path / "m"), n_random=2, seq_len=8, rtol=1e-9).passed
+
+
+def test_layerwise_reads_narrow_dtypes_into_pooled_buffers(tmp_path):
+    # bf16 / fp16 checkpoints: each tensor is read with pread into a pooled buffer of its stored
+    # dtype and converted into a pooled float32 buffer; the logits equal the whole-model path's
+    # (from_pretrained in float32) bit for bit, and a second run of the same model reuses the pool.
+    _, model = build_model("llama")
+    for dtype in (torch.bfloat16, torch.float16):
+        d = tmp_path / str(dtype)
+        copy.deepcopy(model).to(dtype).save_pretrained(str(d))
+        ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+        lm = LayerwiseModel(d)
+        first = lm.run([Job("a", ids)])["a"]
+        kept = {t.data_ptr() for ts in lm._pool.values() for t in ts}
+        again = lm.run([Job("a", ids)])["a"]
+        assert {t.data_ptr() for ts in lm._pool.values() for t in ts} == kept  # no new buffers
+        assert {t.dtype for ts in lm._pool.values() for t in ts} == {torch.float32, dtype}
+        from transformers import AutoModelForCausalLM
+
+        whole = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = whole(input_ids=ids, use_cache=False).logits
+        assert torch.equal(first, ref) and torch.equal(again, ref)
+

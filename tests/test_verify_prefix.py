@@ -108,17 +108,43 @@ def test_kv_decoding_schedule_prefill_chunk_then_single_steps(tmp_path):
 def test_verification_threads_follow_the_idle_cores(monkeypatch):
     import os
 
+    from scaler_wizard.runtime import verify
     from scaler_wizard.runtime.verify import idle_threads, torch_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
-    monkeypatch.setattr(os, "getloadavg", lambda: (1e6, 0.0, 0.0))  # every core busy
+    monkeypatch.setattr(verify, "busy_cores", lambda: 1e6)  # every core busy
     assert idle_threads() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # idle: torch's default
+    monkeypatch.setattr(verify, "busy_cores", lambda: 0.0)  # idle: torch's default
     assert idle_threads() == min(before, len(os.sched_getaffinity(0)))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user chose
     assert idle_threads() is None
     with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_busy_cores_sees_work_happening_now():
+    # /proc/stat over a short window: a thread spinning in this process counts (the load average
+    # would still remember the previous minute instead)
+    import os
+    import threading
+    import time
+
+    from scaler_wizard.runtime.verify import busy_cores
+
+    stop = time.monotonic() + 1.0
+
+    def spin():
+        x = 0
+        while time.monotonic() < stop:
+            x += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        busy = busy_cores(window=0.3)
+    finally:
+        t.join()
+    assert busy is not None and 0.5 <= busy <= (os.cpu_count() or 1) + 1e-6

@@ -36,7 +36,7 @@ from typing import Any
 from scaler_wizard.diagnostics import Diagnostic, PlanError
 from scaler_wizard.grammar import ast as A
 
-CONFORM_FORMAT = 2  # 2: headless base-class inputs compared as the traced class
+CONFORM_FORMAT = 3  # 2: headless base-class inputs compared as the traced class; 3: keyed by the tensors compared
 _SKIP_SUFFIX = ("_token_id", "_token_ids")
 
 
@@ -353,10 +353,28 @@ def _cache_path(key: str) -> Path:
     return cache_dir().parent / "conform" / f"{key}.json"
 
 
-def _key(input_cfg, rp, companions, source: str) -> str:
+def _tensors_digest(tensors: dict[str, tuple[int, ...]]) -> str:
+    return hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in tensors.items())).encode()).hexdigest()[:32]
+
+
+def _tensors_structure(tensors: dict[str, tuple[int, ...]], depth: int) -> list:
+    """The compared tensors with sizes and depth symbolic: each name with its layer index as ``{i}``,
+    its rank, and whether it occurs once, in every layer of the output or in some."""
+    import re
+
+    seen: dict[tuple[str, int], int] = {}
+    for name, shape in tensors.items():
+        k = (re.sub(r"\.(\d+)\.", ".{i}.", name, count=1), len(shape))
+        seen[k] = seen.get(k, 0) + 1
+    return sorted([t, r, "every" if c == depth else "one" if c == 1 else "some"] for (t, r), c in seen.items())
+
+
+def _key(input_cfg, rp, companions, source: str, tensors: dict[str, tuple[int, ...]]) -> str:
+    """The verdict's key: everything it depends on, the tensors compared included (a verdict is
+    about these tensors: an IR that predicts others must not reuse it)."""
     from scaler_wizard.ir import _transformers_version
 
-    blob = json.dumps({"src": source, "in": input_cfg, "after": rp.config_after, "sizes": rp.sizes_after,
+    blob = json.dumps({"src": source, "tensors": _tensors_digest(tensors), "in": input_cfg, "after": rp.config_after, "sizes": rp.sizes_after,
                        "map": [[s.src, s.init] for s in rp.layer_map], "ops": [[o.kind, o.group, o.method, o.new_size,
                                                                            sorted(o.options)] for o in rp.ops],
                        "comp": companions, "tf": _transformers_version(), "fmt": CONFORM_FORMAT},
@@ -364,10 +382,11 @@ def _key(input_cfg, rp, companions, source: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _structure_key(input_cfg, rp, companions, source: str) -> str:
+def _structure_key(input_cfg, rp, companions, source: str, tensors: dict[str, tuple[int, ...]]) -> str:
     """The verdict's key with every size symbolic (:mod:`scaler_wizard.ir.structure`): the input
     config's structure, the plan's ops, the kinds of layers the depth map makes, and which of the
-    input's integers and the grown sizes and config values coincide. Only a plain verdict is stored
+    input's integers and the grown sizes and config values coincide, and the compared tensors'
+    names, ranks and per-layer presence (:func:`_tensors_structure`). Only a plain verdict is stored
     under it: the type checker's patch with its companion keys back at their input values, no
     note, no error (nothing that building the model decided)."""
     from scaler_wizard.ir import structure_key_of
@@ -378,7 +397,8 @@ def _structure_key(input_cfg, rp, companions, source: str) -> str:
     leaves = _leaves(input_cfg)
     ints = [leaves[p] for p in _int_paths(leaves)] + [after[p] for p in _int_paths(after)] + \
         [rp.sizes_after[g] for g in sorted(rp.sizes_after)] + [g.size for _, g in sorted(rp.ir.groups.items())]
-    blob = json.dumps({"src": source, "in": structure_key_of(input_cfg), "after": sorted(after),
+    blob = json.dumps({"src": source, "tensors": _tensors_structure(tensors, len(rp.layer_map)),
+                       "in": structure_key_of(input_cfg), "after": sorted(after),
                        "ints": _classes([v for v in ints if isinstance(v, int) and not isinstance(v, bool)]),
                        "map": sorted({(s.src is None, s.init) for s in rp.layer_map}, key=str),
                        "ops": [[o.kind, o.group, o.method, sorted(o.options)] for o in rp.ops],
@@ -465,7 +485,7 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
         return rp
     input_cfg = input_config(rp)
     companions = _companions(rp)
-    key = _key(input_cfg, rp, companions, "program" if prog is not None else "predicted")
+    key = _key(input_cfg, rp, companions, "program" if prog is not None else "predicted", tensors)
     path = _cache_path(key)
     verdict = None
     if use_cache and path.is_file():
@@ -474,7 +494,7 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
         except (OSError, ValueError):
             verdict = None
     spath = _cache_path("structure-" + _structure_key(input_cfg, rp, companions,
-                                                      "program" if prog is not None else "predicted"))
+                                                      "program" if prog is not None else "predicted", tensors))
     if verdict is None:
         patch = {k: after for k, (_, after) in rp.config_diff().items() if k in rp.config_after}
         removed = [k for k, (_, after) in rp.config_diff().items() if k not in rp.config_after]

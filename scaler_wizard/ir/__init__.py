@@ -13,6 +13,13 @@ The cache-hit path imports neither torch nor transformers. Two levels:
    class, so a config whose structure was traced once (at any sizes) is re-bound to its own sizes
    without a trace (``<cache>/structure/<key>.json`` holds the traced IR and the config it came
    from); when re-binding cannot account for a value, the config is traced as before.
+
+Both levels re-index the cached IR by the config's per-layer arrays (:func:`instantiate`); an array
+the file leaves to the config class (``layer_types`` of a Qwen2 / Gemma-3 config written before
+transformers 4.53) is derived first (:func:`with_derived_arrays`: memoised per config when it is
+traced; otherwise the config object is built, importing transformers and torch but tracing nothing).
+A real layer whose kind the cached IR never traced (an exact key has no depth: Gemma-3's pattern puts
+the first full-attention layer at index 5) makes the entry unusable, and the config is traced.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 from scaler_wizard.ir.errors import IRDiscoveryError
 from scaler_wizard.ir.model_ir import IR_FORMAT_VERSION, ModelIR
 
-__all__ = ["model_ir_for", "discover", "instantiate", "cache_dir", "cache_key", "structure_key_of", "IRDiscoveryError", "ModelIR"]
+__all__ = ["model_ir_for", "discover", "instantiate", "with_derived_arrays", "cache_dir", "cache_key", "structure_key_of", "IRDiscoveryError", "ModelIR"]
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -114,7 +121,10 @@ def instantiate(ir: ModelIR, cfg: dict) -> ModelIR:
     """Re-index per-layer facts for the real depth and per-layer arrays of ``cfg``.
 
     Each real layer is mapped to the traced layer with the same signature (its per-layer array
-    entries); tensors, norms and MoE facts list the real layers that have them."""
+    entries); tensors, norms and MoE facts list the real layers that have them. ``cfg`` must hold
+    the per-layer arrays the IR was traced with (:func:`with_derived_arrays` adds the ones the config
+    class derives); ValueError when a real layer's signature is not among the traced ones (the IR
+    cannot describe that layer: the caller traces)."""
     from scaler_wizard.ir.trace import layer_signatures
 
     n = next((cfg[k] for k in (ir.layers_key,) + _LAYER_KEYS if isinstance(cfg.get(k), int)), ir.num_layers)
@@ -125,6 +135,9 @@ def instantiate(ir: ModelIR, cfg: dict) -> ModelIR:
         return replace(ir, config=cfg, notes=notes)
     old_sigs, _ = layer_signatures(ir.config, ir.num_layers, ir.layer_arrays)
     new_sigs, _ = layer_signatures(cfg, n, ir.layer_arrays)
+    untraced = sorted(set(new_sigs) - set(old_sigs), key=repr)
+    if untraced:
+        raise ValueError(f"layer signature(s) {untraced} not traced (traced: {sorted(set(old_sigs), key=repr)})")
     # traced-kind representative: old layer index -> signature; new layer -> old layers with that signature
     by_sig: dict[tuple, set[int]] = {}
     for i, s in enumerate(new_sigs):
@@ -157,9 +170,9 @@ def model_ir_for(ref_or_config_dict: Any, *, use_cache: bool = True) -> ModelIR:
     if use_cache and path.is_file():
         try:
             ir = ModelIR.from_json(path.read_text())
-            return instantiate(ir, cfg)
+            return instantiate(ir, with_derived_arrays(ir, cfg))
         except (ValueError, KeyError, TypeError):
-            pass  # a stale or corrupt entry: trace again
+            pass  # a stale or corrupt entry, or layer kinds it was not traced with: trace again
     spath = cache_dir() / "structure" / f"{structure_key_of(cfg)}.json"
     if use_cache and spath.is_file():
         ir = _from_structure(spath, cfg)
@@ -167,9 +180,51 @@ def model_ir_for(ref_or_config_dict: Any, *, use_cache: bool = True) -> ModelIR:
             return ir
     ir = discover(cfg)
     if use_cache:
+        derived = _derived_of(ir, cfg)
+        if derived:
+            _write(_derived_path(cfg), json.dumps(derived, sort_keys=True, default=str))
         _write(path, ir.to_json())
         _write(spath, json.dumps({"config": cfg, "ir": json.loads(ir.to_json())}, sort_keys=True, default=str))
     return ir
+
+
+def _derived_of(ir: ModelIR, cfg: dict) -> dict[str, list]:
+    """The per-layer arrays of a freshly traced ``ir`` (its config is the config class's ``to_dict``)
+    that the raw ``cfg`` leaves to the class (``layer_types`` of a Qwen2 or Gemma-3 config written
+    before transformers 4.53: derived from ``max_window_layers`` / ``sliding_window_pattern``)."""
+    return {k: ir.config[k] for k in ir.layer_arrays
+            if not isinstance(cfg.get(k), list) and isinstance(ir.config.get(k), list)}
+
+
+def _derived_path(cfg: dict) -> Path:
+    blob = json.dumps({"cfg": cfg, "tf": _transformers_version(), "fmt": IR_FORMAT_VERSION}, sort_keys=True, default=str)
+    return cache_dir() / "derived" / f"{hashlib.sha256(blob.encode()).hexdigest()[:32]}.json"
+
+
+def with_derived_arrays(ir: ModelIR, cfg: dict) -> dict:
+    """``cfg`` (a raw config dict) with the per-layer arrays of ``ir.layer_arrays`` that it leaves to
+    the config class, as the class derives them for ``cfg``'s own depth and keys: a cached IR is
+    re-indexed by these arrays (:func:`instantiate`) and the type checker re-indexes and re-summarises
+    them for depth ops, so a derived ``layer_types`` must be as present as a stated one. Memoised on
+    disk per raw config (written when the config is traced); a miss builds the config object
+    (imports transformers and torch)."""
+    missing = [k for k in ir.layer_arrays if not isinstance(cfg.get(k), list)]
+    if not missing:
+        return cfg
+    path = _derived_path(cfg)
+    derived = None
+    try:
+        derived = json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    if not isinstance(derived, dict) or any(k not in derived for k in missing):
+        try:
+            full = _config_from_dict(cfg).to_dict()
+        except Exception as e:  # noqa: BLE001 - the config class refuses cfg: the caller traces (and reports)
+            raise ValueError(f"config class refused the config: {e}") from e
+        derived = {k: full[k] for k in missing if isinstance(full.get(k), list)}
+        _write(path, json.dumps(derived, sort_keys=True, default=str))
+    return {**cfg, **{k: v for k, v in derived.items() if k in missing}}
 
 
 def structure_key_of(cfg: dict) -> str:
@@ -189,7 +244,7 @@ def _from_structure(spath: Path, cfg: dict) -> ModelIR | None:
         entry = json.loads(spath.read_text())
         old = _ir_from_dict(entry["ir"])
         ir = rebind(old, entry["config"], cfg)
-        return None if ir is None else instantiate(ir, cfg)
+        return None if ir is None else instantiate(ir, with_derived_arrays(ir, cfg))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

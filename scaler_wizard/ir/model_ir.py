@@ -121,6 +121,10 @@ class NormInfo:
     eps_key: str | None  # config key holding eps (shared by every norm that reads it)
     sublayer: str | None = None  # "attn" | "mlp" | None
     layers: tuple[int, ...] | None = None
+    # a "final" norm whose output the LM head's projection reads through no other projection (the
+    # one that can carry a tied head's split); False for a final norm before a head transform
+    # (Megatron-BERT's encoder.ln, whose output a dense layer reads before the head's own LayerNorm)
+    feeds_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,9 @@ class AttentionInfo:
     kv_heads: int
     head_dim: int
     scaling: float  # the softmax scale actually used
-    scaling_source: str  # "head_dim" (1/sqrt(head_dim)) | "config:<key>" | "none"
+    # "head_dim" (1/sqrt(head_dim)) | "config:<key>" (1/sqrt(cfg[key])) | "config-value:<key>" (cfg[key]
+    # itself: a literal multiplier, unchanged by head_dim growth) | "none"
+    scaling_source: str
     q: str | None  # tensor templates (None when fused)
     k: str | None
     v: str | None
@@ -183,6 +189,10 @@ class ResidualInfo:
     readers: tuple[str, ...]  # tensor templates reading it (q/k/v, gate/up, lm_head, ...)
     embed_scale: float | None = None  # multiplier applied to embeddings (Gemma: sqrt(hidden))
     embed_scale_source: str | None = None  # "sqrt(hidden_size)" when it follows the hidden size
+    # modules applying a nonlinear elementwise function (gelu, tanh, ...) to a hidden-sized value: a
+    # head transform's activation (BERT-style dense + act + LayerNorm before the LM head). Tiled
+    # copies stay copies through it; a LEMON residue (the mean of the units) or a rescaled stream does not
+    nonlinear: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -276,7 +286,8 @@ def _ir_from_dict(d: dict) -> ModelIR:
     if moe is not None:
         moe = MoEInfo(**{**moe, "layers": tuple(moe["layers"])})
     r = d["residual"]
-    residual = ResidualInfo(**{**r, "writers": tuple(r["writers"]), "readers": tuple(r["readers"])})
+    residual = ResidualInfo(**{**r, "writers": tuple(r["writers"]), "readers": tuple(r["readers"]),
+                               "nonlinear": tuple(r.get("nonlinear", ()))})
     return ModelIR(
         model_type=d["model_type"],
         architecture=d["architecture"],

@@ -205,8 +205,8 @@ def _rebind(ir: ModelIR, old_raw: dict, new_raw: dict) -> ModelIR | None:
         partial_old = (cfg_old.get("rope_parameters") or {}).get(k.split(".", 1)[1]) if k.startswith(
             "rope_parameters.") else cfg_old.get(k)
         read_floats.add(partial_old)
-    if att is not None and att.scaling_source.startswith("config:"):
-        read_floats.add(cfg_old.get(att.scaling_source[7:]))
+    if att is not None and att.scaling_source.startswith(("config:", "config-value:")):
+        read_floats.add(cfg_old.get(att.scaling_source.split(":", 1)[1]))
     fmap: dict[float, float] = {}
     for p, v in ol.items():
         if isinstance(v, float):
@@ -272,6 +272,9 @@ def _rebind(ir: ModelIR, old_raw: dict, new_raw: dict) -> ModelIR | None:
         elif att.scaling_source.startswith("config:"):
             v = cfg_old.get(att.scaling_source[7:])
             scaling = _same_formula(att.scaling, v, num(v), lambda x: x ** -0.5)
+        elif att.scaling_source.startswith("config-value:"):
+            v = cfg_old.get(att.scaling_source.split(":", 1)[1])
+            scaling = num(v) if v == att.scaling else None
         elif att.scaling == 1.0:
             scaling = 1.0
         else:

@@ -197,13 +197,29 @@ def _same_bytes(a: "LayerwiseModel", pa, b: "LayerwiseModel", pb) -> bool:
     ra, rb = a.reader.byte_range(na), b.reader.byte_range(nb)
     if ra is None or rb is None or ra[2] - ra[1] != rb[2] - rb[1]:
         return False
-    size, step = ra[2] - ra[1], 16 << 20
+    size = ra[2] - ra[1]
+    if not _CMP_BUFFERS:  # two reused buffers: fresh 16 MiB bytes objects per read are mmap'd and
+        _CMP_BUFFERS.extend((bytearray(16 << 20), bytearray(16 << 20)))  # page-faulted each time
+    step = len(_CMP_BUFFERS[0])
     with open(ra[0], "rb") as fa, open(rb[0], "rb") as fb:
         for off in range(0, size, step):
             k = min(step, size - off)
-            if os.pread(fa.fileno(), k, ra[1] + off) != os.pread(fb.fileno(), k, rb[1] + off):
+            bufs = [memoryview(x)[:k] for x in _CMP_BUFFERS]
+            for f, start, buf in ((fa, ra[1], bufs[0]), (fb, rb[1], bufs[1])):
+                got = 0
+                while got < k:
+                    n = os.preadv(f.fileno(), [buf[got:]], start + off + got)
+                    if n <= 0:
+                        return False
+                    got += n
+            # bytearray == is a memcmp; memoryview == compares item by item (25x slower)
+            same = _CMP_BUFFERS[0] == _CMP_BUFFERS[1] if k == step else bufs[0].tobytes() == bufs[1].tobytes()
+            if not same:
                 return False
     return True
+
+
+_CMP_BUFFERS: list = []
 
 
 def _all(module) -> list:
@@ -272,6 +288,13 @@ class LayerwiseModel:
         self.cache_kw = next((k for k in ("cache", "past_key_values") if k in sig), None)
         self.causal = is_causal_lm(model)
         self.layer_returns_tuple = False
+        # Free buffers, (dtype, shape) -> tensors: the decoder layers have the same shapes, so each
+        # layer's weights are read into and converted in the previous layer's memory. Fresh
+        # allocations of that size are mmap'd by the allocator and returned on free, and first
+        # touching their pages cost 5x the conversion itself (measured: bf16 -> fp32 of a 1.1B
+        # model, 5.8 s of 52 s of verification).
+        self._pool: dict[tuple, list] = {}
+        self._pooled: set[int] = set()  # ids of parameters whose memory came from the pool
         # parameter slots: id(param) -> [(module, attr, full name)], so tied parameters load once
         self._slots: dict[int, list] = {}
         for mname, mod in model.named_modules(remove_duplicate=False):
@@ -308,8 +331,11 @@ class LayerwiseModel:
                 continue
             slots = self._slots.pop(id(old))
             name = self._stored_name([full for _, _, full in slots])
-            t = self.reader.get(name)
-            t = t.to(torch.float32) if t.dtype != torch.float32 else t
+            t = self._read_pooled(name)
+            pooled = t is not None
+            if t is None:
+                t = self.reader.get(name)
+                t = t.to(torch.float32) if t.dtype != torch.float32 else t
             if tuple(t.shape) != tuple(old.shape):
                 raise ValueError(f"{self.reader.path}: tensor {name!r} has shape {tuple(t.shape)}, "
                                  f"the model built from config.json expects {tuple(old.shape)}")
@@ -317,8 +343,55 @@ class LayerwiseModel:
             for mod, attr, _ in slots:
                 mod._parameters[attr] = p
             self._slots[id(p)] = slots
+            if pooled:
+                self._pooled.add(id(p))
             out.append(p)
         return out
+
+    def _buffer(self, shape, dtype):
+        import torch
+
+        free = self._pool.get((dtype, tuple(shape)))
+        return free.pop() if free else torch.empty(tuple(shape), dtype=dtype)
+
+    def _give_back(self, t) -> None:
+        self._pool.setdefault((t.dtype, tuple(t.shape)), []).append(t)
+
+    def _read_pooled(self, name: str):
+        """The stored tensor ``name`` as float32, read with ``pread`` straight from its byte range
+        into a pooled buffer (converted in another pooled buffer when stored narrower). None when
+        it is not a plain byte range of a known dtype (a converter builds it): the caller reads it."""
+        import torch
+
+        where = self.reader.byte_range(name)
+        info = self.reader.info(name)
+        dtype = getattr(torch, str(info.dtype), None)
+        if where is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            return None
+        path, start, end = where
+        shape = tuple(info.shape)
+        raw = self._buffer(shape, dtype)
+        view = raw.reshape(-1).view(torch.uint8).numpy()
+        if view.nbytes != end - start:
+            self._give_back(raw)
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < view.nbytes:
+                n = os.preadv(fd, [memoryview(view[done:])], start + done)
+                if n <= 0:
+                    raise OSError(f"{path}: short read of tensor {name!r}")
+                done += n
+        finally:
+            os.close(fd)
+        self.reader.count_copy(info.nbytes)
+        if dtype == torch.float32:
+            return raw
+        t = self._buffer(shape, torch.float32)
+        t.copy_(raw)
+        self._give_back(raw)
+        return t
 
     def free(self, params: list) -> None:
         """Put ``params`` back on the meta device (in every slot sharing them)."""
@@ -328,6 +401,9 @@ class LayerwiseModel:
             if p.device.type == "meta" or id(p) not in self._slots:
                 continue
             slots = self._slots.pop(id(p))
+            if id(p) in self._pooled:
+                self._pooled.discard(id(p))
+                self._give_back(p.detach())
             m = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
             for mod, attr, _ in slots:
                 mod._parameters[attr] = m
@@ -556,7 +632,7 @@ class LayerwiseModel:
                     args = tuple(swap(a, st) for a in args)
                     kwargs = {k: swap(v, st) for k, v in kwargs.items()}
                     out = layer(st.h, *args, **kwargs)
-                    if isinstance(out, tuple):
+                    if isinstance(out, (tuple, list)):  # a list: OpenAI GPT's Block
                         self.layer_returns_tuple = True
                         out = out[0]
                     st.h = out
@@ -684,6 +760,7 @@ class LayerwiseModel:
         return int(self.out_emb.weight.shape[0]) if self.out_emb is not None else int(self.config.vocab_size)
 
     def close(self):
+        self._pool.clear()
         self.reader.close()
 
 

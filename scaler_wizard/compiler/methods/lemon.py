@@ -1,8 +1,10 @@
 """`lemon`: tiling plus a residue for non-integer factors. The residue units are zero (RMSNorm) or
 the mean (LayerNorm) in the residual stream; norm gains are rescaled by eta = sqrt(k*d/d') and
 their epsilon by eta^2, so every norm's output is unchanged. Exact in Pre-LN models; a LayerNorm
-residue in a Post-LN model is exact only for integer factors (SW306). Where one config epsilon also
-serves norms over other groups it cannot be rescaled for the hidden norms alone: exact-eps.
+residue in a Post-LN model is exact only for integer factors (SW306); a nonlinear function of the
+hidden stream (a head transform's activation, IR ``residual.nonlinear``) makes any residue approx.
+Where one config epsilon also serves norms over other groups it cannot be rescaled for the hidden
+norms alone: exact-eps.
 Source: LEMON (Wang et al., ICLR 2023)."""
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ class Lemon(WidthMethod):
             # (OLMo's non-parametric LayerNorm) has nowhere to put it (measured: 0.34 relative drift)
             return APPROX, (f"{len(gainless)} hidden norm(s) without a gain ({gainless[0].placement}-norm): the "
                             "residue's scale cannot be absorbed; use an integer factor (tiling is exact)")
+        nonlinear = cx.ir.residual.nonlinear
+        if nonlinear:
+            # the residue is a linear function of the units (their mean, or zero with a 1/eta-scaled
+            # stream); after a writer of the stream a nonlinear f (a head transform's dense + act before
+            # its LayerNorm) gives f(mean) != mean(f), so the next norm's statistics change (measured
+            # 3.7e-3 relative on Megatron-BERT's tiny model)
+            return APPROX, (f"the hidden stream passes through a nonlinear function ({nonlinear[0]}) after a writer: "
+                            "the residue units do not stay the mean of the copies; use an integer factor "
+                            "(tiling is exact)")
         shared = cx.eps_shared_with_other_groups
         eta2 = (new // old) * old / new
         if shared and not any(n.placement in ("pre", "sandwich_pre") for n in cx.ir.norms):

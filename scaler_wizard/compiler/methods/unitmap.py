@@ -175,6 +175,37 @@ def rope_head_dim_map(hd: int, new_hd: int, *, style: str, rotary_dim: int) -> U
     return m
 
 
+def head_dim_copy_map(m: UnitMap, *, style: str | None) -> UnitMap:
+    """``m`` (a head_dim map for an integer factor k: old units placed, new ones fresh) with every new
+    unit a copy, each old unit copied k times in all; with RoPE a new pair copies a whole old pair
+    (new pair k*i + r <- old pair i), so a norm taken before or after the rotation sees the same
+    mean-square. For q/k rows ahead of q/k norms (see ``passes/widen_head_dim.py``)."""
+    d, d2 = m.old, m.new
+    k = d2 // d
+    src = list(m.src)
+    if style == "interleaved":
+        for j in m.fresh:
+            p = j // 2
+            src[j] = 2 * (p // k) + j % 2
+    elif style is not None:  # rotate_half: pairs (i, i + d/2)
+        half, new_half = d // 2, d2 // 2
+        for j in m.fresh:
+            hi, p = divmod(j, new_half)
+            src[j] = hi * half + p // k
+    else:
+        for t, j in enumerate(m.fresh):
+            src[j] = t % d
+    counts = [0] * d
+    for s_ in src:
+        counts[s_] += 1
+    split = tuple(1.0 / counts[s_] for s_ in src)
+    out = UnitMap(d, tuple(src), split)
+    out.check()
+    if any(c != k for c in counts):
+        raise ValueError("head_dim copy map: old units are not copied evenly")
+    return out
+
+
 def plain_head_dim_map(hd: int, new_hd: int) -> UnitMap:
     return zero_map(hd, new_hd)
 

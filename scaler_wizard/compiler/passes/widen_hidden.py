@@ -8,8 +8,9 @@
   by default: breaks symmetry), residue columns random (they read a normalised residue of 0);
 * norm gains: eta * [tile(g); rho] (Gemma (1+w): stored eta*(1+w) - 1), biases [tile(b); 0];
   epsilon x eta^2 comes from the type checker's config patch;
-* tied LM head: the embedding is both writer and reader, so the final norm's gain carries the
-  readers' shares (and 1/embedding scale) -- the tie is kept unless the op says ``untie=true``;
+* tied LM head: the embedding is both writer and reader, so the gain of the final norm the head reads
+  (``NormInfo.feeds_head``; not a final norm before a head transform) carries the readers' shares (and
+  1/embedding scale) -- the tie is kept unless the op says ``untie=true``;
 * a norm epsilon that is not a config value (OPT's ``nn.LayerNorm`` default 1e-5) cannot be
   rescaled by eta^2. With a residue (non-integer factor) in a Pre-LN model, the whole stream is
   scaled by 1/eta instead: every writer's rows x 1/eta make the grown stream's variance (LayerNorm)
@@ -103,7 +104,8 @@ class WidenHidden(Pass):
         head_share = fan_out_coef(m)
         # the tied head reads the embedding as stored: undo its embedding and stream scales too
         final_coef = tuple(c / (s_emb * s_stream) for c in head_share) if tied_readers else None
-        if tied_readers and not any(n.placement == "final" and n.weight for n in ir.norms if n.group == "hidden"):
+        if tied_readers and not any(n.placement == "final" and n.weight and n.feeds_head
+                                    for n in ir.norms if n.group == "hidden"):
             raise self.fail(st, "tied LM head without a final norm gain to absorb the readers' shares; use untie=true")
 
         how = f"lemon {'zero' if not mean_residue else 'mean'} residue" if r else "tile"
@@ -141,7 +143,9 @@ class WidenHidden(Pass):
                 if tmpl not in norms:
                     raise self.fail(st, f"{name}: elementwise on hidden but not a known norm")
                 norm, part = norms[tmpl]
-                carry = final_coef if (norm.placement == "final" and final_coef is not None) else None
+                # only the norm the head reads carries its shares: a final norm before a head
+                # transform (a dense reader, itself split) keeps its plain tiled gain
+                carry = final_coef if (norm.placement == "final" and norm.feeds_head and final_coef is not None) else None
                 if part == "weight":
                     coef = tuple(eta * (carry[j] if carry else 1.0) for j in range(d2))
                     one_p = norm.kind == "rmsnorm_1p"

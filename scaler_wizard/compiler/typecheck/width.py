@@ -282,7 +282,8 @@ class WidthRules:
         if cx.group == "hidden":
             exactness, reason = spec.exactness(cx)
             norms = self.hidden_norms()
-            if exactness and ir.tied and not spec.untie and not any(n.placement == "final" and n.weight for n in norms):
+            if exactness and ir.tied and not spec.untie and not any(n.placement == "final" and n.weight and n.feeds_head
+                                                                          for n in norms):
                 cx.bag.error(
                     "SW315",
                     "the LM head is tied to the embedding and no final norm gain can absorb the readers' split",

@@ -5,6 +5,7 @@ from __future__ import annotations
 # `Analysis` in annotations: scaler_wizard.ir.discovery.analysis (not imported: it imports this module)
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,8 +139,13 @@ def _attention(tp: Traced, an: Analysis, cfg, bound, tensors) -> AttentionInfo |
     pre = _q_prescale(q, _weighted_values(an, ep))
     if pre is not None:
         scale = scale * pre
+    literal = _literal_scale_key(cfg, scale)
     if scale == 1.0:
         source = "none"
+    elif literal is not None:
+        # the config holds the scale itself (HyperCLOVAX's attention_multiplier, set to head_dim**-0.5
+        # at load when absent): a grown head_dim keeps it, whatever it equals now
+        source = f"config-value:{literal}"
     elif hd and abs(scale - hd ** -0.5) < 1e-9:
         source = "head_dim"
     else:
@@ -154,6 +160,20 @@ def _attention(tp: Traced, an: Analysis, cfg, bound, tensors) -> AttentionInfo |
     return AttentionInfo(heads=heads, kv_heads=kvh, head_dim=hd, scaling=float(scale), scaling_source=source,
                          q=qn, k=kn, v=vn, o=t(o), fused_qkv=fused, fused_layout=layout, rope=rope,
                          sliding_window=sw if isinstance(sw, int) and not isinstance(sw, bool) else None)
+
+
+# config keys that hold a softmax scale itself (not a size it is derived from)
+_SCALE_KEY = re.compile(r"^(attention_multiplier|attn_multiplier|softmax_scale|attn_scale|attention_scale|"
+                        r"attn_scaling|query_scale)$")
+
+
+def _literal_scale_key(cfg, scale) -> str | None:
+    """The float config key named like a softmax scale whose value is the scale used."""
+    for key, val in sorted(cfg.items()):
+        if (isinstance(val, float) and not key.startswith("_") and _SCALE_KEY.search(key)
+                and "rope" not in key and "rotary" not in key and abs(val - scale) <= 1e-9 * abs(scale)):
+            return key
+    return None
 
 
 def _q_prescale(q, weighted: set[str] | None = None):

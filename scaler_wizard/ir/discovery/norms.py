@@ -17,6 +17,7 @@ from scaler_wizard.ir.discovery.graph import (
     _skip_trivial_back,
     _skip_trivial_fwd,
     _tied_src,
+    _weight_of,
 )
 from scaler_wizard.ir.model_ir import NormInfo
 from scaler_wizard.ir.trace import Traced, split_layer
@@ -103,12 +104,21 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
             wa = an.dg.param_axes.get(w) or an.dg.param_axes.get(_tied_src(tp, w, an))
             if wa and wa[-1] is not None:
                 group = an.names.get(A.find(wa[-1]))
-        if group is None:
-            group = "hidden"
         # input and output of the module invocation
         in_node = next((a for n in ns for a in n.all_input_nodes if owner(a) != m and a.name not in an.dg.placeholder_param
                         and a.op != "placeholder" or (a.op == "placeholder" and a.name not in an.dg.placeholder_param
                         and a.name not in (ep.graph_signature.inputs_to_buffers or {}))), None)
+        if group is None and in_node is not None:
+            # no gain to read the axis off (Llama-4's L2 q/k norm, OLMo's LayerNorm): the normalised
+            # axis is the input's last one (a product after Llama-4's complex RoPE: [head_dim pairs, 2]);
+            # one named group among its factors names it
+            va = an.dg.values.get(in_node.name)
+            if isinstance(va, list) and va and va[-1]:
+                named = {an.names.get(A.find(x)) for x in va[-1]} - {None}
+                if len(named) == 1:
+                    group = named.pop()
+        if group is None:
+            group = "hidden"
         out_node = max((n for n in ns if any(owner(u) != m for u in n.users)), key=lambda n: idx[n.name], default=ns[-1])
         li = _layer_of(tp, m)
         sub = None
@@ -140,7 +150,8 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
         if b:
             params[b] = "norm_bias"
         ni = NormInfo(weight=wt, bias=bt, kind=kind, group=group, placement=placement, eps=float(eps) if eps is not None else 0.0,
-                      eps_key=_eps_key(eps, cfg), sublayer=sub if placement != "qk" else ("attn"), layers=layers)
+                      eps_key=_eps_key(eps, cfg), sublayer=sub if placement != "qk" else ("attn"), layers=layers,
+                      feeds_head=placement == "final" and _reaches_head(an, out_node))
         if tmpl_m in seen:
             old = infos[seen[tmpl_m]]
             if layers is not None:
@@ -148,6 +159,11 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
             continue
         seen[tmpl_m] = len(infos)
         infos.append(ni)
+    finals = [i for i, n in enumerate(infos) if n.placement == "final" and n.group == "hidden"]
+    if finals and not any(infos[i].feeds_head for i in finals) and an.lm_head is None:
+        # the head is not a projection discovery names (a matmul by the embedding): the last final
+        # norm in execution order is the one before it
+        infos[finals[-1]] = NormInfo(**{**infos[finals[-1]].__dict__, "feeds_head": True})
     if any(n.placement == "sandwich_post" for n in infos):
         infos = [NormInfo(**{**n.__dict__, "placement": "sandwich_pre"}) if n.placement == "pre" else n for n in infos]
     # norm params of every traced layer (not only the template's first)
@@ -160,6 +176,29 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
             if split_layer(q, tp.layer_list_path)[0] == t:
                 all_params[p] = k
     return infos, all_params
+
+
+def _reaches_head(an: Analysis, node) -> bool:
+    """Whether the LM head's projection reads ``node`` through no other projection (elementwise ops,
+    views, slices and casts in between are fine)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        for u in n.users:
+            if u.op != "call_function":
+                continue
+            w = _weight_of(an, u)
+            if w is not None:
+                if an.lm_head is not None and w in (an.lm_head, _tied_src(an.traced, an.lm_head, an)):
+                    return True
+                continue
+            if _base(u) in ("linear", "addmm", "mm", "matmul", "bmm"):
+                continue
+            stack.append(u)
+    return False
 
 
 def _sublayer_of_param(an: Analysis, p: str | None) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from scaler_wizard.ir.dims import owner
 from scaler_wizard.ir.discovery.graph import _base, _layer_of, _skip_trivial_back, _skip_trivial_fwd
 from scaler_wizard.ir.model_ir import MoEInfo, ResidualInfo
 from scaler_wizard.ir.trace import split_layer
@@ -48,7 +49,28 @@ def _residual(tp, an, tensors, norms, cfg) -> ResidualInfo:
         placement = "pre"
     scale, source = _embed_scale(tp, an, cfg)
     return ResidualInfo(placement=placement, writers=tuple(dict.fromkeys(writers)), readers=tuple(dict.fromkeys(readers)),
-                        embed_scale=scale, embed_scale_source=source)
+                        embed_scale=scale, embed_scale_source=source, nonlinear=_hidden_nonlinear(tp, an))
+
+
+# elementwise functions f with f(mean of units) != mean of f(units) (hand-written GELUs go through erf / tanh)
+_NONLINEAR = {"gelu", "relu", "silu", "tanh", "sigmoid", "elu", "selu", "celu", "leaky_relu", "hardtanh",
+              "hardswish", "hardsigmoid", "mish", "softplus", "erf", "relu6", "gelu_", "relu_", "silu_", "tanh_"}
+
+
+def _hidden_nonlinear(tp, an) -> tuple[str, ...]:
+    """Modules (layer templates) where a nonlinear elementwise function reads a value whose last axis is
+    exactly the hidden dimension."""
+    A = an.dg.atoms
+    hid = A.find(an.hidden_atom)
+    out = []
+    for n in tp.exported.graph.nodes:
+        if n.op != "call_function" or _base(n) not in _NONLINEAR:
+            continue
+        v = an.dg.values.get(n.name)
+        if not v or not isinstance(v, list) or not v[-1] or len(v[-1]) != 1 or A.find(v[-1][0]) != hid:
+            continue
+        out.append(split_layer(owner(n) + ".x", tp.layer_list_path)[0][:-2] or _base(n))
+    return tuple(dict.fromkeys(out))
 
 
 def _embed_scale(tp, an, cfg):
