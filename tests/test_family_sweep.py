@@ -249,19 +249,92 @@ def test_lemon_eps_shared_with_qk_norms_without_pre_norms_is_approx(tmp_path_fac
 
 
 @pytest.mark.slow  # ~15-40 s: Falcon-H1's discovery runs several differential traces
-def test_config_with_non_finite_floats_loads(tmp_path_factory):
+def test_config_with_non_finite_floats_loads(tmp_path_factory, tmp_path):
     # transformers writes inf as {"__float__": "Infinity"} (Falcon-H1's time_step_limit); read raw,
-    # the config class refused it and every op ended in a traceback.
+    # the config class refused it and every op ended in a traceback. The pair (0, inf) is two entries
+    # whatever the depth: with 2 layers it looked like a per-layer array, and depth growth made it
+    # [0, inf, 0, inf] (SW316). Falcon-H1 is a parallel hybrid (attention + Mamba in every layer):
+    # the Mamba block's output projection is not the FFN, and an identity layer is exact.
     import json
     from pathlib import Path
 
+    from scaler_wizard import api
+    from scaler_wizard.ir import model_ir_for
+
     model = _tiny(tmp_path_factory, "falcon_h1")
     assert "__float__" in (Path(model) / "config.json").read_text()
-    d = _refusal("insert layer 1 identity", model)  # a hybrid: its mixer's A_log is not understood
-    assert d.code in ("SW354", "SW316"), d.message  # refused before writing (SW316: a hybrid, see README)
+    ir = model_ir_for(model)
+    assert "time_step_limit" not in ir.layer_arrays and "mlp_multipliers" not in ir.layer_arrays
+    assert [m.module for m in ir.mixers] == ["model.layers.{i}.mamba"] and ir.mixers[0].layers == (0, 1)
+    assert ir.groups["ffn"].size == 96 and not any("mamba" in t for t, _ in ir.groups["ffn"].members)
+    r = api.apply("insert layer 1 identity", model, out=str(tmp_path / "out"), verify=True)
+    assert r["passed"] and r["exactness"] == "exact"
+    grown = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert grown["num_hidden_layers"] == 3 and len(grown["time_step_limit"]) == 2
     from scaler_wizard.ir.config import decode_special_floats
 
     assert decode_special_floats(json.loads('{"a": [0.0, {"__float__": "Infinity"}]}')) == {"a": [0.0, float("inf")]}
+
+
+@pytest.mark.slow  # ~40-60 s: discovery of a gated-delta hybrid, one apply, two forwards
+def test_hybrid_linear_attention_block_is_a_mixer_not_the_ffn(tmp_path_factory, tmp_path):
+    # Qwen3-Next alternates gated-delta-net layers (conv1d + chunked delta rule) with softmax
+    # attention. The gated-delta block's out_proj [hidden, 512] was named ffn, next to the experts'
+    # 96: every op, even `widen vocab`, ended in the SW316 self-check. Now the block is an IR fact
+    # (ModelIR.mixers) and growth that only touches its projections to / from the residual stream is exact.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from scaler_wizard import api
+    from scaler_wizard.ir import model_ir_for
+
+    model = _tiny(tmp_path_factory, "qwen3_next")
+    ir = model_ir_for(model)
+    (mx,) = ir.mixers
+    assert mx.module == "model.layers.{i}.linear_attn" and mx.layers == (0,) and "conv1d" in mx.ops, mx
+    assert "model.layers.{i}.linear_attn.out_proj.weight" in mx.tensors
+    assert ir.groups["ffn"].size == 96 and not any("linear_attn" in t for t, _ in ir.groups["ffn"].members)
+    out = tmp_path / "out"
+    # verify=False: the layer-wise verifier's stand-in KV cache has no linear-attention layers yet
+    r = api.apply("widen hidden x2 tile", model, out=str(out), verify=False)
+    assert r["exactness"] == "exact"
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()(input_ids=ids).logits
+        b = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(input_ids=ids).logits
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+    # SW365: were a group the growth rules know (heads) to appear inside the block, beyond its
+    # projections to / from the residual stream, its growth would be refused naming the block.
+    from dataclasses import replace
+
+    from scaler_wizard.compiler.typecheck import check_plan
+    from scaler_wizard.diagnostics import PlanError
+    from scaler_wizard.grammar import parse
+    from scaler_wizard.ir.model_ir import Axis, Factor, Segment
+
+    heads = ir.groups["heads"].size
+    name = "model.layers.{i}.linear_attn.dt_bias"
+    t = ir.tensor(name)
+    odd = replace(t, shape=(heads,), axes=(Axis((Segment((Factor("heads", heads),)),), "elem"),))
+    ir2 = replace(ir, tensors=tuple(odd if x.name == name else x for x in ir.tensors))
+    with pytest.raises(PlanError) as e:
+        check_plan(parse("widen heads x2 dup"), ir2, model_ref="t")
+    d = e.value.diagnostics[0]
+    assert d.code == "SW365" and "`qwen3_next` is a hybrid: layers 0 mix tokens with `model.layers.{i}.linear_attn`" in d.message
+    assert name in d.message, d.message
+    check_plan(parse("widen heads x2 dup"), ir, model_ref="t")  # the real IR: the block carries no heads
+
+
+def test_second_ffn_width_refuses_ffn_growth(tmp_path_factory):
+    # Afmoe's shared experts are moe_intermediate_size x num_shared_experts wide (192) next to experts
+    # of 96: both were named ffn, and every op ended in SW316. The shared width is not ffn now; ffn
+    # growth (whose keys size it) is refused by name, growth that leaves ffn as it is compiles.
+    from scaler_wizard import api
+
+    model = _tiny(tmp_path_factory, "afmoe")
+    d = _refusal("widen ffn x2 net2net", model)
+    assert d.code == "SW369" and "shared_experts.down_proj.weight" in d.message and "192" in d.message, d.message
+    assert api.check("widen hidden x2 tile", model).ops[0].exactness == "exact"
 
 
 def test_elementwise_parameter_on_hidden_refuses_hidden_growth(tmp_path_factory):
@@ -307,3 +380,81 @@ def test_lemon_with_gainless_norms_is_approx(tmp_path_factory):
     model = _tiny(tmp_path_factory, "olmo")
     assert api.check("widen hidden x1.5 lemon", model).exactness == "approx"
     assert api.check("widen hidden x2 lemon", model).exactness == "exact"
+
+
+# ---------------------------------------------------------------- hybrids and other SW316 kinds (issue 10)
+@pytest.mark.slow  # ~30-60 s: MiniMax's discovery (lightning-attention layers next to softmax attention)
+def test_hybrid_mixer_resized_by_the_grown_config_is_refused_as_a_hybrid(tmp_path_factory, tmp_path):
+    # MiniMax's lightning-attention block sizes its norm and projections from hidden / heads in a way
+    # discovery does not know: `widen hidden` ended in the SW316 self-check. Now it is refused as a
+    # hybrid, naming the block, and nothing is written; ops that leave those sizes grow as usual.
+    from scaler_wizard import api
+    from scaler_wizard.diagnostics import PlanError
+
+    model = _tiny(tmp_path_factory, "minimax")
+    d = _refusal("widen hidden x2 tile", model)
+    assert d.code == "SW366", d.message
+    assert "`minimax` is a hybrid: layers 1 mix tokens with `model.layers.{i}.self_attn` (MiniMaxLightningAttention" in d.message
+    assert "not softmax attention" in d.message and "model.layers.1.self_attn." in d.message, d.message
+    out = tmp_path / "out"
+    with pytest.raises(PlanError):
+        api.apply("widen hidden x2 tile", model, out=str(out))
+    assert not out.exists()
+    r = api.check("widen ffn x2 net2net\ninsert layer 1 identity", model)
+    assert [o.exactness for o in r.ops] == ["exact", "exact"]
+
+
+def test_attention_output_not_read_as_heads_refuses_head_growth(tmp_path_factory):
+    # DiffLlama's differential attention regroups the heads in pairs before o_proj: its input axis
+    # was named ffn (64, next to the MLP's 96), so every op -- even `widen vocab` -- ended in SW316.
+    # Now o_proj's input is not ffn, the MLP's ffn binds to intermediate_size, and head growth is
+    # refused by name.
+    from scaler_wizard import api
+    from scaler_wizard.ir import model_ir_for
+
+    model = _tiny(tmp_path_factory, "diffllama")
+    ir = model_ir_for(model)
+    assert ir.groups["ffn"].size == 96 and ir.groups["ffn"].config_key == "intermediate_size"
+    for plan in ("widen heads x2 dup", "widen kv_heads x2", "widen head_dim x2"):
+        d = _refusal(plan, model)
+        assert d.code == "SW367" and "o_proj.weight" in d.message and "not as heads x head_dim" in d.message, d.message
+    # an identity layer renumbers the layers after it, and DiffLlama's lambda_init follows the index
+    d = _refusal("insert layer 1 identity", model)
+    assert d.code == "SW367" and "identity-style layer" in d.message, d.message
+    assert api.check("widen ffn x2 net2net", model).ops[0].exactness == "exact"
+
+
+@pytest.mark.slow  # ~30-60 s: two MoE families, one apply with verify
+def test_layers_told_apart_by_a_scalar_key_are_traced_apart(tmp_path_factory, tmp_path):
+    # GLM-4-MoE / Sarvam-MoE: `first_k_dense_replace` makes layer 0 dense and the rest MoE, with no
+    # per-layer array saying so. Discovery traced one layer and called every layer dense: every op
+    # ended in SW316. Now the parameter structure tells the layers apart; width growth is exact,
+    # and depth growth that would put a dense copy where the config puts experts is refused by name.
+    from scaler_wizard import api
+    from scaler_wizard.diagnostics import PlanError
+    from scaler_wizard.ir import model_ir_for
+
+    model = _tiny(tmp_path_factory, "glm4_moe")
+    ir = model_ir_for(model)
+    assert ir.tensor("model.layers.{i}.mlp.down_proj.weight").layers == (0,)
+    assert ir.tensor("model.layers.{i}.mlp.experts.down_proj").layers == (1,) and ir.moe.layers == (1,)
+    assert api.check("widen ffn x2 net2net", model).ops[0].exactness == "exact"
+    for plan in ("insert layer 1 identity", "stack x2"):
+        d = _refusal(plan, model)
+        assert d.code == "SW368" and "differ in kind" in d.message and "mlp.experts" in d.message, d.message
+    out = tmp_path / "out"
+    with pytest.raises(PlanError):
+        api.apply("stack x2", model, out=str(out))
+    assert not out.exists()
+    # Sarvam-MoE stores q/k/v fused as `query_key_value`; transformers splits it by the q / k / v
+    # parameter sizes (a conversion op that needs the model): the reader runs it on a meta model.
+    sarvam = _tiny(tmp_path_factory, "sarvam_moe")
+    r = api.apply("widen hidden x2 tile", sarvam, out=str(tmp_path / "sarvam"), verify=True)
+    assert r["passed"] and r["exactness"] == "exact"
+
+
+def test_layer_kind_laid_out_by_index_refuses_depth_growth(tmp_path_factory):
+    # ModernBERT-decoder's first layer has no attn_norm; its `layer_types` (full / sliding) does not
+    # say so. A duplicated first layer lacks the norm the config gives every later layer: SW316 before.
+    d = _refusal("duplicate layers 0..2", _tiny(tmp_path_factory, "modernbert-decoder"))
+    assert d.code == "SW368" and "lacks `attn_norm.weight`" in d.message, d.message

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -432,6 +433,45 @@ def _culprit_span(rp, text: str):
     return A.Span()
 
 
+_KIND_ERROR = re.compile(r"^(\S+?)\.(\d+)\.(\S+): (the program writes \[[^\]]*\], the grown config's model has no such "
+                         r"tensor|the grown config's model has \[[^\]]*\], the program does not write it)")
+
+
+def _layer_kind_refusal(rp, error: str) -> str | None:
+    """SW368's message when a depth op's first mismatch is a per-layer tensor that one side has and
+    the other lacks: the grown config lays the layers' kinds out by a rule of its own (ModernBERT's
+    first layer without attn_norm, a dense prefix), which the copied layer does not follow."""
+    op = next((o for o in rp.ops if o.kind in ("insert", "duplicate", "stack")), None)
+    m = _KIND_ERROR.match(error)
+    if op is None or m is None:
+        return None
+    layer, rest = int(m.group(2)), m.group(3)
+    src = rp.layer_map[layer].src if layer < len(rp.layer_map) else None
+    has = "writes" in m.group(4)
+    return (f"`{op.text.split('  #')[0]}`: the layers of `{rp.ir.model_type}` differ in kind and the config lays "
+            f"the kinds out by a rule of its own: the grown layer {layer} (from layer {src}) "
+            f"{'has' if has else 'lacks'} `{rest}`, where the grown config's model puts a layer that "
+            f"{'lacks' if has else 'has'} it")
+
+
+def _hybrid_refusal(rp, error: str) -> str | None:
+    """SW366's message when the first mismatch is a tensor of a hybrid's non-attention token mixer
+    (``ModelIR.mixers``): the grown config re-sizes the block by rules discovery does not know (its
+    inner sizes follow a key the plan changes), so the plan is refused as a hybrid, not as a bug."""
+    ir = rp.ir
+    name = error.split(":", 1)[0].strip()
+    t = _template(ir, name)
+    tpl = t.name if t is not None else re.sub(r"\.(\d+)\.", ".{i}.", name, count=1)
+    for mx in ir.mixers:
+        if tpl in mx.tensors or tpl.startswith(mx.module + ".") and t is None:
+            from scaler_wizard.compiler.typecheck.attention import _mixer_phrase
+
+            first = next((o.text.split("  #")[0] for o in rp.ops), "")
+            return (f"`{first}`: `{ir.model_type}` is a hybrid: {_mixer_phrase(mx)}; the grown config would "
+                    f"re-size that block's `{name}`, whose sizes follow the config in a way discovery does not know")
+    return None
+
+
 def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
     """``rp`` with a config_after whose model has exactly the program's tensors, or PlanError SW316.
 
@@ -493,6 +533,24 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
                 pass
     if verdict["errors"]:
         span = _culprit_span(rp, "")
+        kind = _layer_kind_refusal(rp, verdict["errors"][0])
+        if kind is not None:
+            err = PlanError([Diagnostic(
+                "SW368", kind, span,
+                help="nothing was written; width growth and depth growth that keeps every layer's kind in place "
+                     "are unaffected",
+                notes=tuple(re.sub(r" \(internal error[^)]*\)", "", e) for e in verdict["errors"]))])
+            err.sources = sources or {}
+            raise err
+        hybrid = _hybrid_refusal(rp, verdict["errors"][0])
+        if hybrid is not None:
+            err = PlanError([Diagnostic(
+                "SW366", hybrid, span,
+                help="nothing was written; ops that leave the sizes this block reads as they are (widen ffn, "
+                     "insert / duplicate / stack layers, vocab: `scaler-wizard check` says which) are unaffected",
+                notes=tuple(re.sub(r" \(internal error[^)]*\)", "", e) for e in verdict["errors"]))])
+            err.sources = sources or {}
+            raise err
         err = PlanError([Diagnostic(
             "SW316", "the grown config would not describe the grown tensors: " + verdict["errors"][0], span,
             help="transformers re-derives tensor shapes from config.json; this plan cannot be written so that they "

@@ -128,8 +128,13 @@ def instantiate(ir: ModelIR, cfg: dict) -> ModelIR:
     from scaler_wizard.ir.trace import layer_signatures
 
     n = next((cfg[k] for k in (ir.layers_key,) + _LAYER_KEYS if isinstance(cfg.get(k), int)), ir.num_layers)
-    old_sigs, _ = layer_signatures(ir.config, ir.num_layers)
-    new_sigs, _ = layer_signatures(cfg, n)
+    if n == ir.num_layers and all(cfg.get(k) == ir.config.get(k) for k in ir.layer_arrays):
+        # the same layout: the traced facts stand as they are (layers told apart by a scalar key,
+        # first_k_dense_replace, have no array signature to re-index by)
+        notes = tuple(x for x in ir.notes if not x.startswith("traced layer "))
+        return replace(ir, config=cfg, notes=notes)
+    old_sigs, _ = layer_signatures(ir.config, ir.num_layers, ir.layer_arrays)
+    new_sigs, _ = layer_signatures(cfg, n, ir.layer_arrays)
     untraced = sorted(set(new_sigs) - set(old_sigs), key=repr)
     if untraced:
         raise ValueError(f"layer signature(s) {untraced} not traced (traced: {sorted(set(old_sigs), key=repr)})")
@@ -148,7 +153,8 @@ def instantiate(ir: ModelIR, cfg: dict) -> ModelIR:
     norms = tuple(replace(x, layers=remap(x.layers)) for x in ir.norms)
     moe = replace(ir.moe, layers=remap(ir.moe.layers) or ()) if ir.moe else None
     notes = tuple(x for x in ir.notes if not x.startswith("traced layer "))
-    return replace(ir, config=cfg, num_layers=n, tensors=tensors, norms=norms, moe=moe, notes=notes)
+    mixers = tuple(replace(m, layers=remap(m.layers) or ()) for m in ir.mixers)
+    return replace(ir, config=cfg, num_layers=n, tensors=tensors, norms=norms, moe=moe, notes=notes, mixers=mixers)
 
 
 def model_ir_for(ref_or_config_dict: Any, *, use_cache: bool = True) -> ModelIR:

@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-IR_FORMAT_VERSION = 9
+IR_FORMAT_VERSION = 11
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
@@ -170,6 +170,19 @@ class MoEInfo:
 
 
 @dataclass(frozen=True)
+class MixerInfo:
+    """A token mixer in the layers that is not softmax attention (a hybrid's state-space, linear-
+    attention or convolution block): a module whose ops combine positions of the sequence outside
+    every recognised attention site."""
+
+    module: str  # module path template ("model.layers.{i}.linear_attn")
+    module_type: str  # its class name (Qwen3NextGatedDeltaNet, FalconH1Mixer, ...)
+    layers: tuple[int, ...]  # the real layers that have it
+    ops: tuple[str, ...]  # the sequence-mixing ops found in it (conv1d, cumsum, matmul of activations, ...)
+    tensors: tuple[str, ...] = ()  # tensor templates owned by it
+
+
+@dataclass(frozen=True)
 class ResidualInfo:
     placement: str  # "pre" | "post" | "sandwich"
     writers: tuple[str, ...]  # tensor templates writing the stream (embed, o_proj, down_proj, ...)
@@ -200,6 +213,7 @@ class ModelIR:
     tp_plan: dict[str, str] | None = None  # config class's base_model_tp_plan, when it has one
     notes: tuple[str, ...] = ()  # facts worth printing that fit nowhere else
     traced_layers: int = 0  # depth of the reduced model actually traced
+    mixers: tuple[MixerInfo, ...] = ()  # token mixers that are not attention (hybrids; empty for transformers)
     format_version: int = IR_FORMAT_VERSION
 
     # ------------------------------------------------------------------ queries
@@ -291,5 +305,7 @@ def _ir_from_dict(d: dict) -> ModelIR:
         tp_plan=d.get("tp_plan"),
         notes=tuple(d.get("notes", ())),
         traced_layers=d.get("traced_layers", 0),
+        mixers=tuple(MixerInfo(**{**m, "layers": tuple(m["layers"]), "ops": tuple(m["ops"]),
+                                  "tensors": tuple(m.get("tensors", ()))}) for m in d.get("mixers", ())),
         format_version=d.get("format_version", IR_FORMAT_VERSION),
     )

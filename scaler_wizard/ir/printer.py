@@ -88,6 +88,9 @@ def render_ir(ir: ModelIR) -> str:
         m = ir.moe
         L.append(f"moe: {m.num_experts} experts [{m.experts_key}], top_k {m.top_k} [{m.top_k_key}], "
                  f"renormalize {m.renormalize}, router {m.router}{_layers(m.layers)}")
+    for mx in ir.mixers:
+        L.append(f"mixer (not attention): {mx.module} <{mx.module_type}>{_layers(mx.layers)}: mixes tokens with "
+                 + ", ".join(mx.ops))
     r = ir.residual
     L.append(f"residual: {r.placement}-norm"
              + (f", embed scale {_fmt(r.embed_scale)} ({r.embed_scale_source})" if r.embed_scale else ""))

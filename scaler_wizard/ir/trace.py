@@ -66,9 +66,12 @@ def _signatures(cfg: dict, num_layers: int, kinds: list[tuple[str, str]]) -> lis
     ]
 
 
-def layer_signatures(cfg: dict, num_layers: int) -> tuple[list[tuple], tuple[str, ...]]:
-    """Per-layer signature from config arrays, and the names of those arrays."""
+def layer_signatures(cfg: dict, num_layers: int, keys=None) -> tuple[list[tuple], tuple[str, ...]]:
+    """Per-layer signature from config arrays, and the names of those arrays (only ``keys`` when
+    given: the arrays discovery established as per-layer)."""
     kinds = _array_kinds(cfg, num_layers)
+    if keys is not None:
+        kinds = [(k, kind) for k, kind in kinds if k in keys]
     return _signatures(cfg, num_layers, kinds), tuple(k for k, _ in kinds)
 
 
@@ -93,6 +96,29 @@ def _per_layer_by_construction(config) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _fixed_length_lists(config, keys: list[str]) -> set[str]:
+    """Of the lists whose length equals the layer count, those the config class itself makes with
+    that same length when rebuilt with one layer more and without the list (Falcon-H1's
+    ``time_step_limit`` pair and ``mlp_multipliers``: two entries whatever the depth, a per-layer
+    array only by coincidence of a 2-layer config)."""
+    cfg = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if isinstance(cfg.get(k), int)), None)
+    out = set()
+    if key is None:
+        return out
+    for k in keys:
+        trial = {kk: vv for kk, vv in cfg.items() if kk != k}
+        trial[key] = cfg[key] + 1
+        try:
+            rebuilt = type(config)(**trial)
+        except Exception:  # noqa: BLE001 - the class needs the list: no evidence either way
+            continue
+        again = getattr(rebuilt, k, None)
+        if isinstance(again, (list, tuple)) and len(again) == len(cfg[k]):
+            out.add(k)
+    return out
+
+
 def reduced_config(config):
     """A copy of ``config`` with the fewest layers covering every distinct layer signature."""
     n = _num_layers(config)
@@ -101,15 +127,40 @@ def reduced_config(config):
     if n == 1:
         # One layer: a list of length 1 may be per-layer (layer_types) or not (architectures).
         kinds = [(k, "per_layer") for k in _per_layer_by_construction(config)]
+    else:
+        fixed = _fixed_length_lists(config, [k for k, kind in kinds if kind == "per_layer"])
+        kinds = [(k, kind) for k, kind in kinds if k not in fixed]
     arrays = tuple(k for k, _ in kinds)
     sigs = _signatures(cfg, n, kinds)
+    shapes = _layer_structures(config, n)
+    if shapes is not None:  # layers told apart by a scalar key (first_k_dense_replace): their tensors differ
+        sigs = [(s, shapes[i]) for i, s in enumerate(sigs)]
     keep: list[int] = []
     seen: dict[tuple, int] = {}
     for i, s in enumerate(sigs):
         if s not in seen:
             seen[s] = len(keep)
             keep.append(i)
-    layer_map = {j: tuple(i for i in range(n) if sigs[i] == sigs[keep[j]]) for j in range(len(keep))}
+    if shapes is not None and keep != list(range(len(keep))):
+        # a reduced config re-creates the kept layers only through the arrays; a scalar key lays out
+        # a prefix of the real layers as it lays out the whole: trace the prefix up to the last new kind
+        trial = _reduce(config, cfg, kinds, keep)
+        if _layer_structures(trial, len(keep)) != [shapes[i] for i in keep]:
+            keep = list(range(keep[-1] + 1))
+    first = {}
+    for j, i in enumerate(keep):
+        first.setdefault(sigs[i], j)
+    layer_map: dict[int, tuple[int, ...]] = {j: () for j in range(len(keep))}
+    for i in range(n):
+        j = keep.index(i) if i in keep else first[sigs[i]]
+        layer_map[j] += (i,)
+    red = _reduce(config, cfg, kinds, keep)
+    red.use_cache = False
+    _static_rope(red)
+    return red, layer_map, arrays, n
+
+
+def _reduce(config, cfg: dict, kinds, keep: list[int]):
     red = copy.deepcopy(config)
     red.num_hidden_layers = len(keep)
     for k, kind in kinds:
@@ -118,9 +169,27 @@ def reduced_config(config):
             setattr(red, k, [v[i] for i in keep])
         else:
             setattr(red, k, [j for j, i in enumerate(keep) if i in v])
-    red.use_cache = False
-    _static_rope(red)
-    return red, layer_map, arrays, n
+    return red
+
+
+def _layer_structures(config, n: int) -> list[tuple] | None:
+    """Per layer, the sorted (relative name, shape) of its parameters in the model built from
+    ``config`` on the meta device; None when it cannot be built or has no layer list of depth n."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_meta_model(config)
+    except Exception:  # noqa: BLE001 - no evidence: the arrays alone decide
+        return None
+    path = find_layer_list(model, n)
+    if path is None:
+        return None
+    layers = model.get_submodule(path)
+    return [tuple(sorted((name, tuple(p.shape)) for name, p in layer.named_parameters())) for layer in layers]
+
+
 
 
 def _static_rope(config) -> None:

@@ -236,7 +236,10 @@ def meta_model_for(config: dict[str, Any]):
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = {k: v for k, v in config.items() if k not in ("transformers_version",)}
+    from scaler_wizard.ir.config import decode_special_floats
+
+    # config.json's form: non-finite floats are {"__float__": "Infinity"} objects (Falcon-H1's time_step_limit)
+    cfg = {k: decode_special_floats(v) for k, v in config.items() if k not in ("transformers_version",)}
     conf = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     arch = (config.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None

@@ -73,6 +73,17 @@ SW358  hidden growth when a parameter acts elementwise on hidden without being a
        gain or bias (Doge's ``input_residual`` per-channel residual scale)
 SW359  head_dim growth when a tensor other than q/k/v/o and the q/k norms carries head_dim (HRM's
        attention-output gate_proj)
+SW365  width growth of a group that a hybrid's non-attention token mixer carries inside it (``ModelIR.mixers``:
+       Mamba / gated-delta / lightning-attention blocks, short convolutions), beyond its projections from
+       and to the residual stream: the growth rules do not describe that block
+SW366  the grown config would re-size a tensor of a hybrid's non-attention mixer that the program leaves as
+       it is (its inner sizes follow a key the plan changes; raised by compiler/conform.py instead of SW316)
+SW367  heads / kv_heads / head_dim growth when the attention output projection does not read heads x head_dim
+       (DiffLlama's differential attention regroups the heads before o_proj)
+SW368  depth growth of a model whose layers differ in kind (dense MLP vs experts) by a scalar config key
+       (``first_k_dense_replace``), not a per-layer array, when the grown order is not the old one continued
+SW369  ffn growth when a residual writer in the layers reads an inner width that is not ffn (a second FFN:
+       Afmoe's shared experts, moe_intermediate_size x num_shared_experts) bound to no config key
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op

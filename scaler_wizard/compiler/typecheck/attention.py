@@ -110,6 +110,126 @@ class AttentionRules:
                 )
                 return
 
+    def _check_hybrid_mixers(self, st: _State) -> None:
+        """SW365: width growth of a group that a hybrid's non-attention token mixer (``ModelIR.mixers``:
+        a Mamba / gated-delta / lightning-attention block, a short convolution) carries inside it.
+        The growth rules are transformer rules: a mixer may read the residual stream (an input
+        projection's ``in`` axis over hidden) and write it (an output projection's ``out`` axis), and
+        hold recognised norms; any other place of the group in its tensors (its heads, its inner width,
+        a depthwise convolution's channels) would be grown by rules that do not describe it."""
+        ir = self.ir
+        if not ir.mixers:
+            return
+        norms = {x for n in ir.norms for x in (n.weight, n.bias) if x}
+        readers, writers = set(ir.residual.readers), set(ir.residual.writers)
+        tensors = {t.name: t for t in ir.tensors}
+        for op in st.ops:
+            if op.kind != "widen" or not op.group:
+                continue
+            for mx in ir.mixers:
+                hit = None
+                for name in mx.tensors:
+                    t = tensors.get(name)
+                    if t is None:
+                        continue
+                    for k, ax in enumerate(t.axes):
+                        if op.group not in ax.groups():
+                            continue
+                        if op.group == "hidden" and (ax.role == "in" and name in readers or ax.role == "out" and name in writers
+                                                     or ax.role == "elem" and name in norms):
+                            continue  # the block's boundary with the residual stream, or a norm discovery knows
+                        hit = (t, k, ax)
+                        break
+                    if hit:
+                        break
+                if hit is None:
+                    continue
+                t, k, ax = hit
+                st.bag.error(
+                    "SW365",
+                    f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                    + f": `{ir.model_type}` is a hybrid: {_mixer_phrase(mx)}; its tensor `{t.name}` carries "
+                    f"`{op.group}` on axis {k} ({ax.role}), and how that block uses `{op.group}` is not understood, so "
+                    "it cannot be grown",
+                    op.span,
+                    help=f"nothing was written; ops that leave `{op.group}` as it is only change the attention and MLP "
+                         "parts and the block's projections to and from the residual stream (`scaler-wizard ir` lists "
+                         "the block's tensors)",
+                )
+                return
+
+    def _check_attention_output_layout(self, st: _State) -> None:
+        """SW367: heads / kv_heads / head_dim growth when the attention output projection does not read
+        its input as heads x head_dim (DiffLlama's differential attention regroups the heads into
+        pairs before o_proj): where the new heads' units land in o_proj's input is not known."""
+        att = self.ir.attention
+        if att is None or not att.o:
+            return
+        t = next((x for x in self.ir.tensors if x.name == att.o), None)
+        ax = next((a for a in (t.axes if t else ()) if a.role == "in"), None)
+        if ax is None or "heads" in ax.groups():
+            return
+        for op in st.ops:
+            if op.kind == "insert" and op.method in ("identity", "zero", "cancel"):
+                st.bag.error(
+                    "SW367",
+                    f"`{op.text.split('  #')[0]}`: the attention output projection `{att.o}` does not read its input "
+                    "as heads x head_dim, so discovery does not understand this attention; an identity-style layer "
+                    "is exact only if every other layer computes as before, which such an attention need not do when "
+                    "the layers are renumbered (differential attention's lambda_init follows the layer index)",
+                    op.span,
+                    help="nothing was written; `duplicate` / `stack` (approx, measured by verify), widen ffn and "
+                         "vocab growth are unaffected",
+                )
+                return
+            if op.kind != "widen" or op.group not in ("heads", "kv_heads", "head_dim"):
+                continue
+            layout = " x ".join(f"{f.group}({f.size})" if f.group != "const" else str(f.size)
+                                for seg in ax.segments for f in seg.factors)
+            st.bag.error(
+                "SW367",
+                f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                + f": the attention output projection `{att.o}` reads its input as [{layout}], not as heads x "
+                "head_dim (the heads are regrouped before it, as in differential attention); where grown heads "
+                "would land in it is not understood",
+                op.span,
+                help="nothing was written; widen ffn, insert / duplicate / stack layers and vocab growth leave the "
+                     "attention as it is",
+            )
+            return
+
+    def _check_second_ffn_width(self, st: _State) -> None:
+        """SW369: ffn growth when a residual writer in the layers (not attention, not a hybrid's mixer)
+        reads an inner axis that is not ffn: a second FFN of another width (Afmoe's shared experts,
+        moe_intermediate_size x num_shared_experts, next to experts of moe_intermediate_size). No key
+        binds it, and the keys ffn growth changes may size it: the grown config would re-size it."""
+        ir = self.ir
+        ops = [o for o in st.ops if o.kind == "widen" and o.group == "ffn"]
+        if not ops or "ffn" not in ir.groups:
+            return
+        att = ir.attention
+        skip = {x for x in (att.o, att.fused_qkv) if x} if att else set()
+        skip |= {t for m in ir.mixers for t in m.tensors}
+        tensors = {t.name: t for t in ir.tensors}
+        for name in ir.residual.writers:
+            t = tensors.get(name)
+            if t is None or t.layers is None or name in skip or t.kind != "weight":
+                continue
+            ax = next((a for a in t.axes if a.role == "in"), None)
+            if ax is None or ax.groups():
+                continue
+            op = ops[0]
+            st.bag.error(
+                "SW369",
+                f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                + f": `{name}` writes the residual stream from an inner axis of {ax.size} that is not ffn "
+                f"({ir.groups['ffn'].size}, `{ir.groups['ffn'].config_key or ir.groups['ffn'].derived}`): a second "
+                "FFN width (shared experts, say) that no config key binds; the values ffn growth changes may size it",
+                op.span,
+                help="nothing was written; width growth of other groups, depth growth and vocab growth are unaffected",
+            )
+            return
+
     def _check_elementwise_on_hidden(self, st: _State) -> None:
         """SW358: hidden growth when a parameter acts elementwise on the hidden axis without being a
         norm gain or bias that discovery recognised (Doge's ``input_residual`` scaling the residual
@@ -202,3 +322,15 @@ class AttentionRules:
                 help="widen ffn, insert / duplicate / stack layers and vocab growth leave it unchanged",
             )
             return
+
+
+def _mixer_phrase(mx) -> str:
+    """"layers 0,2 mix tokens with `model.layers.{i}.linear_attn` (Qwen3NextGatedDeltaNet: conv1d, cumsum,
+    matmul), not softmax attention" -- the SW365 wording of one ``MixerInfo``."""
+    from scaler_wizard.ir.printer import ranges
+
+    ops = [o for o in mx.ops if o != "softmax"]
+    what = ("a softmax attention of a form discovery does not recognise" if "softmax" in mx.ops
+            else "not softmax attention (a state-space, linear-attention or convolution mixer)")
+    return (f"layers {ranges(mx.layers)} mix tokens with `{mx.module}` ({mx.module_type}: {', '.join(ops)}), "
+            f"{what}")

@@ -300,6 +300,43 @@ class DepthRules:
         new_map = list(st.layer_map) + [LayerSource(src.src, "copy") for _ in range(k - 1) for src in st.layer_map]
         self._depth_op(i, s, st, "stack", "copy", opts, new_map)
 
+    def _check_layer_kinds(self, st: _State) -> None:
+        """SW368: depth growth of a model whose layers differ in kind (their tensors: a dense MLP in the
+        first layers, experts after) where no per-layer config array says which layer is which: a
+        scalar key (``first_k_dense_replace``) lays the kinds out from the depth, so a grown layer order
+        that is not the old one continued with the last kind cannot be described by the config."""
+        ir = self.ir
+        n = ir.num_layers
+        if [s.src for s in st.layer_map] == list(range(n)) or n < 2:
+            return
+        kinds = [frozenset(t.name for t in ir.tensors if t.layers is not None and i in t.layers) for i in range(n)]
+        if len(set(kinds)) < 2:
+            return
+        arrays = [k for k in ir.layer_arrays if isinstance(ir.config.get(k), list) and len(ir.config[k]) == n]
+        sig = lambda i: tuple(repr(ir.config[k][i]) for k in arrays)  # noqa: E731
+        if all(sig(i) != sig(j) for i in range(n) for j in range(n) if kinds[i] != kinds[j]):
+            return  # the arrays tell every kind apart: _reindex_layer_arrays carries them
+        new = [kinds[s.src] for s in st.layer_map]
+        if all(new[i] == kinds[min(i, n - 1)] for i in range(len(new))):
+            return  # the old order continued with the last kind: what the scalar key gives at the new depth
+        op = next((o for o in st.ops if o.kind in ("insert", "duplicate", "stack")), None)
+        if op is None:
+            return
+        only = lambda a, b: sorted(x.rsplit("{i}.", 1)[-1] for x in a - b)  # noqa: E731
+        i = next(i for i in range(len(new)) if new[i] != kinds[min(i, n - 1)])
+        src, want = st.layer_map[i].src, min(i, n - 1)
+        st.bag.error(
+            "SW368",
+            f"`{op.text.split('  #')[0]}`: the layers of `{ir.model_type}` differ in kind (layer {src} has "
+            f"{', '.join(only(kinds[src], kinds[want])[:3]) or 'fewer tensors'}; layer {want} has "
+            f"{', '.join(only(kinds[want], kinds[src])[:3]) or 'fewer tensors'}) and no per-layer config array "
+            f"says which is which (a scalar key lays them out from the depth): the grown layer {i} would be a "
+            f"copy of layer {src} where the config puts a layer like {want}",
+            op.span,
+            help="nothing was written; depth growth that continues the last layers' kind (`insert` / `duplicate` at "
+                 "the end) and width growth are unaffected",
+        )
+
     def _reindex_layer_arrays(self, st: _State, config: dict) -> None:
         """Per-layer arrays follow the layer map: new layer j takes old layer ``src``'s entry."""
         for key in self.ir.layer_arrays:

@@ -37,6 +37,8 @@ class Analysis:
     hidden_atom: int | None = None
     lm_head: str | None = None
     logits_node: Any = None
+    # token mixers that are not attention: module path (one per traced layer) -> sequence-mixing ops in it
+    mixers: dict[str, list[str]] = field(default_factory=dict)
 
     def root(self, a):
         return self.dg.atoms.find(a)
@@ -146,6 +148,7 @@ def analyse(traced: Traced) -> Analysis:
 
     # experts: stacked weights indexed by routing ids; router: the linear feeding topk
     an.topk_nodes = [n for n in nodes if _base(n) == "topk"]
+    an.mixers = _token_mixers(an, nodes)
     expert_atoms = []
     for u in dg.uses:
         if u.op == "index":
@@ -171,6 +174,7 @@ def analyse(traced: Traced) -> Analysis:
 
     # ffn: inner axis of the residual writers that are not the attention output
     hid = A.find(hidden_atom)
+    cands = []
     for u in dg.uses:
         if u.op not in ("linear", "addmm", "matmul", "bmm", "mm"):
             continue
@@ -189,9 +193,89 @@ def analyse(traced: Traced) -> Analysis:
             continue
         if _layer_of(traced, u.module) is None:
             continue  # outside the layers (e.g. a prediction-head transform)
+        if any((u.module == m or u.module.startswith(m + ".")) and m.count(".") > (traced.layer_list_path or "").count(".") + 1
+               for m in list(an.mixers) + [owner(a.node) for a in an.attn_nodes]):
+            # a state-space / linear-attention block's output projection, or an attention output
+            # projection whose input is not laid out as heads x head_dim (DiffLlama's differential
+            # attention): their inner size is not ffn
+            continue
+        cands.append((inner, _layer_of(traced, u.module), A.size(A.find(inner))))
+    # One FFN width per layer: a second writer of another width in a layer that has one of the first
+    # width is a different block (Afmoe's shared experts, moe_intermediate_size x num_shared_experts,
+    # next to its experts), not the ffn; widths that differ between layers stay ffn (noted).
+    first = cands[0][2] if cands else None
+    layers_with_first = {li for _, li, size in cands if size == first}
+    for inner, li, size in cands:
+        if size != first and li in layers_with_first:
+            continue
         an.name_atom(inner, "ffn")
     an.names = {A.find(r): n for r, n in an.names.items()}
     return an
+
+
+# Ops that combine positions of the sequence (outside an attention site they make a token mixer that
+# is not attention): convolutions (over the sequence: a short causal conv), running sums / products
+# (a scan's decay), higher-order loops, and products of two computed values (a state update
+# k^T v, a chunked scan's intra-chunk scores). Products count only when both operands depend on
+# parameters: rotary tables (inv_freq x positions) and masks depend on none.
+_MIXING_OPS = ("conv1d", "conv2d", "convolution", "cumsum", "cumprod", "logcumsumexp")
+_PRODUCT_OPS = ("matmul", "bmm", "einsum", "mm", "baddbmm")
+
+
+def _token_mixers(an: Analysis, nodes) -> dict[str, list[str]]:
+    """{module path: [op, ...]} -- per traced layer, the module holding sequence-mixing ops that lie
+    outside every recognised attention module and every routed (top-k) block (a hybrid's Mamba /
+    gated-delta / convolution mixer). Empty for a transformer."""
+    traced = an.traced
+    attn_mods = {owner(a.node) for a in an.attn_nodes}
+    routed = {owner(t).rsplit(".", 1)[0] for t in an.topk_nodes if "." in owner(t)}
+    params = set(an.dg.placeholder_param)
+    weighted: set[str] = set()
+    for n in nodes:
+        if n.name in params or any(a.name in weighted for a in n.all_input_nodes):
+            weighted.add(n.name)
+    by_layer: dict[int, dict[str, list[str]]] = {}
+    for n in nodes:
+        if n.op != "call_function":
+            continue
+        li = _layer_of(traced, owner(n))
+        if li is None:
+            continue
+        b = _base(n)
+        target = str(getattr(n, "target", ""))
+        if b in _MIXING_OPS or "while_loop" in target or "scan" in target:
+            pass
+        elif b in _PRODUCT_OPS:
+            ins = [x for x in n.args if hasattr(x, "op")]
+            if isinstance(n.args[-1], (list, tuple)):  # einsum(equation, [operands])
+                ins = [x for x in n.args[-1] if hasattr(x, "op")]
+            if len(ins) < 2 or any(_param_of(an, x) for x in ins) or not all(x.name in weighted for x in ins):
+                continue
+        else:
+            continue
+        mod = owner(n)
+        if any(mod == m or mod.startswith(m + ".") for m in attn_mods | routed):
+            continue
+        by_layer.setdefault(li, {}).setdefault(mod, []).append(b)
+    softmax_owners = [owner(n) for n in nodes if n.op == "call_function" and _base(n) in ("softmax", "_softmax")]
+    depth = (traced.layer_list_path or "").count(".") + 2  # components of a layer's own path
+    out: dict[str, list[str]] = {}
+    for li, mods in by_layer.items():
+        paths = [m.split(".") for m in mods]
+        common = []
+        for parts in zip(*paths):
+            if len(set(parts)) != 1:
+                break
+            common.append(parts[0])
+        # one block holding every mixing op (model.layers.3.mamba), else each module on its own
+        # (convolutions on the attention and MLP branches, ops of the layer itself)
+        groups = {".".join(common): [o for m in mods.values() for o in m]} if len(common) > depth else mods
+        for path, ops in groups.items():
+            ops = list(dict.fromkeys(ops))
+            if any(o == path or o.startswith(path + ".") for o in softmax_owners):
+                ops.append("softmax")  # attention of a form discovery does not recognise (sinks, say)
+            out[path] = ops
+    return out
 
 
 def _param_owner(traced, an, atom):

@@ -14,7 +14,7 @@ from scaler_wizard.ir.errors import IRDiscoveryError
 from scaler_wizard.ir.discovery.graph import ATTN_OPS, _ancestors_of, _base, _jsonable
 from scaler_wizard.ir.discovery.residual import _moe, _residual
 from scaler_wizard.ir.discovery.tensors import classify_tensors
-from scaler_wizard.ir.model_ir import Group, ModelIR
+from scaler_wizard.ir.model_ir import Group, MixerInfo, ModelIR
 from scaler_wizard.ir.printer import ranges
 from scaler_wizard.ir.trace import Traced, split_layer, trace_config
 
@@ -88,6 +88,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
     for j, real in sorted(tp.layer_map.items()):
         if len(tp.layer_map) > 1:
             notes.append(f"traced layer {j} stands for layers {ranges(real)}")
+    mixers = _mixers(tp, an, tensors) if attention is not None else ()
     ir = ModelIR(
         model_type=cfg.get("model_type", ""),
         architecture=type(tp.model).__name__,
@@ -105,8 +106,33 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
         tp_plan=tp_plan,
         notes=tuple(notes),
         traced_layers=tp.config.num_hidden_layers,
+        mixers=mixers,
     )
     return ir
+
+
+def _mixers(tp: Traced, an: Analysis, tensors) -> tuple[MixerInfo, ...]:
+    """The analysis' non-attention token mixers as templates over the real layers (one entry per
+    module template; a hybrid's mixers of one kind share it)."""
+    mods = dict(tp.model.named_modules())
+    by_tpl: dict[str, dict] = {}
+    for path, ops in an.mixers.items():
+        tpl, li = split_layer(path + ".x", tp.layer_list_path)
+        if li is None:
+            continue
+        tpl = tpl[: -len(".x")]
+        e = by_tpl.setdefault(tpl, {"type": type(mods.get(path)).__name__, "layers": set(), "ops": []})
+        e["layers"].update(tp.layer_map.get(li, (li,)))
+        e["ops"] += [o for o in ops if o not in e["ops"]]
+    out = []
+    for tpl, e in by_tpl.items():
+        # a block name shared by every layer kind (Nemotron-H's `mixer` is Mamba, attention or MoE by layer):
+        # only the tensors of the layers where it mixes tokens without attention
+        owned = tuple(t.name for t in tensors if (t.module == tpl or t.module.startswith(tpl + "."))
+                      and t.layers is not None and set(t.layers) <= e["layers"])
+        out.append(MixerInfo(module=tpl, module_type=e["type"], layers=tuple(sorted(e["layers"])),
+                             ops=tuple(e["ops"]), tensors=owned))
+    return tuple(out)
 
 
 def _probe_fused_heads(config, heads, fused: str) -> str | None:

@@ -27,13 +27,28 @@ class VirtualTensor:
     layer_name: str
     sources: tuple[tuple[str, tuple[str, ...]], ...]
     info: TensorInfo
+    needs_model: bool = False  # an op sizes its outputs by the model's parameters (Split)
 
     @property
     def stored(self) -> list[str]:
         return [n for _, names in self.sources for n in names]
 
 
-def _run_converter(converter, layer_name: str, sources, load) -> dict[str, Any]:
+def converter_model(reader):
+    """The checkpoint's class built on the meta device from its config (cached on the reader): the
+    model argument of conversion ops that size their outputs by the model's parameters (``Split``:
+    Sarvam-MoE's fused ``query_key_value`` rows split by q / k / v sizes). None when it cannot be built."""
+    if not hasattr(reader, "_converter_model"):
+        try:
+            from scaler_wizard.runtime.naming import meta_model_for
+
+            reader._converter_model = meta_model_for(reader.config)
+        except Exception:  # noqa: BLE001 - no model: such ops stay unconverted
+            reader._converter_model = None
+    return reader._converter_model
+
+
+def _run_converter(converter, layer_name: str, sources, load, model=None) -> dict[str, Any]:
     """Run a transformers WeightConverter the way ``convert_and_load_state_dict_in_model`` does:
     collect the tensors per source pattern (in load order), then ``converter.convert(layer_name)``
     (which applies the operations in order and expands target patterns to full names).
@@ -44,7 +59,7 @@ def _run_converter(converter, layer_name: str, sources, load) -> dict[str, Any]:
     for pattern, names in sources:
         for n in names:
             conv.add_tensor(layer_name, n, pattern, load(n))
-    return conv.convert(layer_name)
+    return conv.convert(layer_name, model=model) if model is not None else conv.convert(layer_name)
 
 
 def find_aliases(reader) -> None:
@@ -120,13 +135,20 @@ def add_virtual(reader, conv, layer_name: str, by_pattern: dict[str, list[str]])
         i = reader._infos[n]
         return torch.empty(i.shape, dtype=getattr(torch, i.dtype), device="meta")
 
+    model = None
     try:
         outs = _run_converter(conv, layer_name, sources, meta)
     except Exception as e:  # an op needing the model or a config object (Split, Chunk by config)
-        reader.unconverted.append((conv, f"{type(e).__name__}: {e}"))
-        return
+        model = converter_model(reader)
+        try:
+            if model is None:
+                raise e
+            outs = _run_converter(conv, layer_name, sources, meta, model=model)
+        except Exception as e2:  # noqa: BLE001
+            reader.unconverted.append((conv, f"{type(e2).__name__}: {e2}"))
+            return
     for name, t in outs.items():
         if name in reader._infos:
             continue
         info = TensorInfo(name, tuple(t.shape), str(t.dtype).replace("torch.", ""), "")
-        reader.virtual[name] = VirtualTensor(name, conv, layer_name, sources, info)
+        reader.virtual[name] = VirtualTensor(name, conv, layer_name, sources, info, needs_model=model is not None)

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from scaler_wizard.runtime.io.conversion import VirtualTensor, _run_converter, add_virtual, find_aliases
+from scaler_wizard.runtime.io.conversion import VirtualTensor, _run_converter, add_virtual, converter_model, find_aliases
 from scaler_wizard.runtime.io.errors import (
     CheckpointError, CorruptCheckpointError, MissingConfigError, MissingShardError, NoCheckpointError,
     PickleRefusedError, TensorNotFoundError, UnsupportedDtypeError,
@@ -144,7 +144,8 @@ class CheckpointReader:
             self.bytes_read += t.numel() * t.element_size()
             return t
 
-        outs = _run_converter(vt.converter, vt.layer_name, vt.sources, load)
+        model = converter_model(self) if vt.needs_model else None
+        outs = _run_converter(vt.converter, vt.layer_name, vt.sources, load, model=model)
         self.reads += 1
         t = outs[vt.name]
         if tuple(t.shape) != vt.info.shape:  # cannot happen unless transformers' ops change under us
