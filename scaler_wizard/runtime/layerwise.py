@@ -581,7 +581,10 @@ class LayerwiseModel:
         cache = DynamicCache(config=self.config)
         if length:
             z = torch.zeros(batch, 1, length, 1)
+            layers = getattr(cache, "layers", None)
             for i in range(len(self.layers)):
+                if isinstance(layers, list) and i < len(layers) and not hasattr(layers[i], "update"):
+                    continue  # a hybrid's linear-attention / state-space cache layer: it holds no positions
                 cache.update(z, z, i)
         return cache
 
