@@ -218,3 +218,24 @@ def test_layerwise_reads_narrow_dtypes_into_pooled_buffers(tmp_path):
             ref = whole(input_ids=ids, use_cache=False).logits
         assert torch.equal(first, ref) and torch.equal(again, ref)
 
+
+
+def test_hybrid_with_linear_attention_cache_layers(tmp_path):
+    # Qwen3-Next: gated-delta (linear attention) layers beside softmax attention; their cache layers
+    # hold a recurrent state, not positions. The stand-in cache of the recording pass called
+    # `update` on every layer ('LinearAttentionLayer' object has no attribute 'update'): every
+    # hybrid's output "did not run". Now the layer-wise logits are the model's own, KV decoding included.
+    from scaler_wizard import sweep
+    from scaler_wizard.runtime.layerwise import run_layerwise
+    from transformers import AutoModelForCausalLM
+
+    sweep.build_tiny("qwen3_next", tmp_path / "m")
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    lw = run_layerwise(tmp_path / "m", [Job("a", ids), Job("kv", ids, prefill=5, steps=2)])
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=False).logits
+    assert torch.equal(lw["a"], ref)
+    assert (lw["kv"] - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    rep = compare_models(str(tmp_path / "m"), str(tmp_path / "m"), n_random=2, seq_len=10)
+    assert rep.passed and {"kv_cache_vs_full", "kv_cache_vs_original"} <= {c.name for c in rep.checks}
