@@ -102,3 +102,20 @@ def test_head_dim_copy_map_copies_whole_rotary_pairs(style):
         assert all(m.src[j + d * k // 2] == m.src[j] + d // 2 for j in range(d * k // 2))
     if style == "interleaved":  # pair (2p, 2p+1) copies pair (2i, 2i+1)
         assert all(m.src[2 * p] % 2 == 0 and m.src[2 * p + 1] == m.src[2 * p] + 1 for p in range(d * k // 2))
+
+
+def test_gainless_attention_output_norm_is_seen_and_lemon_is_not_exact(tmp_path_factory, tmp_path):
+    # DiffLlama: a gainless torch RMSNorm (aten rms_norm) over 2*head_dim on the attention's output,
+    # sharing rms_norm_eps with the hidden norms. Undiscovered, LEMON's eps x eta^2 changed it unseen
+    # and x1.5 was called exact (verification: 9.6e-4 relative against a 6e-6 tolerance).
+    model = _tiny(tmp_path_factory, "diffllama")
+    sub = [n for n in _ir(model).norms if n.group != "hidden"]
+    assert [(n.weight, n.kind, n.group, n.placement, n.eps_key, n.sublayer) for n in sub] == [
+        (None, "rmsnorm", "head_dim", "head_out", "rms_norm_eps", "attn")]
+    op = api.check("widen hidden x1.5 lemon", model).ops[0]
+    assert op.exactness == "approx" and "head_out norm over head_dim" in op.reason, op.reason
+    assert api.check("widen hidden x2 lemon", model).exactness == "exact"
+    r, drift = _grow("widen hidden x1.5 lemon", model, tmp_path)
+    assert r["exactness"] == "approx" and drift > 1e-4  # really not exact
+    r, drift = _grow("widen hidden x2 tile", model, tmp_path / "tile")
+    assert r["exactness"] == "exact" and r["passed"] and drift < 1e-5

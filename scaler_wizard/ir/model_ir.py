@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-IR_FORMAT_VERSION = 11
+IR_FORMAT_VERSION = 12
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
@@ -116,7 +116,8 @@ class NormInfo:
     bias: str | None
     kind: str  # "layernorm" | "rmsnorm" | "rmsnorm_1p" (Gemma's x * (1 + w))
     group: str  # the group normalised ("hidden", or "head_dim" for q/k norms)
-    placement: str  # "pre" | "post" | "sandwich_pre" | "sandwich_post" | "final" | "qk" | "embed"
+    placement: str  # "pre" | "post" | "sandwich_pre" | "sandwich_post" | "final" | "qk" | "head_out" | "embed"
+    # "head_out": over head_dim on the attention's output before o_proj (DiffLlama's subln)
     eps: float
     eps_key: str | None  # config key holding eps (shared by every norm that reads it)
     sublayer: str | None = None  # "attn" | "mlp" | None

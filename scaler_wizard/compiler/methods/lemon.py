@@ -4,7 +4,8 @@ their epsilon by eta^2, so every norm's output is unchanged. Exact in Pre-LN mod
 residue in a Post-LN model is exact only for integer factors (SW306); a nonlinear function of the
 hidden stream (a head transform's activation, IR ``residual.nonlinear``) makes any residue approx.
 Where one config epsilon also serves norms over other groups it cannot be rescaled for the hidden
-norms alone: exact-eps.
+norms alone: exact-eps (approx where such a norm is over the attention's output, IR placement
+``head_out``, or no norm precedes the sublayers).
 Source: LEMON (Wang et al., ICLR 2023)."""
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ class Lemon(WidthMethod):
                 APPROX,
                 f"eps rescaled by eta^2={eta2:.4g} for the hidden norms, but the same config eps also serves "
                 + ", ".join(shared) + ", which read un-normalised projections of the stream",
+            )
+        writes = [n for n in cx.ir.norms if n.group != "hidden" and n.placement == "head_out"
+                  and n.eps_key in {h.eps_key for h in cx.ir.norms if h.group == "hidden" and h.eps_key}]
+        if shared and writes:
+            # A norm over the attention's output (DiffLlama's per-head subln) reads attention values,
+            # not the normalised stream, and its output reaches the stream through o_proj alone: the
+            # epsilon change passes on linearly, unbounded by the stream's scale (measured 9.6e-4
+            # relative on DiffLlama's tiny model, at the exact-eps tolerance of 1e-3).
+            return (
+                APPROX,
+                f"eps rescaled by eta^2={eta2:.4g} for the hidden norms, but the same config eps also serves "
+                f"the {writes[0].placement} norm over {writes[0].group}, whose output the stream receives "
+                "through the output projection; use an integer factor (tiling is exact)",
             )
         if shared:
             return (

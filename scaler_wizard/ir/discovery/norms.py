@@ -47,6 +47,9 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
         bases = [_base(n) for n in ns]
         if any(b in ("layer_norm", "native_layer_norm") for b in bases):
             norm_mods.append((m, "layernorm"))
+        elif any(b in ("rms_norm", "_fused_rms_norm") for b in bases):
+            # torch's own RMSNorm op (nn.RMSNorm, often without a gain: DiffLlama's per-head subln)
+            norm_mods.append((m, "rmsnorm"))
         elif "rsqrt" in bases and any(b in ("mean", "pow") for b in bases):
             # x - mean(x) before the rsqrt: a LayerNorm written by hand (Cohere's, without bias)
             centred = any(b == "sub" and any(hasattr(x, "op") and _base(x) == "mean" for x in n.args[:2])
@@ -89,6 +92,9 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
         for n in ns:
             if _base(n) in ("layer_norm", "native_layer_norm"):
                 eps = n.args[4] if len(n.args) > 4 else n.kwargs.get("eps", 1e-5)
+            elif _base(n) in ("rms_norm", "_fused_rms_norm"):
+                # rms_norm(input, normalized_shape, weight=None, eps=None); None: the dtype's epsilon
+                eps = n.args[3] if len(n.args) > 3 else n.kwargs.get("eps")
             elif _base(n) == "rsqrt":
                 src = n.args[0]
                 if _base(src) == "add" and isinstance(src.args[1], (int, float)):
@@ -115,6 +121,9 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
             va = an.dg.values.get(in_node.name)
             if isinstance(va, list) and va and va[-1]:
                 named = {an.names.get(A.find(x)) for x in va[-1]} - {None}
+                if not named:
+                    # an unnamed axis built from one group (DiffLlama's subln over cat(head_dim, head_dim))
+                    named = {an.names.get(y) for x in va[-1] for y in _deep_atoms(A, x)} - {None}
                 if len(named) == 1:
                     group = named.pop()
         if group is None:
@@ -123,7 +132,9 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
         li = _layer_of(tp, m)
         sub = None
         if group == "head_dim":
-            placement = "qk"
+            # over q/k (or v) before the attention scores, or over the attention's output before
+            # the output projection (DiffLlama's per-head subln): that one writes the stream linearly
+            placement = "qk" if _reaches_attention(an, out_node) else "head_out"
         elif li is None:
             placement = "embed" if idx[ns[0].name] < first_layer_idx else "final"
         else:
@@ -150,7 +161,7 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
         if b:
             params[b] = "norm_bias"
         ni = NormInfo(weight=wt, bias=bt, kind=kind, group=group, placement=placement, eps=float(eps) if eps is not None else 0.0,
-                      eps_key=_eps_key(eps, cfg), sublayer=sub if placement != "qk" else ("attn"), layers=layers,
+                      eps_key=_eps_key(eps, cfg), sublayer=sub if placement not in ("qk", "head_out") else "attn", layers=layers,
                       feeds_head=placement == "final" and _reaches_head(an, out_node))
         if tmpl_m in seen:
             old = infos[seen[tmpl_m]]
@@ -176,6 +187,24 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
             if split_layer(q, tp.layer_list_path)[0] == t:
                 all_params[p] = k
     return infos, all_params
+
+
+def _reaches_attention(an: Analysis, node) -> bool:
+    """Whether ``node`` feeds an attention op (or the softmax of scores) through no parameter
+    projection."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        for u in n.users:
+            if u.op != "call_function" or _weight_of(an, u) is not None:
+                continue
+            if _base(u) in ATTN_OPS or _base(u) in ("softmax", "_softmax"):
+                return True
+            stack.append(u)
+    return False
 
 
 def _reaches_head(an: Analysis, node) -> bool:
