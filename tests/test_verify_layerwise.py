@@ -239,3 +239,21 @@ def test_hybrid_with_linear_attention_cache_layers(tmp_path):
     assert (lw["kv"] - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     rep = compare_models(str(tmp_path / "m"), str(tmp_path / "m"), n_random=2, seq_len=10)
     assert rep.passed and {"kv_cache_vs_full", "kv_cache_vs_original"} <= {c.name for c in rep.checks}
+
+
+def test_layer_to_layer_state_falls_back_to_the_whole_model(tmp_path):
+    # ZAYA passes router states from layer to layer besides the hidden states: the layer-by-layer
+    # replay cannot feed them (it failed even for the model against itself). The whole-model
+    # forward decides, with a note; a grown copy with a broken weight still fails.
+    from scaler_wizard import sweep
+
+    sweep.build_tiny("zaya", tmp_path / "m")
+    rep = compare_models(str(tmp_path / "m"), str(tmp_path / "m"), n_random=2, seq_len=8)
+    assert rep.passed and any("layer-by-layer run failed" in n for n in rep.notes), rep.notes
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    with torch.no_grad():
+        m.lm_head.weight[:, 0] += 0.5
+    bad = _save(m, tmp_path / "bad")
+    assert not compare_models(bad, str(tmp_path / "m"), n_random=2, seq_len=8).passed

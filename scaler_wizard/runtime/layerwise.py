@@ -585,7 +585,10 @@ class LayerwiseModel:
             for i in range(len(self.layers)):
                 if isinstance(layers, list) and i < len(layers) and not hasattr(layers[i], "update"):
                     continue  # a hybrid's linear-attention / state-space cache layer: it holds no positions
-                cache.update(z, z, i)
+                try:
+                    cache.update(z, z, i)
+                except NotImplementedError:  # a placeholder layer (Nemotron-H's Mamba / MLP layers)
+                    continue
         return cache
 
     @staticmethod

@@ -443,8 +443,17 @@ class _Side:
             return self.lw.run(jobs, **run_kw)
         except LayerwiseUnsupported as e:  # found only while running (a layer skipped, no cache)
             self.why_whole = str(e)
-            self.whole = load_model(self.lw.reader.path)
-            return _whole_model_logits(self.whole, jobs)
+        except RuntimeError as e:
+            # The layer-by-layer replay of the model's own forward failed: a state passed from layer
+            # to layer besides the hidden states (ZAYA's router states) is recorded from the
+            # stand-in pass and does not fit. The whole-model forward is the reference: it decides
+            # (a model that is really broken fails there too, with its own error).
+            self.why_whole = f"the layer-by-layer run failed ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+        path = self.lw.reader.path
+        self.lw.close()
+        self.lw = None
+        self.whole = load_model(path)
+        return _whole_model_logits(self.whole, jobs)
 
     def release(self) -> None:
         if self.lw is not None:

@@ -56,6 +56,12 @@ class Lemon(WidthMethod):
             return APPROX, (f"the hidden stream passes through a nonlinear function ({nonlinear[0]}) after a writer: "
                             "the residue units do not stay the mean of the copies; use an integer factor "
                             "(tiling is exact)")
+        if cx.ir.mixers:
+            # a hybrid's token mixers (gated delta, Mamba) normalise inside themselves, often with the
+            # same config eps; discovery does not attribute those norms, so the eps rescale reaches
+            # them unaccounted (measured on tiny Qwen3-Next / Qwen3.5: 5e-2 to 9e-2 relative)
+            return APPROX, (f"this hybrid's {cx.ir.mixers[0].module_type} mixers normalise inside themselves with the config "
+                            "eps that LEMON rescales; use an integer factor (tiling is exact)")
         shared = cx.eps_shared_with_other_groups
         eta2 = (new // old) * old / new
         if shared and not any(n.placement in ("pre", "sandwich_pre") for n in cx.ir.norms):
