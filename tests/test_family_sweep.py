@@ -43,8 +43,20 @@ def test_unknown_op_is_refused_before_running():
 
 
 @pytest.fixture(scope="module")
-def subset():
-    return sweep.run_sweep(NINE, SUBSET_OPS, workers=2, timeout=600)
+def subset(tmp_path_factory):
+    # Run once per test session, whichever xdist worker comes first: the others wait on the lock and
+    # read the result (the base temp's parent is shared by the workers of one session).
+    import json
+
+    from filelock import FileLock
+
+    path = tmp_path_factory.getbasetemp().parent / "family_sweep_subset.json"
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            return json.loads(path.read_text())
+        result = sweep.run_sweep(NINE, SUBSET_OPS, workers=2, timeout=600)
+        path.write_text(json.dumps(result))
+        return result
 
 
 def _cells():
