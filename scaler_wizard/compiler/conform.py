@@ -533,24 +533,21 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
                 pass
     if verdict["errors"]:
         span = _culprit_span(rp, "")
-        kind = _layer_kind_refusal(rp, verdict["errors"][0])
-        if kind is not None:
-            err = PlanError([Diagnostic(
-                "SW368", kind, span,
-                help="nothing was written; width growth and depth growth that keeps every layer's kind in place "
-                     "are unaffected",
-                notes=tuple(re.sub(r" \(internal error[^)]*\)", "", e) for e in verdict["errors"]))])
-            err.sources = sources or {}
-            raise err
-        hybrid = _hybrid_refusal(rp, verdict["errors"][0])
-        if hybrid is not None:
-            err = PlanError([Diagnostic(
-                "SW366", hybrid, span,
-                help="nothing was written; ops that leave the sizes this block reads as they are (widen ffn, "
-                     "insert / duplicate / stack layers, vocab: `scaler-wizard check` says which) are unaffected",
-                notes=tuple(re.sub(r" \(internal error[^)]*\)", "", e) for e in verdict["errors"]))])
-            err.sources = sources or {}
-            raise err
+        named = (
+            ("SW368", _layer_kind_refusal, "nothing was written; width growth and depth growth that keeps every "
+                                           "layer's kind in place are unaffected"),
+            ("SW366", _hybrid_refusal, "nothing was written; ops that leave the sizes this block reads as they are "
+                                       "(widen ffn, insert / duplicate / stack layers, vocab: `scaler-wizard check` "
+                                       "says which) are unaffected"),
+        )
+        for code, refusal, help_text in named:  # a self-check failure whose cause is a known limit
+            message = refusal(rp, verdict["errors"][0])
+            if message is not None:
+                err = PlanError([Diagnostic(
+                    code, message, span, help=help_text,
+                    notes=tuple(re.sub(r" \(internal error[^)]*\)", "", e) for e in verdict["errors"]))])
+                err.sources = sources or {}
+                raise err
         err = PlanError([Diagnostic(
             "SW316", "the grown config would not describe the grown tensors: " + verdict["errors"][0], span,
             help="transformers re-derives tensor shapes from config.json; this plan cannot be written so that they "
