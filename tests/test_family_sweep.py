@@ -69,7 +69,7 @@ def _cells():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("family_sweep")  # one worker runs the module fixture (`make test`: --dist loadgroup)
+# one xdist worker runs these (tests/conftest.py XDIST_GROUPS; the fixture also holds a file lock)
 @pytest.mark.parametrize("family,op", list(_cells()))
 def test_sweep_cell_is_not_a_crash(subset, family, op):
     r = subset["families"][family]
