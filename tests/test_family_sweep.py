@@ -162,6 +162,12 @@ def test_readme_family_table_is_generated_from_the_committed_sweep():
     assert sweep.readme_with_table(readme, result) == readme, \
         "README family table is stale: run benchmarks/family_sweep.py --from-json benchmarks/family_sweep.json --markdown README.md"
     assert "| family |" in readme.split(sweep.README_BEGIN)[1]
+    # the committed full sweep: no crash cell, and run against the transformers this lock installs
+    import transformers
+
+    assert result["counts"]["crash"] == 0 == sum(
+        c["cell"] == "crash" for f in result["families"].values() for c in (f.get("cells") or {}).values())
+    assert result["transformers"] == transformers.__version__
     with pytest.raises(ValueError, match="markers"):
         sweep.readme_with_table("no markers here", result)
 
