@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from scaler_wizard.grammar import ast as A
+from scaler_wizard.ir.model_ir import layer_kind
 from scaler_wizard.compiler.typecheck.state import _State
 
 
@@ -195,6 +196,75 @@ class AttentionRules:
                 op.span,
                 help="nothing was written; widen ffn, insert / duplicate / stack layers and vocab growth leave the "
                      "attention as it is",
+            )
+            return
+
+    def _check_layer_kind_shapes(self, st: _State) -> None:
+        """SW370: width growth of a group that the layers of one kind carry and the layers of another
+        kind lay out on their own sizes (a tensor template with per-kind entries: sliding-window
+        layers whose attention has head counts / head dim of its own, ``swa_num_key_value_heads``).
+        The program would grow one kind and leave the other, while the config keys of the two kinds
+        need not follow that split (one key may size both: kv heads x 2 on sliding layers)."""
+        ir = self.ir
+        by_name: dict[str, list] = {}
+        for t in ir.tensors:
+            if t.layers is not None:
+                by_name.setdefault(t.name, []).append(t)
+        split = {n: ts for n, ts in by_name.items() if len(ts) > 1}
+        if not split:
+            return
+        hints = {"heads": ("attention_heads", "num_heads", "n_head"), "kv_heads": ("key_value", "kv_head"),
+                 "head_dim": ("head_dim",)}
+        nouns = {"heads": "heads", "kv_heads": "kv heads", "head_dim": "head dim"}
+        for op in st.ops:
+            if op.kind != "widen" or not op.group:
+                continue
+            g = op.group
+            hit = None
+            for name, ts in split.items():
+                have = [t for t in ts if any(g in ax.groups() for ax in t.axes)]
+                lack = [t for t in ts if not any(g in ax.groups() for ax in t.axes)]
+                if have and lack:
+                    hit = (name, have[0], lack[0])
+                    break
+            if hit is None:
+                continue
+            name, t_have, t_lack = hit
+            grp = ir.groups.get(g)
+            key = grp.config_key if grp else None
+
+            # the per-layer arrays whose entries set the two kinds apart
+            arrays = [k for k in ir.layer_arrays
+                      if layer_kind(ir.config, (k,), t_have.layers) != layer_kind(ir.config, (k,), t_lack.layers)]
+
+            def side(t, size, bound):
+                kind = layer_kind(ir.config, arrays, t.layers) or "layers " + ",".join(map(str, t.layers))
+                if size is None:
+                    return f"{kind}: `{t.name}` {list(t.shape)} without {g}"
+                keys = [k for k, v in ir.config.items() if isinstance(v, int) and not isinstance(v, bool) and v == size
+                        and any(h in k for h in hints.get(g, (g,)))]
+                if bound and bound in keys:
+                    keys = [bound]
+                elif key:
+                    keys = [k for k in keys if k != key]  # the other kind's key is not the group's
+                where = f", {keys[0]}={size}" if len(keys) == 1 else ""
+                return f"{kind}: {size} {nouns.get(g, g)}{where}"
+
+            other = next((a for a in ir.attention_shapes if set(t_lack.layers) <= set(a.layers)), None)
+            other_size = None
+            if other is not None and g in ("heads", "kv_heads", "head_dim"):
+                other_size = {"heads": other.heads, "kv_heads": other.kv_heads, "head_dim": other.head_dim}[g]
+            shapes = "attention shapes" if g in ("heads", "kv_heads", "head_dim") else "shapes"
+            st.bag.error(
+                "SW370",
+                f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                + f": {g} growth on layers of two {shapes} ({side(t_have, grp.size if grp else None, key)}; "
+                f"{side(t_lack, other_size, None)}) is not supported: `{name}` is laid out on {g} in layers "
+                f"{list(t_have.layers)} and on sizes of its own in layers {list(t_lack.layers)}, and the grown "
+                "config need not re-size the two kinds the way the program would",
+                op.span,
+                help=f"nothing was written; ops that leave `{g}` as it is (widen ffn / vocab, insert / duplicate / "
+                     "stack layers) are unaffected",
             )
             return
 
