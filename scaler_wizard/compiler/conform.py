@@ -222,10 +222,16 @@ def _template(ir, name: str):
     """The IR template a concrete tensor name instantiates (``layers.3.`` -> ``layers.{i}.``)."""
     import re
 
+    m = re.search(r"\.(\d+)\.", name)
+    layer = int(m.group(1)) if m else None
     for cand in {name, re.sub(r"\.(\d+)\.", ".{i}.", name, count=1)}:
-        for t in ir.tensors:
-            if t.name == cand:
+        hits = [t for t in ir.tensors if t.name == cand]
+        # a template with one entry per layer kind: the entry of this layer's kind
+        for t in hits:
+            if t.layers is None or layer in t.layers:
                 return t
+        if hits:
+            return hits[0]
     return None
 
 

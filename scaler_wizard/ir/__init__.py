@@ -154,7 +154,9 @@ def instantiate(ir: ModelIR, cfg: dict) -> ModelIR:
     moe = replace(ir.moe, layers=remap(ir.moe.layers) or ()) if ir.moe else None
     notes = tuple(x for x in ir.notes if not x.startswith("traced layer "))
     mixers = tuple(replace(m, layers=remap(m.layers) or ()) for m in ir.mixers)
-    return replace(ir, config=cfg, num_layers=n, tensors=tensors, norms=norms, moe=moe, notes=notes, mixers=mixers)
+    shapes = tuple(replace(a, layers=remap(a.layers) or ()) for a in ir.attention_shapes)
+    return replace(ir, config=cfg, num_layers=n, tensors=tensors, norms=norms, moe=moe, notes=notes, mixers=mixers,
+                   attention_shapes=shapes)
 
 
 def model_ir_for(ref_or_config_dict: Any, *, use_cache: bool = True) -> ModelIR:

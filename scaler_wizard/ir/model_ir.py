@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-IR_FORMAT_VERSION = 12
+IR_FORMAT_VERSION = 13
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
@@ -160,6 +160,20 @@ class AttentionInfo:
 
 
 @dataclass(frozen=True)
+class AttentionShape:
+    """Layers whose attention has another shape than ``ModelIR.attention``'s (a layer kind with head
+    counts / head dim of its own: sliding-window layers sized by ``swa_num_key_value_heads``). Their
+    attention tensors are separate entries of the same templates, laid out with constant factors:
+    no group grows them."""
+
+    layers: tuple[int, ...]  # the real layers of this kind
+    heads: int
+    kv_heads: int
+    head_dim: int
+    kind: str = ""  # the per-layer config entries that tell the kind ("layer_types=hybrid")
+
+
+@dataclass(frozen=True)
 class MoEInfo:
     num_experts: int
     top_k: int
@@ -215,6 +229,7 @@ class ModelIR:
     notes: tuple[str, ...] = ()  # facts worth printing that fit nowhere else
     traced_layers: int = 0  # depth of the reduced model actually traced
     mixers: tuple[MixerInfo, ...] = ()  # token mixers that are not attention (hybrids; empty for transformers)
+    attention_shapes: tuple[AttentionShape, ...] = ()  # layer kinds whose attention has another shape
     format_version: int = IR_FORMAT_VERSION
 
     # ------------------------------------------------------------------ queries
@@ -241,6 +256,16 @@ class ModelIR:
     @staticmethod
     def from_json(text: str) -> "ModelIR":
         return _ir_from_dict(json.loads(text))
+
+
+def layer_kind(cfg: dict, arrays, layers) -> str:
+    """The per-layer config entries shared by ``layers`` ("layer_types=sliding_attention"), for messages."""
+    out = []
+    for k in arrays:
+        v = cfg.get(k)
+        if isinstance(v, list) and layers and all(i < len(v) for i in layers) and len({repr(v[i]) for i in layers}) == 1:
+            out.append(f"{k}={v[layers[0]]}")
+    return ", ".join(out)
 
 
 def _axis(d) -> Axis:
@@ -308,5 +333,7 @@ def _ir_from_dict(d: dict) -> ModelIR:
         traced_layers=d.get("traced_layers", 0),
         mixers=tuple(MixerInfo(**{**m, "layers": tuple(m["layers"]), "ops": tuple(m["ops"]),
                                   "tensors": tuple(m.get("tensors", ()))}) for m in d.get("mixers", ())),
+        attention_shapes=tuple(AttentionShape(**{**a, "layers": tuple(a["layers"])})
+                               for a in d.get("attention_shapes", ())),
         format_version=d.get("format_version", IR_FORMAT_VERSION),
     )

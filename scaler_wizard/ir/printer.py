@@ -82,6 +82,9 @@ def render_ir(ir: ModelIR) -> str:
                      + (f", per-frequency {'/'.join(r.per_frequency)} ({r.rotary_dim // 2} pairs)" if r.per_frequency else ""))
         else:
             L.append("rope: none")
+        for k in ir.attention_shapes:
+            L.append(f"  attention of another shape{' (' + k.kind + ')' if k.kind else ''}: heads {k.heads}, "
+                     f"kv_heads {k.kv_heads}, head_dim {k.head_dim} (constant: no group grows it){_layers(k.layers)}")
     else:
         L.append("attention: none found")
     if ir.moe:

@@ -195,6 +195,8 @@ def rebind(ir: ModelIR, old_raw: dict, new_raw: dict) -> ModelIR | None:
 
 
 def _rebind(ir: ModelIR, old_raw: dict, new_raw: dict) -> ModelIR | None:
+    if ir.attention_shapes:
+        return None  # a layer kind's own attention sizes are constants the trace saw: traced again
     ol, nl = _leaves(old_raw), _leaves(new_raw)
     if set(ol) != set(nl):
         return None

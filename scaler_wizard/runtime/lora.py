@@ -20,7 +20,8 @@ checkpoint holds merged plain weights (``W + (alpha/r) B A``); with ``lora_merge
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +46,12 @@ def _expand(template: str, layers) -> list[str]:
 def _role_templates(ir, model) -> dict[str, list[tuple[str, tuple[int, ...] | None]]]:
     """role -> [(module template, layers)] from the IR (see the module docstring)."""
     roles: dict[str, list] = {r: [] for r in ("q", "k", "v", "o", "gate", "up", "down")}
-    by_name = {t.name: t for t in ir.tensors}
+    by_name = {}
+    for t in ir.tensors:  # a template with one entry per layer kind: its module over all their layers
+        prev = by_name.get(t.name)
+        if prev is not None and prev.layers is not None and t.layers is not None:
+            t = replace(t, layers=tuple(sorted(set(prev.layers) | set(t.layers))))
+        by_name[t.name] = t
     att = ir.attention
     if att is not None:
         if att.fused_qkv and att.fused_qkv in by_name:

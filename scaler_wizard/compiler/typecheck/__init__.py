@@ -84,6 +84,9 @@ SW368  depth growth of a model whose layers differ in kind (dense MLP vs experts
        (``first_k_dense_replace``), not a per-layer array, when the grown order is not the old one continued
 SW369  ffn growth when a residual writer in the layers reads an inner width that is not ffn (a second FFN:
        Afmoe's shared experts, moe_intermediate_size x num_shared_experts) bound to no config key
+SW370  width growth of a group that layers of one kind carry while layers of another kind lay the same
+       tensor out on sizes of their own (sliding-window layers with their own head counts / head dim,
+       ``swa_num_key_value_heads``; ``ModelIR.attention_shapes``): names both kinds and their keys
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from scaler_wizard.grammar import ast as A
+from scaler_wizard.ir.model_ir import layer_kind
 from scaler_wizard.compiler.typecheck.state import _State
 
 
@@ -122,16 +123,16 @@ class AttentionRules:
             return
         norms = {x for n in ir.norms for x in (n.weight, n.bias) if x}
         readers, writers = set(ir.residual.readers), set(ir.residual.writers)
-        tensors = {t.name: t for t in ir.tensors}
+        tensors: dict[str, list] = {}  # a template may have one entry per layer kind
+        for t in ir.tensors:
+            tensors.setdefault(t.name, []).append(t)
         for op in st.ops:
             if op.kind != "widen" or not op.group:
                 continue
             for mx in ir.mixers:
                 hit = None
-                for name in mx.tensors:
-                    t = tensors.get(name)
-                    if t is None:
-                        continue
+                for name, t in ((n, t) for n in mx.tensors for t in tensors.get(n, ())
+                                if t.layers is None or set(t.layers) <= set(mx.layers)):
                     for k, ax in enumerate(t.axes):
                         if op.group not in ax.groups():
                             continue
@@ -198,6 +199,90 @@ class AttentionRules:
             )
             return
 
+    def _check_layer_kind_shapes(self, st: _State) -> None:
+        """SW370: width growth of a group that the layers of one kind carry and the layers of another
+        kind lay out on their own sizes (a tensor template with per-kind entries: sliding-window
+        layers whose attention has head counts / head dim of its own, ``swa_num_key_value_heads``).
+        The program would grow one kind and leave the other, while the config keys of the two kinds
+        need not follow that split (one key may size both: kv heads x 2 on sliding layers)."""
+        ir = self.ir
+        by_name: dict[str, list] = {}
+        for t in ir.tensors:
+            if t.layers is not None:
+                by_name.setdefault(t.name, []).append(t)
+        split = {n: ts for n, ts in by_name.items() if len(ts) > 1}
+        if not split:
+            return
+        hints = {"heads": ("attention_heads", "num_heads", "n_head"), "kv_heads": ("key_value", "kv_head"),
+                 "head_dim": ("head_dim",)}
+        for op in st.ops:
+            if op.kind != "widen" or not op.group:
+                continue
+            g = op.group
+            hit = None
+            for name, ts in split.items():
+                have = [t for t in ts if any(g in ax.groups() for ax in t.axes)]
+                lack = [t for t in ts if not any(g in ax.groups() for ax in t.axes)]
+                if have and lack:
+                    hit = (name, have[0], lack[0])
+                    break
+            if hit is None:
+                continue
+            name, t_have, t_lack = hit
+            grp = ir.groups.get(g)
+            key = grp.config_key if grp else None
+
+            # the per-layer arrays whose entries set the two kinds apart
+            arrays = [k for k in ir.layer_arrays
+                      if layer_kind(ir.config, (k,), t_have.layers) != layer_kind(ir.config, (k,), t_lack.layers)]
+
+            att = ir.attention
+            dims = ("heads", "kv_heads", "head_dim")
+            first = dict(zip(dims, (att.heads, att.kv_heads, att.head_dim))) if att is not None else None
+            other = next((a for a in ir.attention_shapes if set(t_lack.layers) <= set(a.layers)), None)
+            second = dict(zip(dims, (other.heads, other.kv_heads, other.head_dim))) if other is not None else None
+            bound_keys = {x.config_key for x in ir.groups.values() if x.config_key}
+
+            def kind_of(t):
+                return layer_kind(ir.config, arrays, t.layers) or "layers " + ",".join(map(str, t.layers))
+
+            def shape_of(sz):
+                return f"{sz['heads']} heads, {sz['kv_heads']} kv heads, head dim {sz['head_dim']}"
+
+            def other_keys():
+                # the other kind's own keys: for each size that differs from the first kind's, the one
+                # config key of that value named like the dimension (swa_num_key_value_heads=16)
+                out = []
+                for d in dims:
+                    if second[d] == first[d]:
+                        continue
+                    ks = [k for k, v in ir.config.items() if isinstance(v, int) and not isinstance(v, bool)
+                          and v == second[d] and k not in bound_keys and any(h in k for h in hints[d])]
+                    if len(ks) == 1:
+                        out.append(f"{ks[0]}={second[d]}")
+                return out
+
+            if first is not None and g in dims:
+                mine = f"{kind_of(t_have)}: {shape_of(first)}" + (f", {key}={grp.size}" if key else "")
+            else:
+                mine = f"{kind_of(t_have)}: `{name}` {list(t_have.shape)} on {g}"
+            if second is not None and first is not None and g in dims:
+                keys = other_keys()
+                theirs = f"{kind_of(t_lack)}: {shape_of(second)}" + (", " + ", ".join(keys) if keys else "")
+            else:
+                theirs = f"{kind_of(t_lack)}: {list(t_lack.shape)} there, not laid out on {g}"
+            shapes = "attention shapes" if g in ("heads", "kv_heads", "head_dim") else "shapes"
+            st.bag.error(
+                "SW370",
+                f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                + f": {g} growth on layers of two {shapes} ({mine}; {theirs}) is not supported: the program would grow `{name}` in "
+                f"layers {list(t_have.layers)} only, and the grown config need not size the other kind that way",
+                op.span,
+                help=f"nothing was written; ops that leave `{g}` as it is (widen ffn / vocab, insert / duplicate / "
+                     "stack layers) are unaffected",
+            )
+            return
+
     def _check_second_ffn_width(self, st: _State) -> None:
         """SW369: ffn growth when a residual writer in the layers (not attention, not a hybrid's mixer)
         reads an inner axis that is not ffn: a second FFN of another width (Afmoe's shared experts,
@@ -210,10 +295,11 @@ class AttentionRules:
         att = ir.attention
         skip = {x for x in (att.o, att.fused_qkv) if x} if att else set()
         skip |= {t for m in ir.mixers for t in m.tensors}
-        tensors = {t.name: t for t in ir.tensors}
-        for name in ir.residual.writers:
-            t = tensors.get(name)
-            if t is None or t.layers is None or name in skip or t.kind != "weight":
+        tensors: dict[str, list] = {}  # a template may have one entry per layer kind
+        for t in ir.tensors:
+            tensors.setdefault(t.name, []).append(t)
+        for name, t in ((n, t) for n in ir.residual.writers for t in tensors.get(n, ())):
+            if t.layers is None or name in skip or t.kind != "weight":
                 continue
             ax = next((a for a in t.axes if a.role == "in"), None)
             if ax is None or ax.groups():

@@ -65,6 +65,7 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, Depth
         self._plan_wide_noise(st)
         self._check_hybrid_mixers(st)
         self._check_attention_output_layout(st)
+        self._check_layer_kind_shapes(st)
         self._check_layer_kinds(st)
         self._check_second_ffn_width(st)
         self._check_norms_over_heads(st)

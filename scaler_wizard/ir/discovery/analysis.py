@@ -39,6 +39,8 @@ class Analysis:
     logits_node: Any = None
     # token mixers that are not attention: module path (one per traced layer) -> sequence-mixing ops in it
     mixers: dict[str, list[str]] = field(default_factory=dict)
+    # attention sites whose (heads, kv_heads, head_dim) differ from the first site's: (traced layer, sizes)
+    attn_shapes: list[tuple[int | None, tuple[int, int, int]]] = field(default_factory=list)
 
     def root(self, a):
         return self.dg.atoms.find(a)
@@ -115,6 +117,7 @@ def analyse(traced: Traced) -> Analysis:
 
     # attention: heads / kv_heads / head_dim from the attention op's operands
     an.attn_nodes = _find_attention(nodes)
+    first_shape = None
     for at in an.attn_nodes:
         n = at.node
         qa, ka, va = (dg.values[x.name] for x in (at.q, at.k, at.v))
@@ -124,10 +127,20 @@ def analyse(traced: Traced) -> Analysis:
         if h is None:
             raise IRDiscoveryError("query heads axis is not one dimension", op=op_name(n), module=owner(n))
         e = A.expansion(h)
-        if e is not None and e[0] == PROD and len(e[1]) == 2:
-            an.name_atom(e[1][0], "kv_heads")
-        an.name_atom(h, "heads")
+        kvh = e[1][0] if e is not None and e[0] == PROD and len(e[1]) == 2 else None
         d = qa[-1][0]
+        shape = (an.size(h), an.size(kvh) if kvh is not None else an.size(h), an.size(d))
+        if first_shape is None:
+            first_shape = shape
+        elif shape != first_shape and not any(an.root(x) in an.names for x in (h, d) + ((kvh,) if kvh is not None else ())):
+            # a layer kind with an attention shape of its own (sliding-window layers with their own
+            # head counts / head dim: swa_num_key_value_heads): its dims are not the groups of the
+            # first attention's layers; left unnamed (constant factors: nothing grows them) and recorded
+            an.attn_shapes.append((_layer_of(traced, owner(n)), shape))
+            continue
+        if kvh is not None:
+            an.name_atom(kvh, "kv_heads")
+        an.name_atom(h, "heads")
         an.name_atom(d, "head_dim")
         dv = va[-1][0] if va[-1] else None
         if dv is not None and A.find(dv) != A.find(d):

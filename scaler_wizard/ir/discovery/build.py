@@ -14,7 +14,7 @@ from scaler_wizard.ir.errors import IRDiscoveryError
 from scaler_wizard.ir.discovery.graph import ATTN_OPS, _ancestors_of, _base, _jsonable
 from scaler_wizard.ir.discovery.residual import _moe, _residual
 from scaler_wizard.ir.discovery.tensors import classify_tensors
-from scaler_wizard.ir.model_ir import Group, MixerInfo, ModelIR
+from scaler_wizard.ir.model_ir import AttentionShape, Group, MixerInfo, ModelIR, layer_kind
 from scaler_wizard.ir.printer import ranges
 from scaler_wizard.ir.trace import Traced, split_layer, trace_config
 
@@ -89,6 +89,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
         if len(tp.layer_map) > 1:
             notes.append(f"traced layer {j} stands for layers {ranges(real)}")
     mixers = _mixers(tp, an, tensors) if attention is not None else ()
+    shapes = _attention_shapes(tp, an, cfg) if attention is not None else ()
     ir = ModelIR(
         model_type=cfg.get("model_type", ""),
         architecture=type(tp.model).__name__,
@@ -107,6 +108,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
         notes=tuple(notes),
         traced_layers=tp.config.num_hidden_layers,
         mixers=mixers,
+        attention_shapes=shapes,
     )
     return ir
 
@@ -132,6 +134,22 @@ def _mixers(tp: Traced, an: Analysis, tensors) -> tuple[MixerInfo, ...]:
                       and t.layers is not None and set(t.layers) <= e["layers"])
         out.append(MixerInfo(module=tpl, module_type=e["type"], layers=tuple(sorted(e["layers"])),
                              ops=tuple(e["ops"]), tensors=owned))
+    return tuple(out)
+
+
+def _attention_shapes(tp: Traced, an: Analysis, cfg: dict) -> tuple[AttentionShape, ...]:
+    """The analysis' attention sites of another shape than the first, over the real layers (one entry
+    per shape; the kind named by the per-layer arrays that set those layers apart)."""
+    by_shape: dict[tuple, set[int]] = {}
+    for li, shape in an.attn_shapes:
+        if li is None:
+            continue
+        by_shape.setdefault(shape, set()).update(tp.layer_map.get(li, (li,)))
+    out = []
+    for (h, kv, d), layers in by_shape.items():
+        ls = tuple(sorted(layers))
+        out.append(AttentionShape(layers=ls, heads=h, kv_heads=kv, head_dim=d,
+                                  kind=layer_kind(cfg, tp.layer_arrays, ls)))
     return tuple(out)
 
 

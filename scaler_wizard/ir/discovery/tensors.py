@@ -135,18 +135,21 @@ def classify_tensors(tp: Traced, an: Analysis, cfg, ikeys, extra):
             sub = None
         info = dict(name=tmpl, shape=tuple(shape), axes=tuple(axes), module=mt, module_type=mtype, kind=kind,
                     sublayer=sub if li is not None else None)
-        if tmpl in templates:
+        # one entry per template and layout: layers of a kind whose tensor has another shape (a
+        # sliding-window layer's attention with its own head counts) get an entry of their own
+        key = (tmpl, tuple(shape), tuple(axes))
+        if key in templates:
             if li is not None:
-                templates[tmpl]["layers"] |= set(tp.layer_map.get(li, ()))
+                templates[key]["layers"] |= set(tp.layer_map.get(li, ()))
         else:
             info["layers"] = set(tp.layer_map.get(li, ())) if li is not None else None
-            templates[tmpl] = info
-    for tmpl, info in templates.items():
+            templates[key] = info
+    for info in templates.values():
         if info["sublayer"] is None and info["layers"] is not None:
             sib = [o["sublayer"] for o in templates.values() if o["module"] == info["module"] and o["sublayer"]]
             if sib:
                 info["sublayer"] = sib[0]
-    for tmpl, info in templates.items():
+    for info in templates.values():
         # a bias added by hand (FalconLinear: x @ W.T + b) is traced as an elementwise add; when its
         # module's weight has an output axis of the same factors, it is that output's bias (role out)
         ax = info["axes"]
@@ -155,7 +158,7 @@ def classify_tensors(tp: Traced, an: Analysis, cfg, ikeys, extra):
             if any(x.role == "out" and x.segments == ax[0].segments for o in sib for x in o["axes"]):
                 info["axes"] = (Axis(ax[0].segments, "out"),)
     tensors = []
-    for tmpl, info in templates.items():
+    for info in templates.values():
         layers = None if info["layers"] is None else tuple(sorted(info["layers"]))
         tensors.append(TensorInfo(**{**info, "layers": layers}))
     tensors.sort(key=lambda t: (t.layers is not None, t.name))
