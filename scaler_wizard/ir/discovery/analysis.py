@@ -129,7 +129,13 @@ def analyse(traced: Traced) -> Analysis:
         e = A.expansion(h)
         kvh = e[1][0] if e is not None and e[0] == PROD and len(e[1]) == 2 else None
         d = qa[-1][0]
-        shape = (an.size(h), an.size(kvh) if kvh is not None else an.size(h), an.size(d))
+        # the head width as the whole last axis of q: a rotary layer may split it into factors
+        # (Llama-4's complex RoPE: 16 = 8 x 2) where a layer without RoPE does not; what is compared
+        # is the sizes, not their factorisation
+        width = 1
+        for x in qa[-1]:
+            width *= an.size(x) or 1
+        shape = (an.size(h), an.size(kvh) if kvh is not None else an.size(h), width)
         if first_shape is None:
             first_shape = shape
         elif shape != first_shape and not any(an.root(x) in an.names for x in (h, d) + ((kvh,) if kvh is not None else ())):

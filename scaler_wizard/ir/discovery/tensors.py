@@ -135,9 +135,11 @@ def classify_tensors(tp: Traced, an: Analysis, cfg, ikeys, extra):
             sub = None
         info = dict(name=tmpl, shape=tuple(shape), axes=tuple(axes), module=mt, module_type=mtype, kind=kind,
                     sublayer=sub if li is not None else None)
-        # one entry per template and layout: layers of a kind whose tensor has another shape (a
-        # sliding-window layer's attention with its own head counts) get an entry of their own
-        key = (tmpl, tuple(shape), tuple(axes))
+        # one entry per template and shape: layers of a kind whose tensor has another shape (a
+        # sliding-window layer's attention with its own head counts) get an entry of their own; the
+        # same shape read with other factors in another layer (Llama-4's complex RoPE splits head_dim
+        # on its RoPE layers only) stays one entry, laid out as the first layer reads it
+        key = (tmpl, tuple(shape))
         if key in templates:
             if li is not None:
                 templates[key]["layers"] |= set(tp.layer_map.get(li, ()))
