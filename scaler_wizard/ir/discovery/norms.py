@@ -189,27 +189,9 @@ def _norms(tp: Traced, an: Analysis, cfg, ikeys):
     return infos, all_params
 
 
-def _reaches_attention(an: Analysis, node) -> bool:
-    """Whether ``node`` feeds an attention op (or the softmax of scores) through no parameter
-    projection."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n.name in seen:
-            continue
-        seen.add(n.name)
-        for u in n.users:
-            if u.op != "call_function" or _weight_of(an, u) is not None:
-                continue
-            if _base(u) in ATTN_OPS or _base(u) in ("softmax", "_softmax"):
-                return True
-            stack.append(u)
-    return False
-
-
-def _reaches_head(an: Analysis, node) -> bool:
-    """Whether the LM head's projection reads ``node`` through no other projection (elementwise ops,
-    views, slices and casts in between are fine)."""
+def _reaches(node, step) -> bool:
+    """Walk the users of ``node`` (call_function nodes only): ``step(user)`` says True (found: stop,
+    True), False (do not walk through this user) or None (walk on through it)."""
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
@@ -219,15 +201,37 @@ def _reaches_head(an: Analysis, node) -> bool:
         for u in n.users:
             if u.op != "call_function":
                 continue
-            w = _weight_of(an, u)
-            if w is not None:
-                if an.lm_head is not None and w in (an.lm_head, _tied_src(an.traced, an.lm_head, an)):
-                    return True
-                continue
-            if _base(u) in ("linear", "addmm", "mm", "matmul", "bmm"):
-                continue
-            stack.append(u)
+            found = step(u)
+            if found:
+                return True
+            if found is None:
+                stack.append(u)
     return False
+
+
+def _reaches_attention(an: Analysis, node) -> bool:
+    """Whether ``node`` feeds an attention op (or the softmax of scores) through no parameter
+    projection."""
+
+    def step(u):
+        if _weight_of(an, u) is not None:
+            return False
+        return True if _base(u) in ATTN_OPS or _base(u) in ("softmax", "_softmax") else None
+
+    return _reaches(node, step)
+
+
+def _reaches_head(an: Analysis, node) -> bool:
+    """Whether the LM head's projection reads ``node`` through no other projection (elementwise ops,
+    views, slices and casts in between are fine)."""
+
+    def step(u):
+        w = _weight_of(an, u)
+        if w is not None:
+            return an.lm_head is not None and w in (an.lm_head, _tied_src(an.traced, an.lm_head, an))
+        return False if _base(u) in ("linear", "addmm", "mm", "matmul", "bmm") else None
+
+    return _reaches(node, step)
 
 
 def _sublayer_of_param(an: Analysis, p: str | None) -> str | None:
