@@ -207,6 +207,7 @@ class DimGraph:
     uses: list[ParamUse] = field(default_factory=list)
     unhandled: list[str] = field(default_factory=list)  # ops that got fresh atoms
     origin: dict[str, tuple[str, list[int | None]]] = field(default_factory=dict)
+    buffer_axes: dict[str, list[int | None]] = field(default_factory=dict)  # buffer FQN -> atom per axis
 
 
 def _shape(node) -> tuple[int, ...] | None:
@@ -267,6 +268,7 @@ class Propagator:
         self.uses: list[ParamUse] = []
         self.unhandled: list[str] = []
         self.origin: dict[str, tuple[str, list[int | None]]] = {}
+        self.buffer_axes: dict[str, list[int | None]] = {}
         self.nodes_by_name = {n.name: n for n in ep.graph.nodes}
 
     # -------------------------------------------------------------- helpers
@@ -385,8 +387,10 @@ class Propagator:
                     self.placeholder_param[node.name] = fqn
                     self.param_axes[fqn] = [ax[0] if ax else None for ax in axes]
                     self.origin[node.name] = (fqn, list(range(len(axes))))
-                elif node.name in i2b:
-                    pass
+                elif node.name in i2b and axes is not None:
+                    # a buffer's axes, for the persistent ones the checkpoint stores (carried like
+                    # parameters); it is not a parameter use, so analysis does not see it as one
+                    self.buffer_axes[_strip_wrapper(i2b[node.name])] = [ax[0] if ax else None for ax in axes]
                 if axes is not None:
                     self.set(node, axes)
                 continue
@@ -394,7 +398,8 @@ class Propagator:
                 continue
             if node.op == "call_function":
                 self.apply(node)
-        return DimGraph(self.a, self.values, self.param_axes, self.placeholder_param, self.uses, self.unhandled, self.origin)
+        return DimGraph(self.a, self.values, self.param_axes, self.placeholder_param, self.uses, self.unhandled, self.origin,
+                        self.buffer_axes)
 
     def apply(self, node) -> None:
         name = _op_name(node)

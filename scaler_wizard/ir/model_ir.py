@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-IR_FORMAT_VERSION = 14
+IR_FORMAT_VERSION = 15
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
@@ -79,7 +79,7 @@ class TensorInfo:
     axes: tuple[Axis, ...]
     module: str  # owning module path template (e.g. "model.layers.{i}.self_attn.q_proj")
     module_type: str  # class name of the owning module (Linear, Conv1D, Embedding, LlamaRMSNorm, ...)
-    kind: str  # "weight" | "bias" | "embedding" | "lm_head" | "norm_weight" | "norm_bias" | "router" | "other"
+    kind: str  # "weight" | "bias" | "embedding" | "lm_head" | "norm_weight" | "norm_bias" | "router" | "buffer" (a persistent buffer: stored, carried) | "other"
     layers: tuple[int, ...] | None = None  # None for global tensors; else the layers that have it
     sublayer: str | None = None  # "attn" | "mlp" | "moe" | None
     dtype: str = "float32"

@@ -30,6 +30,10 @@ class Traced:
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     tied_sets: list[tuple[str, ...]] = field(default_factory=list)
     param_modules: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (module path, type)
+    # persistent buffers (``state_dict`` names them and save_pretrained stores them: DeepSeek-V3's
+    # router ``e_score_correction_bias``, Gemma-4's ``layer_scalar``): name -> shape; their module in
+    # ``param_modules``. Non-persistent buffers (RoPE's ``inv_freq``) are computed, never stored.
+    buffer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def layers_key_of(config) -> str:
@@ -302,7 +306,20 @@ def trace_config(config) -> Traced:
         mpath = name.rsplit(".", 1)[0] if "." in name else ""
         t.param_modules[name] = (mpath, type(mods.get(mpath)).__name__)
     t.tied_sets = [tuple(v) for v in by_id.values() if len(v) > 1]
+    t.buffer_shapes = persistent_buffers(model)
+    for name in t.buffer_shapes:
+        mpath = name.rsplit(".", 1)[0] if "." in name else ""
+        t.param_modules[name] = (mpath, type(mods.get(mpath)).__name__)
     return t
+
+
+def persistent_buffers(model) -> dict[str, tuple[int, ...]]:
+    """name -> shape of ``model``'s persistent buffers (the buffers ``state_dict`` holds)."""
+    non_persistent = set()
+    for mname, mod in model.named_modules():
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            non_persistent.add(f"{mname}.{b}" if mname else b)
+    return {name: tuple(b.shape) for name, b in model.named_buffers() if name not in non_persistent}
 
 
 _LAYER_RE_CACHE: dict[str, re.Pattern] = {}

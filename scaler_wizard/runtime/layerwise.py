@@ -182,6 +182,13 @@ def identical_prefix(a: "LayerwiseModel", b: "LayerwiseModel") -> tuple[int, str
         for rel in pa:
             if not _same_bytes(a, pa[rel], b, pb[rel]):
                 return i, f"layer {i}: {rel} differs"
+        ba, bb = dict(la.named_buffers()), dict(lb.named_buffers())  # loaded already (stored or computed)
+        if ba.keys() != bb.keys():
+            return i, f"layer {i}: different buffers"
+        for rel in ba:
+            x, y = ba[rel], bb[rel]
+            if x.dtype != y.dtype or x.shape != y.shape or not bool((x == y).all()):
+                return i, f"layer {i}: buffer {rel} differs"
     return n, "all layers of the shorter model" if n else "no layers"
 
 
@@ -276,6 +283,7 @@ class LayerwiseModel:
             else:
                 model = cls._from_config(config, dtype=torch.float32)
         model.tie_weights()  # as from_pretrained does (config.tie_word_embeddings, _tied_weights_keys)
+        self._load_buffers(model)
         self.model = model.eval()
         self.config = model.config
         self.prefix = getattr(model, "base_model_prefix", "") or ""
@@ -303,6 +311,30 @@ class LayerwiseModel:
                     self._slots.setdefault(id(p), []).append((mod, attr, f"{mname}.{attr}" if mname else attr))
 
     # -- weights
+    def _load_buffers(self, model) -> None:
+        """Persistent buffers the checkpoint stores replace the values the config built (as
+        ``from_pretrained`` loads them: a trained router's ``e_score_correction_bias``, Gemma-4's
+        ``layer_scalar``); floating ones in float32. They are small and held for the whole run."""
+        import torch
+
+        from scaler_wizard.ir.trace import persistent_buffers
+
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+        mods = dict(model.named_modules())
+        for name, shape in persistent_buffers(model).items():
+            try:
+                stored = self._stored_name([name])
+            except ValueError:
+                continue  # not stored: the value the model computes is the one from_pretrained keeps
+            t = self.reader.get(stored)
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{self.reader.path}: buffer {stored!r} has shape {tuple(t.shape)}, "
+                                 f"the model built from config.json expects {tuple(shape)}")
+            mpath, _, attr = name.rpartition(".")
+            mod = mods[mpath]
+            t = t.to(torch.float32) if t.is_floating_point() else t
+            mod._buffers[attr] = t.to(mod._buffers[attr].device)
+
     def _stored_name(self, names: list[str]) -> str:
         cands = []
         for n in names:

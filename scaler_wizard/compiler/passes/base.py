@@ -223,6 +223,8 @@ def initial_state(ir: ModelIR, plan: ResolvedPlan, stored: set[str] | None = Non
         for i, name in zip(t.layers if t.layers is not None else (None,), t.names()):
             if name in aliases:
                 continue
+            if t.kind == "buffer" and stored is not None and name not in stored:
+                continue  # a buffer the checkpoint does not store: transformers computes it on load
             node = P.Load(name, t.shape)
             tensors[name] = TState(node, t, i, axes, name, False, [(0, s) for s in t.shape], EXACT, [], writer)
     st = LowerState(ir, plan, tensors, {k: g.size for k, g in ir.groups.items()}, layer_prefix_of(ir), aliases)

@@ -96,21 +96,32 @@ def classify_tensors(tp: Traced, an: Analysis, cfg, ikeys, extra):
                     router_params.add(p)
 
     templates: dict[str, dict] = {}
-    for name, shape in tp.param_shapes.items():
+    buffers = getattr(tp, "buffer_shapes", {})
+    for name, shape in [*tp.param_shapes.items(), *buffers.items()]:
         src = tied_dupe_of.get(name, name)
-        axes_atoms = an.dg.param_axes.get(src)
+        is_buffer = name in buffers and name not in tp.param_shapes
+        axes_atoms = an.dg.buffer_axes.get(name) if is_buffer else an.dg.param_axes.get(src)
+        if axes_atoms is None and is_buffer:
+            # a stored buffer the traced forward does not read (a layer kind without it in the trace):
+            # carried as it is, its axes in no group
+            axes_atoms = [None] * len(shape)
         if axes_atoms is None:
             raise IRDiscoveryError(f"parameter {name} is not used by the traced forward", module=name.rsplit(".", 1)[0])
         mpath, mtype = tp.param_modules[name]
         r = roles_by_module.get((src, mpath)) or roles.get(src, {})
         axes = []
         for k, a in enumerate(axes_atoms):
-            segs = _render_axis(an, a, extra) if a is not None else [[]]
+            if a is not None:
+                segs = _render_axis(an, a, extra)
+            else:
+                segs = [[Factor("const", shape[k])]] if shape[k] > 1 else [[]]
             role = r.get(k, "other")
             axes.append(Axis(tuple(Segment(tuple(s)) for s in segs), role))
         tmpl, li = split_layer(name, tp.layer_list_path)
         mt, _ = split_layer(mpath, tp.layer_list_path)
-        if name in norm_params:
+        if is_buffer:
+            kind = "buffer"  # stored state the forward reads (a router's score correction, a layer scalar)
+        elif name in norm_params:
             kind = norm_params[name]
         elif name in router_params:
             kind = "router"
