@@ -187,10 +187,31 @@ def build_tiny(model_type: str, out_dir: str | Path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.eval()
+    _perturb_stored_buffers(model)
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6]]))
     model.save_pretrained(str(out_dir))
     return applied
+
+
+def _perturb_stored_buffers(model) -> None:
+    """Move every floating persistent buffer off its initial value (a trained checkpoint's router
+    ``e_score_correction_bias`` is not the zeros it starts from): a program that drops a stored
+    buffer, or a verifier that rebuilds it from the config, then changes the function and the cell
+    says so instead of passing on a default that happens to match."""
+    import torch
+
+    from scaler_wizard.ir.trace import persistent_buffers
+
+    g = torch.Generator().manual_seed(1)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name in persistent_buffers(model):
+            mpath, _, attr = name.rpartition(".")
+            b = mods[mpath]._buffers[attr]
+            if b is not None and b.is_floating_point() and b.numel():
+                scale = float(b.abs().mean()) * 0.1 + 0.05
+                b.add_(torch.randn(b.shape, generator=g, dtype=b.dtype) * scale)
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
