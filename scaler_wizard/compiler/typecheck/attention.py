@@ -93,10 +93,15 @@ class AttentionRules:
         (role ``other``, constant factors only) of exactly the group's size: it is likely the same
         dimension used through an op without a shape rule (Aria's experts run through grouped_mm),
         and the grown config would re-size it while the program leaves it."""
+        # a hybrid's token mixer (its stored decay tables too) is judged as a block: SW365 here, SW366
+        # when the grown config re-sizes it
+        in_mixer = tuple(mx.module + "." for mx in self.ir.mixers)
         for op in st.ops:
             if op.kind != "widen" or not op.group or not op.old_size:
                 continue
             for t in self.ir.tensors:
+                if in_mixer and t.name.startswith(in_mixer):
+                    continue
                 k = next((k for k, ax in enumerate(t.axes) if ax.role == "other" and not ax.groups()
                           and ax.size == op.old_size), None)
                 if k is None:
