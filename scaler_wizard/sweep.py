@@ -78,6 +78,9 @@ _SIZE_RULES: list[tuple[str, int]] = [
     (r"^(q_lora_rank|kv_lora_rank|.*lora_rank)$", 16),
     (r"^(num_experts|num_local_experts|n_routed_experts|moe_num_experts|num_routed_experts)$", 4),
     (r"^(num_experts_per_tok|moe_topk|top_k|num_selected_experts|moe_top_k|num_experts_per_token)$", 2),
+    # group-limited routing (DeepSeek-V3): the 4 experts in 2 groups, experts picked from 1 group
+    (r"^n_group$", 2),
+    (r"^topk_group$", 1),
     (r"(intermediate_size|^ffn_dim$|^n_inner$|^d_ff$|^ffn_hidden_size$|^inner_dim$|^intermediate_dim$|^d_inner$)", 96),
     (r"^(hidden_size|d_model|n_embd|embed_dim|model_dim|dim|word_embed_proj_dim|hidden_dim)$", 64),
     (r"^(vocab_size|padded_vocab_size|n_vocab)$", 128),
@@ -158,11 +161,13 @@ def _two_layers(v: list) -> list:
     return v[:2]
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, *, derive: bool = False):
     """(config, applied) -- a tiny config of ``model_type`` made from its class defaults.
 
     ``applied`` maps each changed key (``text_config.hidden_size`` for sub-configs) to (old, new).
-    Raises whatever the config class raises when the shrunk values are inconsistent."""
+    ``derive``: leave the keys the class derives from others to the class (:func:`_leave_derived_keys`;
+    :func:`build_tiny`'s second try). Raises whatever the config class raises when the shrunk values
+    are inconsistent."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -173,8 +178,49 @@ def tiny_config(model_type: str):
         applied[k] = ("override", v)
         kw[k] = v
     kw.pop("model_type", None)
+    if derive:
+        _leave_derived_keys(model_type, kw, applied)
     cfg = AutoConfig.for_model(model_type, **kw)
     return cfg, applied
+
+
+def _leave_derived_keys(model_type: str, kw: dict, applied: dict) -> None:
+    """Drop from ``kw`` the shrunk top-level keys the config class derives from other keys when
+    they are not given (DeepSeek-V3's ``head_dim`` is ``qk_rope_head_dim``, ``qk_head_dim`` the sum of
+    the rope and nope parts): built without the key, the class sets a value other than its default,
+    so the class's rule, not the size table, gives it (``applied`` records the derived value). Only a
+    second try: it also derives keys the table sets on purpose (kv heads below the heads)."""
+    from transformers import AutoConfig
+
+    for k in [k for k in applied if "." not in k and applied[k][0] != "override"]:
+        trial = {x: v for x, v in kw.items() if x != k}
+        try:
+            with _quiet():
+                derived = getattr(AutoConfig.for_model(model_type, **trial), k, None)
+        except Exception:  # noqa: BLE001 - the class needs the key: keep the shrunk value
+            continue
+        if derived is not None and derived != applied[k][0]:
+            kw.pop(k)
+            applied[k] = (applied[k][0], derived)
+
+
+def _quiet():
+    import contextlib
+    import logging
+    import warnings
+
+    @contextlib.contextmanager
+    def cm():
+        log = logging.getLogger("transformers")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                yield
+            finally:
+                log.setLevel(level)
+    return cm()
 
 
 def build_tiny(model_type: str, out_dir: str | Path):
@@ -183,13 +229,23 @@ def build_tiny(model_type: str, out_dir: str | Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg, applied = tiny_config(model_type)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.eval()
-    _perturb_stored_buffers(model)
-    with torch.no_grad():
-        model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6]]))
+    def build(derive):
+        cfg, applied = tiny_config(model_type, derive=derive)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.eval()
+        _perturb_stored_buffers(model)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 2, 3, 4, 5, 6]]))
+        return model, applied
+
+    try:
+        model, applied = build(False)
+    except Exception as first:  # noqa: BLE001 - shrunk keys may contradict a rule of the class
+        try:
+            model, applied = build(True)  # e.g. DeepSeek-V3: head_dim is qk_rope_head_dim
+        except Exception:  # noqa: BLE001
+            raise first from None
     model.save_pretrained(str(out_dir))
     return applied
 
