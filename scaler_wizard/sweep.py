@@ -137,6 +137,12 @@ def _shrink_dict(d: dict, applied: dict, prefix: str = "") -> dict:
             sub = _shrink_dict(v, applied, prefix + k + ".")
             if sub:
                 out[k] = {**v, **sub}
+    # multi-head latent attention (DeepSeek-V2/V3: a kv_lora_rank) has no kv-head groups: its config
+    # keeps kv heads equal to the heads, and so does the tiny one
+    kv = next((k for k in ("num_key_value_heads",) if k in out), None)
+    if kv and isinstance(d.get("kv_lora_rank"), int) and d.get(kv) == d.get("num_attention_heads"):
+        out[kv] = out.get("num_attention_heads", d.get("num_attention_heads"))
+        applied[prefix + kv] = (d[kv], out[kv])
     vocab = out.get("vocab_size", d.get("vocab_size"))
     if isinstance(vocab, int):
         for k, v in d.items():
