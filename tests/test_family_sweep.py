@@ -8,6 +8,7 @@ list to be updated. The full table (every causal-LM family x every op) is benchm
 from __future__ import annotations
 
 import pytest
+from pathlib import Path
 
 from scaler_wizard import sweep
 
@@ -476,3 +477,23 @@ def test_layer_kind_laid_out_by_index_refuses_depth_growth(tmp_path_factory):
     # say so. A duplicated first layer lacks the norm the config gives every later layer: SW316 before.
     d = _refusal("duplicate layers 0..2", _tiny(tmp_path_factory, "modernbert-decoder"))
     assert d.code == "SW368" and "lacks `attn_norm.weight`" in d.message, d.message
+
+
+@pytest.mark.slow
+def test_derived_layer_index_list_is_rederived_by_depth_growth(tmp_path_factory, tmp_path):
+    # Zamba-2's config derives `hybrid_layer_ids` (indices of the hybrid layers) from
+    # `layers_block_type` but stores it, and transformers reads the stored list back: inserting a
+    # layer before the hybrid one kept [1], and the grown model failed to run (KeyError: 2), after
+    # `apply` had called the plan exact. The grown config now carries the re-derived list.
+    import json
+
+    from scaler_wizard import api
+
+    model = _tiny(tmp_path_factory, "zamba2")
+    assert json.loads((Path(model) / "config.json").read_text())["hybrid_layer_ids"] == [1]
+    out = tmp_path / "o"
+    r = api.apply("insert layer 1 identity", model=model, out=str(out), verify=True)
+    assert r["passed"] and r["exactness"] == "exact", r["verification"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["layers_block_type"] == ["linear_attention", "linear_attention", "hybrid"]
+    assert cfg["hybrid_layer_ids"] == [2]

@@ -36,7 +36,7 @@ from typing import Any
 from scaler_wizard.diagnostics import Diagnostic, PlanError
 from scaler_wizard.grammar import ast as A
 
-CONFORM_FORMAT = 3  # 2: headless base-class inputs compared as the traced class; 3: keyed by the tensors compared
+CONFORM_FORMAT = 4  # 2: headless base-class inputs compared as the traced class; 3: keyed by the tensors compared; 4: derived list keys re-derived
 _SKIP_SUFFIX = ("_token_id", "_token_ids")
 
 
@@ -349,7 +349,33 @@ def settle_config(ir, input_cfg: dict, patch: dict, old_sizes: dict, new_sizes: 
             errors = [_render(ir, d, full, new_sizes) for d in diffs[:6]]
             if len(diffs) > 6:
                 errors.append(f"... and {len(diffs) - 6} more")
+    if not errors:
+        _rederive_lists(input_cfg, patch, notes)
     return patch, notes, errors
+
+
+def _rederive_lists(input_cfg: dict, patch: dict, notes: list[str]) -> None:
+    """Re-derive list-valued keys the config class computes from others (Zamba-2's
+    ``hybrid_layer_ids``, the indices of ``layers_block_type``'s hybrid layers): config.json stores
+    them and transformers reads the stored value back, so a depth plan that moves the hybrid layers
+    must write the grown value. A key counts as derived when the input config built without it gives
+    its stored value; the grown config built without it gives the value written."""
+    for k, v in input_cfg.items():
+        if not isinstance(v, list) or k in patch or k in ("architectures",):
+            continue
+        try:
+            derived = getattr(config_object({x: y for x, y in input_cfg.items() if x != k}), k, None)
+            if derived != v:
+                continue
+            grown = {**input_cfg, **patch}
+            grown.pop(k)
+            new = getattr(config_object(grown), k, None)
+        except Exception:  # noqa: BLE001 - the class needs the key: not derived
+            continue
+        if isinstance(new, (list, tuple)) and list(new) != v:
+            patch[k] = list(new)
+            notes.append(f"`{k}` = {list(new)} re-derived from the grown config (was {v}: transformers derives "
+                         "it from other keys, and would read the stored value back)")
 
 
 # ---------------------------------------------------------------------------- the compiler's hook
