@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-IR_FORMAT_VERSION = 15
+IR_FORMAT_VERSION = 16
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
@@ -230,6 +230,9 @@ class ModelIR:
     traced_layers: int = 0  # depth of the reduced model actually traced
     mixers: tuple[MixerInfo, ...] = ()  # token mixers that are not attention (hybrids; empty for transformers)
     attention_shapes: tuple[AttentionShape, ...] = ()  # layer kinds whose attention has another shape
+    # (config key, module, value, value with the key changed): float constants of the forward computed
+    # from a size (discovery.constants: MiniCPM3's scale_depth / sqrt(num_hidden_layers))
+    size_constants: tuple[tuple[str, str, float, float], ...] = ()
     format_version: int = IR_FORMAT_VERSION
 
     # ------------------------------------------------------------------ queries
@@ -335,5 +338,6 @@ def _ir_from_dict(d: dict) -> ModelIR:
                                   "tensors": tuple(m.get("tensors", ()))}) for m in d.get("mixers", ())),
         attention_shapes=tuple(AttentionShape(**{**a, "layers": tuple(a["layers"])})
                                for a in d.get("attention_shapes", ())),
+        size_constants=tuple(tuple(f) for f in d.get("size_constants", ())),
         format_version=d.get("format_version", IR_FORMAT_VERSION),
     )

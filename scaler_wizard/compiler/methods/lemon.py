@@ -41,7 +41,22 @@ class Lemon(WidthMethod):
                      f"(or `to {old * max(2, round(new / old))}`)",
             )
             return None, ""
-        gainless = [n for n in cx.ir.norms if n.group == "hidden" and not n.weight]
+        hidden_norms = [n for n in cx.ir.norms if n.group == "hidden"]
+        fixed = [n for n in hidden_norms if not n.eps_key and n.eps]
+        if fixed and any(n.eps_key for n in hidden_norms):
+            # a residue needs every hidden norm's epsilon x eta^2 (config eps) or the stream scaled by
+            # 1/eta (fixed eps): with both kinds neither construction keeps both exact (DeepSeek-V2-style
+            # MLA's kv_a_layernorm has a fixed eps next to the config's rms_norm_eps)
+            cx.bag.error(
+                "SW380",
+                f"LEMON's residue ({old} -> {new}) cannot keep this model exact: some hidden norms take epsilon "
+                f"from the config (`{next(n.eps_key for n in hidden_norms if n.eps_key)}`), `{fixed[0].weight or fixed[0].placement}` "
+                f"has a fixed one ({fixed[0].eps:g})",
+                cx.stmt.amount.span,
+                help=f"use an integer factor: `x{max(2, round(new / old))}` tiles, which is exact whatever the epsilons",
+            )
+            return None, ""
+        gainless = [n for n in hidden_norms if not n.weight]
         if gainless:
             # LEMON puts eta = sqrt(old/new)-style factors into the norm gains; a norm without a gain
             # (OLMo's non-parametric LayerNorm) has nowhere to put it (measured: 0.34 relative drift)

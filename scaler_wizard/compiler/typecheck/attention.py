@@ -388,6 +388,45 @@ class AttentionRules:
             )
             return
 
+    def _check_size_constants(self, st: _State) -> None:
+        """SW381: growth of a size that a constant of the forward is computed from
+        (``ModelIR.size_constants``, found by differential tracing: MiniCPM3's residual branches scaled
+        by ``scale_depth / sqrt(num_hidden_layers)``, its logits by ``dim_model_base / hidden_size``).
+        The copied weights would be exact, but transformers re-computes the constant from the grown
+        config, so the grown model computes another function."""
+        facts = self.ir.size_constants
+        if not facts:
+            return
+        depth_key = self.ir.layers_key
+        hidden_key = (self.ir.groups.get("hidden").config_key if "hidden" in self.ir.groups else None)
+        for op in st.ops:
+            if op.kind in ("insert", "duplicate", "stack"):
+                key = depth_key
+            elif op.kind == "widen" and op.group == "hidden":
+                key = hidden_key
+            else:
+                continue
+            fact = next((f for f in facts if f[0] == key), None)
+            if fact is None:
+                continue
+            _, mod, before, after = fact
+            if key == depth_key:
+                n = self.ir.traced_layers
+                change = f"{before:.6g} in the {n}-layer trace, {after:.6g} with {n + 1} layers"
+            else:
+                h = self.ir.groups["hidden"].size
+                change = f"{before:.6g} at `{key}` = {h}, {after:.6g} at {2 * h}"
+            st.bag.error(
+                "SW381",
+                f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
+                + f": `{self.ir.model_type}` computes a constant of its forward from `{key}` (in "
+                f"`{mod or 'the model'}`: {change}); transformers would "
+                "re-compute it for the grown config, so the grown model would not compute the same function",
+                op.span,
+                help=f"ops that leave `{key}` as it is are unaffected (muP-style scaling by the depth or the width)",
+            )
+            return
+
     def _check_norms_over_heads(self, st: _State) -> None:
         """SW351: a norm whose elementwise axis spans heads (or kv_heads) computes one statistic over
         all heads (OLMo-2's q_norm over heads x head_dim); new heads, zero head_dim units or fresh

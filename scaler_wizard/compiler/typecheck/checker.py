@@ -71,6 +71,7 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, Depth
         self._check_norms_over_heads(st)
         self._check_norms_over_ffn(st)
         self._check_fixed_groups(st)
+        self._check_size_constants(st)
         self._check_unplaced_axes(st)
         self._check_elementwise_on_hidden(st)
         self._check_head_dim_readers(st)

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from scaler_wizard.ir.discovery.analysis import Analysis, analyse
 from scaler_wizard.ir.discovery.attention import _attention
+from scaler_wizard.ir.discovery.constants import size_dependent_constants
 from scaler_wizard.ir.discovery.binding import _int_keys, bind_groups, fit_rope_lists
 from scaler_wizard.ir.dims import _strip_wrapper
 from scaler_wizard.ir.errors import IRDiscoveryError
@@ -88,6 +89,13 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
     for j, real in sorted(tp.layer_map.items()):
         if len(tp.layer_map) > 1:
             notes.append(f"traced layer {j} stands for layers {ranges(real)}")
+    consts = ()
+    if differential:
+        consts = size_dependent_constants(tp, bound.get("hidden"), an.sizes.get("hidden"),
+                                          residual.embed_scale if residual.embed_scale_source else None)
+        for key, mod, before, after in consts:
+            notes.append(f"differential trace: a constant of `{mod or 'the model'}` follows `{key}` "
+                         f"({before:.6g} -> {after:.6g})")
     mixers = _mixers(tp, an, tensors) if attention is not None else ()
     shapes = _attention_shapes(tp, an, cfg) if attention is not None else ()
     ir = ModelIR(
@@ -109,6 +117,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
         traced_layers=tp.config.num_hidden_layers,
         mixers=mixers,
         attention_shapes=shapes,
+        size_constants=consts,
     )
     return ir
 
