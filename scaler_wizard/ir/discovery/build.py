@@ -92,7 +92,8 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
     consts = ()
     if differential:
         consts = size_dependent_constants(tp, bound.get("hidden"), an.sizes.get("hidden"),
-                                          residual.embed_scale if residual.embed_scale_source else None)
+                                          residual.embed_scale if residual.embed_scale_source else None,
+                                          tuple(bound[g] for g in ("heads", "kv_heads") if bound.get(g)))
         for key, mod, before, after in consts:
             notes.append(f"differential trace: a constant of `{mod or 'the model'}` follows `{key}` "
                          f"({before:.6g} -> {after:.6g})")

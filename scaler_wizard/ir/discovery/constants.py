@@ -60,11 +60,26 @@ def _export(config):
     return export_model(build_meta_model(config))
 
 
-def size_dependent_constants(tp, hidden_key: str | None, hidden: int | None,
-                             embed_scale: float | None) -> tuple[tuple[str, str, float, float], ...]:
+def size_dependent_constants(tp, hidden_key: str | None, hidden: int | None, embed_scale: float | None,
+                             with_hidden: tuple[str, ...] = ()) -> tuple[tuple[str, str, float, float], ...]:
     """``(config key, module, value, value after the change)`` for each float scalar of the traced
-    forward that changes when ``tp``'s depth key grows by one layer, or ``hidden_key`` doubles.
-    Traces that fail (a model that rejects the changed config) give no evidence and are skipped."""
+    forward that changes when ``tp``'s depth key grows by one layer, or ``hidden_key`` doubles (with
+    the keys ``with_hidden`` -- the head counts -- doubled too, as `widen hidden` grows the heads at a
+    fixed head_dim). Traces that fail (a model that rejects the changed config) give no evidence and
+    are skipped; torch's log of the failed fake-tensor op is silenced."""
+    import logging
+    import warnings
+
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        return _find(tp, hidden_key, hidden, embed_scale, with_hidden)
+    finally:
+        fake_log.setLevel(level)
+
+
+def _find(tp, hidden_key, hidden, embed_scale, with_hidden):
     import warnings
 
     base = _scalars(tp.exported)
@@ -89,18 +104,26 @@ def size_dependent_constants(tp, hidden_key: str | None, hidden: int | None,
     except Exception:  # noqa: BLE001 - no evidence
         pass
     if hidden_key and hidden:
-        wider = copy.deepcopy(red)
-        try:
-            setattr(wider, hidden_key, hidden * 2)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                other = _scalars(_export(wider))
-            outside = lambda m: not layers or not m.startswith(layers + ".")  # noqa: E731
+        # outside every layer stack (no ModuleList index in the path): inside a layer the attention's
+        # score scale follows head_dim, which `widen hidden` keeps (it grows the heads)
+        outside = lambda m: not any(part.isdigit() for part in m.split("."))  # noqa: E731
+        for extra in (with_hidden, ()):  # with the head counts doubled, else hidden alone
+            wider = copy.deepcopy(red)
+            try:
+                setattr(wider, hidden_key, hidden * 2)
+                for k in extra:
+                    v = getattr(wider, k, None)
+                    if isinstance(v, int) and not isinstance(v, bool) and v > 1:
+                        setattr(wider, k, v * 2)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    other = _scalars(_export(wider))
+            except Exception:  # noqa: BLE001 - no evidence from this variant
+                continue
             for mod, x, y in _differ(base, other, outside):
                 known = embed_scale is not None and math.isclose(x, embed_scale, rel_tol=1e-6) and \
                     math.isclose(y, embed_scale * math.sqrt(2), rel_tol=1e-6)
                 if not known:
                     found.append((hidden_key, mod, x, y))
-        except Exception:  # noqa: BLE001 - no evidence
-            pass
+            break
     return tuple(dict.fromkeys(found))
