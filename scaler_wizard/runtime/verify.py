@@ -443,11 +443,12 @@ class _Side:
             return self.lw.run(jobs, **run_kw)
         except LayerwiseUnsupported as e:  # found only while running (a layer skipped, no cache)
             self.why_whole = str(e)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as e:
             # The layer-by-layer replay of the model's own forward failed: a state passed from layer
-            # to layer besides the hidden states (ZAYA's router states) is recorded from the
-            # stand-in pass and does not fit. The whole-model forward is the reference: it decides
-            # (a model that is really broken fails there too, with its own error).
+            # to layer besides the hidden states (ZAYA's router states; GLM-MoE-DSA's layers return
+            # their indexer's top-k for the next layer, which the pass-through stand-ins do not) is
+            # recorded from the stand-in pass and does not fit. The whole-model forward is the
+            # reference: it decides (a model that is really broken fails there too, with its own error).
             self.why_whole = f"the layer-by-layer run failed ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
         path = self.lw.reader.path
         self.lw.close()
