@@ -497,3 +497,44 @@ def test_derived_layer_index_list_is_rederived_by_depth_growth(tmp_path_factory,
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["layers_block_type"] == ["linear_attention", "linear_attention", "hybrid"]
     assert cfg["hybrid_layer_ids"] == [2]
+
+
+@pytest.mark.slow
+def test_constants_computed_from_sizes_refuse_their_growth(tmp_path_factory, tmp_path):
+    # MiniCPM3 scales each residual branch by scale_depth / sqrt(num_hidden_layers) and the final
+    # hidden states by dim_model_base / hidden_size: copied weights look exact, but transformers
+    # re-computes both constants for the grown config (inserting an identity layer drifted 3e-2,
+    # tiling hidden halved the logits; both had been called exact). Differential traces find the
+    # constants; growth of their size is SW381 at the statement, and nothing is written.
+    from scaler_wizard import api
+    from scaler_wizard.diagnostics import PlanError
+
+    model = _tiny(tmp_path_factory, "minicpm3")
+    ir = api.ir(model)
+    assert {k for k, *_ in ir.size_constants} == {"num_hidden_layers", "hidden_size"}
+    for plan, key in (("widen ffn x2 net2net\ninsert layer 1 identity", "num_hidden_layers"),
+                      ("widen ffn x2 net2net\nwiden hidden x2 tile", "hidden_size")):
+        with pytest.raises(PlanError) as e:
+            api.check(plan, model)
+        (d,) = [x for x in e.value.diagnostics if x.code == "SW381"]
+        assert d.span.line == 2 and f"from `{key}`" in d.message, d.message
+        out = tmp_path / key
+        with pytest.raises(PlanError):
+            api.apply(plan, model, out=str(out))
+        assert not out.exists()
+    r = api.check("widen ffn x2 net2net", model)
+    assert r.exactness == "exact"
+
+
+@pytest.mark.slow
+def test_lemon_residue_with_config_and_fixed_epsilons_is_refused(tmp_path_factory):
+    # DeepSeek-V2-style latent attention normalises its q / kv latents with a fixed epsilon next to
+    # the config's rms_norm_eps: a LEMON residue can rescale only one kind, so `x1.5` is refused at
+    # check (SW380, on the amount) instead of failing inside the widen-hidden pass; `x2` tiles.
+    from scaler_wizard import api
+
+    model = _tiny(tmp_path_factory, "glm4_moe_lite")
+    d = _refusal("widen hidden x1.5 lemon", model)
+    assert d.code == "SW380" and (d.span.line, d.span.col) == (1, 14), d
+    assert "fixed one" in d.message and "`x2`" in d.help
+    assert api.check("widen hidden x2 lemon", model).exactness == "exact"
