@@ -33,7 +33,10 @@ through every weight of the model, so a construction that is not function-preser
 split, a missing scale, a broken head or layer) moves essentially every position's logits, and a
 handful of positions detects it as surely as hundreds (tests/test_verify_layerwise.py: a broken
 layer, a 1 % change of one head). Verification costs about ``2 x parameters x 160`` float32 FLOPs
-per model, plus one pass over every weight per single-token decoding step (memory-bound); the
+per model (``x 128`` where the decoding's 32 prefill positions are cut from the random ids' forward,
+see :func:`compare_models`), plus one pass over every weight per forward: five per decoder layer
+(random ids, padded batch, cached middle, two single-token steps; six with a separate prefill),
+each a matrix product of a few dozen rows or fewer, which float32 BLAS runs far below its peak; the
 earlier sample (4 x 32 random ids, two padded batches of 4 x 32, four single-token steps over four
 rows: 416 positions) made verifying a 1.1B model 10x slower than writing it. What no small sample
 covers is every embedding row: 64 random ids draw at most 64 rows of a 32k vocabulary (the earlier
