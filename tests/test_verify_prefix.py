@@ -148,3 +148,106 @@ def test_busy_cores_sees_work_happening_now():
     finally:
         t.join()
     assert busy is not None and 0.5 <= busy <= (os.cpu_count() or 1) + 1e-6
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: sliding-window cache layers (window 40)
+def test_kv_prefill_cut_from_the_random_ids_forward(tmp_path, family):
+    """Job.prefill_from: the random ids' forward writes the cache, cut to the prefill's positions
+    and rows; the decoding continues from it. One real forward per decoder layer fewer, the same
+    logits whole and layer by layer (bitwise), every position the full forward's (within float32)."""
+    from scaler_wizard.runtime.layerwise import Job, prefill_from_longer_refused
+    from scaler_wizard.runtime.verify import _whole_model_logits
+
+    _, model = build_model(family)
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+    cut = [Job("a", ids), Job("kv", ids[:2], prefill=6, steps=2, prefill_from="a")]
+    apart = [Job("a", ids), Job("kv", ids[:2], prefill=6, steps=2)]
+    assert prefill_from_longer_refused(model.config, 12) is None
+    whole = _whole_model_logits(model, cut)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+    assert torch.equal(whole["a"], model(input_ids=ids, use_cache=True).logits)
+    assert whole["kv"].shape == (2, 12, 128)
+    assert torch.equal(whole["kv"][:, :6], whole["a"][:2, :6])  # the prefill positions are the source's
+    assert (whole["kv"] - full[:2]).abs().max().item() < 1e-5 * full.abs().max().item()
+    ref = _whole_model_logits(model, apart)["kv"]  # a prefill forward of its own
+    assert (whole["kv"] - ref).abs().max().item() < 1e-5 * full.abs().max().item()
+
+    forwards = []
+    for jobs in (cut, apart):
+        lm = LayerwiseModel(tmp_path / "m")
+        hooks = [layer.mlp.register_forward_hook(lambda *a: forwards.append(1)) for layer in lm.layers]
+        forwards.clear()
+        lw = lm.run(jobs)
+        for h in hooks:
+            h.remove()
+        if jobs is cut:
+            n_cut = len(forwards)
+            assert torch.equal(lw["a"], whole["a"]) and torch.equal(lw["kv"], whole["kv"])
+    n_layers = len(lm.layers)
+    assert n_cut == 4 * n_layers and len(forwards) == 5 * n_layers  # a, (prefill), 6..10, 10, 11
+
+
+def test_kv_prefill_cut_only_where_the_cache_holds_the_prefill():
+    """The cut cache stands for a prefill forward only where a longer forward writes the same keys
+    and values: not past a sliding window (positions dropped), not with length-dependent RoPE
+    (longrope, dynamic NTK: frequencies picked per forward), not with recurrent-state layers."""
+    from transformers import AutoConfig
+
+    from scaler_wizard.runtime.layerwise import Job, prefill_from_longer_refused, prefill_sources
+
+    cfg = build_model("gemma2")[0]
+    assert prefill_from_longer_refused(cfg, 39) is None
+    assert "sliding window of 40" in prefill_from_longer_refused(cfg, 40)
+    llama = build_model("llama")[0]
+    llama.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert "dynamic" in prefill_from_longer_refused(llama, 8)
+    nxt = AutoConfig.for_model("qwen3_next", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=128)
+    assert "LinearAttention" in prefill_from_longer_refused(nxt, 8)
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="not this job's prefill"):
+        prefill_sources([Job("a", ids), Job("kv", ids + 1, prefill=4, prefill_from="a")])
+    with pytest.raises(ValueError, match="no earlier job"):
+        prefill_sources([Job("kv", ids, prefill=4, prefill_from="a"), Job("a", ids)])
+    with pytest.raises(ValueError, match="not a plain forward"):
+        prefill_sources([Job("a", ids, attention_mask=torch.ones_like(ids)), Job("kv", ids, prefill=4, prefill_from="a")])
+
+
+def test_a_grown_model_whose_cache_is_broken_fails_the_kv_checks(tmp_path, monkeypatch):
+    """A fault only cached decoding shows: the grown model stores keys 1 % off what its forward
+    used (the forward writing the cache is right, every later forward reads wrong keys). The full
+    forwards agree; both KV checks fail, with the prefill taken from the random ids' forward."""
+    from transformers.cache_utils import DynamicLayer
+
+    _, model = build_model("llama")
+    model.save_pretrained(tmp_path / "o")
+    model.save_pretrained(tmp_path / "g")
+    broken = {"on": False}
+    update = DynamicLayer.update
+
+    def bad_update(self, k, v, *a, **kw):
+        keys, values = update(self, k, v, *a, **kw)
+        if not broken["on"]:
+            return keys, values
+        used = keys.clone()
+        self.keys = self.keys * 1.01
+        return used, values
+
+    run = LayerwiseModel.run
+
+    def run_grown_broken(self, jobs, **kw):
+        broken["on"] = str(self.reader.path).endswith("g")
+        try:
+            return run(self, jobs, **kw)
+        finally:
+            broken["on"] = False
+
+    monkeypatch.setattr(DynamicLayer, "update", bad_update)
+    monkeypatch.setattr(LayerwiseModel, "run", run_grown_broken)
+    # reuse_prefix=False: the grown copy is byte-identical, its layers would be taken from the original's run
+    rep = compare_models(str(tmp_path / "g"), str(tmp_path / "o"), layerwise=True, reuse_prefix=False)
+    assert rep.check("random_ids").passed and rep.check("padding_left").passed
+    assert not rep.check("kv_cache_vs_full").passed and not rep.check("kv_cache_vs_original").passed
+    assert not rep.passed

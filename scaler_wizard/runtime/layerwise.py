@@ -31,7 +31,11 @@ KV-cache decoding (``Job.prefill``): the prefill and each single-token step are 
 In phase 1 each step sees a stand-in cache that already holds the right number of (zero) positions,
 so the model builds the step's positions and masks as it would in real decoding; in phase 2 every
 step runs, in order, against one real ``DynamicCache`` per job, layer by layer (layer ``l`` of
-step ``t`` only reads layer ``l`` of the cache, written by steps before ``t``).
+step ``t`` only reads layer ``l`` of the cache, written by steps before ``t``). With
+``Job.prefill_from`` the prefill is no forward of its own: the named job's forward (the same
+leading tokens, run over more of them) writes the cache, and right after it has run layer ``l``,
+layer ``l`` of the cache is cut to the prefill's positions and rows (:func:`cut_cache_layer`),
+before the decoding steps run layer ``l``.
 
 Identical leading layers (``run(capture=k)`` on the original, ``run(reuse=prefix)`` on the grown
 model; :func:`identical_prefix` decides k from the files): a depth plan that inserts layers after
@@ -67,7 +71,15 @@ class Job:
     decoding (forward on ids[:, :prefill] with a cache, then one token at a time; with ``steps`` >
     0 only the last ``steps`` tokens one at a time, the ones between in one forward through the
     cache); the logits of every position are returned, as
-    :func:`scaler_wizard.runtime.verify.kv_decode_logits` does."""
+    :func:`scaler_wizard.runtime.verify.kv_decode_logits` does.
+
+    ``prefill_from`` (with ``prefill``): the name of an earlier plain job (no mask, position or
+    token type ids) whose first rows and first ``prefill`` tokens are this job's: its forward runs
+    with a cache, which is then cut to ``prefill`` positions and this job's rows
+    (:func:`cut_cache_layer`), and the decoding continues from that cache instead of a prefill
+    forward of its own (one forward per layer fewer); the logits of the prefill positions are that
+    job's. Only where the cut cache is what the prefill would have written
+    (:func:`prefill_from_longer_refused`)."""
 
     name: str
     input_ids: Any
@@ -76,6 +88,101 @@ class Job:
     token_type_ids: Any = None
     prefill: int = 0
     steps: int = 0
+    prefill_from: str | None = None
+
+
+def prefill_sources(jobs: list) -> dict[str, "Job"]:
+    """source job name -> the decoding job whose prefill it gives (``Job.prefill_from``). Raises
+    ValueError when a source is missing, comes after its decoding job, gives two prefills, has a
+    mask, position or token type ids, is itself a decoding job, or does not hold the decoding
+    job's rows and prefill tokens as its first rows and tokens."""
+    import torch
+
+    out: dict[str, Job] = {}
+    seen: dict[str, Job] = {}
+    for j in jobs:
+        if j.prefill > 0 and j.prefill_from is not None:
+            src = seen.get(j.prefill_from)
+            B, P = j.input_ids.shape[0], j.prefill
+            why = None
+            if src is None:
+                why = "no earlier job of that name"
+            elif src.name in out:
+                why = "that job already gives another prefill"
+            elif src.prefill > 0 or any(getattr(src, k) is not None
+                                        for k in ("attention_mask", "position_ids", "token_type_ids")):
+                why = "that job is not a plain forward over token ids"
+            elif (src.input_ids.shape[0] < B or src.input_ids.shape[1] < P
+                  or not torch.equal(src.input_ids[:B, :P], j.input_ids[:, :P])):
+                why = "its first rows and tokens are not this job's prefill"
+            if why:
+                raise ValueError(f"job {j.name!r}: prefill_from={j.prefill_from!r}: {why}")
+            out[src.name] = j
+        seen[j.name] = j
+    return out
+
+
+def _rope_types(d) -> list[str]:
+    """Every RoPE type named in a config dict (``rope_parameters`` / ``rope_scaling``, per layer
+    type or not, in sub-configs too)."""
+    out = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            if k in ("rope_type", "type") and isinstance(v, str):
+                out.append(v)
+            elif isinstance(v, (dict, list)):
+                out += _rope_types(v)
+    elif isinstance(d, list):
+        for v in d:
+            out += _rope_types(v)
+    return out
+
+
+def prefill_from_longer_refused(config, length: int) -> str | None:
+    """None when the KV cache a forward over ``length`` tokens writes, cut to its first positions
+    (:func:`cut_cache_layer`), holds what a forward over those positions alone would write (up to
+    float32 re-association): every layer of ``DynamicCache(config=config)`` is a plain
+    ``DynamicLayer``, or a sliding-window one whose window holds all ``length`` positions (it keeps
+    the last ``window - 1``), and no RoPE frequencies depend on the forward's length (``dynamic``
+    and ``longrope``: transformers picks them from the longest position of each forward, so the
+    prefill's keys would be rotated with the long sequence's frequencies). Otherwise the reason."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    bad = sorted({t for t in _rope_types(config.to_dict()) if t == "longrope" or "dynamic" in t})
+    if bad:
+        return f"RoPE frequencies depend on the sequence length ({', '.join(bad)})"
+    try:
+        cache = DynamicCache(config=config)
+    except Exception as e:  # noqa: BLE001 - a config the cache cannot read: keep the separate prefill
+        return f"no DynamicCache for this config ({type(e).__name__})"
+    for layer in getattr(cache, "layers", None) or []:
+        if type(layer) is DynamicSlidingWindowLayer:
+            if layer.sliding_window <= length:
+                return f"a sliding window of {layer.sliding_window} positions drops some of {length}"
+        elif type(layer) is not DynamicLayer:
+            return f"{type(layer).__name__} cache layers"
+    return None
+
+
+def cut_cache_layer(layer, length: int, rows: int) -> None:
+    """Keep the first ``length`` positions and the first ``rows`` batch rows of one KV-cache layer
+    (a ``DynamicLayer``, or a ``DynamicSlidingWindowLayer`` that has not dropped positions yet).
+    Raises ValueError for other layers."""
+    import torch
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+        raise ValueError(f"cannot cut a {type(layer).__name__} cache layer")
+    n = layer.get_seq_length()
+    if n == 0:  # not written (a layer sharing another's cache)
+        return
+    if type(layer) is DynamicSlidingWindowLayer and layer.keys.shape[-2] != n:
+        raise ValueError("the sliding-window cache layer has dropped positions")
+    if n > length:
+        layer.crop(length - n)  # a negative count: that many positions off the end
+    if layer.keys.shape[0] > rows:
+        layer.batch_select_indices(torch.arange(rows))
 
 
 def decode_schedule(T: int, prefill: int, steps: int = 0) -> list[tuple[int, int]]:
@@ -95,6 +202,8 @@ class _Step:
     job: str
     kwargs: dict
     cache_len: int = -1  # >= 0: a decode step, with this many positions already cached
+    cache: str | None = None  # the job whose KV cache it reads and writes (its own, or the one it prefills)
+    cut: tuple | None = None  # (positions, rows): after running a layer, cut the cache layers it wrote to these
     h: Any = None
     calls: list = field(default_factory=list)  # per layer: (args after hidden, kwargs)
 
@@ -468,6 +577,7 @@ class LayerwiseModel:
         self.reuse_note = None
         self.reused_layers = 0
 
+        sources = prefill_sources(jobs)
         steps: list[_Step] = []
         for j in jobs:
             base = {"input_ids": j.input_ids}
@@ -478,8 +588,14 @@ class LayerwiseModel:
             if j.prefill > 0:
                 if not self.causal or self.cache_kw is None:
                     raise LayerwiseUnsupported(f"{type(self.model).__name__}: no KV-cache decoding")
-                for a, b in decode_schedule(j.input_ids.shape[1], j.prefill, j.steps):
-                    steps.append(_Step(j.name, {"input_ids": j.input_ids[:, a:b]}, a))
+                schedule = decode_schedule(j.input_ids.shape[1], j.prefill, j.steps)
+                if j.prefill_from is not None:  # the source's forward writes the cache (see Job)
+                    schedule = schedule[1:]
+                for a, b in schedule:
+                    steps.append(_Step(j.name, {"input_ids": j.input_ids[:, a:b]}, a, cache=j.name))
+            elif j.name in sources:
+                d = sources[j.name]
+                steps.append(_Step(j.name, base, 0, cache=d.name, cut=(d.prefill, d.input_ids.shape[0])))
             else:
                 steps.append(_Step(j.name, base))
 
@@ -493,11 +609,15 @@ class LayerwiseModel:
                 if reuse is not None and reuse.layers > 0:
                     start, caches = self._reuse(steps, reuse)
                 self._layers(steps, DynamicCache, start=start, caches=caches, capture=min(capture, n))
-                return self._outputs(steps, n)
+                out = self._outputs(steps, n)
         finally:
             for layer in self.layers:  # the recorders and replayers are instance attributes
                 layer.__dict__.pop("forward", None)
             self.free(rest)
+        for name, d in sources.items():  # the prefill positions' logits are the source's
+            pre = out[name][:d.input_ids.shape[0], :d.prefill]
+            out[d.name] = torch.cat([pre, out[d.name]], dim=1) if d.name in out else pre
+        return out
 
     # -- the two vocabulary-sized matrices, read in chunks of rows
     CHUNK_BYTES = 64 << 20  # float32 bytes of one chunk of embedding / LM-head rows
@@ -646,15 +766,18 @@ class LayerwiseModel:
         if caches is None:
             caches = {}
         for st in steps:
-            if st.cache_len >= 0 and st.job not in caches:
-                caches[st.job] = DynamicCache(config=self.config)
+            if st.cache_len >= 0 and st.cache not in caches:
+                caches[st.cache] = DynamicCache(config=self.config)
         cap = None
         if capture > 0:
             cap = Prefix(capture, [(st.job, st.cache_len, st.h.clone()) for st in steps],
                          [list(st.calls[:capture]) for st in steps], [], caches)
 
         def swap(v, st):
-            return caches[st.job] if isinstance(v, Cache) else v
+            return caches[st.cache] if isinstance(v, Cache) else v
+
+        def lengths(cache):
+            return [layer.get_seq_length() for layer in getattr(cache, "layers", None) or []]
 
         for i, layer in enumerate(self.layers):
             if i < start:  # taken from the capture of an identical model (see _reuse)
@@ -669,7 +792,13 @@ class LayerwiseModel:
                     args, kwargs = st.calls[i]
                     args = tuple(swap(a, st) for a in args)
                     kwargs = {k: swap(v, st) for k, v in kwargs.items()}
+                    before = lengths(caches[st.cache]) if st.cut else None
                     out = layer(st.h, *args, **kwargs)
+                    if st.cut:  # the cache layers this layer wrote: cut to the prefill (see Job.prefill_from)
+                        cache = caches[st.cache]
+                        for k, now in enumerate(lengths(cache)):
+                            if k >= len(before) or now != before[k]:
+                                cut_cache_layer(cache.layers[k], *st.cut)
                     if isinstance(out, (tuple, list)):  # a list: OpenAI GPT's Block
                         self.layer_returns_tuple = True
                         out = out[0]

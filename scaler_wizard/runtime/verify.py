@@ -33,7 +33,10 @@ through every weight of the model, so a construction that is not function-preser
 split, a missing scale, a broken head or layer) moves essentially every position's logits, and a
 handful of positions detects it as surely as hundreds (tests/test_verify_layerwise.py: a broken
 layer, a 1 % change of one head). Verification costs about ``2 x parameters x 160`` float32 FLOPs
-per model, plus one pass over every weight per single-token decoding step (memory-bound); the
+per model (``x 128`` where the decoding's 32 prefill positions are cut from the random ids' forward,
+see :func:`compare_models`), plus one pass over every weight per forward: five per decoder layer
+(random ids, padded batch, cached middle, two single-token steps; six with a separate prefill),
+each a matrix product of a few dozen rows or fewer, which float32 BLAS runs far below its peak; the
 earlier sample (4 x 32 random ids, two padded batches of 4 x 32, four single-token steps over four
 rows: 416 positions) made verifying a 1.1B model 10x slower than writing it. What no small sample
 covers is every embedding row: 64 random ids draw at most 64 rows of a 32k vocabulary (the earlier
@@ -279,21 +282,43 @@ def _forward(model, ids, mask=None, position_ids=None, token_type_ids=None):
         return _scores(model(input_ids=ids, **kw))
 
 
-def kv_decode_logits(model, ids, prefill: int, steps: int = 0):
+def _cache_kw(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _forward_with_cache(model, ids):
+    """(scores [B, T, V], the KV cache the forward wrote) of a forward over ``ids`` with ``use_cache``."""
+    import torch
+
+    kw = _cache_kw(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    return _scores(out), (getattr(out, kw, None) if kw in out else out.past_key_values)
+
+
+def kv_decode_logits(model, ids, prefill: int, steps: int = 0, *, prefilled=None):
     """Logits for every position of ``ids`` [B, T]: full forward on ids[:, :prefill] with the cache,
     then one token at a time through ``past_key_values`` (``steps`` > 0: only the last ``steps``
     tokens one at a time, those between them and the prefill in one forward through the cache;
-    :func:`scaler_wizard.runtime.layerwise.decode_schedule`)."""
-    import torch
+    :func:`scaler_wizard.runtime.layerwise.decode_schedule`).
 
-    import inspect
+    ``prefilled``: (logits [B, prefill, V], cache holding ``prefill`` positions of B rows) from a
+    forward over more tokens, cut (``Job.prefill_from``): the decoding continues from them, with no
+    prefill forward."""
+    import torch
 
     from scaler_wizard.runtime.layerwise import decode_schedule
 
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kw = _cache_kw(model)
     chunks, past = [], None
+    schedule = decode_schedule(ids.shape[1], prefill, steps)
+    if prefilled is not None:
+        chunks, past = [prefilled[0]], prefilled[1]
+        schedule = schedule[1:]
     with torch.no_grad():
-        for a, b in decode_schedule(ids.shape[1], prefill, steps):
+        for a, b in schedule:
             out = model(input_ids=ids[:, a:b], use_cache=True, **({kw: past} if a else {}))
             past = getattr(out, kw, None) if kw in out else out.past_key_values
             chunks.append(_scores(out))
@@ -393,11 +418,31 @@ class torch_threads:
 
 
 def _whole_model_logits(model, jobs) -> dict:
-    """The jobs of :mod:`scaler_wizard.runtime.layerwise` run on a whole model in memory."""
-    out = {}
+    """The jobs of :mod:`scaler_wizard.runtime.layerwise` run on a whole model in memory. A job
+    that gives another's prefill (``Job.prefill_from``) runs with the cache, which is cut to the
+    prefill for that job's decoding (as the layer-wise run does, layer by layer)."""
+    from scaler_wizard.runtime.layerwise import cut_cache_layer, prefill_sources
+
+    sources = prefill_sources(jobs)
+    out: dict = {}
+    prefilled: dict = {}
     for j in jobs:
         if j.prefill > 0:
-            out[j.name] = kv_decode_logits(model, j.input_ids, j.prefill, j.steps)
+            pre = prefilled.pop(j.name, None)
+            if j.prefill_from is not None and pre is None:  # the model's own cache cannot be cut
+                out[j.name] = kv_decode_logits(model, j.input_ids, j.prefill, j.steps)
+            else:
+                out[j.name] = kv_decode_logits(model, j.input_ids, j.prefill, j.steps, prefilled=pre)
+        elif j.name in sources:
+            d = sources[j.name]
+            B = d.input_ids.shape[0]
+            out[j.name], cache = _forward_with_cache(model, j.input_ids)
+            try:
+                for layer in cache.layers:
+                    cut_cache_layer(layer, d.prefill, B)
+                prefilled[d.name] = (out[j.name][:B, :d.prefill], cache)
+            except (AttributeError, ValueError):
+                pass
         else:
             out[j.name] = _forward(model, j.input_ids, j.attention_mask, j.position_ids, j.token_type_ids)
     return out
@@ -493,11 +538,20 @@ def compare_models(
     ``kv_steps`` tokens are decoded one at a time, and the tokens between go through the cache in
     one forward (0: every token after the prefill one at a time, as before). Each single-token
     forward streams every weight of the model for a few rows of arithmetic, so on large models they
-    dominate the cost; the cache is still written by a prefill, read and extended by a multi-token
-    forward and by single-token decoding, every position is compared (with the model's full
-    forward and with the original), and the prefill ends at the same position (so length-dependent
-    RoPE, longrope's switch past ``original_max_position_embeddings``, is crossed inside the cached
-    decoding as before).
+    dominate the cost; the cache is still written by a multi-token forward, read and extended by a
+    multi-token forward and by single-token decoding, every position is compared (with the model's
+    full forward and with the original), and the prefill ends at the same position (so
+    length-dependent RoPE, longrope's switch past ``original_max_position_embeddings``, is crossed
+    inside the cached decoding as before).
+
+    The prefill is no forward of its own where it need not be (``Job.prefill_from``): the random
+    ids' forward runs with the cache, which is cut to the prefill's positions and rows, and the
+    decoding continues from it (the prefill positions' logits are the full forward's). Sound where
+    a forward over more tokens writes the same keys and values for the first positions as one over
+    those alone (:func:`scaler_wizard.runtime.layerwise.prefill_from_longer_refused`: plain or
+    unfilled sliding-window cache layers, no length-dependent RoPE; otherwise the separate prefill
+    as before). One forward per layer fewer: on a 1.1B model each forward streams the layer's
+    weights through a GEMM of a few dozen rows, which float32 BLAS runs at a fraction of its speed.
 
     ``reuse_prefix`` (layer by layer only): the grown model's leading decoder layers that are
     byte-identical to the original's (same weights, same config for them, checked from the files:
@@ -558,7 +612,13 @@ def compare_models(
             rep.notes.append(f"KV-cache checks skipped: {type(o.model).__name__} has no KV cache (its forward takes no "
                              "past_key_values: every forward recomputes the whole prefix)")
         elif check_kv and seq_len >= 2 and causal:
-            jobs.append(Job("kv_decode", ids[:KV_ROWS], prefill=max(1, seq_len // 2), steps=kv_steps))
+            # the cache of the random ids' forward, cut to the prefill, stands for a prefill forward
+            # where it holds what that forward would write (both models' configs say so)
+            from scaler_wizard.runtime.layerwise import prefill_from_longer_refused
+
+            cut = not any(prefill_from_longer_refused(side.config, seq_len) for side in (o, g))
+            jobs.append(Job("kv_decode", ids[:KV_ROWS], prefill=max(1, seq_len // 2), steps=kv_steps,
+                            prefill_from="random_ids" if cut else None))
             kv_check = True
 
     text_jobs: list[str] = []
