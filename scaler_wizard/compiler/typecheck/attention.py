@@ -395,8 +395,8 @@ class AttentionRules:
         The copied weights would be exact, but transformers re-computes the constant from the grown
         config, so the grown model computes another function."""
         facts = self.ir.size_constants
-        if not facts:
-            return
+        if not facts or st.bag.has_errors:
+            return  # a refusal that names the cause (ALiBi's head-count slopes: SW356) comes first
         depth_key = self.ir.layers_key
         hidden_key = (self.ir.groups.get("hidden").config_key if "hidden" in self.ir.groups else None)
         for op in st.ops:
