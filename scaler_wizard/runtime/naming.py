@@ -157,7 +157,10 @@ def _tracked_mode(nodes: dict[int, Any], keep: list):
             x = args[0] if args else None
             n = node_of(x)
             try:
-                if name in ("contiguous", "clone", "detach", "to", "float") and n is not None:
+                if name in ("new_zeros", "zeros", "zeros_like"):  # padding (Inkling-2's unembedding rows)
+                    if isinstance(out, torch.Tensor):
+                        record(out, P.Zeros(tuple(out.shape)))
+                elif name in ("contiguous", "clone", "detach", "to", "float") and n is not None:
                     if isinstance(out, torch.Tensor) and out.dtype == x.dtype:
                         record(out, n)
                 elif name in ("chunk", "split", "tensor_split", "unbind") and n is not None:
@@ -183,9 +186,12 @@ def _tracked_mode(nodes: dict[int, Any], keep: list):
                     record(out, P.Permute(n, tuple(d % x.dim() for d in dims)))
                 elif name in ("cat", "concat", "concatenate", "stack"):
                     ts = list(args[0] if args else kwargs["tensors"])
+                    d = dim_of(args, kwargs, 1, out.dim())
+                    if name != "stack":  # an empty piece (padding of no rows) adds nothing
+                        ts = [t for t in ts if not (isinstance(t, torch.Tensor) and t.dim() == out.dim()
+                                                    and t.shape[d] == 0)] or ts[:1]
                     ns = [node_of(t) for t in ts]
                     if ts and all(m is not None for m in ns):
-                        d = dim_of(args, kwargs, 1, out.dim())
                         if name == "stack":
                             ns = [P.Reshape(m, t.shape[:d] + (1,) + t.shape[d:]) for m, t in zip(ns, ts)]
                         record(out, ns[0] if len(ns) == 1 else P.Concat(tuple(ns), d))
@@ -306,6 +312,8 @@ def to_disk_names(program, config: dict[str, Any]):
         if got is not None:
             return got
         kids = node.children()
+        if not kids:  # a constant (the zero rows of a padding)
+            return node
         if isinstance(node, P.Concat):
             new = P.Concat(tuple(subst(k) for k in kids), node.axis)
         else:
