@@ -343,9 +343,11 @@ class AttentionRules:
         """SW358: hidden growth when a parameter acts elementwise on the hidden axis without being a
         norm gain or bias that discovery recognised (Doge's ``input_residual`` scaling the residual
         stream per channel): whether its new entries must be copies, ones or zeros depends on the
-        op it feeds, which discovery did not establish."""
+        op it feeds, which discovery did not establish. A bias counts too when its hidden axis is
+        ``elem``, not ``out`` (gpt-oss's per-expert ``down_proj_bias``, added after the experts'
+        grouped matmul): the hidden pass grows only the writers' ``out`` rows and known norms."""
         names = {x for n in self.ir.norms if n.group == "hidden" for x in (n.weight, n.bias) if x}
-        odd = [t for t in self.ir.tensors if t.name not in names and t.kind != "bias"
+        odd = [t for t in self.ir.tensors if t.name not in names
                and any(ax.role == "elem" and "hidden" in ax.groups() for ax in t.axes)]
         if not odd:
             return
