@@ -4,8 +4,10 @@
    now follows the layer map like ``layer_types``; what remains is ``embed_tokens_per_layer``, a
    tensor outside the layers with one slice per layer (SW371), reported at the depth statement
    (conform finds the culprit by conforming the plan's prefixes), not at 1:1.
-2. Inkling-2 (``inkling2_text``): transformers' reverse conversion pads the unembedding with zero rows
-   (``Inkling2UnpadVocab``); the writer follows it, so ``apply`` lands what ``check`` accepts.
+2. Inkling-2 (``inkling2_text``, ``inkling2_loop_text``): transformers' reverse conversion pads the
+   unembedding with zero rows (``Inkling2UnpadVocab``) and splits the loop's message queries by
+   indexing; the writer follows both, so ``apply`` lands what ``check`` accepts (``check`` dry-runs
+   the on-disk naming: SW373 where it could not).
 3. MiMo-V2-Flash: the sliding layers' eager attention with sinks (scores ++ sinks -> softmax -> drop
    the sink column -> @ v) is attention; ``widen heads`` over its two attention shapes is SW370.
 
@@ -88,10 +90,13 @@ def test_per_layer_config_follows_the_layer_map(tiny):
 
 
 @pytest.mark.slow  # builds a tiny Inkling-2 and applies with verification (~10 s)
-def test_inkling2_write_follows_the_padding_reverse_conversion(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("family", ["inkling2_text", "inkling2_loop_text"])
+def test_inkling2_write_follows_the_reverse_conversion(tiny, tmp_path, capsys, family):
+    # inkling2_text: the unembedding is padded with zero rows (none here: unpadded == vocab size);
+    # inkling2_loop_text: the message queries are split back by `queries[:, [0, 3]]` and `[:, 1:3]`
     from safetensors import safe_open
 
-    model = tiny("inkling2_text")
+    model = tiny(family)
     plan = tmp_path / "p.expand"
     plan.write_text("widen ffn x2 net2net\n")
     out = tmp_path / "out"
@@ -132,3 +137,11 @@ def test_attention_with_sinks_grows_heads_exactly(tiny, tmp_path):
     model = tiny("gpt_oss")
     r = api.apply("widen heads x2", model, out=str(tmp_path / "out"), verify=True)
     assert r["passed"] and r["exactness"] == "exact"
+    # its experts' output bias is added after the grouped matmul (hidden axis `elem`): hidden growth
+    # is refused by the type checker, not by a failing pass
+    from scaler_wizard.diagnostics import PlanError
+
+    with pytest.raises(PlanError) as e:
+        api.check("widen hidden x2 tile", model)
+    d = e.value.diagnostics[0]
+    assert d.code == "SW358" and "experts.down_proj_bias" in d.message and (d.span.line, d.span.col) == (1, 1)

@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-IR_FORMAT_VERSION = 14
+IR_FORMAT_VERSION = 15  # 15: eager attention with sinks (a slice of the key axis after the softmax) is attention
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
