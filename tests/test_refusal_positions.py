@@ -145,3 +145,9 @@ def test_attention_with_sinks_grows_heads_exactly(tiny, tmp_path):
         api.check("widen hidden x2 tile", model)
     d = e.value.diagnostics[0]
     assert d.code == "SW358" and "experts.down_proj_bias" in d.message and (d.span.line, d.span.col) == (1, 1)
+    # its experts interleave gate and up (gate_up_proj[..., ::2] / [..., 1::2]): an axis of 2 x ffn
+    # that discovery does not read, named instead of an unexplained SW316
+    with pytest.raises(PlanError) as e:
+        api.check("widen ffn x2 net2net", model)
+    d = e.value.diagnostics[0]
+    assert d.code == "SW357" and "experts.gate_up_proj" in d.message and "2 x `ffn`" in d.message, d.message

@@ -36,7 +36,9 @@ from typing import Any
 from scaler_wizard.diagnostics import Diagnostic, PlanError
 from scaler_wizard.grammar import ast as A
 
-CONFORM_FORMAT = 4  # 2: headless base-class inputs compared as the traced class; 3: keyed by the tensors compared; 4: check dry-runs the on-disk naming
+# 2: headless base-class inputs compared as the traced class; 3: keyed by the tensors compared;
+# 4: check dry-runs the on-disk naming (SW373)
+CONFORM_FORMAT = 4
 _SKIP_SUFFIX = ("_token_id", "_token_ids")
 
 

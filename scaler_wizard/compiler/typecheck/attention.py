@@ -93,25 +93,40 @@ class AttentionRules:
         """SW357: width growth of a group when some tensor has an axis discovery could not place
         (role ``other``, constant factors only) of exactly the group's size: it is likely the same
         dimension used through an op without a shape rule (Aria's experts run through grouped_mm),
-        and the grown config would re-size it while the program leaves it. Not for a statement that a
-        rule run before has refused with its reason (SW370: the unplaced axis is a layer kind's own
-        attention dimension, MiMo-V2-Flash's sinks on its sliding layers)."""
+        and the grown config would re-size it while the program leaves it; in a module that holds a
+        tensor of the group, also a constant axis of twice its size (two fused halves: gate and up).
+        Not for a statement that a rule run before has refused with its reason (SW370: the unplaced
+        axis is a layer kind's own attention dimension, MiMo-V2-Flash's sinks on its sliding layers)."""
         refused = {(d.span.line, d.span.col) for d in st.bag.items if d.severity == "error"}
         for op in st.ops:
             if op.kind != "widen" or not op.group or not op.old_size:
                 continue
             if op.span is not None and (op.span.line, op.span.col) in refused:
                 continue
+            grp = self.ir.groups.get(op.group)
+            # modules holding a tensor of the group: a constant axis there of a small multiple of its
+            # size is likely its units fused in a layout discovery does not read (gpt-oss's experts
+            # interleave gate and up: gate_up_proj[..., ::2] / [..., 1::2], 2 x ffn)
+            homes = {t.module for t in self.ir.tensors for name, _ in (grp.members if grp else ())
+                     if t.name == name}
             for t in self.ir.tensors:
                 k = next((k for k, ax in enumerate(t.axes) if ax.role == "other" and not ax.groups()
                           and ax.size == op.old_size), None)
+                times = 1
+                if k is None and t.module in homes and len(t.shape) > 1:
+                    k = next((k for k, ax in enumerate(t.axes) if not ax.groups()
+                              and ax.role in ("other", "out", "elem") and ax.size == 2 * op.old_size), None)
+                    times = t.axes[k].size // op.old_size if k is not None else 1
                 if k is None:
                     continue
+                size = (f"has the size of `{op.group}` ({op.old_size})" if times == 1 else
+                        f"is {times} x `{op.group}` ({times} x {op.old_size}: its units fused in a layout discovery "
+                        "does not read)")
                 st.bag.error(
                     "SW357",
                     f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
                     + f": discovery did not understand how `{t.name}` ({t.module_type}, shape {list(t.shape)}) is "
-                    f"used; its axis {k} has the size of `{op.group}` ({op.old_size}) and may be the same dimension",
+                    f"used; its axis {k} {size} and may be the same dimension",
                     op.span,
                     help=f"not supported yet for this model: ops that leave `{op.group}` as it is are unaffected",
                 )
