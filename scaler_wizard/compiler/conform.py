@@ -36,7 +36,9 @@ from typing import Any
 from scaler_wizard.diagnostics import Diagnostic, PlanError
 from scaler_wizard.grammar import ast as A
 
-CONFORM_FORMAT = 4  # 2: headless base-class inputs compared as the traced class; 3: keyed by the tensors compared; 4: derived list keys re-derived
+# 2: headless base-class inputs compared as the traced class; 3: keyed by the tensors compared;
+# 4: check dry-runs the on-disk naming (SW373); 5: derived list keys re-derived
+CONFORM_FORMAT = 5
 _SKIP_SUFFIX = ("_token_id", "_token_ids")
 
 
@@ -458,35 +460,156 @@ def _companions(rp) -> dict[str, str]:
     return out
 
 
-def _culprit_span(rp, text: str):
-    for o in rp.ops:
-        if o.span is not None:
-            return o.span
-    return A.Span()
+_DEPTH_KINDS = ("insert", "duplicate", "stack")
+
+
+def _stmt(op) -> str:
+    """The statement an op comes from, as the plan writes it (an implied op names its statement)."""
+    text = op.text.split("  #")[0]
+    m = re.search(r"# implied by `(.*)`$", op.text)
+    return m.group(1) if m else text
+
+
+def _culprit(rp, error: str, prefix, use_cache: bool):
+    """The op of the plan statement that makes ``rp`` fail to conform.
+
+    ``prefix(dropped)``: the ResolvedPlan of the same plan without the statements at the indices
+    ``dropped`` (check's frontend passes one): the plan's growth statements are conformed as
+    prefixes, shortest first; the last statement of the first prefix that fails is the culprit (the
+    statement that makes a conforming plan fail, alone or with those before it). Without ``prefix``
+    (compile / apply, which check has passed) or for a one-statement plan: the first depth op when
+    the error is about the layers' layout (a config transformers refuses, a per-layer tensor one side
+    lacks, a tensor sized by the depth), else the first op."""
+    idxs = list(dict.fromkeys(o.index for o in rp.ops))
+    first = lambda i: next(o for o in rp.ops if o.index == i)  # noqa: E731
+    if prefix is not None and len(idxs) > 1:
+        for k in range(1, len(idxs)):
+            try:
+                sub = prefix(set(idxs[k:]))
+            except PlanError:  # the prefix alone does not type-check: it says nothing
+                continue
+            try:
+                conform(sub, use_cache=use_cache)
+            except PlanError:
+                return first(idxs[k - 1])
+        return first(idxs[-1])
+    depth = next((o for o in rp.ops if o.kind in _DEPTH_KINDS), None)
+    if depth is not None and (error.startswith("transformers refuses") or _KIND_ERROR.match(error)
+                              or _depth_scaled(rp, error) is not None):
+        return depth
+    return rp.ops[0]
 
 
 _KIND_ERROR = re.compile(r"^(\S+?)\.(\d+)\.(\S+): (the program writes \[[^\]]*\], the grown config's model has no such "
                          r"tensor|the grown config's model has \[[^\]]*\], the program does not write it)")
+_SHAPE_ERROR = re.compile(r"^(\S+): the grown config builds \[([^\]]*)\], the program writes \[([^\]]*)\]")
 
 
-def _layer_kind_refusal(rp, error: str) -> str | None:
+def _layer_kind_refusal(rp, op, error: str) -> str | None:
     """SW368's message when a depth op's first mismatch is a per-layer tensor that one side has and
     the other lacks: the grown config lays the layers' kinds out by a rule of its own (ModernBERT's
     first layer without attn_norm, a dense prefix), which the copied layer does not follow."""
-    op = next((o for o in rp.ops if o.kind in ("insert", "duplicate", "stack")), None)
+    if op.kind not in _DEPTH_KINDS:
+        op = next((o for o in rp.ops if o.kind in _DEPTH_KINDS), None)
     m = _KIND_ERROR.match(error)
     if op is None or m is None:
         return None
     layer, rest = int(m.group(2)), m.group(3)
     src = rp.layer_map[layer].src if layer < len(rp.layer_map) else None
     has = "writes" in m.group(4)
-    return (f"`{op.text.split('  #')[0]}`: the layers of `{rp.ir.model_type}` differ in kind and the config lays "
+    return (f"`{_stmt(op)}`: the layers of `{rp.ir.model_type}` differ in kind and the config lays "
             f"the kinds out by a rule of its own: the grown layer {layer} (from layer {src}) "
             f"{'has' if has else 'lacks'} `{rest}`, where the grown config's model puts a layer that "
             f"{'lacks' if has else 'has'} it")
 
 
-def _hybrid_refusal(rp, error: str) -> str | None:
+def _depth_scaled(rp, error: str) -> tuple[str, int, int, int] | None:
+    """(name, axis, program's size, grown config's size) when the first mismatch is a tensor outside
+    the layers whose axis holds one slice per layer: its size is the input depth times a slice, and
+    the grown config's model sizes it by the grown depth (Gemma-4's ``embed_tokens_per_layer``,
+    [vocab, layers x per-layer width])."""
+    m = _SHAPE_ERROR.match(error)
+    old, new = rp.ir.num_layers, len(rp.layer_map)
+    if m is None or not old or new == old:
+        return None
+    name = m.group(1)
+    t = _template(rp.ir, name)
+    if t is not None and t.layers is not None or re.search(r"\.\d+\.", name) and t is None:
+        return None
+    try:
+        want = [int(x) for x in m.group(2).split(",") if x.strip()]
+        got = [int(x) for x in m.group(3).split(",") if x.strip()]
+    except ValueError:
+        return None
+    for a, (w, g) in enumerate(zip(want, got)):
+        if w != g and g % old == 0 and w == g // old * new:
+            return name, a, g, w
+    return None
+
+
+def _depth_scaled_refusal(rp, op, error: str) -> str | None:
+    """SW371's message: depth growth of a model with a tensor outside the layers sized by the depth."""
+    hit = _depth_scaled(rp, error)
+    if hit is None or op.kind not in _DEPTH_KINDS:
+        return None
+    name, axis, got, want = hit
+    old, new = rp.ir.num_layers, len(rp.layer_map)
+    return (f"`{_stmt(op)}`: `{name}` (outside the layers) holds one slice per layer along its axis {axis} "
+            f"({old} layers x {got // old} = {got}); the grown config's model sizes it by the depth ({new} layers: "
+            f"{want}), and growing such a tensor with the layers is not supported")
+
+
+def _config_refusal(rp, op, error: str) -> str | None:
+    """SW372's message: transformers' config class refuses the config of the grown depth. Its
+    validation checks how the config lays the layers out (Gemma-4's per-layer overrides, equal within
+    each ``layer_types`` kind; Dory's layer counts, which must add up to the depth), and the layout
+    the depth op makes breaks that rule."""
+    if not error.startswith("transformers refuses the grown config:") or op.kind not in _DEPTH_KINDS:
+        return None
+    raw = error.split(":", 1)[1].strip()
+    from scaler_wizard.compiler.typecheck.depth import PER_LAYER_DICTS
+
+    keys = [k for k in rp.config_diff() if k in rp.ir.layer_arrays or k in PER_LAYER_DICTS]
+    return (f"`{_stmt(op)}`: depth growth to {len(rp.layer_map)} layers where `{rp.ir.model_type}`'s config lays "
+            f"the layers out by a rule transformers validates: the grown layout"
+            + (f" ({', '.join(f'`{k}`' for k in keys[:4])} re-laid out with the layers)" if keys else "")
+            + f" breaks that rule, so transformers refuses the grown config (it says: {raw})")
+
+
+_DISK = "on disk: "
+
+
+def disk_naming_error(cfg: dict, tensors: dict[str, tuple[int, ...]]) -> str | None:
+    """Why the writer could not store ``tensors`` under the names ``save_pretrained`` of the class
+    built from ``cfg`` writes (transformers' reverse weight conversion applies an op that
+    :func:`scaler_wizard.runtime.naming.disk_layout` cannot express as program ops), or None: what
+    ``apply`` would find when it writes, found by ``check`` from the predicted tensors. Nothing is
+    built for the many classes whose conversion table is empty (a cached fact)."""
+    from scaler_wizard.runtime.naming import DiskNamingError, disk_layout, meta_model_for, saves_memory_names
+
+    if saves_memory_names(cfg):
+        return None
+    try:
+        model = meta_model_for(cfg)
+    except Exception:  # noqa: BLE001 - a config transformers refuses is the comparison's finding
+        return None
+    try:
+        disk_layout(model, tensors)
+    except DiskNamingError as e:
+        return _DISK + str(e)
+    return None
+
+
+def _disk_refusal(rp, op, error: str) -> str | None:
+    """SW373's message: the grown tensors cannot be stored under the names transformers saves."""
+    if not error.startswith(_DISK):
+        return None
+    return (f"`{_stmt(op)}`: the grown tensors cannot be stored under the names transformers saves "
+            f"`{rp.ir.model_type}` with (the writer {error[len(_DISK):]}): a model written in memory names "
+            "would not load as the family's checkpoints do")
+
+
+def _hybrid_refusal(rp, op, error: str) -> str | None:
     """SW366's message when the first mismatch is a tensor of a hybrid's non-attention token mixer
     (``ModelIR.mixers``): the grown config re-sizes the block by rules discovery does not know (its
     inner sizes follow a key the plan changes), so the plan is refused as a hybrid, not as a bug."""
@@ -498,18 +621,20 @@ def _hybrid_refusal(rp, error: str) -> str | None:
         if tpl in mx.tensors or tpl.startswith(mx.module + ".") and t is None:
             from scaler_wizard.compiler.typecheck.attention import _mixer_phrase
 
-            first = next((o.text.split("  #")[0] for o in rp.ops), "")
-            return (f"`{first}`: `{ir.model_type}` is a hybrid: {_mixer_phrase(mx)}; the grown config would "
+            return (f"`{_stmt(op)}`: `{ir.model_type}` is a hybrid: {_mixer_phrase(mx)}; the grown config would "
                     f"re-size that block's `{name}`, whose sizes follow the config in a way discovery does not know")
     return None
 
 
-def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
-    """``rp`` with a config_after whose model has exactly the program's tensors, or PlanError SW316.
+def conform(rp, *, prog=None, sources=None, use_cache: bool = True, prefix=None):
+    """``rp`` with a config_after whose model has exactly the program's tensors, or PlanError SW316
+    (SW366 / SW368 / SW371 / SW372 where the cause is a known limit), positioned at the statement
+    that causes it (:func:`_culprit`).
 
     ``prog``: the lowered program (``compile``/``apply``: its outputs are compared); without it
     (``check``) the tensors predicted from the IR are, and a plan whose tensor names only lowering
-    knows (``upcycle``) is left to ``compile``."""
+    knows (``upcycle``) is left to ``compile``. ``prefix(dropped)``: the same plan resolved without
+    the statements at the indices ``dropped`` (check passes it to find the culprit statement)."""
     if not rp.ops:
         return rp
     tensors = program_tensors(prog) if prog is not None else predicted_tensors(rp)
@@ -552,6 +677,12 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
             cmp_cfg = {**input_cfg, "architectures": [rp.ir.architecture]}
         new_patch, notes, errors = settle_config(rp.ir, cmp_cfg, patch, old_sizes, dict(rp.sizes_after),
                                                  tensors, companions)
+        if not errors and prog is None and cmp_cfg is input_cfg:  # apply renames its program the same way
+            out_cfg = {**input_cfg, **new_patch}
+            for k in removed:
+                out_cfg.pop(k, None)
+            disk = disk_naming_error(out_cfg, tensors)
+            errors = [disk] if disk else []
         verdict = {"patch": new_patch, "removed": removed, "notes": notes, "errors": errors}
         if use_cache:
             try:
@@ -564,16 +695,23 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
             except OSError:
                 pass
     if verdict["errors"]:
-        span = _culprit_span(rp, "")
+        op = _culprit(rp, verdict["errors"][0], prefix, use_cache)
+        span = op.span if op.span is not None else A.Span()
         named = (
             ("SW368", _layer_kind_refusal, "nothing was written; width growth and depth growth that keeps every "
                                            "layer's kind in place are unaffected"),
+            ("SW371", _depth_scaled_refusal, "nothing was written; width growth is unaffected (depth growth would "
+                                             "have to grow the per-layer slices of that tensor, which no rule does yet)"),
+            ("SW372", _config_refusal, "nothing was written; width growth is unaffected, and so is depth growth that "
+                                       "keeps the config's layer layout valid"),
+            ("SW373", _disk_refusal, "nothing was written; the writer follows transformers' slices, reshapes, "
+                                     "permutes, concatenations and zero padding; please report the family"),
             ("SW366", _hybrid_refusal, "nothing was written; ops that leave the sizes this block reads as they are "
                                        "(widen ffn, insert / duplicate / stack layers, vocab: `scaler-wizard check` "
                                        "says which) are unaffected"),
         )
         for code, refusal, help_text in named:  # a self-check failure whose cause is a known limit
-            message = refusal(rp, verdict["errors"][0])
+            message = refusal(rp, op, verdict["errors"][0])
             if message is not None:
                 err = PlanError([Diagnostic(
                     code, message, span, help=help_text,
@@ -581,7 +719,7 @@ def conform(rp, *, prog=None, sources=None, use_cache: bool = True):
                 err.sources = sources or {}
                 raise err
         err = PlanError([Diagnostic(
-            "SW316", "the grown config would not describe the grown tensors: " + verdict["errors"][0], span,
+            "SW316", f"`{_stmt(op)}`: the grown config would not describe the grown tensors: " + verdict["errors"][0], span,
             help="transformers re-derives tensor shapes from config.json; this plan cannot be written so that they "
                  "match (nothing was written)",
             notes=tuple(verdict["errors"][1:]))])

@@ -140,13 +140,20 @@ def check_parsed(plan: A.Plan, sources: dict[str, str], *, model: str | None = N
     from scaler_wizard.compiler.stages import resolve_stages, stages_of, without_stages
 
     staged = bool(stages_of(plan))
+    checked = without_stages(plan) if staged else plan
     try:
-        rp = check_plan(without_stages(plan) if staged else plan, ir, model_ref=ref, context=context)
+        rp = check_plan(checked, ir, model_ref=ref, context=context)
     except PlanError as e:
         e.sources = sources
         raise
+
+    def prefix(dropped: set[int]):
+        """The plan resolved without the statements at the indices ``dropped`` (conform's culprit search)."""
+        kept = [s for i, s in enumerate(checked.statements) if i not in dropped]
+        return check_plan(replace(checked, statements=tuple(kept)), ir, model_ref=ref, context=context)
+
     # the config the writer will produce must rebuild exactly the grown tensors (SW316 otherwise)
-    rp = conform(rp, sources=sources, use_cache=use_cache)
+    rp = conform(rp, sources=sources, use_cache=use_cache, prefix=prefix)
     if staged:  # each `at step` stage against the model grown by everything before it
         steps = rp.train.get("steps") if isinstance(rp.train, dict) else None
         rp = replace(rp, stages=resolve_stages(plan, sources, dict(rp.config_after), context=context,

@@ -124,7 +124,8 @@ class DiskNamingError(ValueError):
 
 def _tracked_mode(nodes: dict[int, Any], keep: list):
     """A TorchFunctionMode that runs tensor functions on meta tensors and records, for every result, the
-    program node computing it from the nodes of its inputs (only ops that move values)."""
+    program node computing it from the nodes of its inputs (only ops that move values: views, slices,
+    indexing, gathers, concatenations; zeros for padding)."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -149,6 +150,36 @@ def _tracked_mode(nodes: dict[int, Any], keep: list):
             record(o, P.Slice(n, d, start, start + size))
             start += size
 
+    def getitem(x, n, idx, out):
+        """``x[idx]`` as program ops: basic slices (step >= 1), integers, one ``...`` and at most one
+        list of integers (a gather that keeps its axis: Inkling-2-Loop's ``queries[:, [0, 3]]``).
+        None for any other index (the result then stays unknown)."""
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if sum(i is Ellipsis for i in idx) > 1 or sum(isinstance(i, (list, tuple)) for i in idx) > 1:
+            return None
+        if Ellipsis in idx:
+            k = idx.index(Ellipsis)
+            idx = idx[:k] + (slice(None),) * (x.dim() - len(idx) + 1) + idx[k + 1:]
+        if len(idx) > x.dim():
+            return None
+        node, dropped = n, False
+        for a, i in enumerate(idx):
+            size = x.shape[a]
+            if isinstance(i, slice):
+                start, stop, step = i.indices(size)
+                if step < 1:
+                    return None
+                if (start, stop, step) != (0, size, 1):
+                    node = P.Slice(node, a, start, max(start, stop), step)
+            elif isinstance(i, int) and not isinstance(i, bool) and -size <= i < size:
+                node, dropped = P.Slice(node, a, i % size, i % size + 1), True
+            elif isinstance(i, (list, tuple)) and i and all(
+                    isinstance(v, int) and not isinstance(v, bool) and -size <= v < size for v in i):
+                node = P.Index(node, a, tuple(v % size for v in i))
+            else:
+                return None
+        return P.Reshape(node, out.shape) if dropped else node
+
     class Mode(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
@@ -157,7 +188,14 @@ def _tracked_mode(nodes: dict[int, Any], keep: list):
             x = args[0] if args else None
             n = node_of(x)
             try:
-                if name in ("contiguous", "clone", "detach", "to", "float") and n is not None:
+                if name in ("new_zeros", "zeros", "zeros_like"):  # padding (Inkling-2's unembedding rows)
+                    if isinstance(out, torch.Tensor):
+                        record(out, P.Zeros(tuple(out.shape)))
+                elif name == "__getitem__" and n is not None and isinstance(out, torch.Tensor):
+                    got = getitem(x, n, args[1], out)
+                    if got is not None:
+                        record(out, got)
+                elif name in ("contiguous", "clone", "detach", "to", "float") and n is not None:
                     if isinstance(out, torch.Tensor) and out.dtype == x.dtype:
                         record(out, n)
                 elif name in ("chunk", "split", "tensor_split", "unbind") and n is not None:
@@ -183,9 +221,12 @@ def _tracked_mode(nodes: dict[int, Any], keep: list):
                     record(out, P.Permute(n, tuple(d % x.dim() for d in dims)))
                 elif name in ("cat", "concat", "concatenate", "stack"):
                     ts = list(args[0] if args else kwargs["tensors"])
+                    d = dim_of(args, kwargs, 1, out.dim())
+                    if name != "stack":  # an empty piece (padding of no rows) adds nothing
+                        ts = [t for t in ts if not (isinstance(t, torch.Tensor) and t.dim() == out.dim()
+                                                    and t.shape[d] == 0)] or ts[:1]
                     ns = [node_of(t) for t in ts]
                     if ts and all(m is not None for m in ns):
-                        d = dim_of(args, kwargs, 1, out.dim())
                         if name == "stack":
                             ns = [P.Reshape(m, t.shape[:d] + (1,) + t.shape[d:]) for m, t in zip(ns, ts)]
                         record(out, ns[0] if len(ns) == 1 else P.Concat(tuple(ns), d))
@@ -306,6 +347,8 @@ def to_disk_names(program, config: dict[str, Any]):
         if got is not None:
             return got
         kids = node.children()
+        if not kids:  # a constant (the zero rows of a padding)
+            return node
         if isinstance(node, P.Concat):
             new = P.Concat(tuple(subst(k) for k in kids), node.axis)
         else:

@@ -52,10 +52,14 @@ class WidenHeads(Pass):
                              exactness=op.exactness, keeps_values=op.method == "zero",
                              text=f"heads {d}->{d2} ({op.method}): o columns "
                              + ("of copies split" if op.method != "zero" else "of new heads zero"))
-            elif role == "elem" and len(ts.axes[a].groups()) == 1 and (ts.info is None or ts.info.kind not in (
-                    "norm_weight", "norm_bias")):
-                # a per-head value (attention sinks: one logit per query head) goes with its head:
-                # a copied head copies it, a new zero-fan-out head's value is never seen (zero)
+            elif len(ts.axes[a].groups()) == 1 and (
+                    role == "elem" and (ts.info is None or ts.info.kind not in ("norm_weight", "norm_bias"))
+                    or role == "other" and len(ts.node.shape) == 1 and ts.info is not None
+                    and ts.info.sublayer == "attn" and ts.info.kind == "other"):
+                # a per-head value (attention sinks: one logit per query head, concatenated to that
+                # head's scores -- role `other` when discovery sees only the concatenation, gpt-oss)
+                # goes with its head: a copied head copies it, a new zero-fan-out head's value is
+                # never seen (zero)
                 rewrite_axis(st, ts, a, "heads", m, lambda x, ax: grow_units(x, ax, m),
                              exactness=op.exactness, keeps_values=True,
                              text=f"heads {d}->{d2} ({op.method}): per-head values copied with their head")

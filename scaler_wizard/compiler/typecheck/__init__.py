@@ -86,7 +86,15 @@ SW369  ffn growth when a residual writer in the layers reads an inner width that
        Afmoe's shared experts, moe_intermediate_size x num_shared_experts) bound to no config key
 SW370  width growth of a group that layers of one kind carry while layers of another kind lay the same
        tensor out on sizes of their own (sliding-window layers with their own head counts / head dim,
-       ``swa_num_key_value_heads``; ``ModelIR.attention_shapes``): names both kinds and their keys
+       ``swa_num_key_value_heads``; ``ModelIR.attention_shapes``): names both kinds and their keys; also
+       heads / kv_heads / head_dim growth when both kinds carry the group but their attention shapes differ
+       (MiMo-V2-Flash's sliding layers: 2 x num_key_value_heads kv heads, the heads map is laid out on one)
+SW371  depth growth when a tensor outside the layers holds one slice per layer (Gemma-4's
+       ``embed_tokens_per_layer``: [vocab, layers x per-layer width]); raised by compiler/conform.py
+SW372  depth growth whose layer layout transformers' config validation refuses (per-layer overrides
+       that must agree within a layer type, layer counts that must add up to the depth); compiler/conform.py
+SW373  the grown tensors cannot be stored under the names transformers saves the family with (its reverse
+       weight conversion uses an op the writer cannot follow); found by check, compiler/conform.py
 SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 from scaler_wizard.grammar import ast as A
 from scaler_wizard.ir.model_ir import layer_kind
@@ -92,25 +93,45 @@ class AttentionRules:
         """SW357: width growth of a group when some tensor has an axis discovery could not place
         (role ``other``, constant factors only) of exactly the group's size: it is likely the same
         dimension used through an op without a shape rule (Aria's experts run through grouped_mm),
-        and the grown config would re-size it while the program leaves it."""
+        and the grown config would re-size it while the program leaves it; in a module that holds a
+        tensor of the group, also a constant axis of twice its size (two fused halves: gate and up).
+        Not for a statement that a rule run before has refused with its reason (SW370: the unplaced
+        axis is a layer kind's own attention dimension, MiMo-V2-Flash's sinks on its sliding layers)."""
         # a hybrid's token mixer (its stored decay tables too) is judged as a block: SW365 here, SW366
         # when the grown config re-sizes it
         in_mixer = tuple(mx.module + "." for mx in self.ir.mixers)
+        refused = {(d.span.line, d.span.col) for d in st.bag.items if d.severity == "error"}
         for op in st.ops:
             if op.kind != "widen" or not op.group or not op.old_size:
                 continue
+            if op.span is not None and (op.span.line, op.span.col) in refused:
+                continue
+            grp = self.ir.groups.get(op.group)
+            # modules holding a tensor of the group: a constant axis there of a small multiple of its
+            # size is likely its units fused in a layout discovery does not read (gpt-oss's experts
+            # interleave gate and up: gate_up_proj[..., ::2] / [..., 1::2], 2 x ffn)
+            homes = {t.module for t in self.ir.tensors for name, _ in (grp.members if grp else ())
+                     if t.name == name}
             for t in self.ir.tensors:
                 if in_mixer and t.name.startswith(in_mixer):
                     continue
                 k = next((k for k, ax in enumerate(t.axes) if ax.role == "other" and not ax.groups()
                           and ax.size == op.old_size), None)
+                times = 1
+                if k is None and t.module in homes and len(t.shape) > 1:
+                    k = next((k for k, ax in enumerate(t.axes) if not ax.groups()
+                              and ax.role in ("other", "out", "elem") and ax.size == 2 * op.old_size), None)
+                    times = t.axes[k].size // op.old_size if k is not None else 1
                 if k is None:
                     continue
+                size = (f"has the size of `{op.group}` ({op.old_size})" if times == 1 else
+                        f"is {times} x `{op.group}` ({times} x {op.old_size}: its units fused in a layout discovery "
+                        "does not read)")
                 st.bag.error(
                     "SW357",
                     f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
                     + f": discovery did not understand how `{t.name}` ({t.module_type}, shape {list(t.shape)}) is "
-                    f"used; its axis {k} has the size of `{op.group}` ({op.old_size}) and may be the same dimension",
+                    f"used; its axis {k} {size} and may be the same dimension",
                     op.span,
                     help=f"not supported yet for this model: ops that leave `{op.group}` as it is are unaffected",
                 )
@@ -231,9 +252,26 @@ class AttentionRules:
                 if have and lack:
                     hit = (name, have[0], lack[0])
                     break
-            if hit is None:
+            att = ir.attention
+            dims = ("heads", "kv_heads", "head_dim")
+            first = dict(zip(dims, (att.heads, att.kv_heads, att.head_dim))) if att is not None else None
+            shared = None  # the group's tensors carry it on both kinds, whose attention shapes differ
+            if hit is None and first is not None and g in dims:
+                shared = next((a for a in ir.attention_shapes
+                               if (a.heads, a.kv_heads, a.head_dim) != tuple(first.values())), None)
+            if hit is None and shared is None:
                 continue
-            name, t_have, t_lack = hit
+            if hit is None:
+                # q_proj of MiMo-V2-Flash: heads on full and sliding layers alike, while the sliding
+                # layers' kv heads (2 x num_key_value_heads) are a constant: the heads map is laid out
+                # on the first shape's GQA groups, which the other kind's layers do not share
+                t_have = next(t for t in ir.tensors if t.layers is not None and any(g in ax.groups() for ax in t.axes)
+                              and not set(t.layers) <= set(shared.layers))
+                t_lack = replace(t_have, layers=tuple(shared.layers))
+                t_have = replace(t_have, layers=tuple(i for i in t_have.layers if i not in shared.layers))
+                name = t_have.name
+            else:
+                name, t_have, t_lack = hit
             grp = ir.groups.get(g)
             key = grp.config_key if grp else None
 
@@ -241,10 +279,7 @@ class AttentionRules:
             arrays = [k for k in ir.layer_arrays
                       if layer_kind(ir.config, (k,), t_have.layers) != layer_kind(ir.config, (k,), t_lack.layers)]
 
-            att = ir.attention
-            dims = ("heads", "kv_heads", "head_dim")
-            first = dict(zip(dims, (att.heads, att.kv_heads, att.head_dim))) if att is not None else None
-            other = next((a for a in ir.attention_shapes if set(t_lack.layers) <= set(a.layers)), None)
+            other = shared or next((a for a in ir.attention_shapes if set(t_lack.layers) <= set(a.layers)), None)
             second = dict(zip(dims, (other.heads, other.kv_heads, other.head_dim))) if other is not None else None
             bound_keys = {x.config_key for x in ir.groups.values() if x.config_key}
 
@@ -277,11 +312,14 @@ class AttentionRules:
             else:
                 theirs = f"{kind_of(t_lack)}: {list(t_lack.shape)} there, not laid out on {g}"
             shapes = "attention shapes" if g in ("heads", "kv_heads", "head_dim") else "shapes"
+            why = (f"the program would grow `{name}` in layers {list(t_have.layers)} only, and the grown config need "
+                   "not size the other kind that way") if shared is None else (
+                f"the growth is laid out on the first shape's heads (its GQA groups, its head dim), which the "
+                f"layers {list(shared.layers)} do not share")
             st.bag.error(
                 "SW370",
                 f"`{op.text.split('  #')[0]}`" + (" (implied)" if (op.options or {}).get("implied") else "")
-                + f": {g} growth on layers of two {shapes} ({mine}; {theirs}) is not supported: the program would grow `{name}` in "
-                f"layers {list(t_have.layers)} only, and the grown config need not size the other kind that way",
+                + f": {g} growth on layers of two {shapes} ({mine}; {theirs}) is not supported: {why}",
                 op.span,
                 help=f"nothing was written; ops that leave `{g}` as it is (widen ffn / vocab, insert / duplicate / "
                      "stack layers) are unaffected",
@@ -325,9 +363,11 @@ class AttentionRules:
         """SW358: hidden growth when a parameter acts elementwise on the hidden axis without being a
         norm gain or bias that discovery recognised (Doge's ``input_residual`` scaling the residual
         stream per channel): whether its new entries must be copies, ones or zeros depends on the
-        op it feeds, which discovery did not establish."""
+        op it feeds, which discovery did not establish. A bias counts too when its hidden axis is
+        ``elem``, not ``out`` (gpt-oss's per-expert ``down_proj_bias``, added after the experts'
+        grouped matmul): the hidden pass grows only the writers' ``out`` rows and known norms."""
         names = {x for n in self.ir.norms if n.group == "hidden" for x in (n.weight, n.bias) if x}
-        odd = [t for t in self.ir.tensors if t.name not in names and t.kind != "bias"
+        odd = [t for t in self.ir.tensors if t.name not in names
                and any(ax.role == "elem" and "hidden" in ax.groups() for ax in t.axes)]
         if not odd:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import replace
 from types import SimpleNamespace
@@ -12,6 +13,9 @@ from scaler_wizard.compiler.resolved import LayerSource, ResolvedOp
 from scaler_wizard.grammar import ast as A
 from scaler_wizard.grammar.printer import statement_text as _print_stmt
 from scaler_wizard.compiler.typecheck.state import MAX_LAYERS, _State
+
+# config keys mapping a layer index to that layer's overrides (transformers' heterogeneous configs)
+PER_LAYER_DICTS = ("per_layer_config",)
 
 
 class DepthRules:
@@ -338,11 +342,24 @@ class DepthRules:
         )
 
     def _reindex_layer_arrays(self, st: _State, config: dict) -> None:
-        """Per-layer arrays follow the layer map: new layer j takes old layer ``src``'s entry."""
+        """Per-layer arrays follow the layer map: new layer j takes old layer ``src``'s entry. So do
+        the per-layer overrides of transformers' heterogeneous configs (``per_layer_config``: layer
+        index -> {attribute: value}, Gemma-4's full-attention ``head_dim``): transformers checks that
+        every layer of one ``layer_types`` kind has the same overrides, and builds layer j's shapes
+        from its entry, so the grown layer j gets old layer ``src``'s overrides."""
         for key in self.ir.layer_arrays:
             arr = self.ir.config.get(key)
             if isinstance(arr, list) and len(arr) == self.ir.num_layers:
                 config[key] = [arr[src.src] for src in st.layer_map]
+        for key in PER_LAYER_DICTS:
+            per = config.get(key)
+            if not isinstance(per, dict) or [s.src for s in st.layer_map] == list(range(self.ir.num_layers)):
+                continue
+            by_index = {int(k): v for k, v in per.items() if str(k).lstrip("-").isdigit()}
+            if len(by_index) != len(per):
+                continue  # not keyed by layer index: left as it is
+            config[key] = {str(j): copy.deepcopy(by_index[src.src]) for j, src in enumerate(st.layer_map)
+                           if src.src in by_index}
         config.update(st.layer_summaries)
 
     def _layer_summaries(self, st: _State) -> None:

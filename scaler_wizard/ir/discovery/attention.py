@@ -28,6 +28,19 @@ class Attn:
     softcap: float | None = None
 
 
+def _drops_sinks(node) -> bool:
+    """``probs[..., :-k]``: a slice of the key axis (the last) from 0 after the softmax, which drops the
+    columns of attention sinks (learned per-head logits concatenated to the scores before the softmax:
+    gpt-oss, MiMo-V2-Flash's sliding layers); the probabilities left are the ones ``@ v`` reads."""
+    if _base(node) != "slice" or len(node.args) < 2:
+        return False
+    shape = shape_of(node.args[0]) if hasattr(node.args[0], "op") else None
+    dim = node.args[1]
+    start = node.args[2] if len(node.args) > 2 else 0
+    return (shape is not None and isinstance(dim, int) and dim % len(shape) == len(shape) - 1
+            and start in (0, None))
+
+
 def _find_attention(nodes) -> list[Attn]:
     out = []
     for n in nodes:
@@ -53,7 +66,7 @@ def _find_attention(nodes) -> list[Attn]:
                 if _base(u) in ("matmul", "bmm"):
                     consumer = u
                     break
-                if _base(u) in _TRIVIAL or _base(u) in ("dropout", "to"):
+                if _base(u) in _TRIVIAL or _base(u) in ("dropout", "to") or _drops_sinks(u):
                     stack.extend(u.users)
             if consumer is None:
                 continue

@@ -52,14 +52,18 @@ def _run_converter(converter, layer_name: str, sources, load, model=None) -> dic
     """Run a transformers WeightConverter the way ``convert_and_load_state_dict_in_model`` does:
     collect the tensors per source pattern (in load order), then ``converter.convert(layer_name)``
     (which applies the operations in order and expands target patterns to full names).
-    ``load(name)`` gives the stored tensor (real, or a meta tensor for shapes)."""
+    ``load(name)`` gives the stored tensor (real, or a meta tensor for shapes); with ``model``, its
+    config goes with it, as the loader passes both (Inkling-2's ``Inkling2UnpadVocab`` reads the
+    text config's ``unpadded_vocab_size`` and the parameter's dtype)."""
     import copy as _copy
 
     conv = _copy.deepcopy(converter)  # convert() consumes the collected tensors; keep the table clean
     for pattern, names in sources:
         for n in names:
             conv.add_tensor(layer_name, n, pattern, load(n))
-    return conv.convert(layer_name, model=model) if model is not None else conv.convert(layer_name)
+    if model is None:
+        return conv.convert(layer_name)
+    return conv.convert(layer_name, model=model, config=getattr(model, "config", None))
 
 
 def find_aliases(reader) -> None:
