@@ -96,3 +96,21 @@ def test_checkpoint_without_the_buffer_grows_without_it(glm, tmp_path):
     r = api.apply("widen ffn x2 net2net", model=str(src), out=str(out), verify=True)
     assert r["passed"] and r["exactness"] == "exact", r["verification"]
     assert BIAS not in _stored(out)
+
+
+@pytest.mark.slow
+def test_identity_layer_refused_when_the_layer_itself_stores_a_buffer(tmp_path_factory, tmp_path):
+    """Gemma-4's decoder layer multiplies its output by its stored `layer_scalar`: an inserted layer
+    with zeroed writers would still scale the stream by the copied scalar (5e-2 drift once the scalar
+    is not 1), so `identity` is refused (SW382); ops that keep the layers as they are stay exact."""
+    from scaler_wizard.diagnostics import PlanError
+
+    d = tmp_path_factory.mktemp("g4u")
+    sweep.build_tiny("gemma4_unified_text", d / "model")  # layer_scalar moved off 1 by the sweep's build
+    model = str(d / "model")
+    with pytest.raises(PlanError) as e:
+        api.check("widen ffn x2 net2net\ninsert layer 1 identity", model)
+    (diag,) = [x for x in e.value.diagnostics if x.code == "SW382"]
+    assert diag.span.line == 2 and "layer_scalar" in diag.message
+    r = api.apply("widen ffn x2 net2net", model=model, out=str(tmp_path / "o"), verify=True)
+    assert r["passed"] and r["exactness"] == "exact", r["verification"]

@@ -71,6 +71,21 @@ class DepthRules:
                      "(linear, embedding, norm, routed experts) is zeroed exactly",
             )
             return False
+        for t in ir.tensors:
+            # a stored buffer of the decoder layer module itself (not of a sublayer, whose output
+            # reaches the stream only through its zeroed writer): it acts on the layer's output
+            # (Gemma-4's layer_scalar scales it), and the new layer would copy its value
+            if t.kind != "buffer" or t.layers is None or "{i}" not in t.module or not t.module.endswith("{i}"):
+                continue
+            st.bag.error(
+                "SW382",
+                f"`{init}` layers must add zero to the residual stream; `{t.name}` (shape {list(t.shape)}) is a stored "
+                f"buffer of the decoder layer itself ({t.module_type}), which acts on the layer's output in a way "
+                "discovery does not know (Gemma-4's `layer_scalar` scales it), and the new layer would copy its value",
+                span,
+                help="use `duplicate layers` or `copy` layers (approx); width growth is unaffected",
+            )
+            return False
         return True
 
     def _init(self, st: _State, ident: A.Ident | None, default: str = "identity") -> str | None:
