@@ -61,7 +61,7 @@ def _refused(plan_text: str, model: str, tmp_path, capsys) -> dict:
 @pytest.mark.slow  # builds a tiny Gemma-4 and conforms three prefixes (~10 s)
 def test_gemma4_depth_growth_is_refused_at_the_depth_statement(tiny, tmp_path, capsys):
     model = tiny("gemma4_text")
-    d = _refused("widen ffn x2 net2net\ninsert layer 1 identity\nwiden vocab to 256\n", model, tmp_path, capsys)
+    d = _refused("widen ffn x2 net2net\ninsert layer 1 copy\nwiden vocab to 256\n", model, tmp_path, capsys)
     assert (d["code"], d["line"], d["col"]) == ("SW371", 2, 1), d
     assert "embed_tokens_per_layer" in d["message"] and "one slice per layer" in d["message"], d["message"]
     assert "not homogeneous" not in d["message"]
@@ -85,7 +85,7 @@ def test_per_layer_config_follows_the_layer_map(tiny):
     rp = check_plan(parse("duplicate layers 0..2\n"), ir, model_ref=model)  # the type checker alone
     assert rp.config_after["layer_types"] == ["sliding_attention", "full_attention"] * 2
     assert rp.config_after["per_layer_config"] == {"1": {"head_dim": 512}, "3": {"head_dim": 512}}
-    rp = check_plan(parse("insert layer 0 identity\n"), ir, model_ref=model)
+    rp = check_plan(parse("insert layer 0 copy\n"), ir, model_ref=model)
     assert rp.config_after["per_layer_config"] == {"2": {"head_dim": 512}}
 
 
