@@ -68,7 +68,6 @@ def size_dependent_constants(tp, hidden_key: str | None, hidden: int | None, emb
     fixed head_dim). Traces that fail (a model that rejects the changed config) give no evidence and
     are skipped; torch's log of the failed fake-tensor op is silenced."""
     import logging
-    import warnings
 
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
