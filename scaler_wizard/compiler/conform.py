@@ -179,14 +179,11 @@ def _build(cfg: dict):
         if first != name:
             canon[name] = first
         shapes[name] = tuple(p.shape)
-    non_persistent = set()
-    for mname, mod in model.named_modules():
-        for b in getattr(mod, "_non_persistent_buffers_set", ()):
-            non_persistent.add(f"{mname}.{b}" if mname else b)
-    for name, b in model.named_buffers():
-        if name not in non_persistent:  # persistent buffers: checked when written, not required
-            shapes[name] = tuple(b.shape)
-            canon[name] = _OPTIONAL
+    from scaler_wizard.ir.trace import persistent_buffers
+
+    for name, shape in persistent_buffers(model).items():  # checked when written, not required
+        shapes[name] = shape
+        canon[name] = _OPTIONAL
     return shapes, canon
 
 
