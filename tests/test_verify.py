@@ -117,8 +117,12 @@ def test_padding_mask_path_matches_unpadded_sequences(model):
     rep = compare_models(model, model, n_random=3, seq_len=12, pad_len=12, check_kv=False)
     assert rep.check("padding_left").n_positions == sum([10, 8])  # random rows 2 and 3, cut shorter
     assert rep.check("padding_right").n_positions == sum([10, 8])
-    rep = compare_models(model, model, n_random=3, seq_len=12, check_kv=False)  # default: seq_len // 2 wide
+    rep = compare_models(model, model, n_random=3, seq_len=12, pad_len=6, check_kv=False)  # a forward of its own
     assert rep.check("padding_left").n_positions == sum([5, 4])
+    # default: as wide as the random ids, in their forward; each check judged at its own rows only
+    rep = compare_models(model, model, n_random=3, seq_len=12, check_kv=False)
+    assert rep.check("padding_left").n_positions == sum([10, 8])
+    assert rep.check("random_ids").n_positions == 3 * 12
 
 
 def test_texts_are_tokenised_and_compared(model):

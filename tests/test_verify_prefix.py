@@ -212,7 +212,16 @@ def test_kv_prefill_cut_only_where_the_cache_holds_the_prefill():
     with pytest.raises(ValueError, match="no earlier job"):
         prefill_sources([Job("kv", ids, prefill=4, prefill_from="a"), Job("a", ids)])
     with pytest.raises(ValueError, match="not a plain forward"):
-        prefill_sources([Job("a", ids, attention_mask=torch.ones_like(ids)), Job("kv", ids, prefill=4, prefill_from="a")])
+        prefill_sources([Job("a", ids, token_type_ids=torch.ones_like(ids)), Job("kv", ids, prefill=4, prefill_from="a")])
+    # a padded source: its decoding rows must be unmasked over the prefill and at positions 0, 1, ...
+    mask, pos = torch.ones_like(ids), torch.arange(8).expand(2, 8)
+    assert prefill_sources([Job("a", ids, mask, pos), Job("kv", ids[:1], prefill=4, prefill_from="a")])["a"].name == "kv"
+    left = mask.clone()
+    left[0, 0] = 0
+    with pytest.raises(ValueError, match="mask hides"):
+        prefill_sources([Job("a", ids, left, pos), Job("kv", ids[:1], prefill=4, prefill_from="a")])
+    with pytest.raises(ValueError, match="position ids"):
+        prefill_sources([Job("a", ids, mask, pos + 1), Job("kv", ids[:1], prefill=4, prefill_from="a")])
 
 
 def test_a_grown_model_whose_cache_is_broken_fails_the_kv_checks(tmp_path, monkeypatch):

@@ -73,8 +73,9 @@ class Job:
     cache); the logits of every position are returned, as
     :func:`scaler_wizard.runtime.verify.kv_decode_logits` does.
 
-    ``prefill_from`` (with ``prefill``): the name of an earlier plain job (no mask, position or
-    token type ids) whose first rows and first ``prefill`` tokens are this job's: its forward runs
+    ``prefill_from`` (with ``prefill``): the name of an earlier job (no token type ids; a mask and
+    position ids only where they leave this job's rows unmasked at positions 0, 1, 2, ...) whose
+    first rows and first ``prefill`` tokens are this job's: its forward runs
     with a cache, which is then cut to ``prefill`` positions and this job's rows
     (:func:`cut_cache_layer`), and the decoding continues from that cache instead of a prefill
     forward of its own (one forward per layer fewer); the logits of the prefill positions are that
@@ -94,8 +95,9 @@ class Job:
 def prefill_sources(jobs: list) -> dict[str, "Job"]:
     """source job name -> the decoding job whose prefill it gives (``Job.prefill_from``). Raises
     ValueError when a source is missing, comes after its decoding job, gives two prefills, has a
-    mask, position or token type ids, is itself a decoding job, or does not hold the decoding
-    job's rows and prefill tokens as its first rows and tokens."""
+    token type ids, is itself a decoding job, or does not hold the decoding job's rows and prefill
+    tokens as its first rows and tokens, unmasked and at positions 0, 1, 2, ... (its other rows may
+    be padded: the padding check's rows share the random ids' forward)."""
     import torch
 
     out: dict[str, Job] = {}
@@ -109,12 +111,16 @@ def prefill_sources(jobs: list) -> dict[str, "Job"]:
                 why = "no earlier job of that name"
             elif src.name in out:
                 why = "that job already gives another prefill"
-            elif src.prefill > 0 or any(getattr(src, k) is not None
-                                        for k in ("attention_mask", "position_ids", "token_type_ids")):
+            elif src.prefill > 0 or src.token_type_ids is not None:
                 why = "that job is not a plain forward over token ids"
             elif (src.input_ids.shape[0] < B or src.input_ids.shape[1] < P
                   or not torch.equal(src.input_ids[:B, :P], j.input_ids[:, :P])):
                 why = "its first rows and tokens are not this job's prefill"
+            elif src.attention_mask is not None and not bool((src.attention_mask[:B, :P] == 1).all()):
+                why = "its mask hides some of this job's prefill tokens"
+            elif src.position_ids is not None and not torch.equal(
+                    src.position_ids[:B, :P], torch.arange(P, dtype=src.position_ids.dtype).expand(B, P)):
+                why = "its position ids for this job's rows are not 0, 1, 2, ..."
             if why:
                 raise ValueError(f"job {j.name!r}: prefill_from={j.prefill_from!r}: {why}")
             out[src.name] = j

@@ -4,9 +4,10 @@
 
 * seeded random token ids (``n_random`` sequences of ``seq_len``, default 2 x 32),
 * the given ``texts`` (tokenised one by one, no padding),
-* one padded batch ``pad_len`` wide (default ``seq_len // 2``): random sequences 2.. cut shorter,
+* one padded batch ``pad_len`` wide (default ``seq_len``): random sequences 2.. cut shorter,
   right-padded, and the same sequences left-padded (``position_ids`` follow the mask), compared
-  only at real (non-pad) positions (checks ``padding_right`` and ``padding_left``),
+  only at real (non-pad) positions (checks ``padding_right`` and ``padding_left``); as wide as the
+  random ids (the default), its rows run in the random ids' forward, after theirs,
 * incremental decoding with the KV cache on the first two random sequences (prefill half, then the
   tokens up to the last ``kv_steps`` (2) in one forward through the cache, then those token by
   token with ``past_key_values``), compared with the grown model's own full forward and with the
@@ -27,15 +28,16 @@ and reports, per check: max |grown - original| over logits, the same divided by 
 and the mean KL(original || grown) of next-token distributions. When the vocabulary grew, only the
 original vocabulary slice of the logits is compared (and both softmaxes are taken over it).
 
-The sample size (default 64 random positions, a padded batch of 2 x 16 and 64 decoded: 160
-token positions per model) is set by cost, not by statistics: every position of every check passes
+The sample size (default 64 random positions, a padded batch of 2 x 32 with 48 real positions,
+and 64 decoded: 192 token positions per model) is set by cost, not by statistics: every position of every check passes
 through every weight of the model, so a construction that is not function-preserving (a wrong
 split, a missing scale, a broken head or layer) moves essentially every position's logits, and a
 handful of positions detects it as surely as hundreds (tests/test_verify_layerwise.py: a broken
-layer, a 1 % change of one head). Verification costs about ``2 x parameters x 160`` float32 FLOPs
-per model (``x 128`` where the decoding's 32 prefill positions are cut from the random ids' forward,
-see :func:`compare_models`), plus one pass over every weight per forward: five per decoder layer
-(random ids, padded batch, cached middle, two single-token steps; six with a separate prefill),
+layer, a 1 % change of one head). Verification costs about ``2 x parameters x 192`` float32 FLOPs
+per model (``x 160`` where the decoding's 32 prefill positions are cut from the random ids' forward,
+see :func:`compare_models`), plus one pass over every weight per forward: four per decoder layer
+(random ids with the padded rows, cached middle, two single-token steps; five with a separate
+prefill, one more with a padded batch narrower than the random ids),
 each a matrix product of a few dozen rows or fewer, which float32 BLAS runs far below its peak; the
 earlier sample (4 x 32 random ids, two padded batches of 4 x 32, four single-token steps over four
 rows: 416 positions) made verifying a 1.1B model 10x slower than writing it. What no small sample
@@ -288,13 +290,15 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _forward_with_cache(model, ids):
-    """(scores [B, T, V], the KV cache the forward wrote) of a forward over ``ids`` with ``use_cache``."""
+def _forward_with_cache(model, ids, mask=None, position_ids=None):
+    """(scores [B, T, V], the KV cache the forward wrote) of a forward over ``ids`` [B, T] with
+    ``use_cache`` (and the optional ``mask`` / ``position_ids`` [B, T])."""
     import torch
 
     kw = _cache_kw(model)
+    extra = {k: v for k, v in (("attention_mask", mask), ("position_ids", position_ids)) if v is not None}
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, **extra)
     return _scores(out), (getattr(out, kw, None) if kw in out else out.past_key_values)
 
 
@@ -436,7 +440,7 @@ def _whole_model_logits(model, jobs) -> dict:
         elif j.name in sources:
             d = sources[j.name]
             B = d.input_ids.shape[0]
-            out[j.name], cache = _forward_with_cache(model, j.input_ids)
+            out[j.name], cache = _forward_with_cache(model, j.input_ids, j.attention_mask, j.position_ids)
             try:
                 for layer in cache.layers:
                     cut_cache_layer(layer, d.prefill, B)
@@ -586,21 +590,38 @@ def compare_models(
     kv_check = False
     if n_random > 0:
         ids = torch.randint(0, ids_v, (n_random, seq_len), generator=gen)
-        jobs.append(Job("random_ids", ids))
-        plan.append(("random_ids", "random_ids", "random_ids", None))
-        P = min(seq_len, pad_len if pad_len is not None else max(4, seq_len // 2))
+        P = min(seq_len, pad_len if pad_len is not None else seq_len)
         if check_padding and n_random >= 2 and P >= 4:
             # One batch: random rows 1.. cut shorter than P, right-padded, then the same rows
             # left-padded, all P wide; each check is judged at its own rows' real positions.
             lengths = [max(2, P - (P * k) // (2 * n_random)) for k in range(1, n_random)]
             parts = [padded_batch(ids[1:], lengths, side, width=P) for side in ("right", "left")]
             pids, mask, pos = (torch.cat([a[i] for a in parts]) for i in range(3))
-            jobs.append(Job("padding", pids, mask, pos))
             half = len(lengths)
-            for side, rows in (("right", slice(0, half)), ("left", slice(half, 2 * half))):
+            if P == seq_len:
+                # As wide as the random ids (the default): both in one forward, the random rows first,
+                # unmasked at positions 0.. (one pass over the weights per layer fewer; the KV prefill
+                # is still cut from the random rows, see prefill_sources).
+                base = torch.arange(seq_len).expand(n_random, seq_len)
+                jobs.append(Job("random_ids", torch.cat([ids, pids]), torch.cat([torch.ones_like(base), mask]),
+                                torch.cat([base, pos])))
+                rows_mask = torch.zeros(n_random + 2 * half, seq_len, dtype=torch.long)
+                rows_mask[:n_random] = 1
+                plan.append(("random_ids", "random_ids", "random_ids", rows_mask))
+                pad_job, first = "random_ids", n_random
+                mask = torch.cat([torch.zeros_like(base), mask])
+            else:
+                jobs.append(Job("random_ids", ids))
+                plan.append(("random_ids", "random_ids", "random_ids", None))
+                jobs.append(Job("padding", pids, mask, pos))
+                pad_job, first = "padding", 0
+            for side, start in (("right", first), ("left", first + half)):
                 only = torch.zeros_like(mask)
-                only[rows] = mask[rows]
-                plan.append((f"padding_{side}", "padding", "padding", only))
+                only[start:start + half] = mask[start:start + half]
+                plan.append((f"padding_{side}", pad_job, pad_job, only))
+        else:
+            jobs.append(Job("random_ids", ids))
+            plan.append(("random_ids", "random_ids", "random_ids", None))
         n_types = int(getattr(o.config, "type_vocab_size", 0) or 0)
         if n_types > 1:  # token type embeddings write the residual stream too (BERT)
             tt = torch.randint(0, n_types, ids.shape, generator=gen)
