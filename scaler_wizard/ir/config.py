@@ -170,6 +170,15 @@ def rope_dicts(config: dict) -> list[dict]:
     return out
 
 
+def rope_dicts_anywhere(config: dict) -> list[dict]:
+    """:func:`rope_dicts` of a config dict and of every sub-config dict in it (``text_config``, ...)."""
+    out = rope_dicts(config)
+    for k, v in config.items():
+        if isinstance(v, dict) and k not in ROPE_DICT_KEYS:
+            out += rope_dicts_anywhere(v)
+    return out
+
+
 def rope_type_of(config: dict, default: str = "default") -> str:
     for d in rope_dicts(config):
         t = d.get("rope_type", d.get("type"))

@@ -128,22 +128,6 @@ def prefill_sources(jobs: list) -> dict[str, "Job"]:
     return out
 
 
-def _rope_types(d) -> list[str]:
-    """Every RoPE type named in a config dict (``rope_parameters`` / ``rope_scaling``, per layer
-    type or not, in sub-configs too)."""
-    out = []
-    if isinstance(d, dict):
-        for k, v in d.items():
-            if k in ("rope_type", "type") and isinstance(v, str):
-                out.append(v)
-            elif isinstance(v, (dict, list)):
-                out += _rope_types(v)
-    elif isinstance(d, list):
-        for v in d:
-            out += _rope_types(v)
-    return out
-
-
 def prefill_from_longer_refused(config, length: int) -> str | None:
     """None when the KV cache a forward over ``length`` tokens writes, cut to its first positions
     (:func:`cut_cache_layer`), holds what a forward over those positions alone would write (up to
@@ -155,7 +139,10 @@ def prefill_from_longer_refused(config, length: int) -> str | None:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    bad = sorted({t for t in _rope_types(config.to_dict()) if t == "longrope" or "dynamic" in t})
+    from scaler_wizard.ir.config import rope_dicts_anywhere
+
+    types = {d.get("rope_type", d.get("type")) for d in rope_dicts_anywhere(config.to_dict())}
+    bad = sorted(t for t in types if isinstance(t, str) and (t == "longrope" or "dynamic" in t))
     if bad:
         return f"RoPE frequencies depend on the sequence length ({', '.join(bad)})"
     try:
