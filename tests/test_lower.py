@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from families import build_model
 
@@ -288,6 +289,21 @@ def test_bert_masked_lm_exact(models, tmp_path, plan):
     assert any("KV-cache checks skipped" in n and "BertForMaskedLM" in n for n in ver["notes"])
     m = _load_clean(tmp_path / "out")
     assert type(m).__name__ == "BertForMaskedLM" and m.config.hidden_size == 128
+
+
+def test_bert_untie_writes_every_declared_tie(models, tmp_path):
+    """``untie=true`` writes tie_word_embeddings=false, and transformers then ties none of BERT's
+    declared ties: the MLM decoder's bias is written on its own (a copy of cls.predictions.bias),
+    besides the untied decoder weight (before: SW316, the grown config's model has a tensor the
+    program did not write)."""
+    res = _apply("widen hidden x2 lemon untie=true", models["bert"], tmp_path / "out")
+    assert res["exactness"] == "exact" and res["verification"]["passed"], res["verification"]
+    m = _load_clean(tmp_path / "out")
+    assert not m.config.tie_word_embeddings
+    head = m.cls.predictions
+    assert head.decoder.bias.data_ptr() != head.bias.data_ptr()
+    assert torch.equal(head.decoder.bias, head.bias)
+    assert head.decoder.weight.data_ptr() != m.bert.embeddings.word_embeddings.weight.data_ptr()
 
 
 @pytest.mark.parametrize("plan", [

@@ -89,7 +89,10 @@ class WidenHidden(Pass):
             if info is None:
                 continue
             axes = normalise_axes(ir, info)
-            if not any(ax.role == "in" and "hidden" in ax.groups() for ax in axes):
+            # untie=true writes tie_word_embeddings=false, and transformers then ties none of the
+            # model's declared ties (`_tied_weights_keys`): every alias is written on its own, those
+            # that do not read hidden too (BERT's `cls.predictions.decoder.bias`), as their kept copy
+            if not untie and not any(ax.role == "in" and "hidden" in ax.groups() for ax in axes):
                 continue
             if untie:
                 base = st.tensors[keep]
