@@ -465,6 +465,7 @@ def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
                 importlib.import_module(m)
         except Exception:  # noqa: BLE001 - a warm-up only: the child imports it again and reports
             pass
+    _warm_export()
     for line in stdin:
         req = json.loads(line)
         pid = os.fork()
@@ -495,6 +496,20 @@ def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
         rc = os.waitstatus_to_exitcode(status)
         stdout.write(json.dumps({"rc": rc}) + "\n")
         stdout.flush()
+
+
+def _warm_export() -> None:
+    """One meta-device export of the tiny Llama in the fork server, before any fork: the first
+    torch.export of a process pays its lazy setup (about 2 s, measured), which each forked family
+    then inherits done. Meta tensors only: no compute, no thread pool started before the forks."""
+    try:
+        from scaler_wizard.ir.trace import build_meta_model, export_model, reduced_config
+
+        with _quiet():
+            cfg, _ = tiny_config("llama")
+            export_model(build_meta_model(reduced_config(cfg)[0]))
+    except Exception:  # noqa: BLE001 - a warm-up only
+        pass
 
 
 def run_family(family: str, ops: list[str], timeout: float, python: str = sys.executable,
