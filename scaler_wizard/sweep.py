@@ -407,6 +407,7 @@ class ForkServer:
                                      text=True, bufsize=1)
 
     def alive(self) -> bool:
+        """Whether the server process is still running."""
         return self.proc.poll() is None
 
     def run(self, family: str, ops: list[str], log: str, err: str, timeout: float) -> int | str:
