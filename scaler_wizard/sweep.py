@@ -405,6 +405,7 @@ class ForkServer:
         self.proc = subprocess.Popen([python, "-m", "scaler_wizard.sweep", "--serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_worker_env(),
                                      text=True, bufsize=1)
+        self._buf = b""
 
     def alive(self) -> bool:
         """Whether the server process is still running."""
@@ -419,9 +420,8 @@ class ForkServer:
         self.proc.stdin.flush()
         pid = None
         while True:
-            left = deadline - time.time()
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, left))
-            if not ready:  # past the deadline: kill the child (the server answers its rc next)
+            line = self._line(deadline)
+            if line is None:  # past the deadline: kill the child (the server answers its rc next)
                 if pid is None:
                     self.close()  # still importing or forking: the server goes, the caller starts another
                     return "timeout"
@@ -429,11 +429,9 @@ class ForkServer:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                line = self.proc.stdout.readline()
-                if not line:
+                if not self._line(None):
                     raise OSError("fork server died")
                 return "timeout"
-            line = self.proc.stdout.readline()
             if not line:
                 raise OSError("fork server died")
             msg = json.loads(line)
@@ -441,6 +439,23 @@ class ForkServer:
                 pid = msg["pid"]
             elif "rc" in msg:
                 return int(msg["rc"])
+
+    def _line(self, deadline: float | None) -> str | None:
+        """The server's next answer line; "" at end of output, None when ``deadline`` passes first.
+        Reads the pipe's descriptor directly: a buffered reader could hold the ``rc`` line already
+        read along with the ``pid`` line while ``select`` waits on the empty pipe."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            if deadline is not None:
+                ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
+                if not ready:
+                    return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return ""
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode()
 
     def close(self) -> None:
         """End the server (a child it forked that is still running is not waited for)."""

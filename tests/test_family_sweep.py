@@ -7,6 +7,8 @@ list to be updated. The full table (every causal-LM family x every op) is benchm
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from pathlib import Path
 
@@ -577,6 +579,21 @@ def test_fork_server_timeout_kills_the_family_not_the_server(tmp_path, monkeypat
     finally:
         server.close()
     assert not server.alive()
+
+
+def test_fork_server_answers_a_family_that_ends_at_once(tmp_path):
+    # A family that cannot be built ends within a second, so the server's `pid` and `rc` answers can
+    # reach the pipe together: both must be read, not the second waited for until the timeout.
+    server = sweep.ForkServer()
+    try:
+        for _ in range(3):
+            t0 = time.time()
+            r = sweep.run_family("no_such_model_type", ["vocab"], 120, server=server)
+            assert time.time() - t0 < 60, "the rc answer was waited for past its arrival"
+            assert not r["built"] and r["unbuildable"].startswith("KeyError"), r
+            assert server.alive()
+    finally:
+        server.close()
 
 
 @pytest.mark.slow
