@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated model types to leave out")
     ap.add_argument("--ops", default=",".join(sweep.OPS), help=f"comma-separated ops from: {', '.join(sweep.OPS)}")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--cold", action="store_true",
+                    help="one fresh subprocess per family (default: forked from warm servers, see sweep.ForkServer)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per family (its worker is killed after)")
     ap.add_argument("--json", help="write the results here (rewritten after every family)")
     ap.add_argument("--from-json", help="print the table of a JSON file written by --json, run nothing")
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
                        "partial": True}
             Path(a.json).write_text(json.dumps(partial, indent=1, default=str) + "\n")
 
-    result = sweep.run_sweep(fams, ops, workers=a.workers, timeout=a.timeout, progress=progress)
+    result = sweep.run_sweep(fams, ops, workers=a.workers, timeout=a.timeout, progress=progress, warm=not a.cold)
     result["wall_seconds"] = round(time.time() - t0, 1)
     report(result)
     print(f"wall: {result['wall_seconds']}s over {len(fams)} families, {a.workers} workers")

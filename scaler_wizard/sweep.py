@@ -27,8 +27,13 @@ top 2, 40 positions: every size distinct, so config keys bind to groups by value
 vocabulary are moved into it. ``OVERRIDES`` is the one per-family table, for what the generic rules
 cannot know (empty entries are not kept).
 
-Each family runs in its own ``python -m scaler_wizard.sweep --worker`` subprocess with a timeout; the
-worker streams one JSON line per cell so the cells finished before a timeout are kept.
+Each family runs in its own process with a timeout; the worker streams one JSON line per cell so the
+cells finished before a timeout are kept. :func:`run_sweep` keeps one warm *fork server* per worker
+slot (``python -m scaler_wizard.sweep --serve``: torch, transformers and the compiler imported once,
+:data:`WARM_MODULES`) and forks a fresh child from it per family -- each family is still isolated in
+its own process (a crash, a hang or leaked state ends with it) but no longer pays the interpreter
+start and the imports (5-9 s a family, measured). :func:`run_family` without a server starts a plain
+``python -m scaler_wizard.sweep --worker`` subprocess as before.
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -369,22 +377,191 @@ def worker(family: str, ops: list[str], stream) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_family(family: str, ops: list[str], timeout: float, python: str = sys.executable) -> dict:
-    """Run one family in a subprocess. Returns {"family", "built", "unbuildable", "cells", "seconds"}."""
+# Imported once by each fork server (:class:`ForkServer`) before it forks the family workers: what
+# every family's worker imports anyway (a module missing here is imported by the child as before).
+WARM_MODULES = (
+    "torch", "torch.export", "torch._dynamo", "transformers", "transformers.modeling_utils",
+    "transformers.models.auto.modeling_auto", "transformers.models.auto.configuration_auto", "safetensors.torch",
+    "accelerate", "scaler_wizard.api", "scaler_wizard.ir.discovery.build", "scaler_wizard.compiler.conform",
+    "scaler_wizard.runtime.execute", "scaler_wizard.runtime.verify", "scaler_wizard.runtime.layerwise",
+)
+
+
+def _worker_env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])  # the worker imports this same package
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+class ForkServer:
+    """A warm ``python -m scaler_wizard.sweep --serve`` process (environment and interpreter of the
+    caller at start) that forks one child per :meth:`run` request. One request at a time.
+
+    The protocol is one JSON line each way: the request ``{"family", "ops", "log", "err"}``, the
+    answers ``{"pid"}`` once the child is forked and ``{"rc"}`` when it exits (``-signal`` when
+    killed). The child writes its events to ``log`` (as the ``--worker`` subprocess) and its stderr to
+    ``err``."""
+
+    def __init__(self, python: str = sys.executable):
+        self.proc = subprocess.Popen([python, "-m", "scaler_wizard.sweep", "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_worker_env(),
+                                     text=True, bufsize=1)
+        self._buf = b""
+
+    def alive(self) -> bool:
+        """Whether the server process is still running."""
+        return self.proc.poll() is None
+
+    def run(self, family: str, ops: list[str], log: str, err: str, timeout: float) -> int | str:
+        """Run ``family`` in a forked child; its exit code, or ``"timeout"`` (the child was killed after
+        ``timeout`` seconds, counted from the request: a cold server's imports count too).
+        Raises OSError when the server itself is gone."""
+        deadline = time.time() + timeout
+        self.proc.stdin.write(json.dumps({"family": family, "ops": ops, "log": log, "err": err}) + "\n")
+        self.proc.stdin.flush()
+        pid = None
+        while True:
+            line = self._line(deadline)
+            if line is None:  # past the deadline: kill the child (the server answers its rc next)
+                if pid is None:
+                    self.close()  # still importing or forking: the server goes, the caller starts another
+                    return "timeout"
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                if not self._line(None):
+                    raise OSError("fork server died")
+                return "timeout"
+            if not line:
+                raise OSError("fork server died")
+            msg = json.loads(line)
+            if "pid" in msg:
+                pid = msg["pid"]
+            elif "rc" in msg:
+                return int(msg["rc"])
+
+    def _line(self, deadline: float | None) -> str | None:
+        """The server's next answer line; "" at end of output, None when ``deadline`` passes first.
+        Reads the pipe's descriptor directly: a buffered reader could hold the ``rc`` line already
+        read along with the ``pid`` line while ``select`` waits on the empty pipe."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            if deadline is not None:
+                ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
+                if not ready:
+                    return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return ""
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode()
+
+    def close(self) -> None:
+        """End the server (a child it forked that is still running is not waited for)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
+    """The fork server's loop (``--serve``): import :data:`WARM_MODULES`, then per request line fork a
+    child that runs :func:`worker` and answer its pid and exit code. Ends at end of input."""
+    import importlib
+
+    for m in WARM_MODULES:
+        try:
+            with _quiet():
+                importlib.import_module(m)
+        except Exception:  # noqa: BLE001 - a warm-up only: the child imports it again and reports
+            pass
+    _warm_export()
+    for line in stdin:
+        req = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the child: one family, then exit without running the server's cleanup
+            rc = 1
+            try:
+                err = os.open(req["err"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(err, 2)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                with open(req["log"], "a") as stream:
+                    worker(req["family"], req["ops"], stream)
+                rc = 0
+            except BaseException:  # noqa: BLE001 - reported on the child's stderr, as a subprocess would
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                try:
+                    sys.stderr.flush()
+                finally:
+                    os._exit(rc)
+        stdout.write(json.dumps({"pid": pid}) + "\n")
+        stdout.flush()
+        _, status = os.waitpid(pid, 0)
+        rc = os.waitstatus_to_exitcode(status)
+        stdout.write(json.dumps({"rc": rc}) + "\n")
+        stdout.flush()
+
+
+def _warm_export() -> None:
+    """One meta-device export of the tiny Llama in the fork server, before any fork: the first
+    torch.export of a process pays its lazy setup (about 2 s, measured), which each forked family
+    then inherits done. Meta tensors only: no compute, no thread pool started before the forks."""
+    try:
+        from scaler_wizard.ir.trace import build_meta_model, export_model, reduced_config
+
+        with _quiet():
+            cfg, _ = tiny_config("llama")
+            export_model(build_meta_model(reduced_config(cfg)[0]))
+    except Exception:  # noqa: BLE001 - a warm-up only
+        pass
+
+
+def run_family(family: str, ops: list[str], timeout: float, python: str = sys.executable,
+               server: ForkServer | None = None) -> dict:
+    """Run one family in its own process: forked from ``server`` when given (a warm
+    :class:`ForkServer`), else a fresh subprocess. Returns {"family", "built", "unbuildable", "cells",
+    "seconds"}."""
     t0 = time.time()
     with tempfile.NamedTemporaryFile("w+", suffix=".jsonl", delete=False) as f:
         log = f.name
-    cmd = [python, "-m", "scaler_wizard.sweep", "--worker", family, "--ops", ",".join(ops), "--log", log]
     status = "ok"
-    root = str(Path(__file__).resolve().parents[1])  # the worker imports this same package
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    try:
-        p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout, text=True, env=env)
-        if p.returncode != 0:
-            tail = (p.stderr or "").strip().splitlines()
-            status = f"worker died (rc {p.returncode}): {tail[-1][:200] if tail else ''}"
-    except subprocess.TimeoutExpired:
-        status = "timeout"
+    if server is not None:
+        with tempfile.NamedTemporaryFile("w+", suffix=".err", delete=False) as f:
+            err = f.name
+        try:
+            rc = server.run(family, ops, log, err, timeout)
+        except OSError as e:
+            rc = f"worker died ({e})"
+        tail = Path(err).read_text(errors="replace").strip().splitlines()
+        os.unlink(err)
+        if rc == "timeout":
+            status = "timeout"
+        elif isinstance(rc, str):
+            status = rc
+        elif rc != 0:
+            status = f"worker died (rc {rc}): {tail[-1][:200] if tail else ''}"
+    else:
+        cmd = [python, "-m", "scaler_wizard.sweep", "--worker", family, "--ops", ",".join(ops), "--log", log]
+        try:
+            p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout, text=True,
+                               env=_worker_env())
+            if p.returncode != 0:
+                tail = (p.stderr or "").strip().splitlines()
+                status = f"worker died (rc {p.returncode}): {tail[-1][:200] if tail else ''}"
+        except subprocess.TimeoutExpired:
+            status = "timeout"
     events = []
     for line in Path(log).read_text().splitlines():
         try:
@@ -420,8 +597,10 @@ def run_family(family: str, ops: list[str], timeout: float, python: str = sys.ex
 
 
 def run_sweep(families: list[str], ops: list[str] | None = None, *, workers: int = 2, timeout: float = 900,
-              progress=None) -> dict:
-    """Run the sweep. Returns {"transformers", "ops", "families": {family: run_family result}, "counts"}."""
+              progress=None, warm: bool = True) -> dict:
+    """Run the sweep. Returns {"transformers", "ops", "families": {family: run_family result}, "counts"}.
+    ``warm``: fork each family from one of ``workers`` warm :class:`ForkServer` processes (started here,
+    with this process's environment, and ended on return); else one fresh subprocess per family."""
     import transformers
 
     ops = list(ops or OPS)
@@ -429,16 +608,35 @@ def run_sweep(families: list[str], ops: list[str] | None = None, *, workers: int
     if unknown:
         raise ValueError(f"unknown ops {unknown}; expected some of {', '.join(OPS)}")
     results: dict[str, dict] = {}
+    nworkers = max(1, min(workers, len(families) or 1))
+    servers: queue.Queue = queue.Queue()
+    started: list[ForkServer] = []
+    if warm and hasattr(os, "fork"):
+        for _ in range(nworkers):
+            started.append(ForkServer())
+            servers.put(started[-1])
 
     def one(fam):
-        r = run_family(fam, ops, timeout)
+        server = servers.get() if started else None
+        try:
+            if server is not None and not server.alive():  # killed by a timeout while importing, or died
+                server = ForkServer()
+                started.append(server)
+            r = run_family(fam, ops, timeout, server=server)
+        finally:
+            if server is not None:
+                servers.put(server)
         if progress:
             progress(r)
         return r
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        for r in ex.map(one, families):
-            results[r["family"]] = r
+    try:
+        with ThreadPoolExecutor(max_workers=nworkers) as ex:
+            for r in ex.map(one, families):
+                results[r["family"]] = r
+    finally:
+        for s in started:
+            s.close()
     return {"transformers": transformers.__version__, "ops": ops, "families": results, "counts": counts(results)}
 
 
@@ -533,7 +731,11 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help="(internal) run one family and stream JSON lines to --log")
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--log")
+    ap.add_argument("--serve", action="store_true", help="(internal) a fork server: see ForkServer")
     a = ap.parse_args(argv)
+    if a.serve:
+        serve()
+        return 0
     if not a.worker:
         ap.error("use benchmarks/family_sweep.py to run the sweep")
     with open(a.log, "a") as stream:

@@ -7,6 +7,8 @@ list to be updated. The full table (every causal-LM family x every op) is benchm
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from pathlib import Path
 
@@ -538,3 +540,76 @@ def test_lemon_residue_with_config_and_fixed_epsilons_is_refused(tmp_path_factor
     assert d.code == "SW380" and (d.span.line, d.span.col) == (1, 14), d
     assert "fixed one" in d.message and "`x2`" in d.help
     assert api.check("widen hidden x2 lemon", model).exactness == "exact"
+
+
+def _cells_without_seconds(result):
+    return {f: (r["built"], r["unbuildable"], {o: {k: v for k, v in c.items() if k != "seconds"}
+                                             for o, c in r["cells"].items()})
+            for f, r in result["families"].items()}
+
+
+@pytest.mark.slow
+def test_warm_fork_server_gives_the_cells_of_a_fresh_subprocess(tmp_path, monkeypatch):
+    # run_sweep forks each family from a warm server (imports done once); the cells must be those
+    # of the plain `--worker` subprocess, and the server's child must see this call's environment.
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path / "cache"))
+    ops = ["ffn_net2net", "kv_heads"]  # gpt2: one exact cell, one refusal
+    warm = sweep.run_sweep(["gpt2"], ops, workers=1, timeout=600)
+    assert (tmp_path / "cache" / "ir").is_dir()  # the child used this test's cache
+    cold = sweep.run_sweep(["gpt2"], ops, workers=1, timeout=600, warm=False)
+    assert _cells_without_seconds(warm) == _cells_without_seconds(cold)
+    cells = warm["families"]["gpt2"]["cells"]
+    assert cells["ffn_net2net"]["cell"] == "exact" and cells["kv_heads"]["cell"] == "refused"
+
+
+@pytest.mark.slow
+def test_fork_server_timeout_kills_the_family_not_the_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path / "cache"))
+    server = sweep.ForkServer()
+    try:
+        first = sweep.run_family("gpt2", ["vocab"], 600, server=server)
+        assert first["cells"]["vocab"]["cell"] == "approx"
+        # a fresh cache: hidden_tile traces, which takes longer than the 3 s allowed
+        slow = sweep.run_family("llama", ["vocab", "hidden_tile"], 3, server=server)
+        assert server.alive()
+        assert all(c["cell"] == "crash" and "timeout" in c["reason"] for c in slow["cells"].values()) or \
+            slow["unbuildable"] == "timeout while building", slow
+        again = sweep.run_family("gpt2", ["vocab"], 600, server=server)
+        assert _cells_without_seconds({"families": {"g": again}}) == _cells_without_seconds({"families": {"g": first}})
+    finally:
+        server.close()
+    assert not server.alive()
+
+
+def test_fork_server_answers_a_family_that_ends_at_once(tmp_path):
+    # A family that cannot be built ends within a second, so the server's `pid` and `rc` answers can
+    # reach the pipe together: both must be read, not the second waited for until the timeout.
+    server = sweep.ForkServer()
+    try:
+        for _ in range(3):
+            t0 = time.time()
+            r = sweep.run_family("no_such_model_type", ["vocab"], 120, server=server)
+            assert time.time() - t0 < 60, "the rc answer was waited for past its arrival"
+            assert not r["built"] and r["unbuildable"].startswith("KeyError"), r
+            assert server.alive()
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_sizes_only_ir_skips_the_constants_and_is_not_cached(tmp_path_factory, tmp_path, monkeypatch):
+    # Verification's re-trace of a grown model reads sizes only (groups, depth, parameter count): it
+    # traces without the size-constant question, and that partial IR must never answer a later full
+    # request from the cache (MiniCPM3's constants would be lost, and with them SW381).
+    from scaler_wizard.ir import cache_dir, model_ir_for
+
+    model = _tiny(tmp_path_factory, "minicpm3")
+    monkeypatch.setenv("SCALER_WIZARD_CACHE", str(tmp_path / "cache"))
+    part = model_ir_for(model, size_constants=False)
+    assert part.size_constants == ()
+    assert not cache_dir().exists() or not list(cache_dir().rglob("*.json"))
+    full = model_ir_for(model)
+    assert {k for k, *_ in full.size_constants} == {"num_hidden_layers", "hidden_size"}
+    assert (part.groups, part.num_layers, part.total_params()) == (full.groups, full.num_layers, full.total_params())
+    # a full IR in the cache serves the sizes-only caller too
+    assert model_ir_for(model, size_constants=False).size_constants == full.size_constants

@@ -73,15 +73,17 @@ def cache_key(cfg: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def discover(config) -> ModelIR:
-    """Trace ``config`` (a transformers PretrainedConfig or a config dict) and build its IR."""
+def discover(config, *, size_constants: bool = True) -> ModelIR:
+    """Trace ``config`` (a transformers PretrainedConfig or a config dict) and build its IR.
+    ``size_constants=False`` leaves out the differential traces of the size-dependent constants
+    (``ModelIR.size_constants`` empty): an IR for reading sizes only, never to be cached."""
     if isinstance(config, dict):
         config = _config_from_dict(config)
     from scaler_wizard.ir.discovery import build_ir
     from scaler_wizard.ir.errors import IRDiscoveryError
 
     try:
-        return build_ir(config)
+        return build_ir(config, size_constants=size_constants)
     except (IRDiscoveryError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - a model discovery cannot handle is a refusal (SW401), not a traceback
@@ -159,8 +161,13 @@ def instantiate(ir: ModelIR, cfg: dict) -> ModelIR:
                    attention_shapes=shapes)
 
 
-def model_ir_for(ref_or_config_dict: Any, *, use_cache: bool = True) -> ModelIR:
-    """The IR of a model reference (path, GGUF, short name, hub id) or a config dict."""
+def model_ir_for(ref_or_config_dict: Any, *, use_cache: bool = True, size_constants: bool = True) -> ModelIR:
+    """The IR of a model reference (path, GGUF, short name, hub id) or a config dict.
+
+    ``size_constants=False`` is for callers that read only the sizes (groups, depth, parameter
+    count: verification's re-trace of a grown model): a cached IR is used as usual, but on a miss the
+    config is traced without the size-constant question (2-3 exports fewer) and, the IR being
+    partial (``size_constants`` empty), nothing is written to the cache."""
     if isinstance(ref_or_config_dict, dict):
         cfg = ref_or_config_dict
     else:
@@ -180,8 +187,8 @@ def model_ir_for(ref_or_config_dict: Any, *, use_cache: bool = True) -> ModelIR:
         ir = _from_structure(spath, cfg)
         if ir is not None:
             return ir
-    ir = discover(cfg)
-    if use_cache:
+    ir = discover(cfg, size_constants=size_constants)
+    if use_cache and size_constants:
         derived = _derived_of(ir, cfg)
         if derived:
             _write(_derived_path(cfg), json.dumps(derived, sort_keys=True, default=str))

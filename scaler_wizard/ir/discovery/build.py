@@ -19,13 +19,16 @@ from scaler_wizard.ir.model_ir import AttentionShape, Group, MixerInfo, ModelIR,
 from scaler_wizard.ir.printer import ranges
 from scaler_wizard.ir.trace import Traced, split_layer, trace_config
 
-def build_ir(config, *, differential: bool = True) -> ModelIR:
+def build_ir(config, *, differential: bool = True, size_constants: bool = True) -> ModelIR:
+    """``size_constants=False``: skip the constants question (its 2-3 extra exports); the IR's
+    ``size_constants`` is then empty whatever the model does -- for callers that read only sizes."""
     traced = trace_config(config)
     an = analyse(traced)
-    return assemble(config, traced, an, differential=differential)
+    return assemble(config, traced, an, differential=differential, size_constants=size_constants)
 
 
-def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True) -> ModelIR:
+def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True,
+             size_constants: bool = True) -> ModelIR:
     A = an.dg.atoms
     cfg = config.to_dict()
     layers_key = traced.layers_key
@@ -90,7 +93,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True)
         if len(tp.layer_map) > 1:
             notes.append(f"traced layer {j} stands for layers {ranges(real)}")
     consts = ()
-    if differential:
+    if differential and size_constants:
         consts = size_dependent_constants(tp, bound.get("hidden"), an.sizes.get("hidden"),
                                           residual.embed_scale if residual.embed_scale_source else None,
                                           tuple(bound[g] for g in ("heads", "kv_heads") if bound.get(g)))
