@@ -1,0 +1,152 @@
+"""Config probes: does the config build what the traced computation says?
+
+Discovery binds each group to a config key and reads every tensor axis as a product of groups from
+the traced computation. transformers, though, sizes a tensor from config keys in its ``__init__``,
+and the two readings can agree at the traced sizes only: Helium's ``o_proj`` is built
+``Linear(hidden_size, hidden_size)`` while the computation feeds it heads x head_dim (equal in the
+trace); Moshi's FFN width was derived as 3 x head_dim (a coincidence: the config sizes it by
+``ffn_dim``); Zaya's depthwise conv over q and k has (heads + kv_heads) x head_dim channels, an axis
+discovery did not place; ELECTRA builds ``embeddings_project`` only while ``embedding_size !=
+hidden_size``. Any of them makes the grown config describe other tensors than the grown program
+writes (conform's SW316: the compiler contradicting itself).
+
+:func:`probe_config_ties` builds the (reduced) model on the meta device once per bound group with
+its key doubled -- no forward, only ``__init__`` -- and compares every parameter with the shape the
+IR predicts for that growth. What disagrees is returned as *ties* (see ``ModelIR.config_ties``),
+which the type checker turns into positioned refusals (SW384), and derived formulas that the
+probes contradict are dropped (a coincidence of the tiny sizes, not the config's formula).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from scaler_wizard.ir.discovery.binding import _evaluate, fit_rope_lists
+from scaler_wizard.ir.trace import build_meta_model, split_layer
+
+
+def axis_size(ax, sizes: dict[str, int]) -> int:
+    """The size of IR axis ``ax`` when the groups have ``sizes`` (group -> size; a group not in
+    ``sizes`` keeps its traced size; ``const`` factors are fixed)."""
+    total = 0
+    for seg in ax.segments:
+        n = 1
+        for f in seg.factors:
+            n *= f.size if f.group == "const" else sizes.get(f.group, f.size)
+        total += n
+    return total
+
+
+def _shapes(model, layer_list_path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """parameter name -> (IR template, shape) of a meta model."""
+    return {name: (split_layer(name, layer_list_path)[0], tuple(p.shape)) for name, p in model.named_parameters()}
+
+
+def _probe_sizes(groups, g: str, ikeys: dict[str, int], derive: bool) -> dict[str, int]:
+    """Group sizes with ``g`` doubled; with ``derive``, the derived groups that follow its key too."""
+    sizes = {n: x.size for n, x in groups.items()}
+    key = groups[g].config_key
+    sizes[g] = 2 * groups[g].size
+    if derive:
+        for n, x in groups.items():
+            if x.derived and not x.config_key:
+                v = _evaluate(x.derived, {**ikeys, key: 2 * ikeys.get(key, groups[g].size)})
+                if v is not None:
+                    sizes[n] = v
+    return sizes
+
+
+def probe_config_ties(config, tp, groups: dict, tensors, ikeys: dict[str, int], notes: list[str]):
+    """(ties, groups) -- what the config builds differently from what the IR predicts.
+
+    ``config``: the full transformers config; ``tp``: its Traced (reduced config and meta model);
+    ``groups``: name -> Group; ``tensors``: the IR's TensorInfos; ``ikeys``: the config's integer
+    keys. For each group bound to an integer key (the depth excepted), the reduced config with that
+    key doubled (companion keys following) is built on the meta device; a probe the config class
+    or the model rejects gives no evidence. Returns the ties (``ModelIR.config_ties`` entries) and
+    ``groups`` with the derived formulas the probes contradict removed. Appends what it found to
+    ``notes``. Never raises for a model that does not build: no probe, no ties."""
+    by_tpl = {t.name: t for t in tensors}
+    try:
+        base = _shapes(tp.model, tp.layer_list_path)
+    except Exception:  # noqa: BLE001 - nothing to compare with
+        return (), groups
+    probed: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    for g, grp in groups.items():
+        key = grp.config_key
+        if not key or not isinstance(getattr(tp.config, key, None), int) or isinstance(getattr(tp.config, key), bool):
+            continue
+        if getattr(tp.config, key) != grp.size:
+            continue  # an extra axis class named by its key, or a key the reduced config re-derives
+        c2 = copy.deepcopy(tp.config)
+        try:
+            setattr(c2, key, 2 * grp.size)
+            for k in grp.companion_keys:
+                if isinstance(getattr(c2, k, None), int):
+                    setattr(c2, k, 2 * grp.size)
+            fit_rope_lists(c2, tp.config)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = build_meta_model(c2)
+            probed[g] = _shapes(model, tp.layer_list_path)
+        except Exception:  # noqa: BLE001 - the config class or the model rejects the value: no evidence
+            continue
+
+    def mismatches(g: str, sizes: dict[str, int]) -> list[tuple[str, int]]:
+        out = []
+        for name, (tpl, shape) in base.items():
+            t = by_tpl.get(tpl)
+            got = probed[g].get(name)
+            if t is None or got is None or tuple(t.shape) != shape or len(got[1]) != len(shape):
+                continue
+            for a, ax in enumerate(t.axes):
+                if axis_size(ax, sizes) != got[1][a]:
+                    out.append((tpl, a))
+        return out
+
+    # -- derived formulas the config contradicts: with the derived group following the probed key the
+    # IR mispredicts its members; without, it predicts them (Moshi: ffn = 3 * head_dim by coincidence)
+    groups = dict(groups)
+    for g in probed:
+        with_d = set(mismatches(g, _probe_sizes(groups, g, ikeys, True)))
+        without = set(mismatches(g, _probe_sizes(groups, g, ikeys, False)))
+        if with_d == without:
+            continue
+        key = groups[g].config_key
+        for n, x in list(groups.items()):
+            if x.derived and not x.config_key and key in x.derived.split(" ") \
+                    and any(n in by_tpl[tpl].axes[a].groups() for tpl, a in with_d - without):
+                notes.append(f"config probe: {key} x2 does not move `{n}` in the model the config builds: "
+                             f"its formula {x.derived} was a coincidence of the traced sizes; not bound")
+                groups[n] = type(x)(**{**x.__dict__, "derived": None})
+
+    ties: list[tuple] = []
+    seen_axes: set[tuple[str, int]] = set()
+    for g in probed:
+        for tpl, a in mismatches(g, _probe_sizes(groups, g, ikeys, True)):
+            seen_axes.add((tpl, a))
+    for tpl, a in sorted(seen_axes):
+        movers = []
+        for h, shapes in probed.items():
+            name = next((n for n, (t, _) in base.items() if t == tpl and n in shapes), None)
+            if name is None:
+                continue
+            before, after = base[name][1][a], shapes[name][1][a]
+            if before != after:
+                movers.append((h, round(after / before, 6)))
+        ties.append(("axis", tpl, a, tuple(movers)))
+        notes.append(f"config probe: `{tpl}` axis {a} is {' x '.join(by_tpl[tpl].axes[a].groups()) or 'fixed'} in "
+                     f"the computation; the config sizes it by "
+                     + (", ".join(f"{h} (x{f:g} when doubled)" for h, f in movers) or "no bound key"))
+    for g, shapes in probed.items():
+        base_t = {t for t, _ in base.values()}
+        new_t = {t for t, _ in shapes.values()}
+        for tpl in sorted(base_t - new_t):
+            if tpl in by_tpl:
+                ties.append(("exists", tpl, g, "absent"))
+                notes.append(f"config probe: with {groups[g].config_key} doubled the config builds no `{tpl}`")
+        for tpl in sorted(new_t - base_t):
+            ties.append(("exists", tpl, g, "new"))
+            notes.append(f"config probe: with {groups[g].config_key} doubled the config builds a new `{tpl}`")
+    return tuple(ties), groups
