@@ -80,6 +80,8 @@ SW384  the plan's final sizes break a tie discovery's config probes found (Model
        heads x head_dim in the forward, hidden_size in __init__), one the config sizes in a way
        discovery did not understand (Zaya's q/k convolutions), or a tensor the config builds only
        for some values (ELECTRA's embeddings_project, absent once hidden_size == embedding_size)
+SW385  depth growth when the config stores another number under its depth key than the layer count
+       of the model it builds (Dory: each layer serialised as 2 blocks)
 SW365  width growth of a group that a hybrid's non-attention token mixer carries inside it (``ModelIR.mixers``:
        Mamba / gated-delta / lightning-attention blocks, short convolutions), beyond its projections from
        and to the residual stream: the growth rules do not describe that block

@@ -80,6 +80,7 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, Depth
         self._check_rope_lists(st)
         self._check_pass_roles(st)
         self._check_config_ties(st)
+        self._check_serialised_depth(st)
         self._layer_summaries(st)
         if not bag.has_errors:
             self._check_size_policy(st)

@@ -160,3 +160,24 @@ class TieRules:
                     help=f"nothing was written; grow {g} to another size",
                 )
                 return
+
+    def _check_serialised_depth(self, st: _State) -> None:
+        """SW385: depth growth when the config serialises another number under its depth key than
+        the layer count of the model it builds (Dory's config.json stores each layer as an attention
+        block and an MLP block: `num_hidden_layers` 2 for 1 layer, and re-reads its own dict on load):
+        the grown depth cannot be written as a plain layer count."""
+        ir = self.ir
+        stored = ir.config.get(ir.layers_key)
+        if not isinstance(stored, int) or isinstance(stored, bool) or stored == ir.num_layers or st.bag.has_errors:
+            return
+        op = next((o for o in st.ops if o.kind in ("insert", "duplicate", "stack")), None)
+        if op is None:
+            return
+        st.bag.error(
+            "SW385",
+            f"{_stmt(op)}: `{ir.model_type}`'s config stores `{ir.layers_key}` = {stored} for a model of "
+            f"{ir.num_layers} layer(s) (the config class re-reads its own dict when it loads it), so the grown "
+            "depth cannot be written as a layer count; depth growth is not supported for this model",
+            op.span,
+            help="nothing was written; width growth is unaffected",
+        )
