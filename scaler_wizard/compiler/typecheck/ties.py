@@ -19,6 +19,18 @@ from scaler_wizard.compiler.typecheck.state import _State
 
 # the roles each width pass grows (compiler/passes: widen_kv_heads, widen_vocab, widen_heads)
 _PASS_ROLES = {"kv_heads": ("out",), "vocab": ("index", "out")}
+_GROWN = {"kv_heads": "it grows the k/v projections' rows only",
+          "vocab": "it grows embedding rows and LM-head rows only",
+          "heads": "it grows q/k/v rows, o columns and per-head values on a heads-only axis"}
+
+
+def _factors(ax) -> str:
+    """An IR axis as the product the computation reads: "heads x head_dim", "kv_heads x 2 x 8"
+    (constant factors as numbers)."""
+    parts = []
+    for seg in ax.segments:
+        parts.append(" x ".join(f.group if f.group != "const" else str(f.size) for f in seg.factors) or "1")
+    return " + ".join(f"({p})" if len(ax.segments) > 1 else p for p in parts)
 
 
 def _stmt(op) -> str:
@@ -64,9 +76,9 @@ class TieRules:
                     st.bag.error(
                         "SW383",
                         f"{_stmt(op)}: `{t.name}` ({t.module_type}, shape {list(t.shape)}) uses {op.group} "
-                        f"on axis {a} ({over}) in role `{ax.role}`, not as a projection's rows or columns; what "
-                        f"its new entries must be when {op.group} grows is not established, so growing "
-                        f"{op.group} is not supported for this model yet",
+                        f"on axis {a} ({over}) in role `{ax.role}`, which the `widen {op.group}` pass does not "
+                        f"grow ({_GROWN[op.group]}): what its new entries must be is not established, so "
+                        f"growing {op.group} is not supported for this model yet",
                         op.span,
                         help=f"nothing was written; ops that leave `{op.group}` as it is are unaffected",
                     )
@@ -121,15 +133,29 @@ class TieRules:
                 op = culprit(involved)
                 if op is None:
                     continue
-                comp = " x ".join(ax.groups()) or "a size discovery bound to no group"
-                if linear and movers:
+                comp = _factors(ax)
+                if linear and movers and not ax.groups():
+                    by = " x ".join(f"{h} (`{key(h)}`)" for h, _ in movers)
+                    msg = (f"{_stmt(op)}: `{tpl}` axis {a} is a dimension of its own in the computation ({ax.size}, "
+                           f"in no group discovery grows), but the config builds it from {by}: the program would "
+                           f"leave it at {ir_after} where the grown config builds {cfg_after}")
+                    help_ = (f"nothing was written; ops that leave {', '.join(h for h, _ in movers)} as it is are "
+                             "unaffected")
+                elif linear and movers:
                     by = " x ".join(f"{h} (`{key(h)}`)" for h, _ in movers)
                     msg = (f"{_stmt(op)}: `{tpl}` axis {a} is {comp} in the computation ({ax.size}), but the config "
                            f"builds it from {by}; after this plan {comp} = {ir_after} while the config would build "
                            f"{cfg_after}: the grown config cannot describe the grown tensor")
-                    help_ = (f"nothing was written; grow {' and '.join(sorted(involved))} together so that {comp} "
-                             f"stays equal to what the config builds from {' x '.join(h for h, _ in movers)} "
-                             f"(e.g. `widen hidden` with `widen heads` by the same factor)")
+                    if set(ax.groups()) & {h for h, _ in movers}:
+                        help_ = (f"nothing was written; discovery read the axis as {comp}, which no growth of "
+                                 f"{op.group} keeps equal to what the config builds: ops that leave {op.group} as "
+                                 "it is are unaffected")
+                    else:
+                        cfg_side = " and ".join(h for h, _ in movers)
+                        help_ = (f"nothing was written; grow {cfg_side} together with {' or '.join(ax.groups())} so that "
+                                 f"{comp} stays equal to {' x '.join(h for h, _ in movers)} (e.g. `widen "
+                                 f"{sorted(involved - set(ax.groups()))[0]}` with `widen {ax.groups()[0]}` by the "
+                                 "same factor)")
                 elif movers:
                     by = ", ".join(f"{h} (`{key(h)}`)" for h, _ in movers)
                     msg = (f"{_stmt(op)}: `{tpl}` ({t.module_type}) axis {a} is {comp} in the computation as discovery "

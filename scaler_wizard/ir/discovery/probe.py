@@ -126,6 +126,34 @@ def probe_config_ties(config, tp, groups: dict, tensors, ikeys: dict[str, int], 
     for g in probed:
         for tpl, a in mismatches(g, _probe_sizes(groups, g, ikeys, True)):
             seen_axes.add((tpl, a))
+    bound_keys = {x.config_key for x in groups.values() if x.config_key}
+    followers: dict[str, dict | None] = {}
+
+    def follows_unbound_key(tpl: str, a: int) -> bool:
+        # An axis of one group that the config sizes by an unbound key of the same value (DeepSeek's
+        # experts by moe_intermediate_size where ffn binds intermediate_size): conform moves such a
+        # key with the group (its value coincides with the group's old size), so it is no tie.
+        gs = by_tpl[tpl].axes[a].groups()
+        if len(gs) != 1 or gs[0] not in groups:
+            return False
+        name = next((n for n, (t, _) in base.items() if t == tpl), None)
+        for k, v in ikeys.items():
+            if k in bound_keys or v != groups[gs[0]].size or not isinstance(getattr(tp.config, k, None), int):
+                continue
+            if k not in followers:
+                c2 = copy.deepcopy(tp.config)
+                try:
+                    setattr(c2, k, 2 * v)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        followers[k] = _shapes(build_meta_model(c2), tp.layer_list_path)
+                except Exception:  # noqa: BLE001 - no evidence
+                    followers[k] = None
+            got = (followers[k] or {}).get(name)
+            if got is not None and len(got[1]) > a and got[1][a] == 2 * base[name][1][a]:
+                return True
+        return False
+
     for tpl, a in sorted(seen_axes):
         movers = []
         for h, shapes in probed.items():
@@ -135,6 +163,8 @@ def probe_config_ties(config, tp, groups: dict, tensors, ikeys: dict[str, int], 
             before, after = base[name][1][a], shapes[name][1][a]
             if before != after:
                 movers.append((h, round(after / before, 6)))
+        if not movers and follows_unbound_key(tpl, a):
+            continue
         ties.append(("axis", tpl, a, tuple(movers)))
         notes.append(f"config probe: `{tpl}` axis {a} is {' x '.join(by_tpl[tpl].axes[a].groups()) or 'fixed'} in "
                      f"the computation; the config sizes it by "
