@@ -287,6 +287,11 @@ def _tuple_or_none(x):
     return None if x is None else tuple(x)
 
 
+def _deep_tuple(x):
+    """JSON lists back to tuples, nested (``config_ties`` entries compare as the tuples discovery made)."""
+    return tuple(_deep_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 def _ir_from_dict(d: dict) -> ModelIR:
     tensors = tuple(
         TensorInfo(
@@ -344,6 +349,6 @@ def _ir_from_dict(d: dict) -> ModelIR:
         attention_shapes=tuple(AttentionShape(**{**a, "layers": tuple(a["layers"])})
                                for a in d.get("attention_shapes", ())),
         size_constants=tuple(tuple(f) for f in d.get("size_constants", ())),
-        config_ties=tuple(tuple(tuple(x) if isinstance(x, list) else x for x in t) for t in d.get("config_ties", ())),
+        config_ties=tuple(_deep_tuple(t) for t in d.get("config_ties", ())),
         format_version=d.get("format_version", IR_FORMAT_VERSION),
     )
