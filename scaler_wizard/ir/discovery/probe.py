@@ -73,31 +73,22 @@ def probe_config_ties(config, tp, groups: dict, tensors, ikeys: dict[str, int], 
     except Exception:  # noqa: BLE001 - nothing to compare with
         return (), groups
     probed: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
-    for g, grp in groups.items():
-        key = grp.config_key
-        if not key or not isinstance(getattr(tp.config, key, None), int) or isinstance(getattr(tp.config, key), bool):
-            continue
-        if getattr(tp.config, key) != grp.size:
-            continue  # an extra axis class named by its key, or a key the reduced config re-derives
-        c2 = copy.deepcopy(tp.config)
-        try:
-            setattr(c2, key, 2 * grp.size)
-            for k in grp.companion_keys:
-                if isinstance(getattr(c2, k, None), int):
-                    setattr(c2, k, 2 * grp.size)
-            fit_rope_lists(c2, tp.config)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = build_meta_model(c2)
-            probed[g] = _shapes(model, tp.layer_list_path)
-        except Exception:  # noqa: BLE001 - the config class or the model rejects the value: no evidence
-            continue
+    bound_keys = {x.config_key for x in groups.values() if x.config_key}
 
-    def mismatches(g: str, sizes: dict[str, int]) -> list[tuple[str, int]]:
+    def build(changes: dict[str, int]):
+        c2 = copy.deepcopy(tp.config)
+        for k, v in changes.items():
+            setattr(c2, k, v)
+        fit_rope_lists(c2, tp.config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _shapes(build_meta_model(c2), tp.layer_list_path)
+
+    def mismatches(shapes, sizes: dict[str, int]) -> list[tuple[str, int]]:
         out = []
         for name, (tpl, shape) in base.items():
             t = by_tpl.get(tpl)
-            got = probed[g].get(name)
+            got = shapes.get(name)
             if t is None or got is None or tuple(t.shape) != shape or len(got[1]) != len(shape):
                 continue
             for a, ax in enumerate(t.axes):
@@ -105,12 +96,47 @@ def probe_config_ties(config, tp, groups: dict, tensors, ikeys: dict[str, int], 
                     out.append((tpl, a))
         return out
 
+    for g, grp in groups.items():
+        key = grp.config_key
+        if not key or not isinstance(getattr(tp.config, key, None), int) or isinstance(getattr(tp.config, key), bool):
+            continue
+        if getattr(tp.config, key) != grp.size:
+            continue  # an extra axis class named by its key, or a key the reduced config re-derives
+        changes = {key: 2 * grp.size}
+        changes.update({k: 2 * grp.size for k in grp.companion_keys if isinstance(getattr(tp.config, k, None), int)})
+        try:
+            shapes = build(changes)
+        except Exception:  # noqa: BLE001 - the config class or the model rejects the value: no evidence
+            continue
+        # keys of the group's value that no group binds follow it when building confirms it (conform's
+        # second step: Llama with num_key_value_heads == num_attention_heads, whose k/v rows are heads)
+        sizes = _probe_sizes(groups, g, ikeys, True)
+        diffs = mismatches(shapes, sizes)
+        cands = [k for k, v in ikeys.items() if v == grp.size and k not in bound_keys and k not in changes
+                 and isinstance(getattr(tp.config, k, None), int)]
+        while diffs and cands:
+            best = None
+            for k in cands:
+                try:
+                    s2 = build({**changes, k: 2 * grp.size})
+                except Exception:  # noqa: BLE001
+                    continue
+                d2 = mismatches(s2, sizes)
+                if len(d2) < len(diffs) and (best is None or len(d2) < len(best[2])):
+                    best = (k, s2, d2)
+            if best is None:
+                break
+            k, shapes, diffs = best
+            changes[k] = 2 * grp.size
+            cands.remove(k)
+        probed[g] = shapes
+
     # -- derived formulas the config contradicts: with the derived group following the probed key the
     # IR mispredicts its members; without, it predicts them (Moshi: ffn = 3 * head_dim by coincidence)
     groups = dict(groups)
     for g in probed:
-        with_d = set(mismatches(g, _probe_sizes(groups, g, ikeys, True)))
-        without = set(mismatches(g, _probe_sizes(groups, g, ikeys, False)))
+        with_d = set(mismatches(probed[g], _probe_sizes(groups, g, ikeys, True)))
+        without = set(mismatches(probed[g], _probe_sizes(groups, g, ikeys, False)))
         if with_d == without:
             continue
         key = groups[g].config_key
@@ -124,9 +150,8 @@ def probe_config_ties(config, tp, groups: dict, tensors, ikeys: dict[str, int], 
     ties: list[tuple] = []
     seen_axes: set[tuple[str, int]] = set()
     for g in probed:
-        for tpl, a in mismatches(g, _probe_sizes(groups, g, ikeys, True)):
+        for tpl, a in mismatches(probed[g], _probe_sizes(groups, g, ikeys, True)):
             seen_axes.add((tpl, a))
-    bound_keys = {x.config_key for x in groups.values() if x.config_key}
     followers: dict[str, dict | None] = {}
 
     def follows_unbound_key(tpl: str, a: int) -> bool:
