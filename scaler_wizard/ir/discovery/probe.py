@@ -58,6 +58,19 @@ def _probe_sizes(groups, g: str, ikeys: dict[str, int], derive: bool) -> dict[st
 
 
 def probe_config_ties(config, tp, groups: dict, tensors, ikeys: dict[str, int], notes: list[str]):
+    """(ties, groups): :func:`_probe` guarded -- a config class that refuses plain attribute reads
+    (Gemma-4's per-layer attributes raise on the global value) gives no evidence: no ties, groups
+    unchanged."""
+    mine: list[str] = []
+    try:
+        ties, out = _probe(config, tp, groups, tensors, ikeys, mine)
+    except Exception:  # noqa: BLE001 - no evidence
+        return (), groups
+    notes.extend(mine)
+    return ties, out
+
+
+def _probe(config, tp, groups: dict, tensors, ikeys: dict[str, int], notes: list[str]):
     """(ties, groups) -- what the config builds differently from what the IR predicts.
 
     ``config``: the full transformers config; ``tp``: its Traced (reduced config and meta model);
