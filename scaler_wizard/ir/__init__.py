@@ -130,7 +130,20 @@ def instantiate(ir: ModelIR, cfg: dict) -> ModelIR:
     from scaler_wizard.ir.trace import layer_signatures
 
     n = next((cfg[k] for k in (ir.layers_key,) + _LAYER_KEYS if isinstance(cfg.get(k), int)), ir.num_layers)
-    if n == ir.num_layers and all(cfg.get(k) == ir.config.get(k) for k in ir.layer_arrays):
+    # The depth as the IR's own config dict serialises it: a config class may write another number
+    # than the depth of the model it builds (Dory stores each layer as an attention block and an
+    # MLP block: config.json says 2 where the model has 1 layer). The dict's value is then no layer
+    # count, and only the same serialised depth means the same layout.
+    stored = next((ir.config[k] for k in (ir.layers_key,) + _LAYER_KEYS if isinstance(ir.config.get(k), int)),
+                  ir.num_layers)
+    same_arrays = all(cfg.get(k) == ir.config.get(k) for k in ir.layer_arrays)
+    if stored != ir.num_layers:
+        if n == stored and same_arrays:
+            notes = tuple(x for x in ir.notes if not x.startswith("traced layer "))
+            return replace(ir, config=cfg, notes=notes)
+        raise ValueError(f"the config serialises its depth as {stored} for a model of {ir.num_layers} layers: "
+                         f"a config with depth {n} cannot be re-indexed from it")
+    if n == ir.num_layers and same_arrays:
         # the same layout: the traced facts stand as they are (layers told apart by a scalar key,
         # first_k_dense_replace, have no array signature to re-index by)
         notes = tuple(x for x in ir.notes if not x.startswith("traced layer "))

@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-IR_FORMAT_VERSION = 17  # 15: attention with sinks; 16: persistent buffers, size constants (merged as 17)
+IR_FORMAT_VERSION = 18  # 18: config ties (discovery.probe); 15: attention with sinks; 16: persistent buffers, size constants (merged as 17)
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
@@ -233,6 +233,11 @@ class ModelIR:
     # (config key, module, value, value with the key changed): float constants of the forward computed
     # from a size (discovery.constants: MiniCPM3's scale_depth / sqrt(num_hidden_layers))
     size_constants: tuple[tuple[str, str, float, float], ...] = ()
+    # what the config builds differently from what the traced computation says (discovery.probe):
+    # ("axis", tensor template, axis index, groups whose key sizes that axis in the config) and
+    # ("exists", tensor template, group, "absent" | "new"): the tensor is absent from / new in the
+    # model the config builds when the group's key is doubled
+    config_ties: tuple[tuple, ...] = ()
     format_version: int = IR_FORMAT_VERSION
 
     # ------------------------------------------------------------------ queries
@@ -280,6 +285,11 @@ def _axis(d) -> Axis:
 
 def _tuple_or_none(x):
     return None if x is None else tuple(x)
+
+
+def _deep_tuple(x):
+    """JSON lists back to tuples, nested (``config_ties`` entries compare as the tuples discovery made)."""
+    return tuple(_deep_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def _ir_from_dict(d: dict) -> ModelIR:
@@ -339,5 +349,6 @@ def _ir_from_dict(d: dict) -> ModelIR:
         attention_shapes=tuple(AttentionShape(**{**a, "layers": tuple(a["layers"])})
                                for a in d.get("attention_shapes", ())),
         size_constants=tuple(tuple(f) for f in d.get("size_constants", ())),
+        config_ties=tuple(_deep_tuple(t) for t in d.get("config_ties", ())),
         format_version=d.get("format_version", IR_FORMAT_VERSION),
     )

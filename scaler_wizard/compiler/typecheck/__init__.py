@@ -73,6 +73,15 @@ SW358  hidden growth when a parameter acts elementwise on hidden without being a
        gain or bias (Doge's ``input_residual`` per-channel residual scale)
 SW359  head_dim growth when a tensor other than q/k/v/o and the q/k norms carries head_dim (HRM's
        attention-output gate_proj)
+SW383  widen heads / kv_heads / vocab when a tensor uses the group in a role its pass does not grow
+       (Dory's s_gate elementwise on heads x head_dim, its lm_head.logit_scale on vocab)
+SW384  the plan's final sizes break a tie discovery's config probes found (ModelIR.config_ties): an
+       axis the computation sizes by some groups and the config by others (Helium's o_proj input,
+       heads x head_dim in the forward, hidden_size in __init__), one the config sizes in a way
+       discovery did not understand (Zaya's q/k convolutions), or a tensor the config builds only
+       for some values (ELECTRA's embeddings_project, absent once hidden_size == embedding_size)
+SW385  depth growth when the config stores another number under its depth key than the layer count
+       of the model it builds (Dory: each layer serialised as 2 blocks)
 SW365  width growth of a group that a hybrid's non-attention token mixer carries inside it (``ModelIR.mixers``:
        Mamba / gated-delta / lightning-attention blocks, short convolutions), beyond its projections from
        and to the residual stream: the growth rules do not describe that block

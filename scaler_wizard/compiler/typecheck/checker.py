@@ -17,11 +17,12 @@ from scaler_wizard.compiler.typecheck.grow import GrowRules
 from scaler_wizard.compiler.typecheck.moe import MoERules
 from scaler_wizard.compiler.typecheck.result import ResultRules
 from scaler_wizard.compiler.typecheck.settings import SettingsRules
+from scaler_wizard.compiler.typecheck.ties import TieRules
 from scaler_wizard.compiler.typecheck.width import WidthRules
 
 
 class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, DepthRules, MoERules, GrowRules,
-                  ResultRules):
+                  TieRules, ResultRules):
     """Statements are dispatched to ``_<AST class name>`` handlers of the mixins; every problem is
     collected on a :class:`DiagnosticBag` and raised together."""
 
@@ -77,6 +78,9 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, Depth
         self._check_head_dim_readers(st)
         self._check_config_invariants(st)
         self._check_rope_lists(st)
+        self._check_pass_roles(st)
+        self._check_config_ties(st)
+        self._check_serialised_depth(st)
         self._layer_summaries(st)
         if not bag.has_errors:
             self._check_size_policy(st)

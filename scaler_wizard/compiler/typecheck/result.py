@@ -22,7 +22,11 @@ class ResultRules:
             ir, after_shapes, st.sizes, st.depth, context=self.context, active_expert_fraction=frac, untied=st.untie
         )
         config_after = dict(st.config)
-        config_after[ir.layers_key] = st.depth
+        if st.depth != ir.num_layers:
+            # written only when the depth grows: a config class may serialise another number than the
+            # depth of the model it builds (Dory writes 2 blocks per layer), so an unchanged depth
+            # keeps the value as stored
+            config_after[ir.layers_key] = st.depth
         self._reindex_layer_arrays(st, config_after)
         plan = ResolvedPlan(
             model_ref=model_ref,

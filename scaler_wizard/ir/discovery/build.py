@@ -9,6 +9,7 @@ from dataclasses import replace
 from scaler_wizard.ir.discovery.analysis import Analysis, analyse
 from scaler_wizard.ir.discovery.attention import _attention
 from scaler_wizard.ir.discovery.constants import size_dependent_constants
+from scaler_wizard.ir.discovery.probe import probe_config_ties
 from scaler_wizard.ir.discovery.binding import _int_keys, bind_groups, fit_rope_lists
 from scaler_wizard.ir.dims import _strip_wrapper
 from scaler_wizard.ir.errors import IRDiscoveryError
@@ -100,6 +101,9 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True,
         for key, mod, before, after in consts:
             notes.append(f"differential trace: a constant of `{mod or 'the model'}` follows `{key}` "
                          f"({before:.6g} -> {after:.6g})")
+    ties = ()
+    if differential:
+        ties, groups = probe_config_ties(config, tp, groups, tensors, ikeys, notes)
     mixers = _mixers(tp, an, tensors) if attention is not None else ()
     shapes = _attention_shapes(tp, an, cfg) if attention is not None else ()
     ir = ModelIR(
@@ -122,6 +126,7 @@ def assemble(config, traced: Traced, an: Analysis, *, differential: bool = True,
         mixers=mixers,
         attention_shapes=shapes,
         size_constants=consts,
+        config_ties=ties,
     )
     return ir
 
