@@ -70,7 +70,7 @@ def test_other_depth_rederives_or_retraces(tmp_path, monkeypatch):
     I.model_ir_for(a)
     calls = []
     real = I.discover
-    monkeypatch.setattr(I, "discover", lambda c: calls.append(1) or real(c))
+    monkeypatch.setattr(I, "discover", lambda c, **kw: calls.append(1) or real(c, **kw))
     deeper = I.model_ir_for({**a, "num_hidden_layers": 3})  # still all sliding: from the cache
     assert not calls and all(v == (0, 1, 2) for v in _layered(deeper).values())
     six = I.model_ir_for({**a, "num_hidden_layers": 6})

@@ -107,7 +107,14 @@ class TieRules:
             x = ir.groups.get(g)
             return (x.config_key or x.derived or g) if x else g
 
+        def in_mixer(tpl):
+            # a hybrid's non-attention token mixer is judged as a block (SW365 here, SW366 in
+            # conform, which names the block): its sizes follow the config by rules of its own
+            return any(tpl in mx.tensors or tpl.startswith(mx.module + ".") for mx in ir.mixers)
+
         for tie in ir.config_ties:
+            if in_mixer(tie[1]):
+                continue
             if tie[0] == "axis":
                 _, tpl, a, movers = tie
                 try:
