@@ -107,3 +107,21 @@ def test_plain_decoder_has_no_config_ties(tmp_path_factory):
     model = _tiny(tmp_path_factory, "llama")
     assert _ir(model).config_ties == ()
     api.check("widen hidden x2 tile\nwiden heads x2 dup\nwiden head_dim x2", model)
+
+
+def test_rope_found_when_the_first_layer_is_nope(tmp_path):
+    """Flint's full-attention layers apply no RoPE, its sliding ones do: discovery took RoPE from the
+    first layer only, so head_dim growth appended the new dims and broke the rotary layers' pairs
+    (the sweep's `exact but fails verification`). RoPE is now found in any layer of the stack."""
+    import json
+
+    from scaler_wizard import api, sweep
+    from scaler_wizard.ir import model_ir_for
+
+    sweep.build_tiny("flint", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["layer_types"][0] == "full_attention" and "sliding_attention" in cfg["layer_types"]
+    ir = model_ir_for(str(tmp_path / "m"), use_cache=False)
+    assert ir.attention.rope is not None and ir.attention.rope.rotary_dim == cfg["head_dim"]
+    r = api.apply("widen head_dim x2", str(tmp_path / "m"), out=str(tmp_path / "o"))
+    assert r["exactness"] == "exact" and r["verification"]["passed"], r["verification"]

@@ -253,9 +253,19 @@ def _rotary_module_facts(model, cfg) -> tuple[str, float]:
 
 
 def _rope(tp: Traced, an: Analysis, ep, attn, cfg, hd) -> RopeInfo | None:
+    """RoPE as applied in ``attn``'s layer; where that layer applies none, in any other layer of the
+    stack (layers of kinds without RoPE: Flint's full-attention layers are NoPE, its sliding ones
+    rotary; head_dim growth must place the rotary layers' pairs, which the NoPE layers tolerate)."""
     m = owner(attn)
+    found = _rope_in(tp, ep, cfg, hd, m.rsplit(".", 1)[0])
+    if found is None and tp.layer_list_path and m.startswith(tp.layer_list_path + "."):
+        found = _rope_in(tp, ep, cfg, hd, tp.layer_list_path + ".")
+    return found
+
+
+def _rope_in(tp: Traced, ep, cfg, hd, prefix: str) -> RopeInfo | None:
     for n in ep.graph.nodes:
-        if _base(n) not in ("cat", "stack") or not owner(n).startswith(m.rsplit(".", 1)[0]):
+        if _base(n) not in ("cat", "stack") or not owner(n).startswith(prefix):
             continue
         xs = n.args[0]
         if len(xs) != 2:
