@@ -10,21 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scaler_wizard.compiler.resolved import Costs, LayerSource
-from scaler_wizard.ir.model_ir import Axis, ModelIR, TensorInfo
+from scaler_wizard.ir.model_ir import ModelIR, TensorInfo
+from scaler_wizard.ir.discovery.probe import axis_size  # noqa: F401 - one definition, re-exported
 
 # Bytes per parameter to train with mixed precision and AdamW: bf16 weights (2) + bf16 grads (2)
 # + fp32 master weights (4) + fp32 Adam first and second moments (8). Activations excluded.
 TRAIN_BYTES_PER_PARAM = 16
 
 
-def axis_size(axis: Axis, sizes: dict[str, int]) -> int:
-    total = 0
-    for seg in axis.segments:
-        n = 1
-        for f in seg.factors:
-            n *= f.size if f.group == "const" else sizes.get(f.group, f.size)
-        total += n
-    return total
 
 
 def tensor_shape(t: TensorInfo, sizes: dict[str, int]) -> tuple[int, ...]:
