@@ -59,3 +59,24 @@ def build_model(name: str):
     model = auto.from_config(config, dtype=torch.float32)
     model.eval()
     return config, model
+
+
+def sweep_tiny(tmp_path_factory, family: str) -> str:
+    """A directory holding ``family`` built tiny by the family sweep (scaler_wizard.sweep.build_tiny)."""
+    from scaler_wizard import sweep
+
+    d = tmp_path_factory.mktemp(family)
+    sweep.build_tiny(family, d)
+    return str(d)
+
+
+def first_refusal(plan: str, model: str):
+    """The first diagnostic of the PlanError ``api.check(plan, model)`` raises (fails when it raises none)."""
+    import pytest
+
+    from scaler_wizard import api
+    from scaler_wizard.diagnostics import PlanError
+
+    with pytest.raises(PlanError) as e:
+        api.check(plan, model)
+    return e.value.diagnostics[0]

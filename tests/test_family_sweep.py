@@ -85,19 +85,7 @@ def test_sweep_cell_is_not_a_crash(subset, family, op):
 
 
 # ---------------------------------------------------------------- fixes by kind (fast: check / IR only)
-def _tiny(tmp_path_factory, family):
-    d = tmp_path_factory.mktemp(family)
-    sweep.build_tiny(family, d)
-    return str(d)
-
-
-def _refusal(plan, model):
-    from scaler_wizard import api
-    from scaler_wizard.diagnostics import PlanError
-
-    with pytest.raises(PlanError) as e:
-        api.check(plan, model)
-    return e.value.diagnostics[0]
+from families import first_refusal as _refusal, sweep_tiny as _tiny  # noqa: E402
 
 
 def test_state_space_model_is_refused_as_not_a_transformer(tmp_path_factory, tmp_path):

@@ -20,19 +20,7 @@ import pytest
 from scaler_wizard import sweep
 
 
-def _tiny(tmp_path_factory, family):
-    d = tmp_path_factory.mktemp(family)
-    sweep.build_tiny(family, d)
-    return str(d)
-
-
-def _refusal(plan, model):
-    from scaler_wizard import api
-    from scaler_wizard.diagnostics import PlanError
-
-    with pytest.raises(PlanError) as e:
-        api.check(plan, model)
-    return e.value.diagnostics[0]
+from families import first_refusal as _refusal, sweep_tiny as _tiny  # noqa: E402
 
 
 def _ir(model):
