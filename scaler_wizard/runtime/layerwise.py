@@ -648,6 +648,45 @@ class LayerwiseModel:
                 yield a, t.to(torch.float32)
         self.reader.count_copy(info.nbytes)
 
+    def _rows(self, param, used):
+        """float32 rows ``used`` (sorted, unique row indices) of the stored tensor behind ``param``,
+        read straight from their byte ranges (runs of adjacent rows in one read): a few hundred ids
+        read a few hundred rows, not the vocabulary. None when the tensor is not a byte range of a
+        file (built by a converter) or its shape is not ``param``'s: the caller reads it in chunks."""
+        import torch
+
+        name = self._stored_name([full for _, _, full in self._slots[id(param)]])
+        info = self.reader.info(name)
+        where = self.reader.byte_range(name)
+        if where is None or tuple(info.shape) != tuple(param.shape) or len(info.shape) != 2:
+            return None
+        path, start, _ = where
+        dtype = getattr(torch, info.dtype)
+        row_bytes = int(info.shape[1]) * torch.empty((), dtype=dtype).element_size()
+        idx = [int(i) for i in used]
+        if idx and (idx[0] < 0 or idx[-1] >= int(info.shape[0])):
+            return None
+        out = torch.empty(len(idx), int(info.shape[1]), dtype=torch.float32)
+        nbytes = 0
+        with open(path, "rb") as f:
+            k = 0
+            while k < len(idx):
+                e = k + 1
+                while e < len(idx) and idx[e] == idx[e - 1] + 1:
+                    e += 1
+                buf = bytearray((e - k) * row_bytes)
+                got = 0
+                while got < len(buf):
+                    n = os.preadv(f.fileno(), [memoryview(buf)[got:]], start + idx[k] * row_bytes + got)
+                    if n <= 0:
+                        raise OSError(f"{path}: short read of tensor {name!r}")
+                    got += n
+                out[k:e] = torch.frombuffer(buf, dtype=dtype).reshape(e - k, -1).to(torch.float32)
+                nbytes += len(buf)
+                k = e
+        self.reader.count_copy(nbytes)
+        return out
+
     def _compact_embedding(self, ids):
         """The input embedding answering for ``ids`` only: the rows of the ids that occur (read
         chunk by chunk), behind the module's own forward (scaled embeddings keep their scale)."""
@@ -659,10 +698,12 @@ class LayerwiseModel:
         if weight.device.type != "meta" or not isinstance(self.in_emb, torch.nn.Embedding):
             return None
         used = torch.unique(torch.cat([i.reshape(-1) for i in ids]))
-        rows = torch.empty(len(used), weight.shape[1], dtype=torch.float32)
-        for a, chunk in self._row_chunks(weight):
-            sel = (used >= a) & (used < a + chunk.shape[0])
-            rows[sel] = chunk[used[sel] - a]
+        rows = self._rows(weight, used)
+        if rows is None:
+            rows = torch.empty(len(used), weight.shape[1], dtype=torch.float32)
+            for a, chunk in self._row_chunks(weight):
+                sel = (used >= a) & (used < a + chunk.shape[0])
+                rows[sel] = chunk[used[sel] - a]
         mod = copy.copy(self.in_emb)
         mod._parameters = dict(self.in_emb._parameters)
         mod._parameters["weight"] = torch.nn.Parameter(rows, requires_grad=False)
