@@ -193,7 +193,6 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
     # Verification needs torch, transformers and the model's modeling code, which the write (byte
     # copies, no torch) does not: they are imported in a thread while the write runs.
     warm = _warm_verifier(rp.config_after.get("model_type") or rp.ir.model_type) if verify else None
-    ahead = _original_ahead(rp, reader.path, warm) if verify else None
     try:
         report = execute(on_disk, reader, staging if verify else final, dtype=rp.dtype, force=force, progress=progress,
                          card=card, shard_size=shard_size)
@@ -205,7 +204,7 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
     outp = Path(report.out_dir)
     try:
         return _verify_and_land(rp, prog, card, report, outp, final, failed_dir, reader.path, force, verify,
-                                keep_failed, ahead=ahead)
+                                keep_failed)
     except BaseException:
         if verify and outp.exists() and outp != final:
             import shutil
@@ -245,48 +244,8 @@ def _warm_verifier(model_type: str | None):
     return t
 
 
-def _predicted_prefix(rp) -> int:
-    """How many leading decoder layers of the grown model the plan leaves as they are: copies of the
-    same layer of the original (``layer_map``) under a config that differs only in keys no layer
-    reads (depth, vocabulary, names; per-layer lists equal over those layers). 0 for width growth.
-    A guess for :class:`scaler_wizard.runtime.verify.OriginalAhead`'s capture; verification checks
-    the real prefix from the files."""
-    from scaler_wizard.runtime.layerwise import NOT_LAYER_KEYS
-
-    k = 0
-    while k < min(len(rp.layer_map), rp.ir.num_layers) and rp.layer_map[k].src == k \
-            and rp.layer_map[k].init == "original":
-        k += 1
-    before, after = rp.config_before, rp.config_after
-    for key in set(before) | set(after):
-        a, b = before.get(key), after.get(key)
-        if key in NOT_LAYER_KEYS or a == b:
-            continue
-        if isinstance(a, list) and isinstance(b, list):
-            same = 0
-            while same < min(len(a), len(b)) and a[same] == b[same]:
-                same += 1
-            k = min(k, same)
-            continue
-        return 0
-    return k
-
-
-def _original_ahead(rp, input_path, warm):
-    """Start the original's half of verification (:class:`scaler_wizard.runtime.verify.OriginalAhead`)
-    in a thread, to run while the output is written; None where it cannot start (the layer-by-layer
-    path decides later, as without it). ``warm``: the import thread, which the run waits for first
-    (two threads importing torch at once gain nothing)."""
-    try:
-        from scaler_wizard.runtime.verify import OriginalAhead
-
-        return OriginalAhead(input_path, capture=_predicted_prefix(rp), wait_for=warm)
-    except Exception:  # noqa: BLE001 - an optimisation only: verification runs the original itself
-        return None
-
-
 def _verify_and_land(rp, prog, card, report, outp: Path, final: Path, failed_dir: Path, input_path, force: bool,
-                     verify: bool, keep_failed: bool, ahead=None) -> dict[str, Any]:
+                     verify: bool, keep_failed: bool) -> dict[str, Any]:
     import shutil
 
     from scaler_wizard.runtime.card import render_card
@@ -298,7 +257,7 @@ def _verify_and_land(rp, prog, card, report, outp: Path, final: Path, failed_dir
     if not verify:
         return result
     try:
-        rep = verify_dirs(outp, rp.model_ref, exactness=rp.exactness, symmetry=False, ahead=ahead)
+        rep = verify_dirs(outp, rp.model_ref, exactness=rp.exactness, symmetry=False)
     except Exception as e:  # noqa: BLE001 - a grown model that does not load or run failed verification
         msg = " ".join(str(e).split()) or type(e).__name__
         tol = tolerance_for(rp.exactness, None)
@@ -369,9 +328,8 @@ def tolerance_for(exactness: str | None, tolerance: float | None) -> float | Non
 
 
 def verify_dirs(out, against, *, texts=None, tolerance: float | None = None, exactness: str | None = None,
-                symmetry: bool = True, ahead=None) -> dict[str, Any]:
-    """Compare OUT with the original; judge by the plan's exactness class (from the sidecar).
-    ``ahead``: the original's half of the comparison started earlier (see ``compare_models``)."""
+                symmetry: bool = True) -> dict[str, Any]:
+    """Compare OUT with the original; judge by the plan's exactness class (from the sidecar)."""
     from scaler_wizard.runtime.verify import compare_models, idle_threads, symmetry_check, torch_threads
 
     side = {}
@@ -390,10 +348,8 @@ def verify_dirs(out, against, *, texts=None, tolerance: float | None = None, exa
     cast = _narrowing_cast(out, against) if tol is not None and tolerance is None else None
     if cast is not None:
         tol, cast_note = _cast_tolerance(against, cast, tol, texts)
-    if ahead is not None:
-        ahead.result()  # finished first: its own threads are not "other work" for idle_threads
     with torch_threads(idle_threads()):  # the cores other work leaves free (see idle_threads)
-        rep = compare_models(str(out), str(against), texts=texts, rtol=tol if tol is not None else 1e-5, ahead=ahead)
+        rep = compare_models(str(out), str(against), texts=texts, rtol=tol if tol is not None else 1e-5)
     judged = tol is not None
     d = rep.to_dict()
     if cast_note:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,9 +242,7 @@ def _same(a, b) -> bool:
 
 _DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # config keys no decoder layer reads (the depth, the vocabulary, names, the storage dtype)
-META_BUILD_LOCK = threading.Lock()  # see LayerwiseModel.__init__
-
-NOT_LAYER_KEYS = frozenset(_DEPTH_KEYS + ("vocab_size", "architectures", "dtype", "torch_dtype",
+_NOT_LAYER_KEYS = frozenset(_DEPTH_KEYS + ("vocab_size", "architectures", "dtype", "torch_dtype",
                                            "transformers_version", "_name_or_path"))
 
 
@@ -267,7 +264,7 @@ def identical_prefix(a: "LayerwiseModel", b: "LayerwiseModel") -> tuple[int, str
     da, db = len(a.layers), len(b.layers)
     for key in sorted(set(ca) | set(cb)):
         va, vb = ca.get(key), cb.get(key)
-        if key in NOT_LAYER_KEYS or va == vb:
+        if key in _NOT_LAYER_KEYS or va == vb:
             continue
         if isinstance(va, list) and isinstance(vb, list) and len(va) == da and len(vb) == db:
             same = 0
@@ -382,10 +379,7 @@ class LayerwiseModel:
             raise LayerwiseUnsupported(f"{path}: {self.reader.format} checkpoint (read whole)")
         config = AutoConfig.from_pretrained(str(path))
         cls = model_class_for(path)
-        # accelerate's init_empty_weights patches nn.Module.register_parameter for the whole process
-        # while it runs: two threads inside it at once can leave the patch installed for good (every
-        # later module built on the meta device). Verification builds in two threads (OriginalAhead).
-        with META_BUILD_LOCK, init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=False):
             if cls is AutoModelForCausalLM:
                 model = cls.from_config(config, dtype=torch.float32)
             else:

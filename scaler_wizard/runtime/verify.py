@@ -511,16 +511,65 @@ class _Side:
         self.lw = self.whole = self.model = None
 
 
-def _plan_jobs(o: "_Side", g: "_Side", *, rtol, texts, tokenizer, original, grown, seed, n_random, seq_len, pad_len,
-               check_padding, check_kv, max_text_tokens, kv_steps):
-    """The batches of a comparison and how each is judged, from the two sides' vocabularies, classes
-    and configs: (report with its notes, jobs, plan [(check, grown job, original job, mask)], text
-    job names, whether the KV-cache checks run, the compared vocabulary / hidden width). The same
-    arguments and sides give equal jobs (the ids come from ``seed``)."""
+def compare_models(
+    grown,
+    original,
+    *,
+    texts: Sequence[str] | None = None,
+    tokenizer=None,
+    seed: int = 0,
+    n_random: int = 2,
+    seq_len: int = 32,
+    pad_len: int | None = None,
+    rtol: float = DEFAULT_RTOL,
+    check_kv: bool = True,
+    check_padding: bool = True,
+    max_text_tokens: int = 256,
+    layerwise: bool | None = None,
+    reuse_prefix: bool = True,
+    kv_steps: int = 2,
+) -> VerifyReport:
+    """Compare a grown model with its original (directories or modules). See the module docstring.
+
+    ``layerwise``: None (default) runs model directories layer by layer
+    (:mod:`scaler_wizard.runtime.layerwise`: memory bounded by about one decoder layer in float32
+    plus activations, each model read once), and modules / GGUF files / models that path cannot
+    drive whole in memory (a note says so); True requires the layer-wise path (ValueError when it
+    cannot run); False loads both models whole (the reference the layer-wise path is tested against).
+    One model is run after the other; only the logits are kept between them.
+
+    KV-cache decoding (``check_kv``): the first half of the random ids is the prefill, the last
+    ``kv_steps`` tokens are decoded one at a time, and the tokens between go through the cache in
+    one forward (0: every token after the prefill one at a time, as before). Each single-token
+    forward streams every weight of the model for a few rows of arithmetic, so on large models they
+    dominate the cost; the cache is still written by a multi-token forward, read and extended by a
+    multi-token forward and by single-token decoding, every position is compared (with the model's
+    full forward and with the original), and the prefill ends at the same position (so
+    length-dependent RoPE, longrope's switch past ``original_max_position_embeddings``, is crossed
+    inside the cached decoding as before).
+
+    The prefill is no forward of its own where it need not be (``Job.prefill_from``): the random
+    ids' forward runs with the cache, which is cut to the prefill's positions and rows, and the
+    decoding continues from it (the prefill positions' logits are the full forward's). Sound where
+    a forward over more tokens writes the same keys and values for the first positions as one over
+    those alone (:func:`scaler_wizard.runtime.layerwise.prefill_from_longer_refused`: plain or
+    unfilled sliding-window cache layers, no length-dependent RoPE; otherwise the separate prefill
+    as before). One forward per layer fewer: on a 1.1B model each forward streams the layer's
+    weights through a GEMM of a few dozen rows, which float32 BLAS runs at a fraction of its speed.
+
+    ``reuse_prefix`` (layer by layer only): the grown model's leading decoder layers that are
+    byte-identical to the original's (same weights, same config for them, checked from the files:
+    :func:`scaler_wizard.runtime.layerwise.identical_prefix`) and whose inputs are bitwise the
+    original's (checked while running) are not computed a second time: running the same code on
+    the same weights and inputs gives the same bits, so their outputs (and KV-cache entries) are
+    taken from the original's run. A depth plan that inserts layers after the first k keeps k
+    layers identical. ``False`` computes every layer of both models (a note says what was reused)."""
     import torch
 
     from scaler_wizard.runtime.layerwise import Job
 
+    o = _Side(original, layerwise)
+    g = _Side(grown, layerwise)
     v_orig, v_grown = o.vocab(), g.vocab()
     v = min(v_orig, v_grown)
     rep = VerifyReport(rtol=rtol, vocab_compared=v, vocab_grown=v_grown)
@@ -614,199 +663,15 @@ def _plan_jobs(o: "_Side", g: "_Side", *, rtol, texts, tokenizer, original, grow
             text_jobs.append(name)
     if not jobs:
         raise ValueError("nothing to compare: n_random=0 and no texts")
-    return rep, jobs, plan, text_jobs, kv_check, v
-
-
-def _release_free_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing). A
-    thread's allocations come from an arena of its own, which can keep the pages of the layers it
-    freed resident next to the grown model's run in the main thread."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _same_jobs(a: list, b: list) -> bool:
-    """Two job lists are the same batches: equal names, flags and tensors (dtype, shape, values)."""
-    import dataclasses
-
-    import torch
-
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        for f in dataclasses.fields(x):
-            u, w = getattr(x, f.name), getattr(y, f.name)
-            if isinstance(u, torch.Tensor) or isinstance(w, torch.Tensor):
-                if not (isinstance(u, torch.Tensor) and isinstance(w, torch.Tensor) and u.dtype == w.dtype
-                        and u.shape == w.shape and bool(torch.equal(u, w))):
-                    return False
-            elif u != w:
-                return False
-    return True
-
-
-@dataclass
-class AheadResult:
-    original: Any  # the resolved path of the original that ran
-    capture: int
-    jobs: list
-    logits: dict
-    why_whole: str | None
-    prefix: Any
-
-
-class OriginalAhead:
-    """The original's half of :func:`compare_models` -- its logits on the comparison's batches and the
-    capture of its first ``capture`` decoder layers -- run in a background thread before the grown
-    model exists: ``apply`` starts it before writing the output, so the forward overlaps the write
-    (``copy_file_range`` system calls and byte copies, which release the GIL).
-
-    The batches are planned as if the grown model had the original's class, config and vocabulary
-    (growth keeps the class; a grown vocabulary compares the original's first ``vocab`` logits, the
-    same batches). :func:`compare_models` (``ahead=``) uses the result only where the batches it
-    plans for the real grown model are equal and at least ``capture`` leading layers are really
-    identical (:func:`scaler_wizard.runtime.layerwise.identical_prefix`); otherwise it runs the
-    original again: the verdict never depends on this guess, only the time does. Layer by layer only
-    (memory: one decoder layer of the original, as in :func:`compare_models`); a model that cannot be
-    run so, or any error, leaves :meth:`result` None."""
-
-    def __init__(self, original, capture: int = 0, *, wait_for=None):
-        import threading
-
-        self.wait_for = wait_for  # a thread to join before running (apply's import warm-up)
-        self.original = original
-        self.capture = max(0, int(capture))
-        self.error: BaseException | None = None
-        self._result: AheadResult | None = None
-        self._thread = threading.Thread(target=self._run, name="scaler-wizard-original-ahead", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import inspect
-
-        try:
-            if self.wait_for is not None:
-                self.wait_for.join()
-            from scaler_wizard.runtime.layerwise import LayerwiseModel
-
-            path = resolve_model_path(self.original)
-            probe = LayerwiseModel(path)  # raises where the layer-by-layer path cannot drive the model
-            headless = is_headless(probe.model)
-            probe.close()
-            if headless:
-                return
-            o = _Side(path, True)
-            try:
-                defaults = {k: v.default for k, v in inspect.signature(compare_models).parameters.items()
-                            if k in ("seed", "n_random", "seq_len", "pad_len", "check_padding", "check_kv",
-                                     "max_text_tokens", "kv_steps")}
-                _, jobs, *_ = _plan_jobs(o, o, rtol=DEFAULT_RTOL, texts=None, tokenizer=None, original=path,
-                                         grown=path, **defaults)
-                logits = o.logits(jobs, capture=self.capture) if self.capture else o.logits(jobs)
-                prefix = getattr(o.lw, "captured", None) if self.capture and o.lw is not None else None
-                if self.capture and prefix is None:
-                    return
-                self._result = AheadResult(path, self.capture, jobs, logits, o.why_whole, prefix)
-            finally:
-                o.release()
-                _release_free_memory()
-        except BaseException as e:  # noqa: BLE001 - compare_models runs the original itself and reports
-            self.error = e
-
-    def result(self) -> AheadResult | None:
-        """Wait for the run; its result, or None (it could not run: see :attr:`error`)."""
-        self._thread.join()
-        return self._result
-
-
-def compare_models(
-    grown,
-    original,
-    *,
-    texts: Sequence[str] | None = None,
-    tokenizer=None,
-    seed: int = 0,
-    n_random: int = 2,
-    seq_len: int = 32,
-    pad_len: int | None = None,
-    rtol: float = DEFAULT_RTOL,
-    check_kv: bool = True,
-    check_padding: bool = True,
-    max_text_tokens: int = 256,
-    layerwise: bool | None = None,
-    reuse_prefix: bool = True,
-    kv_steps: int = 2,
-    ahead: "OriginalAhead | None" = None,
-) -> VerifyReport:
-    """Compare a grown model with its original (directories or modules). See the module docstring.
-
-    ``layerwise``: None (default) runs model directories layer by layer
-    (:mod:`scaler_wizard.runtime.layerwise`: memory bounded by about one decoder layer in float32
-    plus activations, each model read once), and modules / GGUF files / models that path cannot
-    drive whole in memory (a note says so); True requires the layer-wise path (ValueError when it
-    cannot run); False loads both models whole (the reference the layer-wise path is tested against).
-    One model is run after the other; only the logits are kept between them.
-
-    KV-cache decoding (``check_kv``): the first half of the random ids is the prefill, the last
-    ``kv_steps`` tokens are decoded one at a time, and the tokens between go through the cache in
-    one forward (0: every token after the prefill one at a time, as before). Each single-token
-    forward streams every weight of the model for a few rows of arithmetic, so on large models they
-    dominate the cost; the cache is still written by a multi-token forward, read and extended by a
-    multi-token forward and by single-token decoding, every position is compared (with the model's
-    full forward and with the original), and the prefill ends at the same position (so
-    length-dependent RoPE, longrope's switch past ``original_max_position_embeddings``, is crossed
-    inside the cached decoding as before).
-
-    The prefill is no forward of its own where it need not be (``Job.prefill_from``): the random
-    ids' forward runs with the cache, which is cut to the prefill's positions and rows, and the
-    decoding continues from it (the prefill positions' logits are the full forward's). Sound where
-    a forward over more tokens writes the same keys and values for the first positions as one over
-    those alone (:func:`scaler_wizard.runtime.layerwise.prefill_from_longer_refused`: plain or
-    unfilled sliding-window cache layers, no length-dependent RoPE; otherwise the separate prefill
-    as before). One forward per layer fewer: on a 1.1B model each forward streams the layer's
-    weights through a GEMM of a few dozen rows, which float32 BLAS runs at a fraction of its speed.
-
-    ``reuse_prefix`` (layer by layer only): the grown model's leading decoder layers that are
-    byte-identical to the original's (same weights, same config for them, checked from the files:
-    :func:`scaler_wizard.runtime.layerwise.identical_prefix`) and whose inputs are bitwise the
-    original's (checked while running) are not computed a second time: running the same code on
-    the same weights and inputs gives the same bits, so their outputs (and KV-cache entries) are
-    taken from the original's run. A depth plan that inserts layers after the first k keeps k
-    layers identical. ``False`` computes every layer of both models (a note says what was reused).
-
-    ``ahead``: the original's half already run (:class:`OriginalAhead`, started by ``apply`` while it
-    writes the output); used only where it ran on batches equal to this comparison's and captured
-    no more leading layers than are identical, otherwise the original runs here as without it."""
-    # waited for first: the two runs never build or hold a model at the same time
-    got = ahead.result() if ahead is not None and layerwise is not False else None
-    o = _Side(original, layerwise)
-    g = _Side(grown, layerwise)
-    rep, jobs, plan, text_jobs, kv_check, v = _plan_jobs(
-        o, g, rtol=rtol, texts=texts, tokenizer=tokenizer, original=original, grown=grown, seed=seed,
-        n_random=n_random, seq_len=seq_len, pad_len=pad_len, check_padding=check_padding, check_kv=check_kv,
-        max_text_tokens=max_text_tokens, kv_steps=kv_steps)
 
     share = 0
     if reuse_prefix and o.lw is not None and g.lw is not None:
         from scaler_wizard.runtime.layerwise import identical_prefix
 
         share, why_end = identical_prefix(o.lw, g.lw)
-    if got is not None and o.lw is not None and g.lw is not None and got.capture <= share \
-            and got.original == resolve_model_path(original) and _same_jobs(got.jobs, jobs):
-        lo, o_why, prefix = got.logits, got.why_whole, got.prefix
-        rep.notes.append("the original's logits were computed while the output was being written (the same "
-                         "batches, run ahead)")
-    else:
-        lo = o.logits(jobs, capture=share) if share else o.logits(jobs)  # the original decodes with its cache too
-        o_why = o.why_whole
-        prefix = getattr(o.lw, "captured", None) if share and o.lw is not None else None
-    del got
+    lo = o.logits(jobs, capture=share) if share else o.logits(jobs)  # the original decodes with its cache too
+    o_why = o.why_whole
+    prefix = getattr(o.lw, "captured", None) if share and o.lw is not None else None
     o.release()
     lg = g.logits(jobs, reuse=prefix) if prefix is not None else g.logits(jobs)
     if prefix is not None and g.lw is not None:
