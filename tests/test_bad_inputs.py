@@ -592,3 +592,19 @@ def _plan(tmp_path):
     p = tmp_path / "grow.expand"
     p.write_text("widen ffn x2 net2net\n")
     return p
+
+
+def test_verify_texts_without_a_tokenizer_is_one_line(tmp_path, capsys):
+    """`verify --texts` on model directories without a tokenizer printed transformers' six-line
+    message about sentencepiece and tiktoken (break-it); now one line naming the directory."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=2,
+                      num_hidden_layers=1, vocab_size=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text("hello world\n")
+    capsys.readouterr()
+    assert cli(["verify", str(tmp_path / "m"), "--against", str(tmp_path / "m"), "--texts", str(tmp_path / "t.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer" in err and "sentencepiece" not in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
