@@ -608,3 +608,14 @@ def test_verify_texts_without_a_tokenizer_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has no tokenizer" in err and "sentencepiece" not in err and "Traceback" not in err
     assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
+
+
+def test_model_named_by_its_weights_file_names_the_directory(w, tmp_path, capsys):
+    """`--model DIR/model.safetensors` was read as a config.json ("malformed config.json: 'utf-8'
+    codec can't decode byte ...", break-it); now it says to name the directory."""
+    plan = tmp_path / "p.expand"
+    plan.write_text("widen ffn x2\n")
+    for cmd in (["check", plan], ["apply", plan, "-o", tmp_path / "out"]):
+        rc, err = run([*cmd, "--model", w / "m" / "model.safetensors"], capsys)
+        assert_clean(rc, err, 2, "a weights file; name the model by its directory")
+    assert not leftovers(tmp_path, "out")
