@@ -578,17 +578,17 @@ def test_tied_config_with_a_different_stored_head_is_refused(tmp_path, capsys):
         save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "diff").iterdir()}
     capsys.readouterr()
-    assert cli(["apply", str(_plan(tmp_path)), "--model", str(tmp_path / "diff"), "-o", str(tmp_path / "o1"),
+    assert cli(["apply", str(_ffn_plan(tmp_path)), "--model", str(tmp_path / "diff"), "-o", str(tmp_path / "o1"),
                 "--no-verify", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "tie_word_embeddings" in err and "'lm_head.weight'" in err and "Traceback" not in err
     assert not (tmp_path / "o1").exists() and not list(tmp_path.glob(".o1*"))
     assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "diff").iterdir()}
-    assert cli(["apply", str(_plan(tmp_path)), "--model", str(tmp_path / "same"), "-o", str(tmp_path / "o2"),
+    assert cli(["apply", str(_ffn_plan(tmp_path)), "--model", str(tmp_path / "same"), "-o", str(tmp_path / "o2"),
                 "--no-verify", "--no-progress"]) == 0
 
 
-def _plan(tmp_path):
+def _ffn_plan(tmp_path):
     p = tmp_path / "grow.expand"
     p.write_text("widen ffn x2 net2net\n")
     return p
