@@ -256,3 +256,23 @@ def test_unique_value_coincidence_is_not_a_binding(model_type, kw, coincident, t
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "m")
     rp = api.check("widen hidden x2 lemon", model=str(tmp_path / "m"))
     assert rp.config_after["hidden_size"] == 128 and rp.config_after["num_attention_heads"] == 8
+
+
+def test_query_pre_attn_scalar_equal_to_head_dim_is_the_scale_source(tmp_path):
+    """Gemma-2 2B/9B state query_pre_attn_scalar == head_dim (256): the scale was taken for
+    1/sqrt(head_dim), so `widen head_dim x2` rescaled q, was called exact and failed verify (break-it)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from scaler_wizard import api
+
+    cfg = AutoConfig.for_model("gemma2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               num_hidden_layers=2, vocab_size=128, intermediate_size=96, query_pre_attn_scalar=16,
+                               max_position_embeddings=32, layer_types=["sliding_attention", "full_attention"],
+                               sliding_window=8)
+    ir = discover(cfg)
+    assert ir.attention.scaling_source == "config:query_pre_attn_scalar"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "m")
+    res = api.apply("widen head_dim x2", str(tmp_path / "m"), out=str(tmp_path / "out"))
+    assert res["passed"] and res["landed"], res["verification"]
