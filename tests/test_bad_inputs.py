@@ -557,3 +557,65 @@ def test_model_preflight_accepts_every_supported_family(family, tmp_path):
     _, model = build_model(family)
     model.save_pretrained(tmp_path / family)
     assert check_model(tmp_path / family) == tmp_path / family
+
+
+def test_tied_config_with_a_different_stored_head_is_refused(tmp_path, capsys):
+    """config.json ties the head (tie_word_embeddings: true) but the file stores lm_head.weight with
+    other values: transformers loads that untied, so growing it as tied changed the function while
+    verify passed (break-it). Refused, naming both tensors and the key; an equal stored copy is fine."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    for name, differ in (("diff", True), ("same", False)):
+        d = tmp_path / name
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+        sd = load_file(d / "model.safetensors")
+        emb = sd["model.embed_tokens.weight"]
+        sd["lm_head.weight"] = torch.randn_like(emb) if differ else emb.clone()
+        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "diff").iterdir()}
+    capsys.readouterr()
+    assert cli(["apply", str(_ffn_plan(tmp_path)), "--model", str(tmp_path / "diff"), "-o", str(tmp_path / "o1"),
+                "--no-verify", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "tie_word_embeddings" in err and "'lm_head.weight'" in err and "Traceback" not in err
+    assert not (tmp_path / "o1").exists() and not list(tmp_path.glob(".o1*"))
+    assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "diff").iterdir()}
+    assert cli(["apply", str(_ffn_plan(tmp_path)), "--model", str(tmp_path / "same"), "-o", str(tmp_path / "o2"),
+                "--no-verify", "--no-progress"]) == 0
+
+
+def _ffn_plan(tmp_path):
+    p = tmp_path / "grow.expand"
+    p.write_text("widen ffn x2 net2net\n")
+    return p
+
+
+def test_verify_texts_without_a_tokenizer_is_one_line(tmp_path, capsys):
+    """`verify --texts` on model directories without a tokenizer printed transformers' six-line
+    message about sentencepiece and tiktoken (break-it); now one line naming the directory."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=2,
+                      num_hidden_layers=1, vocab_size=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text("hello world\n")
+    capsys.readouterr()
+    assert cli(["verify", str(tmp_path / "m"), "--against", str(tmp_path / "m"), "--texts", str(tmp_path / "t.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer" in err and "sentencepiece" not in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
+
+
+def test_model_named_by_its_weights_file_names_the_directory(w, tmp_path, capsys):
+    """`--model DIR/model.safetensors` was read as a config.json ("malformed config.json: 'utf-8'
+    codec can't decode byte ...", break-it); now it says to name the directory."""
+    plan = tmp_path / "p.expand"
+    plan.write_text("widen ffn x2\n")
+    for cmd in (["check", plan], ["apply", plan, "-o", tmp_path / "out"]):
+        rc, err = run([*cmd, "--model", w / "m" / "model.safetensors"], capsys)
+        assert_clean(rc, err, 2, "a weights file; name the model by its directory")
+    assert not leftovers(tmp_path, "out")

@@ -475,3 +475,12 @@ def test_parse_time_grows_linearly():
 def test_statement_keywords_all_have_forms():
     # the grammar decides what starts a statement; FORMS is the help text for each of them
     assert {w.lower() for w in statement_keywords()} == set(FORMS)
+
+
+@pytest.mark.parametrize("factor,hint", [("2", "like `x2`"), ("2x", "like `x2`"), ("1.5x", "like `x1.5`")])
+def test_factor_without_x_hint_names_the_number(factor, hint):
+    """`widen ffn 2x` (the x on the wrong side) was told to write `x2x` (break-it)."""
+    with pytest.raises(PlanError) as ei:
+        parse(f"widen ffn {factor}\n", "f.expand")
+    d = ei.value.diagnostics[0]
+    assert d.code == "SW102" and hint in d.help and "x2x" not in d.help

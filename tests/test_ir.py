@@ -221,3 +221,58 @@ def test_export_skips_stack_traces_and_restores_the_flag():
     assert calls and not any(n.meta.get("stack_trace") for n in calls)
     assert any("layers.0" in str(n.meta.get("nn_module_stack")) for n in calls)
     assert all("val" in n.meta for n in calls)
+
+
+@pytest.mark.parametrize("model_type,kw,coincident", [
+    # Phi-3, kv == heads, longrope: head_dim 16 == original_max_position_embeddings 16
+    ("phi3", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, vocab_size=128,
+                  intermediate_size=96, max_position_embeddings=128, original_max_position_embeddings=16, pad_token_id=0,
+                  rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+     "original_max_position_embeddings"),
+    # Qwen2: head_dim 16 == max_window_layers 16 (hidden 64 == max_position_embeddings 64 traces hidden_size)
+    ("qwen2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, vocab_size=128,
+                   intermediate_size=160, max_position_embeddings=64, max_window_layers=16), "max_window_layers"),
+])
+def test_unique_value_coincidence_is_not_a_binding(model_type, kw, coincident, tmp_path):
+    """A key that merely equals a derived group's size is not the group's key when a differential
+    trace of another key moved the group (was: head_dim bound to the coincident key, and
+    `widen hidden x2` refused with SW384)."""
+    import warnings
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from scaler_wizard import api
+
+    cfg = AutoConfig.for_model(model_type, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ir = discover(cfg)
+    # Phi-3's longrope module assigns an attribute in forward: torch.export's warning is not the user's
+    assert not [w for w in caught if "assigned during export" in str(w.message)]
+    assert ir.groups["head_dim"].config_key != coincident
+    assert ir.groups["head_dim"].derived == "hidden_size // num_attention_heads"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "m")
+    rp = api.check("widen hidden x2 lemon", model=str(tmp_path / "m"))
+    assert rp.config_after["hidden_size"] == 128 and rp.config_after["num_attention_heads"] == 8
+
+
+def test_query_pre_attn_scalar_equal_to_head_dim_is_the_scale_source(tmp_path):
+    """Gemma-2 2B/9B state query_pre_attn_scalar == head_dim (256): the scale was taken for
+    1/sqrt(head_dim), so `widen head_dim x2` rescaled q, was called exact and failed verify (break-it)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from scaler_wizard import api
+
+    cfg = AutoConfig.for_model("gemma2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               num_hidden_layers=2, vocab_size=128, intermediate_size=96, query_pre_attn_scalar=16,
+                               max_position_embeddings=32, layer_types=["sliding_attention", "full_attention"],
+                               sliding_window=8)
+    ir = discover(cfg)
+    assert ir.attention.scaling_source == "config:query_pre_attn_scalar"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "m")
+    res = api.apply("widen head_dim x2", str(tmp_path / "m"), out=str(tmp_path / "out"))
+    assert res["passed"] and res["landed"], res["verification"]

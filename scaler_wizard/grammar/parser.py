@@ -327,7 +327,8 @@ def _syntax_error(e, kw, sub, in_block: bool, toks, lines) -> Diagnostic:
                           help=f"each entry is `key = value`; the form is `{FORMS['train']}`")  # fmt: skip
     hint = None
     if tok.type == "NUMBER" and "FACTOR" in e.expected:
-        hint = f"write the factor with an `x`, like `x{tok}`"
+        num = re.match(r"[0-9.]*[0-9]", str(tok).lstrip("+"))  # `2x` (the x on the wrong side) -> `x2`
+        hint = f"write the factor with an `x`, like `x{num.group(0) if num else tok}`"
     elif tok.type == "IDENT" and tok == "x" and "FACTOR" in e.expected:
         hint = "write the factor without a space, like `x2`"
     return Diagnostic("SW102", f"unexpected {_found(tok)}; expected {expected}", span, help=form_help(kw, sub, prefix=hint))

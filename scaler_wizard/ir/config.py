@@ -136,6 +136,9 @@ def load_config_dict(ref: str) -> tuple[dict, str]:
     if p.is_file():
         if p.suffix == ".gguf":
             return _gguf_config(p), f"GGUF {p}"
+        if p.suffix in (".safetensors", ".bin", ".pt", ".pth"):  # was read as a config.json (a UTF-8 error)
+            raise UsageError(f"{p}: a weights file; name the model by its directory ({p.parent}), which holds "
+                             "config.json")
         return _read_json(p), f"config {p}"
     if p.suffix in (".json", ".gguf") or ref.startswith((".", "/", "~")):
         raise UsageError(f"{ref}: no such file")

@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-IR_FORMAT_VERSION = 19  # 19: RoPE found in any layer of the stack; 18: config ties (discovery.probe); 15: attention with sinks; 16: persistent buffers, size constants (merged as 17)
+IR_FORMAT_VERSION = 21  # 21: query_pre_attn_scalar == head_dim is the scale's source; 20: a unique-value binding another key moved is a coincidence (unbound); 19: RoPE found in any layer of the stack; 18: config ties (discovery.probe); 15: attention with sinks; 16: persistent buffers, size constants (merged as 17)
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 

@@ -162,6 +162,11 @@ def load_tokenizer(m):
     p = resolve_model_path(m)
     if p.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    if p.is_dir() and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                          "tokenizer.model", "vocab.json")):
+        # (transformers' own message for this is six lines about sentencepiece and tiktoken)
+        raise ValueError(f"{p} has no tokenizer (tokenizer.json, tokenizer_config.json, tokenizer.model or "
+                         "vocab.json) to encode the texts with")
     return AutoTokenizer.from_pretrained(str(p))
 
 

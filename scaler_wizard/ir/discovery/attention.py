@@ -159,6 +159,10 @@ def _attention(tp: Traced, an: Analysis, cfg, bound, tensors) -> AttentionInfo |
         # the config holds the scale itself (HyperCLOVAX's attention_multiplier, set to head_dim**-0.5
         # at load when absent): a grown head_dim keeps it, whatever it equals now
         source = f"config-value:{literal}"
+    elif (stated := _stated_scale_key(cfg, scale)) is not None:
+        # checked before head_dim: Gemma-2 2B/9B state query_pre_attn_scalar == head_dim (256), and a
+        # grown head_dim keeps the config's scale (was taken for 1/sqrt(head_dim): q rescaled, not exact)
+        source = f"config:{stated}"
     elif hd and abs(scale - hd ** -0.5) < 1e-9:
         source = "head_dim"
     else:
@@ -178,6 +182,19 @@ def _attention(tp: Traced, an: Analysis, cfg, bound, tensors) -> AttentionInfo |
 # config keys that hold a softmax scale itself (not a size it is derived from)
 _SCALE_KEY = re.compile(r"^(attention_multiplier|attn_multiplier|softmax_scale|attn_scale|attention_scale|"
                         r"attn_scaling|query_scale)$")
+
+
+# config keys whose value is the size the softmax scale is derived from (scale = value ** -0.5), read
+# by the attention module whatever head_dim is (Gemma-2, Gemma-3)
+_STATED_SCALE_KEYS = ("query_pre_attn_scalar",)
+
+
+def _stated_scale_key(cfg, scale) -> str | None:
+    for key in _STATED_SCALE_KEYS:
+        val = cfg.get(key)
+        if isinstance(val, (int, float)) and not isinstance(val, bool) and val > 0 and abs(val ** -0.5 - scale) < 1e-9:
+            return key
+    return None
 
 
 def _literal_scale_key(cfg, scale) -> str | None:

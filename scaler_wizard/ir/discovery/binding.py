@@ -155,6 +155,18 @@ def bind_groups(config, an: Analysis, cfg, ikeys, notes, *, differential: bool =
             moved = sorted(g for g in an.sizes if sizes2.get(g) != an.sizes[g])
             moved_by[k] = moved
             notes.append(f"differential trace: {k} {how} moved " + (", ".join(moved) or "no group"))
+    for g in sorted(bound):
+        # a group bound by a unique value whose size another key's change moved is a coincidence
+        # of the sizes (a Phi-3 with head_dim 16 == original_max_position_embeddings 16: head_dim
+        # follows num_attention_heads); unbound, it gets its formula below
+        if g in ambiguous:
+            continue
+        if any(k != bound[g] and sz.get(g) not in (None, an.sizes[g]) for k, (_, sz) in trials.items()):
+            rest = {o: k for o, k in bound.items() if o != g}
+            if _derive(an.sizes[g], rest, ikeys, g, trials):  # only when a formula explains every trace
+                notes.append(f"group {g}: {bound[g]} == {an.sizes[g]} is a coincidence (another key moved {g}); "
+                             "not bound")
+                del bound[g]
     for g, c in ambiguous.items():
         # a key whose change made the group vanish (kv_heads x2 == heads: grouped-query attention
         # became multi-head) moved it; when it is the only candidate that did, it is the group's key

@@ -17,10 +17,41 @@ def find_ties(reader) -> None:
             pairs = [("lm_head.weight", emb)]
     have = set(reader._infos) | set(reader.aliases)
     for absent, stored in pairs:
-        if absent not in have and stored in have:
+        if absent in reader._infos and stored in reader._infos:
+            _check_both_stored(reader, absent, stored)
+        elif absent not in have and stored in have:
             reader.tied[absent] = stored
         elif stored not in have and absent in have:
             reader.tied[stored] = absent
+
+
+def _check_both_stored(reader, a: str, b: str) -> None:
+    """A config that ties ``a`` to ``b`` while the files store both with different values: transformers
+    then loads them untied (it warns), so treating them as tied would change the function. Compared
+    byte by byte in 64 MB blocks (safetensors files only; memory stays one block)."""
+    from scaler_wizard.runtime.io.errors import CorruptCheckpointError
+
+    ia, ib = reader._infos[a], reader._infos[b]
+    if not (ia.file and ib.file):
+        return  # in-memory sources (.bin: both names share one storage; GGUF)
+    if ia.dtype != ib.dtype:
+        return  # not comparable byte by byte; left as before
+    same = ia.shape == ib.shape
+    if same:
+        block = 64 << 20
+        with open(ia.file, "rb") as fa, open(ib.file, "rb") as fb:
+            for off in range(0, ia.offsets[1] - ia.offsets[0], block):
+                n = min(block, ia.offsets[1] - ia.offsets[0] - off)
+                fa.seek(ia.offsets[0] + off)
+                fb.seek(ib.offsets[0] + off)
+                if fa.read(n) != fb.read(n):
+                    same = False
+                    break
+    if not same:
+        raise CorruptCheckpointError(
+            f"{reader.path}: config.json sets `tie_word_embeddings` (true or absent), but the files store both "
+            f"{a!r} and {b!r} with different values (transformers would load them untied); set "
+            "`tie_word_embeddings: false` in config.json (or drop the stored copy) and run again")
 
 
 def tied_pairs(config: dict) -> list[tuple[str, str]]:
