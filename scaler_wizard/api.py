@@ -244,6 +244,26 @@ def _warm_verifier(model_type: str | None):
     return t
 
 
+def _half_precision_hint(outp: Path, rp) -> str | None:
+    """What to do when an exact plan's output, stored in bfloat16 / float16, fails verification: the
+    fan-out shares of copied units (unequal by default, for symmetry breaking) are rounded to that
+    dtype one copy at a time, so the copies no longer add up to the original weight (a known
+    limitation: the rounding is not compensated yet). None for other outputs or plans."""
+    from scaler_wizard.runtime.checkpoint import CheckpointError, open_checkpoint
+
+    try:
+        with open_checkpoint(outp) as r:
+            dt = r.main_dtype()
+    except CheckpointError:
+        return None
+    if dt not in ("bfloat16", "float16") or not any(o.kind == "widen" for o in rp.ops):
+        return None
+    return (f"the output is stored in {dt}: the fan-out shares of copied units (tile, lemon, net2net, dup) are "
+            f"rounded to {dt} copy by copy, so the copies no longer add up to the original weight exactly (a known "
+            f"limitation); `--dtype float32` writes float32 weights, which verify exactly, and `split=equal` "
+            f"(power-of-two factors) is exact in {dt} but leaves the copies symmetric")
+
+
 def _verify_and_land(rp, prog, card, report, outp: Path, final: Path, failed_dir: Path, input_path, force: bool,
                      verify: bool, keep_failed: bool) -> dict[str, Any]:
     import shutil
@@ -264,6 +284,10 @@ def _verify_and_land(rp, prog, card, report, outp: Path, final: Path, failed_dir
         rep = {"passed": False, "error": f"{type(e).__name__}: {msg[:2000]}", "exactness": rp.exactness,
                "judged": tol is not None, "tolerance": tol, "max_abs": float("nan"), "max_rel": float("nan"),
                "mean_kl": float("nan"), "checks": []}
+    if not rep.get("passed") and rep.get("judged") and not rep.get("error"):
+        hint = _half_precision_hint(outp, rp)
+        if hint:
+            rep["hint"] = hint
     result["verification"] = rep
     result["passed"] = bool(rep["passed"])
     card["verification"] = {k: v for k, v in rep.items() if k != "ir_check"}

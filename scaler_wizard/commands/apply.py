@@ -73,5 +73,7 @@ def run(args) -> int:
                  else "nothing was written at " + str(args.out) + " (--keep-failed keeps it at OUT.failed)")
         sys.stderr.write("scaler-wizard apply: verification failed: " + "; ".join(api.failed_checks(ver))
                          + f"\n{where}\n")
+        if ver.get("hint"):
+            sys.stderr.write(f"hint: {ver['hint']}\n")
         return 1
     return 0
