@@ -186,6 +186,10 @@ ROWS = [
                                          "--force"], 2, "--force only replaces a model directory", None),
     ("compile-out-missing-dir", ["compile", "{w}/ffn.expand", "--model", "{w}/m", "-o", "{w}/no/such/p.json"], 2,
      "cannot write", None),
+    ("compile-out-into-the-model", ["compile", "{w}/ffn.expand", "--model", "{w}/m", "-o", "{w}/m/config.json"], 2,
+     "inside the model directory", None),
+    ("compile-out-over-the-plan", ["compile", "{w}/ffn.expand", "--model", "{w}/m", "-o", "{w}/ffn.expand"], 2,
+     "the plan file itself", None),
 ]
 
 

@@ -28,7 +28,10 @@ def run(args) -> int:
     from scaler_wizard import api
     from scaler_wizard.diagnostics import UsageError
 
-    prog = api.compile(args.plan, args.model, seed=args.seed, dump_after=args.dump_after)
+    rp = api.check(args.plan, args.model, seed=args.seed)
+    if args.out:
+        _refuse_input_paths(args.out, args.plan, rp.model_ref)
+    prog = api.compile(rp, dump_after=args.dump_after)
     text = prog.to_json()
     if args.out:
         try:
@@ -42,3 +45,24 @@ def run(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _refuse_input_paths(out, plan, model_ref) -> None:
+    """UsageError when ``-o`` would write over the plan file or into the model's directory (or over
+    its file): inputs are never modified."""
+    from pathlib import Path
+
+    from scaler_wizard.diagnostics import UsageError
+
+    dst = Path(out).resolve()
+    if Path(plan).is_file() and dst == Path(plan).resolve():
+        raise UsageError(f"-o {out} is the plan file itself; write the program elsewhere")
+    if model_ref is None:
+        return
+    m = Path(str(model_ref))
+    if not m.exists():
+        return
+    m = m.resolve()
+    if dst == m or (m.is_dir() and m in dst.parents):
+        raise UsageError(f"-o {out} is inside the model directory {m}: inputs are never modified; "
+                         "write the program elsewhere")
