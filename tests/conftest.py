@@ -19,6 +19,7 @@ if "SCALER_WIZARD_CACHE" not in os.environ:
 # CI: both workers built the family sweep), so `make test` groups by nodeid through its own scheduler.
 XDIST_GROUPS = {
     "tests/test_family_sweep.py::test_sweep_cell_is_not_a_crash[": "family_sweep",
+    "tests/test_family_sweep.py::test_family_has_no_crash_cell[": "family_sweep",
 }
 
 

@@ -592,6 +592,24 @@ def test_tied_config_with_a_different_stored_head_is_refused(tmp_path, capsys):
                 "--no-verify", "--no-progress"]) == 0
 
 
+def test_both_embeddings_stored_by_a_class_that_does_not_tie_them_is_accepted(tmp_path_factory):
+    # BigBird-Pegasus's config says tie_word_embeddings, but its causal LM does not tie lm_head to
+    # model.decoder.embed_tokens (save_pretrained stores both, different): not a contradiction. The
+    # tied-head check refused it (and Inkling, whose config has no such key) in the family sweep.
+    import torch
+    from safetensors import safe_open
+
+    from families import sweep_tiny
+    from scaler_wizard.runtime.checkpoint import open_checkpoint
+
+    d = sweep_tiny(tmp_path_factory, "bigbird_pegasus")
+    names = {"lm_head.weight", "model.decoder.embed_tokens.weight"}
+    with safe_open(f"{d}/model.safetensors", "pt") as f:
+        head, emb = (f.get_tensor(n) for n in sorted(names))
+    assert not torch.equal(head, emb)
+    assert names <= set(open_checkpoint(d).names())
+
+
 def _ffn_plan(tmp_path):
     p = tmp_path / "grow.expand"
     p.write_text("widen ffn x2 net2net\n")

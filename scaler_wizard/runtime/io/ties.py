@@ -18,7 +18,8 @@ def find_ties(reader) -> None:
     have = set(reader._infos) | set(reader.aliases)
     for absent, stored in pairs:
         if absent in reader._infos and stored in reader._infos:
-            _check_both_stored(reader, absent, stored)
+            if _class_ties(reader.config):  # else both are the model's own tensors (BigBird-Pegasus, Inkling)
+                _check_both_stored(reader, absent, stored)
         elif absent not in have and stored in have:
             reader.tied[absent] = stored
         elif stored not in have and absent in have:
@@ -66,6 +67,38 @@ def tied_pairs(config: dict) -> list[tuple[str, str]]:
 
     got = cached_fact("ties", structure_of(config), lambda: [list(p) for p in _tied_pairs_from_model(config)], valid)
     return [(a, b) for a, b in got]
+
+
+def _class_ties(config: dict) -> bool:
+    """Whether transformers' model class, built from ``config`` (class defaults included), really ties
+    its output embedding to its input embedding: the same Parameter after ``tie_weights()``. A config
+    may leave ``tie_word_embeddings`` to a class default, or a class may tie other modules than its
+    input / output embeddings (BigBird-Pegasus): only a real tie makes two different stored copies
+    a contradiction. Cached per config structure; False when the class cannot be built."""
+    from scaler_wizard.runtime.io.facts import cached_fact, structure_of
+
+    def compute() -> bool:
+        try:
+            model = _meta_model(config)
+            model.tie_weights()
+            out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+            return bool(out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight)
+        except Exception:  # noqa: BLE001 - not known to tie: nothing is refused on its account
+            return False
+
+    return bool(cached_fact("class-ties", structure_of(config), compute, lambda v: isinstance(v, bool)))
+
+
+def _meta_model(config: dict):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    cfg.pop("transformers_version", None)
+    conf = AutoConfig.for_model(model_type, **cfg)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(conf)
 
 
 def _tied_pairs_from_model(config: dict) -> list[tuple[str, str]]:
