@@ -20,6 +20,7 @@ if "SCALER_WIZARD_CACHE" not in os.environ:
 XDIST_GROUPS = {
     "tests/test_family_sweep.py::test_sweep_cell_is_not_a_crash[": "family_sweep",
     "tests/test_family_sweep.py::test_family_has_no_crash_cell[": "family_sweep",
+    "tests/test_family_sweep.py::test_family_sweep_matches_the_committed_table": "family_sweep",
 }
 
 

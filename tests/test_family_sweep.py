@@ -98,6 +98,33 @@ def _committed_unbuildable() -> set[str]:
 
 
 @pytest.mark.slow
+# the same xdist group as the cells above (tests/conftest.py XDIST_GROUPS)
+def test_family_sweep_matches_the_committed_table(full_sweep):
+    """The README's table is generated from benchmarks/family_sweep.json: this run must give the same
+    category in every cell (drift figures may differ), so a change that moves a cell fails here until
+    the JSON and the table are regenerated."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    committed = json.loads((root / "benchmarks" / "family_sweep.json").read_text())["families"]
+    diffs = []
+    for fam, r in full_sweep["families"].items():
+        c = committed.get(fam)
+        if c is None:
+            diffs.append(f"{fam}: not in the committed JSON")
+            continue
+        if r["built"] != c["built"]:
+            diffs.append(f"{fam}: built {c['built']} -> {r['built']}")
+            continue
+        for op, cell in (r.get("cells") or {}).items():
+            was = (c.get("cells") or {}).get(op, {}).get("cell")
+            if was != cell["cell"]:
+                diffs.append(f"{fam} / {op}: {was} -> {cell['cell']} ({cell['reason'][:160]})")
+    assert not diffs, ("the sweep no longer gives the committed table; run benchmarks/family_sweep.py --json "
+                       "benchmarks/family_sweep.json, then --from-json ... --markdown README.md:\n" + "\n".join(diffs))
+
+
+@pytest.mark.slow
 # the same xdist group as the cells above: one worker, one sweep (tests/conftest.py XDIST_GROUPS)
 @pytest.mark.parametrize("family", ALL)
 def test_family_has_no_crash_cell(full_sweep, family):
