@@ -3,12 +3,11 @@
 :func:`run_layerwise` computes float32 logits of a model directory for a list of :class:`Job` s
 (batches of token ids with their attention mask, position ids, token type ids, or teacher-forced
 KV-cache decoding) while holding at most one decoder layer's weights in float32 (plus the small
-tensors outside the layers: norms, position embeddings). The input embedding and a ``Linear`` LM
-head are read in chunks of rows (``LayerwiseModel.CHUNK_BYTES``, 64 MiB of float32): the input
-embedding keeps only the rows of the ids the jobs use, the LM head is applied chunk by chunk over
-the vocabulary. Every tensor is read once from the lazy safetensors reader
-(:mod:`scaler_wizard.runtime.checkpoint`); a tied output embedding is read a second time, as the
-output embedding.
+tensors outside the layers: norms, position embeddings). The input embedding reads only the rows
+of the ids the jobs use (each run of adjacent rows in one ``pread``); a ``Linear`` LM head is read
+in chunks of rows (``LayerwiseModel.CHUNK_BYTES``, 64 MiB of float32) and applied chunk by chunk
+over the vocabulary. Every other tensor is read once from the lazy safetensors reader
+(:mod:`scaler_wizard.runtime.checkpoint`); a tied output embedding is read whole as the head.
 
 It runs the model's own transformers code, not a reimplementation. The model class (the one
 ``from_pretrained`` would build, see :func:`scaler_wizard.runtime.verify.model_class_for`) is
@@ -688,8 +687,9 @@ class LayerwiseModel:
         return out
 
     def _compact_embedding(self, ids):
-        """The input embedding answering for ``ids`` only: the rows of the ids that occur (read
-        chunk by chunk), behind the module's own forward (scaled embeddings keep their scale)."""
+        """The input embedding answering for ``ids`` only: the rows of the ids that occur (read row
+        run by row run, :meth:`_rows`; chunk by chunk where the tensor is not a byte range of a file),
+        behind the module's own forward (scaled embeddings keep their scale)."""
         import copy
 
         import torch
