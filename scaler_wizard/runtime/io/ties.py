@@ -90,6 +90,7 @@ def _class_ties(config: dict) -> bool:
 
 
 def _meta_model(config: dict):
+    """The causal-LM class of ``config`` (a raw config dict) built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -103,15 +104,7 @@ def _meta_model(config: dict):
 
 def _tied_pairs_from_model(config: dict) -> list[tuple[str, str]]:
     """(output embedding name, input embedding name) from the real model class, built on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(config)
-    model_type = cfg.pop("model_type")
-    cfg.pop("transformers_version", None)
-    conf = AutoConfig.for_model(model_type, **cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf)
+    model = _meta_model(config)
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     if out_emb is None or in_emb is None:
         return []
