@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -244,11 +245,39 @@ def _warm_verifier(model_type: str | None):
     return t
 
 
-def _half_precision_hint(outp: Path, rp) -> str | None:
-    """What to do when an exact plan's output, stored in bfloat16 / float16, fails verification: the
-    fan-out shares of copied units (unequal by default, for symmetry breaking) are rounded to that
-    dtype one copy at a time, so the copies no longer add up to the original weight (a known
-    limitation: the rounding is not compensated yet). None for other outputs or plans."""
+def _rounded_outputs(prog) -> list[str]:
+    """Outputs of ``prog`` holding the input's values times a factor that is not a power of two outside
+    a fan-out split (:class:`~scaler_wizard.compiler.program.ExactSplit` keeps those exact): such values
+    are rounded when stored in bfloat16 / float16 (Gemma's sqrt(hidden) embedding scale, a
+    fixed-epsilon stream scale, a 1+w norm gain carrying the tied head's shares, sqrt(k) on queries)."""
+    from scaler_wizard.compiler.program import ExactSplit, MulAxis, Scale
+
+    def pow2(f: float) -> bool:
+        return f == 0 or abs(math.frexp(f)[0]) == 0.5
+
+    def rounds(node) -> bool:
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n.digest in seen:
+                continue
+            seen.add(n.digest)
+            if isinstance(n, ExactSplit):
+                stack.append(n.x)  # its y (the split shares) is re-rounded to sum exactly
+                continue
+            if isinstance(n, Scale) and not pow2(float(n.factor)) or isinstance(n, MulAxis) and not all(
+                    pow2(float(c)) for c in n.vec):
+                return True
+            stack.extend(n.children())
+        return False
+
+    return [name for name, o in prog.outputs.items() if rounds(o.node)]
+
+
+def _half_precision_hint(outp: Path, rp, prog) -> str | None:
+    """What to do when an exact plan's output, stored in bfloat16 / float16, fails verification and
+    some outputs hold values times a factor that dtype cannot hold exactly (see
+    :func:`_rounded_outputs`; fan-out shares are not among them). None for other outputs or plans."""
     from scaler_wizard.runtime.checkpoint import CheckpointError, open_checkpoint
 
     try:
@@ -256,12 +285,15 @@ def _half_precision_hint(outp: Path, rp) -> str | None:
             dt = r.main_dtype()
     except CheckpointError:
         return None
-    if dt not in ("bfloat16", "float16") or not any(o.kind == "widen" for o in rp.ops):
+    if dt not in ("bfloat16", "float16"):
         return None
-    return (f"the output is stored in {dt}: the fan-out shares of copied units (tile, lemon, net2net, dup) are "
-            f"rounded to {dt} copy by copy, so the copies no longer add up to the original weight exactly (a known "
-            f"limitation); `--dtype float32` writes float32 weights, which verify exactly, and `split=equal` "
-            f"(power-of-two factors) is exact in {dt} but leaves the copies symmetric")
+    names = _rounded_outputs(prog)
+    if not names:
+        return None
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return (f"the output is stored in {dt}: {', '.join(names[:3])}{more} hold the original values times a factor "
+            f"{dt} cannot represent exactly (an embedding or stream scale, a 1+w norm gain carrying shares), so "
+            f"rounding changes the function; `--dtype float32` writes float32 weights, which verify exactly")
 
 
 def _verify_and_land(rp, prog, card, report, outp: Path, final: Path, failed_dir: Path, input_path, force: bool,
@@ -285,7 +317,7 @@ def _verify_and_land(rp, prog, card, report, outp: Path, final: Path, failed_dir
                "judged": tol is not None, "tolerance": tol, "max_abs": float("nan"), "max_rel": float("nan"),
                "mean_kl": float("nan"), "checks": []}
     if not rep.get("passed") and rep.get("judged") and not rep.get("error"):
-        hint = _half_precision_hint(outp, rp)
+        hint = _half_precision_hint(outp, rp, prog)
         if hint:
             rep["hint"] = hint
     result["verification"] = rep

@@ -202,3 +202,43 @@ def test_explain_and_status_defaults():
     assert "tile(0.5 * a, axis 0, x2)" in p.outputs["n"].explain
     lines = p.explain_lines()
     assert any(line.startswith("g [8, 8] [grown, exact]") for line in lines)
+
+
+@pytest.mark.parametrize("dt", ["bfloat16", "float16"])
+def test_exact_split_copies_are_representable_and_sum_exactly(dt):
+    """ExactSplit: with a 16-bit storage dtype every copy is representable in it and the copies of a
+    unit sum exactly (float64) to x[u] (shares summing to 1), for two and three copies, unequal
+    shares, zero-sum noise larger than some weights and a zero weight; without a storage dtype (or
+    float32) the value is left alone."""
+    from scaler_wizard.compiler.methods.axisops import grow_units
+    from scaler_wizard.compiler.methods.unitmap import UnitMap
+    from scaler_wizard.compiler.program import ExactSplit
+
+    sd = getattr(torch, dt)
+    g = torch.Generator().manual_seed(0)
+    xv = (torch.randn(6, 4, generator=g) * 0.05).to(sd).float()
+    xv[0, 0] = 0.0
+    src = (0, 1, 2, 3, 0, 1, 2, 0)  # unit 0 three copies, 1 and 2 two, 3 one
+    split = (0.5, 0.62, 0.3, 1.0, 0.25, 0.38, 0.7, 0.25)
+    m = UnitMap(4, src, split)
+    y = grow_units(Load("w", (6, 4)), 1, m, coef=split, noise=0.02, noise_key="n", exact_sum=True)
+    assert isinstance(y, ExactSplit)
+    assert TensorProgram.from_json(_one_output_json(y)).outputs["o"].node.digest == y.digest
+    base = evaluate(y, EvalContext(seed=3, loader=lambda n: xv))
+    assert not torch.equal(base.to(sd).float(), base)  # the shares are not representable as they are
+    ctx = EvalContext(seed=3, loader=lambda n: xv)
+    ctx.storage_dtype = sd
+    out = evaluate(y, ctx)
+    assert torch.equal(out.to(sd).float(), out)
+    for u in range(4):
+        cols = [j for j, s in enumerate(src) if s == u]
+        assert torch.equal(out[:, cols].double().sum(dim=1), xv[:, u].double()), u
+    assert (out - base).abs().max() < 0.05  # the copies stay near the shares they were meant to hold
+    ctx.storage_dtype = torch.float32
+    assert torch.equal(evaluate(y, ctx), base)
+
+
+def _one_output_json(node):
+    p = TensorProgram()
+    p.add("o", node)
+    return p.to_json()

@@ -44,6 +44,7 @@ from scaler_wizard.compiler.program import (
     Tile,
     _postorder,
     dtype_name,
+    storage_dtypes,
     torch_dtype,
 )
 from scaler_wizard.runtime.checkpoint import (
@@ -248,6 +249,7 @@ def execute(
                     node = program.outputs[name].node
                     roots.setdefault(node.digest, []).append(name)
                     _postorder(node, seen, order)
+                sdts = storage_dtypes((program.outputs[name].node, dts[name]) for name in shard)
                 uses: dict[str, int] = {}
                 for n in order:
                     for c in n.children():
@@ -298,6 +300,8 @@ def execute(
                             elif not isinstance(n, _MOVES) or len({v.dtype for v in floats}) > 1:
                                 ins = [v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
                                        for v in ins]
+                            sdt = sdts.get(n.digest)
+                            ctx.storage_dtype = torch_dtype(sdt) if sdt else None
                             val = n.compute(ins, ctx)
                             del ins
                     except CheckpointError:

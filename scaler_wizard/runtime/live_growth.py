@@ -71,8 +71,8 @@ from typing import Any
 import torch
 
 from scaler_wizard.compiler.program import (
-    Add, Cast, Concat, EvalContext, Full, Index, Load, Mul, MulAxis, Neg, Node, Permute, Random, Reshape, Scale,
-    Slice, TensorProgram, Tile, ZeroSumNoise, Zeros, _postorder, torch_dtype,
+    Add, Cast, Concat, EvalContext, ExactSplit, Full, Index, Load, Mul, MulAxis, Neg, Node, Permute, Random, Reshape,
+    Scale, Slice, TensorProgram, Tile, ZeroSumNoise, Zeros, _postorder, dtype_name, storage_dtypes, torch_dtype,
 )
 from scaler_wizard.runtime.growth_record import GrowthRecord, TensorGrowth
 
@@ -124,23 +124,30 @@ def execute_in_memory(program: TensorProgram, state: dict[str, torch.Tensor], *,
     roots: dict[str, list[str]] = {}
     for name, out in program.outputs.items():
         roots.setdefault(out.node.digest, []).append(name)
+    want: dict[str, torch.dtype] = {}
+    for name, out in program.outputs.items():
+        n = out.node
+        want[name] = dtype
+        if isinstance(n, Cast):
+            want[name] = torch_dtype(n.dtype)
+        elif dtype is None:
+            first = next((x for x in _leaves(n) if isinstance(x, Load)), None)
+            want[name] = state[first.name].dtype if first is not None else torch.float32
+    # nodes that round to the stored dtype (fan-out shares, ExactSplit) see the dtype of their output
+    sdts = storage_dtypes((out.node, dtype_name(want[name])) for name, out in program.outputs.items())
     cache: dict[str, torch.Tensor] = {}
     res: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for n in order:
+            sdt = sdts.get(n.digest)
+            ctx.storage_dtype = torch_dtype(sdt) if sdt else None
             val = n.compute([cache[c.digest] for c in n.children()], ctx)
             for c in n.children():
                 uses[c.digest] -= 1
                 if uses[c.digest] == 0:
                     cache.pop(c.digest, None)
             for name in roots.get(n.digest, []):
-                want = dtype
-                if isinstance(n, Cast):
-                    want = torch_dtype(n.dtype)
-                elif want is None:
-                    first = next((x for x in _leaves(n) if isinstance(x, Load)), None)
-                    want = state[first.name].dtype if first is not None else torch.float32
-                res[name] = val.to(want).clone() if val.is_floating_point() else val.clone()
+                res[name] = val.to(want[name]).clone() if val.is_floating_point() else val.clone()
             if uses.get(n.digest, 0) > 0:
                 cache[n.digest] = val
     return {name: res[name] for name in program.outputs}
@@ -229,7 +236,7 @@ def linear_map(program: TensorProgram) -> LinearMap:
             val = (torch.full(n.shape, NEW, dtype=torch.int64), torch.zeros(n.shape, dtype=torch.float64), v)
         elif isinstance(n, _MOVES):
             val = tuple(n.compute([x[i] for x in ins], ctx) for i in range(3))
-        elif isinstance(n, Cast):
+        elif isinstance(n, (Cast, ExactSplit)):  # ExactSplit moves values by a rounding error only
             val = ins[0]
         elif isinstance(n, Scale):
             val = (ins[0][0], ins[0][1] * float(n.factor), ins[0][2] * float(n.factor))

@@ -78,10 +78,14 @@ def map_group_on_axis(node: P.Node, axis: int, layout: Axis, group: str, sizes: 
 
 
 def grow_units(x: P.Node, ax: int, m: UnitMap, *, coef=None, fresh: Callable[[tuple[int, ...]], P.Node] | None = None,
-               noise: float = 0.0, noise_key: str | None = None) -> P.Node:
+               noise: float = 0.0, noise_key: str | None = None, exact_sum: bool = False) -> P.Node:
     """New units along ``ax`` per ``m``: copies of old units times ``coef[j]`` (default 1) and fresh
     units from ``fresh(shape_of_fresh_block)`` (default zeros). ``noise`` > 0 adds zero-sum noise
-    across the copies of each old unit (exact in the forward pass for fan-out weights)."""
+    across the copies of each old unit (exact in the forward pass for fan-out weights).
+
+    ``exact_sum``: the copies of a unit are fan-out shares whose sum is what the readers need (the
+    original weight when the shares sum to 1); the result is wrapped in :class:`P.ExactSplit` so that
+    the sum stays exact when the output is stored in bfloat16 / float16."""
     if x.shape[ax] != m.old:
         raise ValueError(f"unit map for {m.old} units applied to an axis of size {x.shape[ax]}")
     n_fresh = len(m.fresh)
@@ -113,10 +117,21 @@ def grow_units(x: P.Node, ax: int, m: UnitMap, *, coef=None, fresh: Callable[[tu
         vec = tuple(float(c) for c in coef)
         if any(abs(c - 1.0) > 0 for c in vec):
             y = P.MulAxis(y, ax, vec)
+    noisy = False
     if noise and noise > 0:
         groups = tuple(g for g in m.copy_groups() if len(g) > 1)
         if groups:
             y = P.Add(y, P.ZeroSumNoise(y.shape, ax, groups, float(noise), noise_key or "noise"))
+            noisy = True
+    if exact_sum and (noisy or isinstance(y, P.MulAxis)):
+        vec = tuple(float(c) for c in coef) if coef is not None else (1.0,) * m.new
+        by_unit: list[list[int]] = [[] for _ in range(m.old)]
+        for j, s in enumerate(m.src):
+            if s >= 0:
+                by_unit[s].append(j)
+        if any(len(g) > 1 for g in by_unit):
+            sums = tuple(sum(vec[j] for j in g) for g in by_unit)
+            y = P.ExactSplit(y, x, ax, tuple(tuple(g) for g in by_unit), sums)
     return y
 
 

@@ -56,7 +56,8 @@ class WidenFFN(Pass):
                 coef = fan_out_coef(m)
 
                 def fn(x, ax, coef=coef, m=m, name=name):
-                    return grow_units(x, ax, m, coef=coef, noise=noise, noise_key=f"{name}:ffn-noise:{op.index}")
+                    return grow_units(x, ax, m, coef=coef, noise=noise, noise_key=f"{name}:ffn-noise:{op.index}",
+                                      exact_sum=True)
 
                 what = "columns of copies split to sum to the original" if op.method != "zero" else "new columns zero"
                 rewrite_axis(st, ts, a, "ffn", m, fn, exactness=op.exactness, keeps_values=op.method == "zero",

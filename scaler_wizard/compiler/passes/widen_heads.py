@@ -48,7 +48,8 @@ class WidenHeads(Pass):
             elif role == "in":
                 rewrite_axis(st, ts, a, "heads", m,
                              lambda x, ax, name=name: grow_units(x, ax, m, coef=coef, noise=noise,
-                                                                 noise_key=f"{name}:heads-noise:{op.index}"),
+                                                                 noise_key=f"{name}:heads-noise:{op.index}",
+                                                                 exact_sum=True),
                              exactness=op.exactness, keeps_values=op.method == "zero",
                              text=f"heads {d}->{d2} ({op.method}): o columns "
                              + ("of copies split" if op.method != "zero" else "of new heads zero"))

@@ -136,7 +136,7 @@ class WidenHidden(Pass):
             elif role == "in":
                 def fn(x, ax, name=name):
                     return grow_units(x, ax, m, coef=head_share, fresh=random_fill(f"{name}:hidden-residue:{op.index}", std),
-                                      noise=noise, noise_key=f"{name}:hidden-noise:{op.index}")
+                                      noise=noise, noise_key=f"{name}:hidden-noise:{op.index}", exact_sum=True)
 
                 rewrite_axis(st, ts, a, "hidden", m, fn, exactness=ex, keeps_values=False,
                              text=f"hidden {d}->{d2} ({how}): reader columns split among copies"
@@ -153,9 +153,11 @@ class WidenHidden(Pass):
                     coef = tuple(eta * (carry[j] if carry else 1.0) for j in range(d2))
                     one_p = norm.kind == "rmsnorm_1p"
 
-                    def fn(x, ax, coef=coef, one_p=one_p):
+                    # a gain carrying the tied head's shares is a fan-out split (exact sums in bf16);
+                    # a 1+w gain is stored minus 1 after the split, which no split can keep exact
+                    def fn(x, ax, coef=coef, one_p=one_p, exact=bool(carry) and not one_p):
                         eff = P.Add(x, P.Full(x.shape, 1.0)) if one_p else x
-                        y = grow_units(eff, ax, m, coef=coef, fresh=lambda s: P.Full(s, 1.0))
+                        y = grow_units(eff, ax, m, coef=coef, fresh=lambda s: P.Full(s, 1.0), exact_sum=exact)
                         return P.Add(y, P.Full(y.shape, -1.0)) if one_p else y
 
                     text = f"hidden {d}->{d2} ({how}): norm gain tiled" + (f", x eta={eta:.4g}" if r else "")
@@ -165,7 +167,7 @@ class WidenHidden(Pass):
                     coef = carry
 
                     def fn(x, ax, coef=coef):
-                        return grow_units(x, ax, m, coef=coef)
+                        return grow_units(x, ax, m, coef=coef, exact_sum=coef is not None)
 
                     text = f"hidden {d}->{d2} ({how}): norm bias tiled, residue 0"
                 rewrite_axis(st, ts, a, "hidden", m, fn, exactness=ex, keeps_values=not r and not carry, text=text)
