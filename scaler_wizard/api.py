@@ -248,8 +248,9 @@ def _warm_verifier(model_type: str | None):
 def _rounded_outputs(prog) -> list[str]:
     """Outputs of ``prog`` holding the input's values times a factor that is not a power of two outside
     a fan-out split (:class:`~scaler_wizard.compiler.program.ExactSplit` keeps those exact): such values
-    are rounded when stored in bfloat16 / float16 (Gemma's sqrt(hidden) embedding scale, a
-    fixed-epsilon stream scale, a 1+w norm gain carrying the tied head's shares, sqrt(k) on queries)."""
+    are rounded when stored in bfloat16 / float16 (norm gains times LEMON's eta for a non-multiple
+    size, sqrt(k) folded into queries by a head_dim growth, Gemma's sqrt(hidden) embedding scale, a
+    fixed-epsilon stream scale, a 1+w norm gain carrying the tied head's shares)."""
     from scaler_wizard.compiler.program import ExactSplit, MulAxis, Scale
 
     def pow2(f: float) -> bool:
@@ -292,8 +293,10 @@ def _half_precision_hint(outp: Path, rp, prog) -> str | None:
         return None
     more = f" and {len(names) - 3} more" if len(names) > 3 else ""
     return (f"the output is stored in {dt}: {', '.join(names[:3])}{more} hold the original values times a factor "
-            f"{dt} cannot represent exactly (an embedding or stream scale, a 1+w norm gain carrying shares), so "
-            f"rounding changes the function; `--dtype float32` writes float32 weights, which verify exactly")
+            f"that is not a power of two, which {dt} cannot hold exactly (a norm gain rescaled by a LEMON growth to a "
+            f"non-multiple size, a query scale folded into q_proj / q_norm by a head_dim growth, Gemma's "
+            f"sqrt(hidden) embedding scale, a fixed-epsilon stream scale), so rounding them changes the function; "
+            f"`--dtype float32` writes float32 weights, which verify exactly")
 
 
 def _verify_and_land(rp, prog, card, report, outp: Path, final: Path, failed_dir: Path, input_path, force: bool,
