@@ -140,8 +140,11 @@ def _pair_map(n: int) -> tuple[int, ...] | None:
 
 
 def _cancel(st: LowerState, ts: TState, node):
-    """Cancel-pair construction on the FFN units / heads of one tensor (see module doc)."""
+    """Cancel-pair construction on the FFN units / heads of one tensor (see module doc). A tensor
+    holding several groups (a fused [q | k | v] projection: heads and KV heads) is paired in each of
+    them, so the second half of the KV groups reads the first half's keys and values too."""
     sizes = st.sizes
+    texts: list[str] = []
     for group in ("ffn", "heads", "kv_heads"):
         for a, ax in enumerate(ts.axes):
             if group not in ax.groups():
@@ -158,13 +161,16 @@ def _cancel(st: LowerState, ts: TState, node):
                 else:
                     pm = None
             if pm is None:
-                return (P.Zeros(node.shape) if ts.writer else node), "no pairing possible: writer zero"
+                if ts.writer:
+                    return P.Zeros(node.shape), "no pairing possible: writer zero"
+                continue  # the writer is zero: what this tensor reads does not matter
             role = ax.role
             if role == "out" and not ts.writer:
                 def fn(x, sub, pm=pm):
                     return P.Index(x, sub, pm)
-                return map_group_on_axis(node, a, ax, group, sizes, fn), f"second half of {group} copies the first"
-            if role == "in":
+                node = map_group_on_axis(node, a, ax, group, sizes, fn)
+                texts.append(f"second half of {group} copies the first")
+            elif role == "in":
                 half = len(pm) // 2
                 sign = tuple([1.0] * half + [-1.0] * half) if group != "heads" or sizes.get("kv_heads", 0) % 2 == 0 \
                     else None
@@ -174,7 +180,10 @@ def _cancel(st: LowerState, ts: TState, node):
 
                 def fn(x, sub, pm=pm, sign=sign):
                     return P.MulAxis(P.Index(x, sub, pm), sub, sign)
-                return map_group_on_axis(node, a, ax, group, sizes, fn), f"{group} fan-out paired +W/-W"
+                node = map_group_on_axis(node, a, ax, group, sizes, fn)
+                texts.append(f"{group} fan-out paired +W/-W")
+    if texts:
+        return node, "; ".join(texts)
     if ts.writer:
         return P.Zeros(node.shape), "writer zero"
     return node, "copied"
