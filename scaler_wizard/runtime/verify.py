@@ -8,10 +8,12 @@
   right-padded, and the same sequences left-padded (``position_ids`` follow the mask), compared
   only at real (non-pad) positions (checks ``padding_right`` and ``padding_left``); as wide as the
   random ids (the default), its rows run in the random ids' forward, after theirs,
-* incremental decoding with the KV cache on the first two random sequences (prefill half, then the
-  tokens up to the last ``kv_steps`` (2) in one forward through the cache, then those token by
-  token with ``past_key_values``), compared with the grown model's own full forward and with the
-  original,
+* incremental decoding with the KV cache on the first two random sequences, compared with the
+  grown model's own full forward and with the original: where the random ids' forward can stand
+  in for the prefill (see :func:`compare_models`), its cache cut to all but the last ``kv_steps``
+  (2) tokens, which are decoded token by token with ``past_key_values``; otherwise a prefill of
+  half the tokens, the tokens up to the last ``kv_steps`` in one forward through the cache, then
+  those token by token,
 * seeded random ``token_type_ids`` when the model has more than one token type (BERT),
 
 Models load with their own class when ``config.architectures`` names one that is not a causal LM
@@ -34,10 +36,10 @@ through every weight of the model, so a construction that is not function-preser
 split, a missing scale, a broken head or layer) moves essentially every position's logits, and a
 handful of positions detects it as surely as hundreds (tests/test_verify_layerwise.py: a broken
 layer, a 1 % change of one head). Verification costs about ``2 x parameters x 192`` float32 FLOPs
-per model (``x 160`` where the decoding's 32 prefill positions are cut from the random ids' forward,
-see :func:`compare_models`), plus one pass over every weight per forward: four per decoder layer
-(random ids with the padded rows, cached middle, two single-token steps; five with a separate
-prefill, one more with a padded batch narrower than the random ids),
+per model (``x 132`` where the decoding's prefill is cut from the random ids' forward, see
+:func:`compare_models`), plus one pass over every weight per forward: three per decoder layer
+(random ids with the padded rows, two single-token steps; five with a separate prefill and a
+cached middle, one more with a padded batch narrower than the random ids),
 each a matrix product of a few dozen rows or fewer, which float32 BLAS runs far below its peak; the
 earlier sample (4 x 32 random ids, two padded batches of 4 x 32, four single-token steps over four
 rows: 416 positions) made verifying a 1.1B model 10x slower than writing it. What no small sample
@@ -543,19 +545,23 @@ def compare_models(
     cannot run); False loads both models whole (the reference the layer-wise path is tested against).
     One model is run after the other; only the logits are kept between them.
 
-    KV-cache decoding (``check_kv``): the first half of the random ids is the prefill, the last
-    ``kv_steps`` tokens are decoded one at a time, and the tokens between go through the cache in
-    one forward (0: every token after the prefill one at a time, as before). Each single-token
-    forward streams every weight of the model for a few rows of arithmetic, so on large models they
-    dominate the cost; the cache is still written by a multi-token forward, read and extended by a
+    KV-cache decoding (``check_kv``) with a prefill forward of its own: the first half of the
+    random ids is the prefill, the last ``kv_steps`` tokens are decoded one at a time, and the
+    tokens between go through the cache in one forward (0: every token after the prefill one at a
+    time). Each forward of a few rows streams every weight of the model, so on large models they
+    dominate the cost; the cache is written by a multi-token forward, read and extended by a
     multi-token forward and by single-token decoding, every position is compared (with the model's
     full forward and with the original), and the prefill ends at the same position (so
     length-dependent RoPE, longrope's switch past ``original_max_position_embeddings``, is crossed
-    inside the cached decoding as before).
+    inside the cached decoding).
 
     The prefill is no forward of its own where it need not be (``Job.prefill_from``): the random
     ids' forward runs with the cache, which is cut to the prefill's positions and rows, and the
-    decoding continues from it (the prefill positions' logits are the full forward's). Sound where
+    decoding continues from it (the prefill positions' logits are the full forward's). The prefill
+    then ends ``kv_steps`` tokens before the end: no cached multi-token middle (on the 1.1B
+    benchmark model its 28 rows cost half the random ids' 128-row forward, a quarter of the
+    decoder layers' arithmetic, for the one path the single steps do not take: a chunk reading a
+    cache). Sound where
     a forward over more tokens writes the same keys and values for the first positions as one over
     those alone (:func:`scaler_wizard.runtime.layerwise.prefill_from_longer_refused`: plain or
     unfilled sliding-window cache layers, no length-dependent RoPE; otherwise the separate prefill
@@ -643,7 +649,12 @@ def compare_models(
             from scaler_wizard.runtime.layerwise import prefill_from_longer_refused
 
             cut = not any(prefill_from_longer_refused(side.config, seq_len) for side in (o, g))
-            jobs.append(Job("kv_decode", ids[:KV_ROWS], prefill=max(1, seq_len // 2), steps=kv_steps,
+            # cut: the cache comes from the random ids' forward, so a prefill up to the single-token
+            # steps costs nothing; a cached multi-token forward between them would cost a pass over
+            # every weight at about twice a single step's time (float32 BLAS on a few rows), for
+            # the one path (a chunk reading a cache) the steps do not take
+            prefill = max(1, seq_len - kv_steps) if cut and kv_steps > 0 else max(1, seq_len // 2)
+            jobs.append(Job("kv_decode", ids[:KV_ROWS], prefill=prefill, steps=kv_steps,
                             prefill_from="random_ids" if cut else None))
             kv_check = True
 
