@@ -134,7 +134,7 @@ def execute_in_memory(program: TensorProgram, state: dict[str, torch.Tensor], *,
             first = next((x for x in _leaves(n) if isinstance(x, Load)), None)
             want[name] = state[first.name].dtype if first is not None else torch.float32
     # nodes that round to the stored dtype (fan-out shares, ExactSplit) see the dtype of their output
-    sdts = storage_dtypes((out.node, dtype_name(want[name])) for name, out in program.outputs.items())
+    sdts = storage_dtypes((out.node, _dtype_name_or_none(want[name])) for name, out in program.outputs.items())
     cache: dict[str, torch.Tensor] = {}
     res: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -151,6 +151,13 @@ def execute_in_memory(program: TensorProgram, state: dict[str, torch.Tensor], *,
             if uses.get(n.digest, 0) > 0:
                 cache[n.digest] = val
     return {name: res[name] for name in program.outputs}
+
+
+def _dtype_name_or_none(dt) -> str | None:
+    try:
+        return dtype_name(dt)
+    except ValueError:  # a dtype programs do not name (no node rounds to it)
+        return None
 
 
 def _leaves(node: Node):
