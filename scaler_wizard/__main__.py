@@ -1,3 +1,3 @@
-from scaler_wizard.cli import main
+from scaler_wizard.cli import entry
 
-raise SystemExit(main())
+entry()

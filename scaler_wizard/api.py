@@ -194,9 +194,12 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
     # Verification needs torch, transformers and the model's modeling code, which the write (byte
     # copies, no torch) does not: they are imported in a thread while the write runs.
     warm = _warm_verifier(rp.config_after.get("model_type") or rp.ir.model_type) if verify else None
+    compared = None
     try:
         report = execute(on_disk, reader, staging if verify else final, dtype=rp.dtype, force=force, progress=progress,
                          card=card, shard_size=shard_size)
+        if warm is not None and warm.is_alive():  # waiting for the imports anyway: compare the copied layers
+            compared = _compare_leading_layers(rp, reader, report.out_dir)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     finally:
@@ -205,7 +208,7 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
     outp = Path(report.out_dir)
     try:
         return _verify_and_land(rp, prog, card, report, outp, final, failed_dir, reader.path, force, verify,
-                                keep_failed)
+                                keep_failed, compared)
     except BaseException:
         if verify and outp.exists() and outp != final:
             import shutil
@@ -214,17 +217,45 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
         raise
 
 
+def _compare_leading_layers(rp, reader, out_dir):
+    """The byte comparisons of the output's leading decoder layers with the input's
+    (:func:`scaler_wizard.runtime.layerwise.compare_leading_layers`: torch-free), made while the
+    verifier's imports finish, for verification's identical-prefix check; None where they cannot be
+    made (they are an optimisation: verification compares whatever is missing itself)."""
+    from scaler_wizard.compiler.passes.base import layer_prefix_of
+    from scaler_wizard.runtime.checkpoint import CheckpointError, open_checkpoint
+    from scaler_wizard.runtime.layerwise import compare_leading_layers
+
+    prefix = layer_prefix_of(rp.ir)
+    if prefix is None or reader.format != "safetensors":
+        return None
+    try:
+        return compare_leading_layers(reader, open_checkpoint(out_dir), prefix)
+    except (CheckpointError, OSError, ValueError, KeyError):
+        return None
+
+
 def _warm_verifier(model_type: str | None):
     """Start a daemon thread importing what verification will import (torch, transformers, accelerate,
     the model type's modeling module, the layer-by-layer runner); returns the thread. Nothing it does
     is needed for correctness: an import that fails here fails again, reported, where it is used.
-    Measured on the 1.1B depth plan of benchmarks/apply_speed.py: these imports take 3-8 s, the write
-    3.5-9 s, and the two overlap (the write is copy_file_range system calls, which release the GIL)."""
+    Measured on the 1.1B depth plan of benchmarks/apply_speed.py: these imports take 8-10 s (torch
+    2.5 s, transformers 2 s, its Llama module 3-4 s: distributed tensors, dynamo, scipy), the write
+    4-6 s, and the two overlap (the write is copy_file_range system calls, which release the GIL):
+    the imports, not the write, are on the path to verification."""
     import threading
 
     def work():
+        import gc
         import importlib
 
+        # Imports build hundreds of thousands of objects and almost no garbage, yet the growing heap
+        # triggers full collections that walk all of it (measured: 6 collections, 1.1 s of the
+        # 8-10 s these imports take here, on the path to verification). Collection is paused for
+        # them; the objects are then left out of full collections while verification runs
+        # (runtime/verify.py: _frozen_heap).
+        paused = gc.isenabled()
+        gc.disable()
         try:
             import accelerate  # noqa: F401
             import torch  # noqa: F401
@@ -239,6 +270,9 @@ def _warm_verifier(model_type: str | None):
                 importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
         except Exception:  # noqa: BLE001 - a warm-up only
             pass
+        finally:
+            if paused:
+                gc.enable()
 
     t = threading.Thread(target=work, name="scaler-wizard-warm-verifier", daemon=True)
     t.start()
@@ -300,7 +334,7 @@ def _half_precision_hint(outp: Path, rp, prog) -> str | None:
 
 
 def _verify_and_land(rp, prog, card, report, outp: Path, final: Path, failed_dir: Path, input_path, force: bool,
-                     verify: bool, keep_failed: bool) -> dict[str, Any]:
+                     verify: bool, keep_failed: bool, compared=None) -> dict[str, Any]:
     import shutil
 
     from scaler_wizard.runtime.card import render_card
@@ -312,7 +346,7 @@ def _verify_and_land(rp, prog, card, report, outp: Path, final: Path, failed_dir
     if not verify:
         return result
     try:
-        rep = verify_dirs(outp, rp.model_ref, exactness=rp.exactness, symmetry=False)
+        rep = verify_dirs(outp, rp.model_ref, exactness=rp.exactness, symmetry=False, byte_comparisons=compared)
     except Exception as e:  # noqa: BLE001 - a grown model that does not load or run failed verification
         msg = " ".join(str(e).split()) or type(e).__name__
         tol = tolerance_for(rp.exactness, None)
@@ -387,8 +421,9 @@ def tolerance_for(exactness: str | None, tolerance: float | None) -> float | Non
 
 
 def verify_dirs(out, against, *, texts=None, tolerance: float | None = None, exactness: str | None = None,
-                symmetry: bool = True) -> dict[str, Any]:
-    """Compare OUT with the original; judge by the plan's exactness class (from the sidecar)."""
+                symmetry: bool = True, byte_comparisons=None) -> dict[str, Any]:
+    """Compare OUT with the original; judge by the plan's exactness class (from the sidecar).
+    ``byte_comparisons``: file comparisons made before (see :func:`_compare_leading_layers`)."""
     from scaler_wizard.runtime.verify import compare_models, idle_threads, symmetry_check, torch_threads
 
     side = {}
@@ -408,7 +443,8 @@ def verify_dirs(out, against, *, texts=None, tolerance: float | None = None, exa
     if cast is not None:
         tol, cast_note = _cast_tolerance(against, cast, tol, texts)
     with torch_threads(idle_threads()):  # the cores other work leaves free (see idle_threads)
-        rep = compare_models(str(out), str(against), texts=texts, rtol=tol if tol is not None else 1e-5)
+        rep = compare_models(str(out), str(against), texts=texts, rtol=tol if tol is not None else 1e-5,
+                             byte_comparisons=byte_comparisons)
     judged = tol is not None
     d = rep.to_dict()
     if cast_note:

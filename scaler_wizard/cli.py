@@ -83,6 +83,31 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").addFilter(lambda r: "Setting accelerator to CPU" not in r.getMessage())
 
 
+# Commands whose every output is closed (and fsynced where it lands) before they return: the console
+# script skips the interpreter's final garbage collection after them (see entry).
+_NO_FINAL_GC = frozenset({"check", "ir", "explain", "compile", "apply", "verify"})
+
+
+def entry() -> None:
+    """The console script (``scaler-wizard``) and ``python -m scaler_wizard``: :func:`main`, then exit.
+
+    After a command in ``_NO_FINAL_GC`` the heap is frozen (``gc.freeze``) before the interpreter
+    shuts down: its final garbage collection walks every object torch and transformers created at
+    import (measured: 1.6 s of a 2-core machine's exit after importing transformers' Llama, 0.3 s
+    frozen). Those commands close their files themselves; nothing they write waits for a finaliser.
+    ``train`` and ``eval`` (trackers, lm-eval) exit the ordinary way."""
+    import gc
+
+    argv = sys.argv[1:]
+    code = main(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first in _NO_FINAL_GC:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.freeze()
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in argv if not a.startswith("-")), None)

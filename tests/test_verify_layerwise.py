@@ -8,7 +8,15 @@ import torch
 
 from families import FAMILIES, build_model
 from scaler_wizard.runtime.layerwise import Job, LayerwiseModel
+from scaler_wizard.runtime import layerwise
 from scaler_wizard.runtime.verify import compare_models
+
+@pytest.fixture(autouse=True)
+def _products_as_the_model_computes_them(monkeypatch):
+    """These tests hold the replay to the model's own forward bit for bit: its matrix products as
+    ``linear`` computes them (test_layerwise_gemm.py covers the weight-major products)."""
+    monkeypatch.setattr(layerwise, "WEIGHT_MAJOR_GEMM", False)
+
 
 FAST = ["llama", "gemma2", "gpt2", "opt_postln", "mixtral", "bert", "qwen2"]
 

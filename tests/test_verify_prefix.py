@@ -10,7 +10,15 @@ from transformers import AutoModelForCausalLM
 
 from families import build_model
 from scaler_wizard.runtime.layerwise import LayerwiseModel, identical_prefix
+from scaler_wizard.runtime import layerwise
 from scaler_wizard.runtime.verify import compare_models
+
+
+@pytest.fixture(autouse=True)
+def _products_as_the_model_computes_them(monkeypatch):
+    """These tests hold the replay to the model's own forward bit for bit: its matrix products as
+    ``linear`` computes them (test_layerwise_gemm.py covers the weight-major products)."""
+    monkeypatch.setattr(layerwise, "WEIGHT_MAJOR_GEMM", False)
 
 
 def _deeper(model, order):
@@ -83,6 +91,37 @@ def test_nothing_reused_when_weights_config_or_inputs_differ(tmp_path):
     assert any("not reused: the hidden states entering layer 0 differ" in n for n in notes), notes
     assert reused == _report(tmp_path / "e", tmp_path / "o", reuse_prefix=False)[1]
     assert not reused["passed"]
+
+
+def test_layers_compared_ahead_are_not_read_again_and_decide_the_same(tmp_path, monkeypatch):
+    """apply compares the copied leading layers while the verifier's imports run
+    (layerwise.compare_leading_layers, torch-free): identical_prefix then reads nothing already
+    compared and reaches the verdict it reaches alone, for equal and for differing bytes."""
+    from scaler_wizard.runtime.checkpoint import open_checkpoint
+    from scaler_wizard.runtime.layerwise import compare_leading_layers
+
+    _, model = build_model("llama")
+    model.save_pretrained(tmp_path / "o")
+    _deeper(model, [0, 1, 1]).save_pretrained(tmp_path / "g")
+    w = _deeper(model, [0, 1, 1])
+    with torch.no_grad():
+        w.model.layers[1].self_attn.o_proj.weight[0, 0] += 1e-6
+    w.save_pretrained(tmp_path / "w")
+
+    reads = []
+    real = layerwise._equal_ranges
+    monkeypatch.setattr(layerwise, "_equal_ranges", lambda a, b: reads.append(a) or real(a, b))
+    o = LayerwiseModel(tmp_path / "o")
+    for name, k_expected in (("g", 2), ("w", 1)):
+        reads.clear()
+        known = compare_leading_layers(open_checkpoint(tmp_path / "o"), open_checkpoint(tmp_path / name), "model.layers")
+        ahead = len(reads)
+        assert ahead == len(known) and ahead >= 9 * k_expected  # every tensor of the identical layers
+        k, why = identical_prefix(o, LayerwiseModel(tmp_path / name), known)
+        if name == "g":
+            assert len(reads) == ahead  # every tensor it asks about was compared ahead
+        assert len(set(reads)) == len(reads)  # and nothing is compared twice
+        assert (k, why) == identical_prefix(o, LayerwiseModel(tmp_path / name)) and k == k_expected
 
 
 def test_kv_decoding_schedule_prefill_chunk_then_single_steps(tmp_path):

@@ -60,6 +60,7 @@ with their measured drift rather than judged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -535,6 +536,7 @@ def compare_models(
     layerwise: bool | None = None,
     reuse_prefix: bool = True,
     kv_steps: int = 2,
+    byte_comparisons=None,
 ) -> VerifyReport:
     """Compare a grown model with its original (directories or modules). See the module docstring.
 
@@ -574,7 +576,39 @@ def compare_models(
     original's (checked while running) are not computed a second time: running the same code on
     the same weights and inputs gives the same bits, so their outputs (and KV-cache entries) are
     taken from the original's run. A depth plan that inserts layers after the first k keeps k
-    layers identical. ``False`` computes every layer of both models (a note says what was reused)."""
+    layers identical. ``False`` computes every layer of both models (a note says what was reused).
+    ``byte_comparisons``: a :class:`scaler_wizard.runtime.layerwise.ByteComparisons` holding
+    comparisons of the two models' files made before (apply makes them while the imports run)."""
+    with _frozen_heap():
+        return _compare_models(grown, original, texts=texts, tokenizer=tokenizer, seed=seed, n_random=n_random,
+                               seq_len=seq_len, pad_len=pad_len, rtol=rtol, check_kv=check_kv,
+                               check_padding=check_padding, max_text_tokens=max_text_tokens, layerwise=layerwise,
+                               reuse_prefix=reuse_prefix, kv_steps=kv_steps, byte_comparisons=byte_comparisons)
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+    """The objects alive on entry (torch's and transformers' modules, classes and tables: several
+    hundred thousand) are left out of the garbage collector's full collections until exit
+    (``gc.freeze`` / ``gc.unfreeze``); what is allocated inside is collected as usual. The full
+    collections that a verification's allocations trigger walked them every time (measured on the
+    1.1B depth plan of benchmarks/apply_speed.py: 1.45 s of collections, 1.06 s of them full ones).
+    Nested uses leave the outer freeze in charge."""
+    import gc
+
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _compare_models(grown, original, *, texts, tokenizer, seed, n_random, seq_len, pad_len, rtol, check_kv,
+                    check_padding, max_text_tokens, layerwise, reuse_prefix, kv_steps,
+                    byte_comparisons) -> VerifyReport:
     import torch
 
     from scaler_wizard.runtime.layerwise import Job
@@ -684,7 +718,7 @@ def compare_models(
     if reuse_prefix and o.lw is not None and g.lw is not None:
         from scaler_wizard.runtime.layerwise import identical_prefix
 
-        share, why_end = identical_prefix(o.lw, g.lw)
+        share, why_end = identical_prefix(o.lw, g.lw, byte_comparisons)
     lo = o.logits(jobs, capture=share) if share else o.logits(jobs)  # the original decodes with its cache too
     o_why = o.why_whole
     prefix = getattr(o.lw, "captured", None) if share and o.lw is not None else None
