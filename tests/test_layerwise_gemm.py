@@ -62,3 +62,27 @@ def test_weight_major_run_matches_the_model_and_is_what_verification_uses(tmp_pa
         broken.model.layers[0].mlp.down_proj.weight.mul_(1.5)
     broken.save_pretrained(str(tmp_path / "b"))
     assert not compare_models(str(tmp_path / "b"), str(tmp_path / "o"), layerwise=True).passed
+
+
+def test_reading_the_next_layer_ahead_changes_no_bit(tmp_path, monkeypatch):
+    """The next decoder layer is read and converted in a thread while one runs (where a layer's
+    float32 weights fit LayerwiseModel.READ_AHEAD_MAX_BYTES): the same weights in the same slots,
+    so every logit is the one reading layer by layer on demand gives, and no buffer leaks."""
+    _, model = build_model("qwen2")  # biases too
+    model.save_pretrained(str(tmp_path / "o"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    jobs = [Job("a", ids), Job("kv", ids[:1], prefill=4, steps=2)]
+    outs, threads = {}, []
+    real = LayerwiseModel._read_ahead
+    monkeypatch.setattr(LayerwiseModel, "_read_ahead", lambda self, m: threads.append(m) or real(self, m))
+    for limit in (0, 1 << 30):
+        monkeypatch.setattr(LayerwiseModel, "READ_AHEAD_MAX_BYTES", limit)
+        lw = LayerwiseModel(tmp_path / "o")
+        try:
+            outs[limit] = lw.run(jobs)
+            assert all(p.device.type == "meta" for layer in lw.layers for p in layer.parameters())
+        finally:
+            lw.close()
+    assert len(threads) == model.config.num_hidden_layers - 1  # only with the limit above a layer's size
+    for k in ("a", "kv"):
+        assert torch.equal(outs[0][k], outs[1 << 30][k])

@@ -75,11 +75,15 @@ def test_layerwise_detects_a_broken_layer_and_a_broken_head(tmp_path):
     assert same.passed and same.check("random_ids").max_abs == 0.0
 
 
-def test_layerwise_reads_each_tensor_once_and_holds_one_layer(tmp_path):
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_layerwise_reads_each_tensor_once_and_holds_one_layer(tmp_path, monkeypatch, read_ahead):
     """The memory bound, as a fact about what is materialised: at every load at most one decoder
-    layer's parameters are real, and the whole checkpoint is read exactly once."""
+    layer's parameters are real (and, reading the next layer ahead, one more layer's buffers
+    exist), and the whole checkpoint is read exactly once."""
     _, model = build_model("llama")
     d = _save(model, tmp_path / "m")
+    monkeypatch.setattr(LayerwiseModel, "READ_AHEAD_MAX_BYTES", (1 << 30) if read_ahead else 0)
+    layers_held = 2 if read_ahead else 1
     lm = LayerwiseModel(d)
     layer_numel = sum(p.numel() for p in lm.layers[0].parameters())
     emb = lm.in_emb.weight.numel()
@@ -88,8 +92,8 @@ def test_layerwise_reads_each_tensor_once_and_holds_one_layer(tmp_path):
     peaks = []
     load = lm.load
 
-    def spy(params):
-        out = load(params)
+    def spy(params, ready=None):
+        out = load(params, ready)
         peaks.append(sum(p.numel() for p in lm.model.parameters() if p.device.type != "meta"))
         return out
 
@@ -109,9 +113,12 @@ def test_layerwise_reads_each_tensor_once_and_holds_one_layer(tmp_path):
     assert (out["kv"] - ref).abs().max().item() < 1e-5
     assert all(p.device.type == "meta" for p in lm.model.parameters())  # everything released
     # the freed weights wait in the buffer pool for the next layer of the same shapes: at most one
-    # layer's float32 buffers (plus the embedding, the rest) and one stored-dtype buffer per shape
+    # layer's float32 buffers (two reading ahead; plus the embedding, the rest) and one
+    # stored-dtype buffer per shape
     pooled = [t for ts in lm._pool.values() for t in ts]
-    assert pooled and sum(t.numel() for t in pooled if t.dtype == torch.float32) <= layer_numel + emb + rest
+    f32 = sum(t.numel() for t in pooled if t.dtype == torch.float32)
+    assert pooled and f32 <= layers_held * layer_numel + emb + rest
+    assert f32 > (layers_held - 1) * layer_numel
     assert len({t.data_ptr() for t in pooled}) == len(pooled)
 
 

@@ -304,12 +304,17 @@ def _layer_split(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
 
 
 def verify_bytes(shapes_a: dict, shapes_b: dict, vocab: int, *, n_seqs: int = 4, seq_len: int = 32) -> int:
-    """Layer-wise verification (runtime/verify.py): one decoder layer plus the tensors outside the
-    layers (embeddings, head, final norm) of the larger model in fp32, and both models' fp32 logits
-    of ``n_seqs`` x ``seq_len`` tokens (and the padded/KV-cache batches: x4)."""
+    """Layer-wise verification (runtime/verify.py): one decoder layer (two where the next is read
+    ahead: a layer of at most ``LayerwiseModel.READ_AHEAD_MAX_BYTES`` in fp32) plus the tensors
+    outside the layers (embeddings, head, final norm) of the larger model in fp32, and both models'
+    fp32 logits of ``n_seqs`` x ``seq_len`` tokens (and the padded/KV-cache batches: x4)."""
+    from scaler_wizard.runtime.layerwise import LayerwiseModel
+
     la, ra = _layer_split(shapes_a)
     lb, rb = _layer_split(shapes_b)
-    return 4 * (max(la, lb) + max(ra, rb)) + 2 * 4 * 4 * n_seqs * seq_len * vocab
+    layer = 4 * max(la, lb)
+    held = 2 if 0 < layer <= LayerwiseModel.READ_AHEAD_MAX_BYTES else 1
+    return held * layer + 4 * max(ra, rb) + 2 * 4 * 4 * n_seqs * seq_len * vocab
 
 
 def apply_memory_line(rp, verify: bool) -> str:
@@ -326,7 +331,7 @@ def apply_memory_line(rp, verify: bool) -> str:
                 after[t.name.replace("{i}", str(i))] = t.shape
         before = {n: t.shape for t in ir.tensors for n in t.names()}
         vocab = int(sizes.get("vocab", ir.groups["vocab"].size if "vocab" in ir.groups else 0))
-        line += f", about {_human(verify_bytes(before, after, vocab))} to verify (one layer at a time, fp32)"
+        line += f", about {_human(verify_bytes(before, after, vocab))} to verify (layer by layer, fp32)"
     return line
 
 
@@ -351,4 +356,4 @@ def verify_memory_line(out_dir: str, against: str) -> str | None:
         vocab = int(json.loads((Path(out_dir) / "config.json").read_text()).get("vocab_size") or 0)
     except (OSError, ValueError):
         vocab = 0
-    return f"verify: needs about {_human(verify_bytes(shapes[0], shapes[1], vocab))} (one layer at a time, fp32)"
+    return f"verify: needs about {_human(verify_bytes(shapes[0], shapes[1], vocab))} (layer by layer, fp32)"

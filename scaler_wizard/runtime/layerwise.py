@@ -3,7 +3,11 @@
 :func:`run_layerwise` computes float32 logits of a model directory for a list of :class:`Job` s
 (batches of token ids with their attention mask, position ids, token type ids, or teacher-forced
 KV-cache decoding) while holding at most one decoder layer's weights in float32 (plus the small
-tensors outside the layers: norms, position embeddings). The input embedding reads only the rows
+tensors outside the layers: norms, position embeddings), and the next layer's, read and converted in
+a thread while this one runs, where a layer's float32 weights fit
+``LayerwiseModel.READ_AHEAD_MAX_BYTES`` (512 MiB: up to about 3B parameters Llama-shaped; a 7B
+layer, 0.8 GB, is read on demand and the 2 GB bound at 7B holds). Float32 products of several rows
+are computed weight-major (:func:`_linear`). The input embedding reads only the rows
 of the ids the jobs use (each run of adjacent rows in one ``pread``); a ``Linear`` LM head is read
 in chunks of rows (``LayerwiseModel.CHUNK_BYTES``, 64 MiB of float32) and applied chunk by chunk
 over the vocabulary. Every other tensor is read once from the lazy safetensors reader
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -511,6 +516,7 @@ class LayerwiseModel:
         # touching their pages cost 5x the conversion itself (measured: bf16 -> fp32 of a 1.1B
         # model, 5.8 s of 52 s of verification).
         self._pool: dict[tuple, list] = {}
+        self._pool_lock = threading.Lock()  # the read-ahead thread takes buffers while layers run
         self._pooled: set[int] = set()  # ids of parameters whose memory came from the pool
         # parameter slots: id(param) -> [(module, attr, full name)], so tied parameters load once
         self._slots: dict[int, list] = {}
@@ -560,9 +566,10 @@ class LayerwiseModel:
     def _params(self, module) -> list:
         return list({id(p): p for p in _all(module)}.values())
 
-    def load(self, params: list) -> list:
+    def load(self, params: list, ready: dict | None = None) -> list:
         """Materialise ``params`` (float32, read from the checkpoint) in every slot that shares
-        them; returns the new parameters, to give to :meth:`free`."""
+        them; returns the new parameters, to give to :meth:`free`. ``ready``: tensors read ahead
+        (:meth:`_read_ahead`), id(param) -> pooled float32 tensor."""
         import torch
 
         out = []
@@ -572,7 +579,8 @@ class LayerwiseModel:
                 continue
             slots = self._slots.pop(id(old))
             name = self._stored_name([full for _, _, full in slots])
-            t = self._read_pooled(name)
+            t = ready.pop(id(old), None) if ready else None
+            t = t if t is not None else self._read_pooled(name)
             pooled = t is not None
             if t is None:
                 t = self.reader.get(name)
@@ -592,11 +600,56 @@ class LayerwiseModel:
     def _buffer(self, shape, dtype):
         import torch
 
-        free = self._pool.get((dtype, tuple(shape)))
-        return free.pop() if free else torch.empty(tuple(shape), dtype=dtype)
+        with self._pool_lock:
+            free = self._pool.get((dtype, tuple(shape)))
+            if free:
+                return free.pop()
+        return torch.empty(tuple(shape), dtype=dtype)
 
     def _give_back(self, t) -> None:
-        self._pool.setdefault((t.dtype, tuple(t.shape)), []).append(t)
+        with self._pool_lock:
+            self._pool.setdefault((t.dtype, tuple(t.shape)), []).append(t)
+
+    # float32 bytes of one decoder layer up to which the next layer is read while this one runs
+    READ_AHEAD_MAX_BYTES = 512 << 20
+
+    def _read_ahead(self, module):
+        """Start reading ``module``'s parameters (those on the meta device) into pooled float32
+        buffers in a thread (``pread`` and the dtype conversion release the GIL); returns (thread,
+        results: id(param) -> tensor) for :meth:`load`, after ``thread.join()``. A parameter the
+        thread could not read is left out: :meth:`load` reads it (and raises what it raises)."""
+        import threading
+
+        todo = []
+        for p in self._params(module):
+            if p.device.type == "meta" and id(p) in self._slots:
+                try:
+                    todo.append((id(p), self._stored_name([full for _, _, full in self._slots[id(p)]])))
+                except ValueError:
+                    pass
+        got: dict[int, Any] = {}
+
+        def work():
+            for pid, name in todo:
+                try:
+                    t = self._read_pooled(name)
+                except Exception:  # noqa: BLE001 - load reads it again and reports
+                    t = None
+                if t is not None:
+                    got[pid] = t
+
+        th = threading.Thread(target=work, name="scaler-wizard-read-ahead", daemon=True)
+        th.start()
+        return th, got
+
+    def _drop_read_ahead(self, pending) -> None:
+        if pending is None:
+            return
+        if pending[0] is not None:
+            pending[0].join()
+        for t in pending[1].values():
+            self._give_back(t)
+        pending[1].clear()
 
     def _read_pooled(self, name: str):
         """The stored tensor ``name`` as float32, read with ``pread`` straight from its byte range
@@ -913,6 +966,19 @@ class LayerwiseModel:
         def lengths(cache):
             return [layer.get_seq_length() for layer in getattr(cache, "layers", None) or []]
 
+        # The next layer is read (and converted to float32) while this one runs, where two layers'
+        # float32 weights stay under READ_AHEAD_MAX_BYTES each (memory: two layers instead of one).
+        ahead = len(self.layers) - start > 1 and 4 * sum(
+            p.numel() for p in self._params(self.layers[start])) <= self.READ_AHEAD_MAX_BYTES
+        try:
+            self._run_layers(steps, start, caches, cap, capture, swap, lengths, ahead)
+        finally:
+            self._drop_read_ahead(getattr(self, "_pending", None))
+            self._pending = None
+        self.captured = cap
+
+    def _run_layers(self, steps, start, caches, cap, capture, swap, lengths, ahead) -> None:
+        self._pending = None
         for i, layer in enumerate(self.layers):
             if i < start:  # taken from the capture of an identical model (see _reuse)
                 layer.__dict__.pop("forward", None)
@@ -920,7 +986,16 @@ class LayerwiseModel:
                     st.calls[i] = None
                 continue
             layer.__dict__.pop("forward", None)
-            w = self.load(self._params(layer))
+            ready = None
+            if self._pending is not None:
+                self._pending[0].join()
+                ready = self._pending[1]
+                self._pending = None
+            w = self.load(self._params(layer), ready)
+            if ready:  # read ahead but not asked for (a parameter shared with a layer loaded already)
+                self._drop_read_ahead((None, ready))
+            if ahead and i + 1 < len(self.layers):
+                self._pending = self._read_ahead(self.layers[i + 1])
             gemms = _weight_major_linears(layer)
             try:
                 for st in steps:
@@ -946,7 +1021,6 @@ class LayerwiseModel:
             if cap is not None and i == capture - 1:
                 cap.outputs = [st.h for st in steps]  # layers do not modify their input in place
                 cap.returns_tuple = self.layer_returns_tuple
-        self.captured = cap
 
     def _reuse(self, steps, prefix: "Prefix"):
         """(first layer to compute, the KV caches to continue) for reusing ``prefix``: its layers

@@ -542,7 +542,7 @@ def compare_models(
 
     ``layerwise``: None (default) runs model directories layer by layer
     (:mod:`scaler_wizard.runtime.layerwise`: memory bounded by about one decoder layer in float32
-    plus activations, each model read once), and modules / GGUF files / models that path cannot
+    plus activations, two where the next layer is read ahead, each model read once), and modules / GGUF files / models that path cannot
     drive whole in memory (a note says so); True requires the layer-wise path (ValueError when it
     cannot run); False loads both models whole (the reference the layer-wise path is tested against).
     One model is run after the other; only the logits are kept between them.
