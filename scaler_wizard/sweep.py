@@ -64,6 +64,8 @@ OPS: dict[str, str] = {
     "kv_heads": "widen kv_heads x2",
     "head_dim": "widen head_dim x2",
     "insert_identity": "insert layer 1 identity",
+    "insert_zero": "insert 1 layers after 0 zero",
+    "insert_cancel": "insert layer 1 cancel",
     "duplicate": "duplicate layers 0..2",
     "stack": "stack x2",
     "vocab": "widen vocab by 64 mean",

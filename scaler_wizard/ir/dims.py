@@ -667,11 +667,34 @@ def _slice(p: Propagator, node, shape):
     end = min(n, end + n if end < 0 else end)
     out = list(xa)
     if step != 1:
-        out[dim] = [p.a.new(shape[dim])] if shape[dim] > 1 else []
+        out[dim] = _strided(p, xa[dim], n, start, end, step, shape[dim])
     else:
         out[dim] = p.slice_axis(xa[dim], start, end)
     p.set(node, out)
     return True
+
+
+def _strided(p: Propagator, axis: list[int], n: int, start: int, end: int, step: int, size: int) -> list[int]:
+    """The atoms of ``x[start::step]`` along an axis of ``n``: with ``step`` dividing ``n``,
+    ``start < step`` and the slice running to the end, the axis is the row-major product
+    (n / step) x step and the slice picks one inner index: its axis is the outer factor (GPT-OSS's
+    interleaved ``gate_up[..., ::2]`` / ``[..., 1::2]``: the ffn units, each a (gate, up) pair).
+    Anything else is a fresh atom."""
+    if size <= 1:
+        return []
+    if not isinstance(step, int) or step < 2 or n % step or not 0 <= start < step or end != n \
+            or size != n // step or len(axis) != 1:
+        return [p.a.new(size)]
+    A = p.a
+    r = A.find(axis[0])
+    e = A.exp.get(r)
+    if e is None:
+        outer, inner = A.new(size), A.new(step)
+        A.exp[r] = (PROD, [outer, inner])
+        return [outer]
+    if e[0] == PROD and len(e[1]) >= 2 and A.size(A.find(e[1][-1])) == step:
+        return list(e[1][:-1])  # the outer factors, row-major
+    return [p.a.new(size)]
 
 
 @rule("narrow")

@@ -31,7 +31,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-IR_FORMAT_VERSION = 21  # 21: query_pre_attn_scalar == head_dim is the scale's source; 20: a unique-value binding another key moved is a coincidence (unbound); 19: RoPE found in any layer of the stack; 18: config ties (discovery.probe); 15: attention with sinks; 16: persistent buffers, size constants (merged as 17)
+IR_FORMAT_VERSION = 22  # 22: strided slices split an axis (GPT-OSS interleaved gate_up: ffn x const(2)), stacked experts' biases have role out, kind "scale" (a per-layer gain that only multiplies); 21: query_pre_attn_scalar == head_dim is the scale's source; 20: a unique-value binding another key moved is a coincidence (unbound); 19: RoPE found in any layer of the stack; 18: config ties (discovery.probe); 15: attention with sinks; 16: persistent buffers, size constants (merged as 17)
 
 CANONICAL_GROUPS = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "experts")
 
@@ -79,7 +79,7 @@ class TensorInfo:
     axes: tuple[Axis, ...]
     module: str  # owning module path template (e.g. "model.layers.{i}.self_attn.q_proj")
     module_type: str  # class name of the owning module (Linear, Conv1D, Embedding, LlamaRMSNorm, ...)
-    kind: str  # "weight" | "bias" | "embedding" | "lm_head" | "norm_weight" | "norm_bias" | "router" | "buffer" (a persistent buffer: stored, carried) | "other"
+    kind: str  # "weight" | "bias" | "embedding" | "lm_head" | "norm_weight" | "norm_bias" | "router" | "buffer" (a persistent buffer: stored, carried) | "scale" (a per-layer elementwise gain, no norm's: Doge's residual scales) | "other"
     layers: tuple[int, ...] | None = None  # None for global tensors; else the layers that have it
     sublayer: str | None = None  # "attn" | "mlp" | "moe" | None
     dtype: str = "float32"

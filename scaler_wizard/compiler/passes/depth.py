@@ -5,16 +5,25 @@ New layer j <- LayerSource(src, init):
 * original: old layer ``src``'s tensors (after the width passes), renamed to index j;
 * copy: the same values as a new layer (approx: SOLAR / G_stack);
 * identity: fan-in copied from layer ``src`` (LLaMA Pro), every residual writer (o_proj, down_proj,
-  their biases: tensors with an `out` axis on hidden) zero -> the block adds 0 to the stream;
+  their biases, stacked experts' biases: tensors with an `out` axis on hidden) zero -> the block
+  adds 0 to the stream;
 * zero: fan-in random, norm gains copied, biases and writers zero;
+* in identity / zero / cancel layers a *stream gain* (a per-layer tensor of kind ``scale`` laid out
+  on hidden only: an elementwise gain that is no norm's, Doge's ``residual * input_residual``) is
+  ones: were it the residual's scale, any other value (a trained Doge's, copied) would rescale the
+  stream; were it the block output's or its input's, the block still adds 0;
 * lesa: LESA (:mod:`scaler_wizard.compiler.methods.lesa`): each matrix predicted from every old
   layer's matrix of its kind (SVD + MLP on the per-layer V blocks) between the old layers on either
   side (after the last layer: the last layer on both sides); vectors (norm gains, biases) the mean of
   the two neighbours. Approx.
 * cancel: writers non-zero but paired so they cancel: the second half of the FFN units (and of the
   heads, by KV group) copies the first half's fan-in, and their fan-out columns are the negated
-  first half's, so the block output is exactly zero. Where units cannot be paired (odd sizes) the
-  writer falls back to zero (identity).
+  first half's, so the block output is exactly zero. Every other tensor carrying a paired group on
+  an axis it does not read (an `out` bias, GPT-OSS's per-head attention ``sinks``, a gain) copies
+  the first half into the second half too. Where units cannot be paired (odd sizes) the writer
+  falls back to zero (identity); so does the attention writer when the heads cannot grow (a
+  per-head score bias computed from the head index: ALiBi's slopes, MPT / Falcon with ``alibi`` --
+  head i + n/2, a copy of head i, would attend with another slope and not cancel it).
 
 Only valid for Pre-LN models (the type checker refuses Post-LN, SW305).
 """
@@ -86,6 +95,9 @@ class Depth(Pass):
                 if init == "copy":
                     nt.notes.append(f"new layer {j}: copy of old layer {s.src} (approx)")
                     nt.exactness = APPROX
+                elif init in ("identity", "zero", "cancel") and _is_stream_gain(ts):
+                    nt.node = P.Full(node.shape, 1.0)
+                    nt.notes.append(f"new layer {j} ({init}): stream gain ones (the block adds 0 to an unscaled stream)")
                 elif init == "identity":
                     if ts.writer:
                         nt.node = P.Zeros(node.shape)
@@ -131,6 +143,21 @@ def _is_norm(ts: TState) -> bool:
     return ts.info is not None and ts.info.kind in ("norm_weight", "norm_bias")
 
 
+def _is_stream_gain(ts: TState) -> bool:
+    """A per-layer elementwise gain (kind ``scale``) laid out on hidden only, not a writer."""
+    if ts.info is None or ts.info.kind != "scale" or ts.writer or not ts.axes:
+        return False
+    gs = {g for ax in ts.axes for g in ax.groups()}
+    return gs == {"hidden"}
+
+
+def _heads_fixed(st: LowerState) -> str | None:
+    """Why the heads cannot grow (the IR's ``fixed``: ALiBi's per-head slopes, a fused projection not
+    laid out per head), or None: then head i + n/2 is no interchangeable copy of head i."""
+    g = st.ir.groups.get("heads")
+    return g.fixed if g is not None and g.fixed else None
+
+
 def _pair_map(n: int) -> tuple[int, ...] | None:
     """Units 0..n-1 -> second half copies first half (None if n is odd)."""
     if n % 2:
@@ -145,12 +172,17 @@ def _cancel(st: LowerState, ts: TState, node):
     them, so the second half of the KV groups reads the first half's keys and values too."""
     sizes = st.sizes
     texts: list[str] = []
+    fixed = _heads_fixed(st)
     for group in ("ffn", "heads", "kv_heads"):
         for a, ax in enumerate(ts.axes):
             if group not in ax.groups():
                 continue
             n = sizes.get(group)
             pm = _pair_map(n) if n else None
+            if group in ("heads", "kv_heads") and fixed:
+                if ts.writer:
+                    return P.Zeros(node.shape), f"heads not paired ({fixed}): writer zero"
+                continue
             if group == "heads" and pm is not None:
                 kv = sizes.get("kv_heads", n)
                 per = n // kv
@@ -165,7 +197,7 @@ def _cancel(st: LowerState, ts: TState, node):
                     return P.Zeros(node.shape), "no pairing possible: writer zero"
                 continue  # the writer is zero: what this tensor reads does not matter
             role = ax.role
-            if role == "out" and not ts.writer:
+            if role != "in" and not ts.writer:
                 def fn(x, sub, pm=pm):
                     return P.Index(x, sub, pm)
                 node = map_group_on_axis(node, a, ax, group, sizes, fn)

@@ -78,6 +78,9 @@ def classify_tensors(tp: Traced, an: Analysis, cfg, ikeys, extra):
         for n in s:
             tied_dupe_of[n] = live
     roles: dict[str, dict[int, str]] = defaultdict(dict)
+    use_ops: dict[str, set[str]] = defaultdict(set)
+    for u in an.dg.uses:
+        use_ops[u.name].add(u.op)
     roles_by_module: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
     _prio = {"elem": 0, "out": 1, "in": 1, "index": 2, "expert": 3}
     for u in an.dg.uses:
@@ -133,6 +136,12 @@ def classify_tensors(tp: Traced, an: Analysis, cfg, ikeys, extra):
             kind = "bias"
         elif name.endswith("weight") or any(x.role in ("in", "out", "expert") for x in axes):
             kind = "weight"
+        elif li is not None and axes and all(x.role == "elem" or not x.groups() for x in axes) \
+                and use_ops.get(src) == {"mul"}:
+            # a per-layer gain that only multiplies (elementwise) and is no norm's: Doge's residual
+            # scales (`residual * input_residual + attn_out`), layer scales. A new layer's block adds
+            # 0 to the stream only when such a gain is ones (compiler.passes.depth)
+            kind = "scale"
         else:
             kind = "other"
         groups_here = {f.group for x in axes for s in x.segments for f in s.factors}
@@ -166,10 +175,12 @@ def classify_tensors(tp: Traced, an: Analysis, cfg, ikeys, extra):
         # a bias added by hand (FalconLinear: x @ W.T + b) is traced as an elementwise add; when its
         # module's weight has an output axis of the same factors, it is that output's bias (role out)
         ax = info["axes"]
-        if info["kind"] == "bias" and len(ax) == 1 and ax[0].role == "elem":
+        # Stacked experts' biases ([experts, hidden], GPT-OSS's down_proj_bias, added to x @ W[e]) are
+        # the same: the leading axes are the experts, the last the output's.
+        if info["kind"] == "bias" and ax and ax[-1].role == "elem" and all(x.role == "expert" for x in ax[:-1]):
             sib = [o for o in templates.values() if o["module"] == info["module"] and o["kind"] == "weight"]
-            if any(x.role == "out" and x.segments == ax[0].segments for o in sib for x in o["axes"]):
-                info["axes"] = (Axis(ax[0].segments, "out"),)
+            if any(x.role == "out" and x.segments == ax[-1].segments for o in sib for x in o["axes"]):
+                info["axes"] = tuple(ax[:-1]) + (Axis(ax[-1].segments, "out"),)
     tensors = []
     for info in templates.values():
         layers = None if info["layers"] is None else tuple(sorted(info["layers"]))
