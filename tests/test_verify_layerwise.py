@@ -279,3 +279,24 @@ def test_layer_to_layer_state_falls_back_to_the_whole_model(tmp_path):
         m.lm_head.weight[:, 0] += 0.5
     bad = _save(m, tmp_path / "bad")
     assert not compare_models(bad, str(tmp_path / "m"), n_random=2, seq_len=8).passed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_head_in_small_chunks_gives_the_same_logits(tmp_path, monkeypatch, dtype):
+    """The LM head is read chunk by chunk into two reused buffers (stored bytes, float32): chunks of
+    7 rows with a shorter last one give the logits of one chunk (to float32 rounding: BLAS sums a
+    7-row product in another order), in float32 and bfloat16 storage."""
+    _, model = build_model("llama")
+    model.to(dtype).save_pretrained(str(tmp_path / "m"))
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for chunk in (LayerwiseModel.CHUNK_BYTES, 7 * 4 * model.config.hidden_size):
+        monkeypatch.setattr(LayerwiseModel, "CHUNK_BYTES", chunk)
+        lm = LayerwiseModel(tmp_path / "m")
+        try:
+            outs.append(lm.run([Job("a", ids)])["a"])
+            assert lm.reader.bytes_read <= lm.reader.total_bytes
+        finally:
+            lm.close()
+    assert model.config.vocab_size % 7 != 0  # the last chunk is shorter
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)

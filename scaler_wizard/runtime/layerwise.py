@@ -795,13 +795,28 @@ class LayerwiseModel:
         path, start, _ = where
         dtype = getattr(torch, info.dtype)
         item = torch.empty((), dtype=dtype).element_size()
-        with open(path, "rb") as f:
+        # Two pooled buffers for every chunk (the stored bytes, their float32 conversion): a chunk is
+        # used before the next is read (callers copy or multiply it at once), and fresh 64 MiB
+        # allocations per chunk are mmap'd and page-faulted each time.
+        full = (min(step, rows),) + tuple(info.shape[1:])
+        out = self._buffer(full, torch.float32)
+        raw = out if dtype == torch.float32 else self._buffer(full, dtype)
+        fd = os.open(path, os.O_RDONLY)
+        try:
             for a in range(0, rows, step):
                 b = min(rows, a + step)
-                f.seek(start + a * row_numel * item)
-                buf = bytearray(f.read((b - a) * row_numel * item))
-                t = torch.frombuffer(buf, dtype=dtype).reshape((b - a,) + tuple(info.shape[1:]))
-                yield a, t.to(torch.float32)
+                stored = raw[:b - a]
+                if not _pread_full(fd, memoryview(stored.reshape(-1).view(torch.uint8).numpy()),
+                                   start + a * row_numel * item):
+                    raise OSError(f"{path}: short read of tensor {name!r}")
+                if stored.data_ptr() != out.data_ptr():
+                    out[:b - a].copy_(stored)
+                yield a, out[:b - a]
+        finally:
+            os.close(fd)
+            self._give_back(out)
+            if raw is not out:
+                self._give_back(raw)
         self.reader.count_copy(info.nbytes)
 
     def _rows(self, param, used):
