@@ -415,10 +415,11 @@ def _linear(x, weight, bias=None):
     """``torch.nn.functional.linear(x, weight, bias)`` for float32 CPU tensors, computed as
     ``(weight @ x^T)^T``: x [..., in], weight [out, in], bias [out] or None -> [..., out]
     (contiguous). The same products, summed in another order by BLAS: results differ from
-    ``linear``'s in the last bits. Measured on this project's 2-core machine (MKL, 2 threads) over
-    the seven matrices of a TinyLlama-1.1B decoder layer at 128 rows: 144 ms as ``linear``
-    (x @ weight^T), 105 ms weight-major; the LM head (32000 x 2048): 290 -> 209 ms. One row (a
-    decoding step, a matrix-vector product) and other dtypes or devices go to ``linear``."""
+    ``linear``'s in the last bits. Measured on this project's 2-core machine (MKL, 2 threads;
+    benchmarks/verify_forward_cost.py, medians of 7) over the seven matrices of a TinyLlama-1.1B
+    decoder layer: 128 rows 152 ms as ``linear`` (x @ weight^T), 128 ms weight-major; 2 rows 35 ->
+    19 ms; the LM head (32000 x 2048) at 128 rows 263 -> 221 ms; one thread: no difference. One row
+    (a decoding step, a matrix-vector product) and other dtypes or devices go to ``linear``."""
     import torch
 
     rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
@@ -618,8 +619,6 @@ class LayerwiseModel:
         buffers in a thread (``pread`` and the dtype conversion release the GIL); returns (thread,
         results: id(param) -> tensor) for :meth:`load`, after ``thread.join()``. A parameter the
         thread could not read is left out: :meth:`load` reads it (and raises what it raises)."""
-        import threading
-
         todo = []
         for p in self._params(module):
             if p.device.type == "meta" and id(p) in self._slots:

@@ -542,8 +542,8 @@ def compare_models(
 
     ``layerwise``: None (default) runs model directories layer by layer
     (:mod:`scaler_wizard.runtime.layerwise`: memory bounded by about one decoder layer in float32
-    plus activations, two where the next layer is read ahead, each model read once), and modules / GGUF files / models that path cannot
-    drive whole in memory (a note says so); True requires the layer-wise path (ValueError when it
+    plus activations, two where the next layer is read ahead, each model read once), and modules /
+    GGUF files / models that path cannot drive whole in memory (a note says so); True requires the layer-wise path (ValueError when it
     cannot run); False loads both models whole (the reference the layer-wise path is tested against).
     One model is run after the other; only the logits are kept between them.
 
@@ -590,10 +590,11 @@ def compare_models(
 def _frozen_heap():
     """The objects alive on entry (torch's and transformers' modules, classes and tables: several
     hundred thousand) are left out of the garbage collector's full collections until exit
-    (``gc.freeze`` / ``gc.unfreeze``); what is allocated inside is collected as usual. The full
-    collections that a verification's allocations trigger walked them every time (measured on the
-    1.1B depth plan of benchmarks/apply_speed.py: 1.45 s of collections, 1.06 s of them full ones).
-    Nested uses leave the outer freeze in charge."""
+    (``gc.freeze`` / ``gc.unfreeze``); what is allocated inside is collected as usual. A full
+    collection walks the whole heap (0.04-0.3 s each once transformers is imported, measured on the
+    1.1B depth plan of benchmarks/apply_speed.py, where the six seen all fell during the imports,
+    now paused: api._warm_verifier); this keeps any that a verification's allocations trigger from
+    walking the imported heap. Nested uses leave the outer freeze in charge."""
     import gc
 
     if gc.get_freeze_count():
