@@ -311,7 +311,7 @@ def _pread_full(fd: int, buf: memoryview, offset: int) -> bool:
     return True
 
 
-def _same_bytes(a: "LayerwiseModel", pa, b: "LayerwiseModel", pb, known: "ByteComparisons | None" = None) -> bool:
+def _same_bytes(a: "LayerwiseModel", pa, b: "LayerwiseModel", pb, known: "ByteComparisons") -> bool:
     try:
         na = a._stored_name([full for _, _, full in a._slots[id(pa)]])
         nb = b._stored_name([full for _, _, full in b._slots[id(pb)]])
@@ -323,7 +323,7 @@ def _same_bytes(a: "LayerwiseModel", pa, b: "LayerwiseModel", pb, known: "ByteCo
     ra, rb = a.reader.byte_range(na), b.reader.byte_range(nb)
     if ra is None or rb is None:
         return False
-    return (known if known is not None else ByteComparisons()).same(ra, rb)
+    return known.same(ra, rb)
 
 
 class ByteComparisons:
@@ -376,17 +376,16 @@ def compare_leading_layers(a, b, layer_prefix: str, known: ByteComparisons | Non
     returns the comparisons made (for :func:`identical_prefix`). Imports no torch: it runs while
     the verifier's imports do. A guess at which tensors :func:`identical_prefix` will ask about,
     never its verdict: that still checks classes, config and parameters."""
-    import re
+    from scaler_wizard.compiler.passes.base import split_layer_name
 
     known = known if known is not None else ByteComparisons()
-    pat = re.compile(re.escape(layer_prefix) + r"\.(\d+)\.")
 
     def by_layer(reader) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}
         for n in reader.names():
-            m = pat.match(n)
-            if m:
-                out.setdefault(int(m.group(1)), []).append(n)
+            sp = split_layer_name(n, layer_prefix)
+            if sp is not None:
+                out.setdefault(sp[0], []).append(n)
         return out
 
     la, lb = by_layer(a), by_layer(b)
@@ -427,7 +426,8 @@ def _linear(x, weight, bias=None):
             or x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2):
         return torch.nn.functional.linear(x, weight, bias)
     y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()
-    y = y + bias if bias is not None else y.contiguous()
+    if bias is not None:
+        y = y + bias
     return y.contiguous().reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -618,24 +618,31 @@ class LayerwiseModel:
         """Start reading ``module``'s parameters (those on the meta device) into pooled float32
         buffers in a thread (``pread`` and the dtype conversion release the GIL); returns (thread,
         results: id(param) -> tensor) for :meth:`load`, after ``thread.join()``. A parameter the
-        thread could not read is left out: :meth:`load` reads it (and raises what it raises)."""
+        thread could not read is left out: :meth:`load` reads it (and raises what it raises). The
+        float32 buffers are taken here, in the calling thread, so which buffers exist does not
+        depend on how the thread's reads interleave with the layer running meanwhile."""
+        import torch
+
         todo = []
         for p in self._params(module):
             if p.device.type == "meta" and id(p) in self._slots:
                 try:
-                    todo.append((id(p), self._stored_name([full for _, _, full in self._slots[id(p)]])))
+                    name = self._stored_name([full for _, _, full in self._slots[id(p)]])
                 except ValueError:
-                    pass
+                    continue
+                todo.append((id(p), name, self._buffer(tuple(self.reader.info(name).shape), torch.float32)))
         got: dict[int, Any] = {}
 
         def work():
-            for pid, name in todo:
+            for pid, name, dst in todo:
                 try:
-                    t = self._read_pooled(name)
+                    t = self._read_pooled(name, dst)
                 except Exception:  # noqa: BLE001 - load reads it again and reports
                     t = None
                 if t is not None:
                     got[pid] = t
+                else:
+                    self._give_back(dst)
 
         th = threading.Thread(target=work, name="scaler-wizard-read-ahead", daemon=True)
         th.start()
@@ -650,10 +657,12 @@ class LayerwiseModel:
             self._give_back(t)
         pending[1].clear()
 
-    def _read_pooled(self, name: str):
+    def _read_pooled(self, name: str, out=None):
         """The stored tensor ``name`` as float32, read with ``pread`` straight from its byte range
         into a pooled buffer (converted in another pooled buffer when stored narrower). None when
-        it is not a plain byte range of a known dtype (a converter builds it): the caller reads it."""
+        it is not a plain byte range of a known dtype (a converter builds it): the caller reads it.
+        ``out``: the float32 buffer to fill (of the stored shape), taken from the pool by the caller;
+        on None it is the caller's to give back."""
         import torch
 
         where = self.reader.byte_range(name)
@@ -663,10 +672,11 @@ class LayerwiseModel:
             return None
         path, start, end = where
         shape = tuple(info.shape)
-        raw = self._buffer(shape, dtype)
+        raw = out if out is not None and dtype == torch.float32 else self._buffer(shape, dtype)
         view = raw.reshape(-1).view(torch.uint8).numpy()
         if view.nbytes != end - start:
-            self._give_back(raw)
+            if raw is not out:
+                self._give_back(raw)
             return None
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -677,7 +687,7 @@ class LayerwiseModel:
         self.reader.count_copy(info.nbytes)
         if dtype == torch.float32:
             return raw
-        t = self._buffer(shape, torch.float32)
+        t = out if out is not None else self._buffer(shape, torch.float32)
         t.copy_(raw)
         self._give_back(raw)
         return t
@@ -984,57 +994,52 @@ class LayerwiseModel:
         # float32 weights stay under READ_AHEAD_MAX_BYTES each (memory: two layers instead of one).
         ahead = len(self.layers) - start > 1 and 4 * sum(
             p.numel() for p in self._params(self.layers[start])) <= self.READ_AHEAD_MAX_BYTES
+        pending = None  # (thread, id(param) -> tensor) reading the next layer
         try:
-            self._run_layers(steps, start, caches, cap, capture, swap, lengths, ahead)
-        finally:
-            self._drop_read_ahead(getattr(self, "_pending", None))
-            self._pending = None
-        self.captured = cap
-
-    def _run_layers(self, steps, start, caches, cap, capture, swap, lengths, ahead) -> None:
-        self._pending = None
-        for i, layer in enumerate(self.layers):
-            if i < start:  # taken from the capture of an identical model (see _reuse)
+            for i, layer in enumerate(self.layers):
+                if i < start:  # taken from the capture of an identical model (see _reuse)
+                    layer.__dict__.pop("forward", None)
+                    for st in steps:
+                        st.calls[i] = None
+                    continue
                 layer.__dict__.pop("forward", None)
-                for st in steps:
-                    st.calls[i] = None
-                continue
-            layer.__dict__.pop("forward", None)
-            ready = None
-            if self._pending is not None:
-                self._pending[0].join()
-                ready = self._pending[1]
-                self._pending = None
-            w = self.load(self._params(layer), ready)
-            if ready:  # read ahead but not asked for (a parameter shared with a layer loaded already)
-                self._drop_read_ahead((None, ready))
-            if ahead and i + 1 < len(self.layers):
-                self._pending = self._read_ahead(self.layers[i + 1])
-            gemms = _weight_major_linears(layer)
-            try:
-                for st in steps:
-                    args, kwargs = st.calls[i]
-                    args = tuple(swap(a, st) for a in args)
-                    kwargs = {k: swap(v, st) for k, v in kwargs.items()}
-                    before = lengths(caches[st.cache]) if st.cut else None
-                    out = layer(st.h, *args, **kwargs)
-                    if st.cut:  # the cache layers this layer wrote: cut to the prefill (see Job.prefill_from)
-                        cache = caches[st.cache]
-                        for k, now in enumerate(lengths(cache)):
-                            if k >= len(before) or now != before[k]:
-                                cut_cache_layer(cache.layers[k], *st.cut)
-                    if isinstance(out, (tuple, list)):  # a list: OpenAI GPT's Block
-                        self.layer_returns_tuple = True
-                        out = out[0]
-                    st.h = out
-                    st.calls[i] = None  # the arguments of a layer are not needed again
-            finally:
-                for mod in gemms:
-                    mod.__dict__.pop("forward", None)
-                self.free(w)
-            if cap is not None and i == capture - 1:
-                cap.outputs = [st.h for st in steps]  # layers do not modify their input in place
-                cap.returns_tuple = self.layer_returns_tuple
+                ready = None
+                if pending is not None:
+                    pending[0].join()
+                    ready, pending = pending[1], None
+                w = self.load(self._params(layer), ready)
+                if ready:  # read ahead but not asked for (a parameter shared with a layer loaded already)
+                    self._drop_read_ahead((None, ready))
+                if ahead and i + 1 < len(self.layers):
+                    pending = self._read_ahead(self.layers[i + 1])
+                gemms = _weight_major_linears(layer)
+                try:
+                    for st in steps:
+                        args, kwargs = st.calls[i]
+                        args = tuple(swap(a, st) for a in args)
+                        kwargs = {k: swap(v, st) for k, v in kwargs.items()}
+                        before = lengths(caches[st.cache]) if st.cut else None
+                        out = layer(st.h, *args, **kwargs)
+                        if st.cut:  # the cache layers this layer wrote: cut to the prefill (see Job.prefill_from)
+                            cache = caches[st.cache]
+                            for k, now in enumerate(lengths(cache)):
+                                if k >= len(before) or now != before[k]:
+                                    cut_cache_layer(cache.layers[k], *st.cut)
+                        if isinstance(out, (tuple, list)):  # a list: OpenAI GPT's Block
+                            self.layer_returns_tuple = True
+                            out = out[0]
+                        st.h = out
+                        st.calls[i] = None  # the arguments of a layer are not needed again
+                finally:
+                    for mod in gemms:
+                        mod.__dict__.pop("forward", None)
+                    self.free(w)
+                if cap is not None and i == capture - 1:
+                    cap.outputs = [st.h for st in steps]  # layers do not modify their input in place
+                    cap.returns_tuple = self.layer_returns_tuple
+        finally:
+            self._drop_read_ahead(pending)
+        self.captured = cap
 
     def _reuse(self, steps, prefix: "Prefix"):
         """(first layer to compute, the KV caches to continue) for reusing ``prefix``: its layers
