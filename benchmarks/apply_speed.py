@@ -462,6 +462,9 @@ def main(argv=None) -> int:
     ap.add_argument("--suite", default="cli", choices=["cli", "program"],
                     help="cli: whole commands, ratios to copies (default); program: the executor in-process")
     ap.add_argument("--rounds", type=int, default=1, help="--suite cli: rounds (order reversed every other)")
+    ap.add_argument("--huge-pages", default="on", choices=["on", "off"],
+                    help="--suite program: THP_MEM_ALLOC_ENABLE for every child, as `scaler-wizard apply` sets "
+                         "it (on), or left unset (off)")
     ap.add_argument("--child", choices=["raw", "execute", "torch", "cp", "build", "same"], help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--dst", help=argparse.SUPPRESS)
@@ -480,6 +483,8 @@ def main(argv=None) -> int:
     cache = Path(args.cache)
     src = cache / name
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.suite == "program" and args.huge_pages == "on":
+        env.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # what the CLI sets for apply (scaler_wizard.cli.entry)
     if not (src / "config.json").is_file():  # build in a subprocess: keeps this process small
         subprocess.run([sys.executable, __file__, "--child", "build", "--dst", str(src), "--shard-size",
                         args.shard_size] + (["--small"] if args.small else []), check=True, env=env)
@@ -499,7 +504,8 @@ def main(argv=None) -> int:
     raw = results.get("raw", {}).get("wall_s", float("nan"))
     what = (f"loads ({dims['num_hidden_layers']} -> {new_layers} layers)" if args.program == "loads"
             else plan_for(args.program, dims, new_layers).strip().replace("\n", "; "))
-    print(f"program: {args.program}: {what}; model {name}, shard size {args.shard_size}")
+    print(f"program: {args.program}: {what}; model {name}, shard size {args.shard_size}; "
+          f"THP_MEM_ALLOC_ENABLE={env.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     print(f"{'mode':<8} {'wall s':>8} {'GB out':>8} {'GB/s':>6} {'x raw':>6} {'peak RSS GB':>12} {'held GB':>8}")
     for mode, r in results.items():
         gb = r["bytes_out"] / 1e9

@@ -235,3 +235,49 @@ def test_virtual_tensors_from_transformers_converters(tmp_path):
         assert n in r, n
         assert r.shape(n) == tuple(want.shape), n
         assert torch.equal(r.get(n), want), n
+
+
+def test_write_behind_runs_calls_in_order_one_at_a_time_and_hands_errors_back():
+    """WriteBehind: calls run in submission order in its thread, never two at once (the caller waits
+    for the one in flight); a call's exception comes back from the next submit or drain, and the
+    calls submitted after it are skipped."""
+    import threading
+    import time
+
+    from scaler_wizard.runtime.io.writer import WriteBehind
+
+    done, running, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def call(i, fail=False):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        if fail:
+            raise OSError(28, "No space left on device")
+        done.append((i, threading.current_thread().name))
+
+    wb = WriteBehind()
+    try:
+        for i in range(5):
+            wb.submit(call, i)
+        wb.drain()
+        assert [i for i, _ in done] == list(range(5))
+        assert {name for _, name in done} == {"scaler-wizard-write-behind"}
+        assert most[0] == 1
+        wb.submit(call, 5, True)
+        try:  # accepted or refused, depending on whether the failure was seen yet; it never runs
+            wb.submit(call, 6)
+        except OSError:
+            pass
+        with pytest.raises(OSError, match="No space left"):
+            wb.drain()
+        with pytest.raises(OSError):
+            wb.submit(call, 7)
+        assert [i for i, _ in done] == list(range(5))
+    finally:
+        wb.close()
+    assert not wb._thread.is_alive()

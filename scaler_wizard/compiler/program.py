@@ -514,11 +514,12 @@ def _draw(shape, dist: str, std: float, mean: float, seed: int):
 
     g = torch.Generator(device="cpu")
     g.manual_seed(seed)
+    # in place: the same operations in the same order as t * std + mean (bitwise equal), no temporaries
     if dist == "normal":
         t = torch.randn(shape, generator=g, dtype=torch.float32)
     else:  # uniform with the requested standard deviation: U(-a, a), a = std*sqrt(3)
-        t = (torch.rand(shape, generator=g, dtype=torch.float32) * 2 - 1) * math.sqrt(3.0)
-    return t * float(std) + float(mean)
+        t = torch.rand(shape, generator=g, dtype=torch.float32).mul_(2).sub_(1).mul_(math.sqrt(3.0))
+    return t.mul_(float(std)).add_(float(mean))
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -683,28 +684,63 @@ class ExactSplit(Node):
             return y
         a = self.axis % y.dim()
         y = y.float().clone()
-        shp = [1] * x.dim()
-        shp[a] = x.shape[a]
-
-        def rnd(t):
-            return t.to(rd).float()
-
-        rest = rnd(x.float() * torch.tensor(self.sums, dtype=torch.float32).reshape(shp))  # V per unit
-        zero = torch.zeros((), dtype=torch.float32)
+        us_all = [u for u, _ in multi]
+        # V per unit, of the units with copies only (a view where they are a run of units)
+        rest = _take(x.float(), a, us_all)
+        if any(self.sums[u] != 1.0 for u in us_all):
+            shp = [1] * x.dim()
+            shp[a] = len(us_all)
+            rest = rest * torch.tensor([self.sums[u] for u in us_all], dtype=torch.float32).reshape(shp)
+        rest = rest.to(rd).float()  # a new tensor: updated in place below
         for r in range(max(len(g) for _, g in multi) - 1):
-            pick = [(u, g[r]) for u, g in multi if len(g) > r + 1]
-            us = torch.tensor([u for u, _ in pick], dtype=torch.long)
-            js = torch.tensor([j for _, j in pick], dtype=torch.long)
-            v = rest.index_select(a, us)
-            c = y.index_select(a, js)
-            c = torch.maximum(torch.minimum(c, torch.maximum(v, zero)), torch.minimum(v, zero))
-            c = torch.where(2 * c.abs() >= v.abs(), rnd(c), v - rnd(v - c))
-            y.index_copy_(a, js, c)
-            rest.index_copy_(a, us, v - c)
-        us = torch.tensor([u for u, _ in multi], dtype=torch.long)
-        js = torch.tensor([g[-1] for _, g in multi], dtype=torch.long)
-        y.index_copy_(a, js, rest.index_select(a, us))
+            rows = [k for k, (_, g) in enumerate(multi) if len(g) > r + 1]  # positions in rest
+            js = [multi[k][1][r] for k in rows]
+            v = _take(rest, a, rows)
+            c = _take(y, a, js).clone()
+            # clamp the copy into [min(V, 0), max(V, 0)] (only where noise outweighs the share)
+            c = torch.clamp(c, min=v.clamp(max=0), max=v.clamp(min=0), out=c)
+            alt = torch.sub(v, c)
+            alt = alt.to(rd).float()
+            torch.sub(v, alt, out=alt)  # V - round(V - c): the rest rounded, the copy what it leaves
+            big = c.abs().mul_(2) >= v.abs()  # the copy holds at least half of V: round it
+            c = torch.where(big, c.to(rd).float(), alt, out=alt)
+            del big
+            _put(y, a, js, c)
+            if len(rows) == rest.shape[a]:
+                rest.sub_(c)
+            else:
+                _put(rest, a, rows, v - c)
+        _put(y, a, [g[-1] for _, g in multi], rest)
         return y
+
+
+def _run_start(idx) -> int | None:
+    """``idx[0]`` when ``idx`` is a run of consecutive ascending integers, else None."""
+    if not idx:
+        return None
+    s = idx[0]
+    return s if idx[-1] - s == len(idx) - 1 and all(i == s + k for k, i in enumerate(idx)) else None
+
+
+def _take(t, axis: int, idx):
+    """``t.index_select(axis, idx)``; a view (``narrow``) where ``idx`` is a run of consecutive indices."""
+    import torch
+
+    s = _run_start(idx)
+    if s is not None:
+        return t.narrow(axis, s, len(idx))
+    return t.index_select(axis, torch.tensor(idx, dtype=torch.long))
+
+
+def _put(t, axis: int, idx, val) -> None:
+    """``t.index_copy_(axis, idx, val)``; a ``narrow(...).copy_`` where ``idx`` is a run of consecutive indices."""
+    import torch
+
+    s = _run_start(idx)
+    if s is not None:
+        t.narrow(axis, s, len(idx)).copy_(val)
+    else:
+        t.index_copy_(axis, torch.tensor(idx, dtype=torch.long), val)
 
 
 def storage_dtypes(roots) -> dict[str, str | None]:

@@ -47,6 +47,7 @@ from scaler_wizard.compiler.program import (
     storage_dtypes,
     torch_dtype,
 )
+from scaler_wizard.runtime.io.writer import WriteBehind
 from scaler_wizard.runtime.checkpoint import (
     DEFAULT_SHARD_SIZE,
     ITEMSIZE,
@@ -241,96 +242,107 @@ def execute(
     copied = 0
     try:
         with CheckpointWriter(out_dir, input_path=reader.path, max_shard_size=shard_size, force=force) as w:
-            for si, shard in enumerate(shards):
-                roots: dict[str, list[str]] = {}  # node digest -> output names
-                order: list[Node] = []
-                seen: set[str] = set()
-                for name in shard:
-                    node = program.outputs[name].node
-                    roots.setdefault(node.digest, []).append(name)
-                    _postorder(node, seen, order)
-                sdts = storage_dtypes((program.outputs[name].node, dts[name]) for name in shard)
-                uses: dict[str, int] = {}
-                for n in order:
-                    for c in n.children():
-                        uses[c.digest] = uses.get(c.digest, 0) + 1
-                cache: dict[str, Any] = {}
-                held = 0
-                # Outputs are streamed to the shard file as they are computed, in the order their
-                # roots complete; the header (names, shapes, dtypes) is known before computing.
-                emit = [name for n in order for name in roots.get(n.digest, [])]
-                stream = w.shard([(name, program.outputs[name].node.shape, dts[name]) for name in emit])
-                for n in order:
-                    out_bytes = 0  # bytes of this node's outputs, held only while written
-                    rng = None
-                    if isinstance(n, Load) and n.digest in roots and not uses.get(n.digest) and not bytes_through_torch:
-                        rng = reader.byte_range(n.name)
-                        if rng is not None and any(dts[name] != reader.dtype(n.name) for name in roots[n.digest]):
-                            rng = None
-                    if rng is not None:
-                        # an output that is a stored tensor, unchanged: its bytes are copied file to
-                        # file (in the kernel where it can), never through Python or torch
-                        for name in roots[n.digest]:
-                            stream.copy_range(name, rng[0], rng[1], rng[2], reader.dtype(n.name), n.shape)
-                            reader.count_copy(rng[2] - rng[1])
-                            bar.advance(size_of[name])
-                            copied += 1
-                        computed += 1
-                        continue
-                    import torch  # noqa: F811 - here, not at the top: a program of byte copies never needs it
+            # shard files are written by a thread while the next output is computed (one in flight)
+            behind = WriteBehind()
+            flight = 0  # bytes of the output the thread may still be writing
+            try:
+                for si, shard in enumerate(shards):
+                    roots: dict[str, list[str]] = {}  # node digest -> output names
+                    order: list[Node] = []
+                    seen: set[str] = set()
+                    for name in shard:
+                        node = program.outputs[name].node
+                        roots.setdefault(node.digest, []).append(name)
+                        _postorder(node, seen, order)
+                    sdts = storage_dtypes((program.outputs[name].node, dts[name]) for name in shard)
+                    uses: dict[str, int] = {}
+                    for n in order:
+                        for c in n.children():
+                            uses[c.digest] = uses.get(c.digest, 0) + 1
+                    cache: dict[str, Any] = {}
+                    held = 0
+                    # Outputs are streamed to the shard file as they are computed, in the order their
+                    # roots complete; the header (names, shapes, dtypes) is known before computing.
+                    emit = [name for n in order for name in roots.get(n.digest, [])]
+                    stream = w.shard([(name, program.outputs[name].node.shape, dts[name]) for name in emit])
+                    for n in order:
+                        out_bytes = 0  # bytes of this node's outputs, held only while written
+                        rng = None
+                        if isinstance(n, Load) and n.digest in roots and not uses.get(n.digest) and not bytes_through_torch:
+                            rng = reader.byte_range(n.name)
+                            if rng is not None and any(dts[name] != reader.dtype(n.name) for name in roots[n.digest]):
+                                rng = None
+                        if rng is not None:
+                            # an output that is a stored tensor, unchanged: its bytes are copied file to
+                            # file (in the kernel where it can), never through Python or torch
+                            for name in roots[n.digest]:
+                                behind.submit(stream.copy_range, name, rng[0], rng[1], rng[2], reader.dtype(n.name), n.shape)
+                                reader.count_copy(rng[2] - rng[1])
+                                bar.advance(size_of[name])
+                                copied += 1
+                            computed += 1
+                            continue
+                        import torch  # noqa: F811 - here, not at the top: a program of byte copies never needs it
 
-                    try:
-                        if isinstance(n, Load):
-                            val = reader.get(n.name)
-                        else:
-                            ins = [cache[c.digest] for c in n.children()]
-                            floats = [v for v in ins if v.is_floating_point()]
-                            # Arithmetic runs in fp32. Ops that only move values (slice, gather,
-                            # tile, concat, reshape, permute) keep the input dtype: the values are
-                            # exactly those an fp32 round trip would give, at half the bytes. Mixed
-                            # float inputs of a concat are brought to fp32 -- unless the concat is
-                            # an output whose value feeds nothing else: then each piece is cast to
-                            # the output dtype first, which rounds every element exactly as casting
-                            # the joined tensor would, without an fp32 copy of the whole output.
-                            out_dts = {dts[name] for name in roots.get(n.digest, [])}
-                            final = (torch_dtype(out_dts.pop()) if len(out_dts) == 1 and not uses.get(n.digest)
-                                     and isinstance(n, _MOVES) else None)
-                            if final is not None and final.is_floating_point:
-                                ins = [v.to(final) if v.is_floating_point() and v.dtype != final else v for v in ins]
-                            elif not isinstance(n, _MOVES) or len({v.dtype for v in floats}) > 1:
-                                ins = [v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
-                                       for v in ins]
-                            sdt = sdts.get(n.digest)
-                            ctx.storage_dtype = torch_dtype(sdt) if sdt else None
-                            val = n.compute(ins, ctx)
-                            del ins
-                    except CheckpointError:
-                        raise
-                    except Exception as e:
-                        who = ", ".join(roots.get(n.digest, [])) or "an intermediate value"
-                        raise ExecutionError(f"computing {n!r} (for {who}) failed: {type(e).__name__}: {e}") from e
-                    computed += 1
-                    # free children at their last use
-                    for c in n.children():
-                        uses[c.digest] -= 1
-                        if uses[c.digest] == 0:
-                            dead = cache.pop(c.digest, None)
-                            if dead is not None:
-                                held -= _nbytes(dead)
-                    for name in roots.get(n.digest, []):
-                        out_bytes = size_of[name]
-                        stream.write(name, val)  # cast to the output dtype block by block
-                        bar.advance(size_of[name])
-                    if uses.get(n.digest, 0) > 0:
-                        cache[n.digest] = val
-                        held += _nbytes(val)
-                    del val
-                    peak_held = max(peak_held, held + out_bytes)
+                        try:
+                            if isinstance(n, Load):
+                                val = reader.get(n.name)
+                            else:
+                                ins = [cache[c.digest] for c in n.children()]
+                                floats = [v for v in ins if v.is_floating_point()]
+                                # Arithmetic runs in fp32. Ops that only move values (slice, gather,
+                                # tile, concat, reshape, permute) keep the input dtype: the values are
+                                # exactly those an fp32 round trip would give, at half the bytes. Mixed
+                                # float inputs of a concat are brought to fp32 -- unless the concat is
+                                # an output whose value feeds nothing else: then each piece is cast to
+                                # the output dtype first, which rounds every element exactly as casting
+                                # the joined tensor would, without an fp32 copy of the whole output.
+                                out_dts = {dts[name] for name in roots.get(n.digest, [])}
+                                final = (torch_dtype(out_dts.pop()) if len(out_dts) == 1 and not uses.get(n.digest)
+                                         and isinstance(n, _MOVES) else None)
+                                if final is not None and final.is_floating_point:
+                                    ins = [v.to(final) if v.is_floating_point() and v.dtype != final else v for v in ins]
+                                elif not isinstance(n, _MOVES) or len({v.dtype for v in floats}) > 1:
+                                    ins = [v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+                                           for v in ins]
+                                sdt = sdts.get(n.digest)
+                                ctx.storage_dtype = torch_dtype(sdt) if sdt else None
+                                val = n.compute(ins, ctx)
+                                del ins
+                        except CheckpointError:
+                            raise
+                        except Exception as e:
+                            who = ", ".join(roots.get(n.digest, [])) or "an intermediate value"
+                            raise ExecutionError(f"computing {n!r} (for {who}) failed: {type(e).__name__}: {e}") from e
+                        computed += 1
+                        # free children at their last use
+                        for c in n.children():
+                            uses[c.digest] -= 1
+                            if uses[c.digest] == 0:
+                                dead = cache.pop(c.digest, None)
+                                if dead is not None:
+                                    held -= _nbytes(dead)
+                        for name in roots.get(n.digest, []):
+                            out_bytes = size_of[name]
+                            behind.submit(stream.write, name, val)  # cast to the output dtype block by block
+                            bar.advance(size_of[name])
+                        if uses.get(n.digest, 0) > 0:
+                            cache[n.digest] = val
+                            held += _nbytes(val)
+                        del val
+                        # the output written meanwhile (one in flight, see WriteBehind) is held too
+                        peak_held = max(peak_held, held + out_bytes + flight)
+                        if out_bytes:
+                            flight = out_bytes
+                        peak_rss = max(peak_rss, proc.memory_info().rss)
+                    assert not cache, "executor bug: values left in cache after the shard"
+                    behind.drain()
+                    flight = 0
+                    stream.close()
+                    w._shard_done(stream)
                     peak_rss = max(peak_rss, proc.memory_info().rss)
-                assert not cache, "executor bug: values left in cache after the shard"
-                stream.close()
-                w._shard_done(stream)
-                peak_rss = max(peak_rss, proc.memory_info().rss)
+            finally:
+                behind.close()
             w.write_config(merged_config(reader, program, dtype))
             if copy_tokenizer:
                 reader.save_tokenizer(w.dir)

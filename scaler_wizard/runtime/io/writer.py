@@ -213,6 +213,62 @@ class ShardStream:
         return False
 
 
+class WriteBehind:
+    """Runs the writes of shard files (``ShardStream.write`` / ``copy_range`` calls) in one background
+    thread, in the order they are submitted, one at a time: the caller computes the next tensor while
+    the previous one is cast and written (file writes, ``copy_file_range`` and torch's casts release
+    the GIL). At most one submitted call is in flight, so at most one output tensor is held beyond
+    what the caller holds. An exception raised by a call is re-raised in the caller's thread by the
+    next :meth:`submit` or by :meth:`drain`; the calls after it are skipped. :meth:`close` stops the
+    thread (after the call in flight) and must be called before the files are removed or renamed."""
+
+    def __init__(self):
+        import queue
+        import threading
+
+        self._slot = threading.Semaphore(1)
+        self._todo: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="scaler-wizard-write-behind", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            try:
+                if self._error is None:
+                    item[0](*item[1])
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+            finally:
+                item = None  # the tensor is not held while waiting for the next call
+                self._slot.release()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, fn, *args) -> None:
+        """Run ``fn(*args)`` in the thread once the call before it has finished (waits for that)."""
+        self._raise()
+        self._slot.acquire()
+        self._todo.put((fn, args))
+
+    def drain(self) -> None:
+        """Wait until every submitted call has run; raise what one of them raised."""
+        self._slot.acquire()
+        self._slot.release()
+        self._raise()
+
+    def close(self) -> None:
+        """Stop the thread after the call in flight (if any); raises nothing."""
+        if self._thread.is_alive():
+            self._todo.put(None)
+            self._thread.join()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
