@@ -18,7 +18,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast test-latest lock bench clean
+.PHONY: venv demo test test-fast test-sweep test-latest lock bench clean
 
 # install-into VENV CONSTRAINT: the one install recipe, used with the lock (CI, demo, test) and without
 # it (test-latest, lock).
@@ -56,6 +56,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	-find "$(TORCH_EXT_DIR)" -name lock -type f -delete 2>/dev/null
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+
+# The family sweep with every op on every family (CI runs a subset of ops on every family, see
+# tests/test_family_sweep.py): about 45 min on two cores.
+test-sweep: $(STAMP)
+	SW_SWEEP_OPS=all $(PY) -m pytest -n 2 --dist loadgroup tests/test_family_sweep.py $(PYTEST_ARGS)
 
 # The suite against the newest releases of every dependency (torch stays $(TORCH_SPEC)), in its own venv.
 test-latest:
