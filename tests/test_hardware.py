@@ -123,16 +123,22 @@ print(json.dumps({"delta": hwm - rss0, "sampled_peak_where": seen["where"],
 @pytest.mark.slow
 def test_estimate_against_peak_rss_of_a_real_cpu_run(corpus, tmp_path):
     """Measured (2 cores, torch 2.13 CPU, fp32), per sequence of 256 tokens: estimated 31.9 MiB of
-    activations; measured RSS growth 34.6 MiB on an idle machine and 17.5 MiB in a CI run next to other
-    jobs (peak RSS depends on when glibc returns freed blocks). So the estimate is held as what it is
-    used for, a bound: the measured per-sequence growth is at most 1.25x of it (three CI runs measured
-    34.6, 17.5 and 7.3 MiB: a lower bound cannot be asserted from peak RSS). The whole
-    process's peak growth also holds the framework's own working memory (allocator caches, oneDNN
-    buffers, checkpoint writing), which the estimate leaves out: measured ~200 MiB idle and 350 MiB in
-    a loaded CI run, so the whole estimate plus 512 MiB must bound the measured peak growth."""
+    activations. With glibc's dynamic mmap threshold (its default) the measured RSS growth per sequence
+    depended on when freed blocks were trimmed: 7.3-42.3 MiB over CI runs (42.3 failed a 1.25x bound
+    on 2026-12-03). The training runs therefore get fixed thresholds (``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` at 128 KiB: large blocks mapped on allocation, unmapped on free), and RSS
+    then follows the memory alive: 21.06 and 21.03 MiB per sequence in two runs (0.66x the estimate;
+    without them 33.4 and 31.5 in the same hour). So the estimate must be a bound within reason: the
+    measured growth per sequence between 0.5x and 1.25x of it. The whole process's peak growth also
+    holds the framework's own working memory (allocator caches, oneDNN buffers, checkpoint writing),
+    which the estimate leaves out: measured ~200 MiB idle and 350 MiB in a loaded CI run, so the
+    whole estimate plus 512 MiB must bound the measured peak growth."""
     text = "".join(p.read_text() for p in sorted(corpus.iterdir()))
     model = make_tiny_llama(tmp_path / "mid", text, vocab_size=320, hidden=256, ffn=768, layers=4, heads=4)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # glibc's thresholds fixed at its defaults: every block over 128 KiB is its own mapping, returned on
+    # free, so RSS follows the memory alive instead of when the allocator trims (measured below)
+    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     measured, where = {}, {}
     for bs in (2, 12):
         out = subprocess.run([sys.executable, "-c", _RSS, str(model), str(corpus), str(tmp_path / f"r{bs}"), str(bs)],
@@ -148,6 +154,6 @@ def test_estimate_against_peak_rss_of_a_real_cpu_run(corpus, tmp_path):
     est = {bs: 16 * params + H.activation_bytes(s, bs, 256, checkpointing=False, fp32=True) for bs in measured}
     slope_measured = (measured[12] - measured[2]) / 10
     slope_est = (est[12] - est[2]) / 10
-    assert 0 < slope_measured <= 1.25 * slope_est, (slope_est, slope_measured)
+    assert 0.5 * slope_est <= slope_measured <= 1.25 * slope_est, (slope_est, slope_measured)
     for bs in measured:
         assert 0 < measured[bs] <= est[bs] + 512 * 2**20, (bs, est[bs] / 2**20, measured[bs] / 2**20, where[bs])
