@@ -482,3 +482,32 @@ def test_examples_on_every_family(family):
         assert outcomes["llama-pro.expand"] == "ok" and outcomes["solar-dus.expand"] == "ok"
     if family in ("llama", "mistral", "qwen3"):
         assert outcomes["moe-upcycle.expand"] == "ok"
+
+
+def test_plan_without_growth_statements_warns_at_its_first_line():
+    """SW605: a plan with no growth statement (empty, comments, settings only) is checked, but warned
+    about: `apply` would land an unchanged copy. A plan with one statement does not get it."""
+    ir = ir_of("llama")
+    for text in ("", "# to do\n", "seed 3\nnoise 0.01\n"):
+        rp = resolve(text, ir)
+        assert not rp.ops
+        (w,) = [w for w in rp.warnings if w.code == "SW605"]
+        assert (w.span.line, w.span.col, w.span.file) == (1, 1, "p.expand") and "unchanged copy" in w.message
+    assert not [w for w in resolve("insert layer 1 identity", ir).warnings if w.code == "SW605"]
+
+
+def test_apply_prints_the_checks_warnings_on_stderr(tmp_path):
+    """`apply` says what `check` would warn about (here SW605) before it writes, on stderr, positioned."""
+    import subprocess
+    import sys
+
+    from scaler_wizard.runtime.tiny import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "m", "to be or not to be, that is the question " * 40)
+    plan = tmp_path / "empty.expand"
+    plan.write_text("# nothing yet\n")
+    out = subprocess.run([sys.executable, "-m", "scaler_wizard", "apply", str(plan), "--model", str(model), "-o",
+                          str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{plan}:1:1: warning[SW605]" in out.stderr and "Traceback" not in out.stderr
+    assert (tmp_path / "out" / "config.json").is_file()

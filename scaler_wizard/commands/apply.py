@@ -39,6 +39,14 @@ def run(args) -> int:
     from scaler_wizard.runtime.hardware import apply_memory_line
 
     rp = api.check(args.plan, args.model, seed=args.seed, dtype=args.dtype)
+    if rp.warnings and args.format == "text":  # what `check` would warn about, before any work
+        from scaler_wizard.diagnostics import render
+
+        try:
+            sources = {args.plan: open(args.plan, encoding="utf-8").read()}
+        except (OSError, UnicodeDecodeError):
+            sources = None
+        sys.stderr.write(render(rp.warnings, sources, color=sys.stderr.isatty()) + "\n")
     needs = apply_memory_line(rp, verify=not args.no_verify)
     if args.format == "text":  # before any work (JSON: a field of the result)
         sys.stdout.write(needs + "\n")

@@ -108,6 +108,7 @@ SW601  (warning) the plan contains approximate ops
 SW602  (warning) untying the LM head doubles its memory
 SW603  (warning) a plan-wide setting (``noise``) does not apply to an op
 SW604  (warning) a scalar config key can no longer describe the grown per-layer layout
+SW605  (warning) the plan has no growth statements (``apply`` would write an unchanged copy)
 SW620  (warning) an ``at step`` stage without growth statements
 SW621  (warning) an ``at step`` stage's ``rewarm`` lasts past the end of the run
 SW630  (warning) the memory and time a LESA fit needs (per matrix kind, per inserted layer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from scaler_wizard.diagnostics import DiagnosticBag, PlanError
+from scaler_wizard.diagnostics import DiagnosticBag, PlanError, Span
 from scaler_wizard.compiler.predict import identity_layer_map, original_sizes
 from scaler_wizard.compiler.resolved import APPROX, ResolvedPlan
 from scaler_wizard.grammar import ast as A
@@ -94,6 +94,15 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, Depth
                 f"{len(approx)} op(s) change the model's function on purpose (approx): `{first.text}`",
                 first.span,
                 help="`verify` reports their measured drift instead of holding them to the exact tolerance",
+            )
+        if not st.ops and not any(isinstance(s, A.Stage) for s in plan.statements):
+            end = plan.source.find("\n")
+            bag.warning(
+                "SW605",
+                "the plan has no growth statements: `apply` would write an unchanged copy of the model",
+                Span(line=1, col=1, end_line=1, end_col=max(end if end >= 0 else len(plan.source), 0) + 1,
+                     start=0, end=max(end if end >= 0 else len(plan.source), 0), file=plan.file),
+                help="add one, such as `widen hidden x2 lemon` or `insert layer 12 identity`",
             )
         warnings = bag.items
         return self._finish(st, model_ref, tuple(warnings))
