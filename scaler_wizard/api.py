@@ -196,15 +196,25 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
     warm = _warm_verifier(rp.config_after.get("model_type") or rp.ir.model_type) if verify else None
     compared = None
     try:
-        report = execute(on_disk, reader, staging if verify else final, dtype=rp.dtype, force=force, progress=progress,
-                         card=card, shard_size=shard_size)
-        if warm is not None and warm.is_alive():  # waiting for the imports anyway: compare the copied layers
-            compared = _compare_leading_layers(rp, reader, report.out_dir)
+        try:
+            # the growth record is written with the shards, before the output is committed: a failure to
+            # write it (disk full) leaves no output, never one without it
+            record = json.dumps(sidecar(prog, rp.plan_text, rp.model_ref, rp), indent=1) + "\n"
+            report = execute(on_disk, reader, staging if verify else final, dtype=rp.dtype, force=force,
+                             progress=progress, card=card, shard_size=shard_size, extra_files={SIDECAR: record})
+            if warm is not None and warm.is_alive():  # waiting for the imports anyway: compare the copied layers
+                compared = _compare_leading_layers(rp, reader, report.out_dir)
+        finally:
+            if warm is not None:
+                warm.join()
     except CheckpointError as e:
         raise UsageError(str(e)) from None
-    finally:
-        if warm is not None:
-            warm.join()
+    except BaseException:  # Ctrl-C between the write and verification: no staged output is left behind
+        if verify:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     outp = Path(report.out_dir)
     try:
         return _verify_and_land(rp, prog, card, report, outp, final, failed_dir, reader.path, force, verify,
@@ -339,8 +349,6 @@ def _verify_and_land(rp, prog, card, report, outp: Path, final: Path, failed_dir
 
     from scaler_wizard.runtime.card import render_card
 
-    text = rp.plan_text
-    _write_atomic(outp / SIDECAR, json.dumps(sidecar(prog, text, rp.model_ref, rp), indent=1) + "\n")
     result: dict[str, Any] = {"out": str(outp), "landed": True, "kept": None, "report": report, "verification": None,
                               "exactness": rp.exactness, "passed": None, "program": prog}
     if not verify:

@@ -49,6 +49,35 @@ def test_api_errors_are_the_cli_errors(tmp_path):
         api.train(str(tmp_path / "t"), str(tmp_path / "r"), stepz=3)
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_disk_full_at_the_growth_record_leaves_no_output(tmp_path, monkeypatch, verify):
+    """The growth record (scaler_wizard_growth.json) is written with the shards, before the output is
+    committed: a disk that fills up at that file leaves nothing at OUT (with --no-verify it used to
+    land an output without the record, and a rerun was refused: OUT exists). The fault is injected
+    at the writer's side-file write (ENOSPC, as a full file system raises it)."""
+    import errno
+
+    from scaler_wizard.runtime.io import writer as W
+
+    model = make_tiny_llama(tmp_path / "tiny", TEXT)
+    real = W.CheckpointWriter.write_text
+
+    def full(self, name, text):
+        if name == api.SIDECAR:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, text)
+
+    monkeypatch.setattr(W.CheckpointWriter, "write_text", full)
+    out = tmp_path / "grown"
+    with pytest.raises(UsageError, match="no space left"):
+        api.apply("widen ffn x2 net2net", str(model), out=str(out), verify=verify)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name != "tiny"] == []  # no temporaries either
+    monkeypatch.setattr(W.CheckpointWriter, "write_text", real)
+    res = api.apply("widen ffn x2 net2net", str(model), out=str(out), verify=verify)  # the rerun lands
+    assert res["landed"] and (out / api.SIDECAR).is_file()
+
+
 def test_half_precision_width_growth_verifies_and_rounding_failures_say_what_to_do(tmp_path):
     # Unequal fan-out shares stored in bf16 / fp16 copy by copy used to miss the original weight by a
     # half-ulp per copy (1.5e-3 rel on this model, session 9); ExactSplit rounds them to sum exactly,

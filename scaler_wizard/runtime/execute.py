@@ -209,6 +209,7 @@ def execute(
     card: dict | None = None,
     copy_tokenizer: bool = True,
     bytes_through_torch: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> ExecutionReport:
     """Run ``program`` over ``reader`` and write a Hugging Face checkpoint to ``out_dir`` (atomically).
 
@@ -216,6 +217,8 @@ def execute(
     ``card``: if given, a dict for :func:`scaler_wizard.runtime.card.render_card`, written as README.md.
     ``bytes_through_torch``: read and write outputs that are unchanged stored tensors through torch
     too (by default their bytes are copied file to file, see :meth:`ShardStream.copy_range`).
+    ``extra_files``: file name -> text, written into the output before it is committed (so they land
+    with it or not at all: apply's growth record).
     """
     import psutil  # torch is imported at the first output that is computed (byte copies need none)
 
@@ -350,6 +353,8 @@ def execute(
                 from scaler_wizard.runtime.card import render_card
 
                 w.write_text("README.md", render_card(card))
+            for fname, text in (extra_files or {}).items():
+                w.write_text(fname, text)
             out = w.commit()
             written = w.bytes_written
     finally:

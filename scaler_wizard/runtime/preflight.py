@@ -34,9 +34,11 @@ def os_error_reason(e: OSError) -> str:
 
 
 def os_error_message(e: OSError, doing: str) -> str:
-    """``"{doing} {path}: {reason}"`` for an OSError (the path from the error when it has one)."""
-    where = f" {e.filename}" if getattr(e, "filename", None) else ""
-    return f"{doing}{where}: {os_error_reason(e)}"
+    """``"{doing} {path}: {reason}"`` for an OSError (the path from the error when it has one; without
+    one, a trailing " on" of ``doing`` is dropped: "I/O error: no space left on the device")."""
+    if getattr(e, "filename", None):
+        return f"{doing} {e.filename}: {os_error_reason(e)}"
+    return f"{doing.removesuffix(' on')}: {os_error_reason(e)}"
 
 
 def hub_offline() -> bool:
