@@ -399,6 +399,9 @@ def _land(staged: Path, final: Path, input_path, force: bool) -> None:
     except CheckpointError as e:
         shutil.rmtree(staged, ignore_errors=True)
         raise UsageError(str(e)) from None
+    from scaler_wizard.runtime.io.writer import refuse_if_interrupted
+
+    refuse_if_interrupted()  # a Ctrl-C that a callback swallowed still stops the landing
     if final.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         os.replace(final, trash / "old")

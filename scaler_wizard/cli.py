@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not os.environ.get("SW_DEBUG"):
         _quiet_libraries()
+    restore = _record_interrupts() if args.command == "apply" else None
     try:
         return int(m.run(args) or 0)
     except UsageError as e:
@@ -174,6 +175,41 @@ def main(argv: list[str] | None = None) -> int:
                          "this is a bug in scaler-wizard; please report it with the output of the same command "
                          "run with SW_DEBUG=1 (which shows the traceback)\n")
         return EXIT_INTERNAL
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _record_interrupts():
+    """For `apply`: a SIGINT handler that records the interrupt
+    (:func:`scaler_wizard.runtime.io.writer.note_interrupt`) before raising KeyboardInterrupt as
+    Python's does, so that an interrupt Python drops inside a callback still stops the output from
+    landing (the commit points check the record). Returns a function restoring the previous handler
+    and clearing the record; None where handlers cannot be set (not the main thread)."""
+    import signal
+    import threading
+
+    from scaler_wizard.runtime.io.writer import note_interrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # started in the background with SIGINT ignored: keep it so
+        return None
+
+    def on_sigint(signum, frame):
+        note_interrupt()
+        raise KeyboardInterrupt
+
+    note_interrupt(False)
+    signal.signal(signal.SIGINT, on_sigint)
+
+    def restore():
+        signal.signal(signal.SIGINT, previous)
+        note_interrupt(False)
+
+    return restore
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

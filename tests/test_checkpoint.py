@@ -281,3 +281,41 @@ def test_write_behind_runs_calls_in_order_one_at_a_time_and_hands_errors_back():
     finally:
         wb.close()
     assert not wb._thread.is_alive()
+
+
+def test_recorded_interrupt_stops_the_commit_and_leaves_no_output(tmp_path):
+    """An interrupt recorded by apply's SIGINT handler (and lost by Python inside a callback) still
+    stops the output from landing: CheckpointWriter.commit raises KeyboardInterrupt, the temporary
+    directory is removed and OUT never appears. The handler records a real SIGINT and is removed after."""
+    import os
+    import signal
+
+    import torch
+
+    from scaler_wizard import cli
+    from scaler_wizard.runtime.io import writer as W
+
+    out = tmp_path / "out"
+    try:
+        W.note_interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            with W.CheckpointWriter(out) as w:
+                w.add("a", torch.zeros(3))
+                w.write_config({"model_type": "llama"})
+                w.commit()
+    finally:
+        W.note_interrupt(False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+    before = signal.getsignal(signal.SIGINT)
+    restore = cli._record_interrupts()
+    assert restore is not None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next statement
+        with pytest.raises(KeyboardInterrupt):
+            W.refuse_if_interrupted()
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGINT) is before
+    W.refuse_if_interrupted()  # cleared

@@ -213,6 +213,25 @@ class ShardStream:
         return False
 
 
+# Set by `scaler-wizard apply`'s SIGINT handler (scaler_wizard.cli) when Ctrl-C arrives. Python drops a
+# KeyboardInterrupt raised inside some callbacks (a weakref callback during an import, measured: about
+# one Ctrl-C in four during apply's imports went unseen and the output landed); the commit points
+# (CheckpointWriter.commit, apply's final rename) check this flag, so a seen-and-lost interrupt still
+# stops the output from landing.
+_INTERRUPTED = [False]
+
+
+def note_interrupt(value: bool = True) -> None:
+    """Record (or, with False, clear) that the user interrupted the command."""
+    _INTERRUPTED[0] = value
+
+
+def refuse_if_interrupted() -> None:
+    """Raise KeyboardInterrupt where an interrupt was recorded (see :func:`note_interrupt`)."""
+    if _INTERRUPTED[0]:
+        raise KeyboardInterrupt
+
+
 class WriteBehind:
     """Runs the writes of shard files (``ShardStream.write`` / ``copy_range`` calls) in one background
     thread, in the order they are submitted, one at a time: the caller computes the next tensor while
@@ -426,6 +445,7 @@ class CheckpointWriter:
 
     # -- finish
     def commit(self) -> Path:
+        refuse_if_interrupted()
         self.flush()
         n = len(self._shard_files)
         if n == 0:
