@@ -207,8 +207,8 @@ def apply(plan, model: str | None = None, *, out: str, force: bool = False, allo
         finally:
             if warm is not None:
                 warm.join()
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
+    except CheckpointError as e:  # said of OUT, not of the hidden staging directory next to it
+        raise UsageError(str(e).replace(str(staging), str(final)) if verify else str(e)) from None
     except BaseException:  # Ctrl-C between the write and verification: no staged output is left behind
         if verify:
             import shutil

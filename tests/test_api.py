@@ -69,8 +69,9 @@ def test_disk_full_at_the_growth_record_leaves_no_output(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(W.CheckpointWriter, "write_text", full)
     out = tmp_path / "grown"
-    with pytest.raises(UsageError, match="no space left"):
+    with pytest.raises(UsageError, match="no space left") as e:
         api.apply("widen ffn x2 net2net", str(model), out=str(out), verify=verify)
+    assert f"nothing was written at {out}" in str(e.value) and "unverified" not in str(e.value)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name != "tiny"] == []  # no temporaries either
     monkeypatch.setattr(W.CheckpointWriter, "write_text", real)
