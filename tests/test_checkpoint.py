@@ -307,15 +307,22 @@ def test_recorded_interrupt_stops_the_commit_and_leaves_no_output(tmp_path):
         W.note_interrupt(False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
-    before = signal.getsignal(signal.SIGINT)
-    restore = cli._record_interrupts()
-    assert restore is not None
+    # xdist workers run with SIGINT ignored: there the handler is left alone (as for a command started
+    # in the background); with Python's default handler it is replaced, then restored
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next statement
-        with pytest.raises(KeyboardInterrupt):
-            W.refuse_if_interrupted()
+        assert cli._record_interrupts() is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        restore = cli._record_interrupts()
+        assert restore is not None
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next statement
+            with pytest.raises(KeyboardInterrupt):
+                W.refuse_if_interrupted()
+        finally:
+            restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        W.refuse_if_interrupted()  # cleared
     finally:
-        restore()
-    assert signal.getsignal(signal.SIGINT) is before
-    W.refuse_if_interrupted()  # cleared
+        signal.signal(signal.SIGINT, outer)
