@@ -96,12 +96,11 @@ class TypeChecker(SettingsRules, WidthRules, AttentionRules, ContextRules, Depth
                 help="`verify` reports their measured drift instead of holding them to the exact tolerance",
             )
         if not st.ops and not any(isinstance(s, A.Stage) for s in plan.statements):
-            end = plan.source.find("\n")
+            first_line = len(plan.source.split("\n", 1)[0])  # the span: the plan's first line
             bag.warning(
                 "SW605",
                 "the plan has no growth statements: `apply` would write an unchanged copy of the model",
-                Span(line=1, col=1, end_line=1, end_col=max(end if end >= 0 else len(plan.source), 0) + 1,
-                     start=0, end=max(end if end >= 0 else len(plan.source), 0), file=plan.file),
+                Span(line=1, col=1, end_line=1, end_col=first_line + 1, start=0, end=first_line, file=plan.file),
                 help="add one, such as `widen hidden x2 lemon` or `insert layer 12 identity`",
             )
         warnings = bag.items
