@@ -24,6 +24,7 @@ compiler front half can build programs cheaply.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -236,11 +237,18 @@ class Index(Node):
             raise ValueError(f"Index: indices {bad[:5]} out of range [0, {s[a]}) on axis {a} of shape {s}")
         return s[:a] + (len(self.indices),) + s[a + 1:]
 
+    @functools.cached_property
+    def index_tensor(self):
+        """``indices`` as a LongTensor (made once: the executor gathers a row block at a time)."""
+        import torch
+
+        return torch.tensor(self.indices, dtype=torch.long)
+
     def compute(self, inputs, ctx):
         import torch
 
         (x,) = inputs
-        return torch.index_select(x, self.axis % x.dim(), torch.tensor(self.indices, dtype=torch.long))
+        return torch.index_select(x, self.axis % x.dim(), self.index_tensor)
 
 
 Gather = Index
@@ -310,7 +318,19 @@ class MulAxis(Node):
         a = self.axis % x.dim()
         shp = [1] * x.dim()
         shp[a] = x.shape[a]
-        return x * torch.tensor(self.vec, dtype=x.dtype).reshape(shp)
+        return x * self.vec_tensor(x.dtype).reshape(shp)
+
+    def vec_tensor(self, dtype):
+        """``vec`` as a tensor of ``dtype`` (the float32 one made once: the executor multiplies a row
+        block at a time)."""
+        import torch
+
+        if dtype != torch.float32:
+            return torch.tensor(self.vec, dtype=dtype)
+        t = self.__dict__.get("_vec32")
+        if t is None:
+            t = self.__dict__["_vec32"] = torch.tensor(self.vec, dtype=torch.float32)
+        return t
 
 
 def _broadcast(op: str, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -674,29 +694,48 @@ class ExactSplit(Node):
             raise ValueError("ExactSplit: sums must be finite numbers")
         return ys
 
+    @functools.cached_property
+    def _plan(self):
+        """The copy structure, worked out once per node (the executor calls :meth:`compute` once per row
+        block): selectors of the units with copies, their sums (None: all 1), per round the positions
+        in ``rest`` and the copies' indices (and whether the round covers every unit), the last copies."""
+        import torch
+
+        multi = [(u, g) for u, g in enumerate(self.groups) if len(g) > 1]
+        if not multi:
+            return None
+        us_all = [u for u, _ in multi]
+        sums = (torch.tensor([self.sums[u] for u in us_all], dtype=torch.float32)
+                if any(self.sums[u] != 1.0 for u in us_all) else None)
+        rounds = []
+        for r in range(max(len(g) for _, g in multi) - 1):
+            rows = [k for k, (_, g) in enumerate(multi) if len(g) > r + 1]  # positions in rest
+            rounds.append((_selector(rows), _selector([multi[k][1][r] for k in rows]), len(rows) == len(multi)))
+        return _selector(us_all), sums, rounds, _selector([g[-1] for _, g in multi])
+
     def compute(self, inputs, ctx):
         import torch
 
         y, x = inputs
         rd = getattr(ctx, "storage_dtype", None)
-        multi = [(u, g) for u, g in enumerate(self.groups) if len(g) > 1]
-        if rd not in (torch.bfloat16, torch.float16) or not multi or not y.is_floating_point():
+        if rd not in (torch.bfloat16, torch.float16) or not y.is_floating_point():
             return y
+        plan = self._plan
+        if plan is None:
+            return y
+        sel_units, sums, rounds, sel_last = plan
         a = self.axis % y.dim()
         y = y.float().clone()
-        us_all = [u for u, _ in multi]
         # V per unit, of the units with copies only (a view where they are a run of units)
-        rest = _take(x.float(), a, us_all)
-        if any(self.sums[u] != 1.0 for u in us_all):
+        rest = _take(x.float(), a, sel_units)
+        if sums is not None:
             shp = [1] * x.dim()
-            shp[a] = len(us_all)
-            rest = rest * torch.tensor([self.sums[u] for u in us_all], dtype=torch.float32).reshape(shp)
+            shp[a] = sums.numel()
+            rest = rest * sums.reshape(shp)
         rest = rest.to(rd).float()  # a new tensor: updated in place below
-        for r in range(max(len(g) for _, g in multi) - 1):
-            rows = [k for k, (_, g) in enumerate(multi) if len(g) > r + 1]  # positions in rest
-            js = [multi[k][1][r] for k in rows]
-            v = _take(rest, a, rows)
-            c = _take(y, a, js).clone()
+        for sel_rows, sel_js, every in rounds:
+            v = _take(rest, a, sel_rows)
+            c = _take(y, a, sel_js).clone()
             # clamp the copy into [min(V, 0), max(V, 0)] (only where noise outweighs the share)
             c = torch.clamp(c, min=v.clamp(max=0), max=v.clamp(min=0), out=c)
             alt = torch.sub(v, c)
@@ -705,42 +744,38 @@ class ExactSplit(Node):
             big = c.abs().mul_(2) >= v.abs()  # the copy holds at least half of V: round it
             c = torch.where(big, c.to(rd).float(), alt, out=alt)
             del big
-            _put(y, a, js, c)
-            if len(rows) == rest.shape[a]:
+            _put(y, a, sel_js, c)
+            if every:
                 rest.sub_(c)
             else:
-                _put(rest, a, rows, v - c)
-        _put(y, a, [g[-1] for _, g in multi], rest)
+                _put(rest, a, sel_rows, v - c)
+        _put(y, a, sel_last, rest)
         return y
 
 
-def _run_start(idx) -> int | None:
-    """``idx[0]`` when ``idx`` is a run of consecutive ascending integers, else None."""
-    if not idx:
-        return None
-    s = idx[0]
-    return s if idx[-1] - s == len(idx) - 1 and all(i == s + k for k, i in enumerate(idx)) else None
-
-
-def _take(t, axis: int, idx):
-    """``t.index_select(axis, idx)``; a view (``narrow``) where ``idx`` is a run of consecutive indices."""
+def _selector(idx):
+    """``(start, length)`` where ``idx`` is a run of consecutive ascending integers (taken as a view),
+    else a LongTensor of the indices."""
     import torch
 
-    s = _run_start(idx)
-    if s is not None:
-        return t.narrow(axis, s, len(idx))
-    return t.index_select(axis, torch.tensor(idx, dtype=torch.long))
+    if idx and idx[-1] - idx[0] == len(idx) - 1 and all(i == idx[0] + k for k, i in enumerate(idx)):
+        return (idx[0], len(idx))
+    return torch.tensor(idx, dtype=torch.long)
 
 
-def _put(t, axis: int, idx, val) -> None:
-    """``t.index_copy_(axis, idx, val)``; a ``narrow(...).copy_`` where ``idx`` is a run of consecutive indices."""
-    import torch
+def _take(t, axis: int, sel):
+    """``t.index_select(axis, idx)``; a view (``narrow``) where the selector is a run (see :func:`_selector`)."""
+    if isinstance(sel, tuple):
+        return t.narrow(axis, sel[0], sel[1])
+    return t.index_select(axis, sel)
 
-    s = _run_start(idx)
-    if s is not None:
-        t.narrow(axis, s, len(idx)).copy_(val)
+
+def _put(t, axis: int, sel, val) -> None:
+    """``t.index_copy_(axis, idx, val)``; a ``narrow(...).copy_`` where the selector is a run."""
+    if isinstance(sel, tuple):
+        t.narrow(axis, sel[0], sel[1]).copy_(val)
     else:
-        t.index_copy_(axis, torch.tensor(idx, dtype=torch.long), val)
+        t.index_copy_(axis, sel, val)
 
 
 def storage_dtypes(roots) -> dict[str, str | None]:

@@ -31,23 +31,26 @@ from typing import Any
 from scaler_wizard.compiler.program import (
     FLOAT_DTYPES,
     Cast,
-    Concat,
     EvalContext,
-    Index,
     Load,
     Node,
-    Permute,
     ProgramError,
-    Reshape,
-    Slice,
     TensorProgram,
-    Tile,
     _postorder,
     dtype_name,
     storage_dtypes,
     torch_dtype,
 )
 from scaler_wizard.runtime.io.writer import WriteBehind
+from scaler_wizard.runtime.tiles import (
+    MOVES,
+    SLAB_BYTES,
+    SLABS,
+    cast_inputs,
+    TileEvaluator,
+    plan_region,
+    tile_rows,
+)
 from scaler_wizard.runtime.checkpoint import (
     DEFAULT_SHARD_SIZE,
     ITEMSIZE,
@@ -190,11 +193,48 @@ class _Progress:
             self.p.stop()
 
 
-_MOVES = (Slice, Index, Tile, Concat, Reshape, Permute)  # ops that only move values
-
-
 def _nbytes(t) -> int:
     return t.numel() * t.element_size()
+
+
+def _write_tiled(reg, name: str, out_dtype, cache: dict, sdts: dict, ctx: EvalContext, stream, behind: WriteBehind,
+                 slabs: dict, bar: "_Progress") -> int:
+    """Compute output ``name`` (the root of region ``reg``) tile by tile into a ring of slabs of
+    ``out_dtype`` and hand each full slab to ``behind`` (ShardStream.write_part). Returns the bytes of
+    the ring. The boundary values of the region are in ``cache``."""
+    import torch
+
+    root = reg.root
+    rn = reg.row_numel
+    esize = torch.empty((), dtype=out_dtype).element_size()
+    tr = tile_rows(reg)
+    slab_rows = min(root.shape[0], max(tr, (SLAB_BYTES // (rn * esize)) // tr * tr))
+    need = slab_rows * rn
+    # a ring of SLABS buffers of SLAB_BYTES and the index of the one to fill next; the writer queues
+    # at most SLABS - 1 of them (behind.max_bytes), so the one filled next is never in flight
+    ring = slabs.get(out_dtype)
+    if ring is None:
+        ring = slabs[out_dtype] = [[torch.empty(SLAB_BYTES // esize, dtype=out_dtype) for _ in range(SLABS)], 0]
+    assert need <= ring[0][0].numel()
+    final = out_dtype if isinstance(root, MOVES) else None
+    storage = {d: torch_dtype(sdts[d]) for d in reg.nodes if sdts.get(d)}
+    ev = TileEvaluator(reg, {c.digest: cache[c.digest] for c in reg.boundary}, ctx, final, storage)
+    bufs, k = ring
+    pos = 0
+    rows = root.shape[0]
+    for r0 in range(0, rows, tr):
+        r1 = min(rows, r0 + tr)
+        buf = bufs[k]
+        # the concatenations of a value-moving root write their inputs into the slab themselves
+        ev.fill(root, r0, r1, buf[pos * rn:(pos + r1 - r0) * rn].view((r1 - r0,) + tuple(root.shape[1:])))
+        ev.clear()
+        pos += r1 - r0
+        if pos == slab_rows or r1 == rows:
+            behind.submit(stream.write_part, name, buf[:pos * rn], nbytes=SLAB_BYTES, reused=True)
+            bar.advance(pos * rn * esize)
+            k, pos = (k + 1) % SLABS, 0
+    ring[1] = k
+    return SLABS * SLAB_BYTES
 
 
 def execute(
@@ -210,6 +250,7 @@ def execute(
     copy_tokenizer: bool = True,
     bytes_through_torch: bool = False,
     extra_files: dict[str, str] | None = None,
+    tile: bool = True,
 ) -> ExecutionReport:
     """Run ``program`` over ``reader`` and write a Hugging Face checkpoint to ``out_dir`` (atomically).
 
@@ -219,6 +260,8 @@ def execute(
     too (by default their bytes are copied file to file, see :meth:`ShardStream.copy_range`).
     ``extra_files``: file name -> text, written into the output before it is committed (so they land
     with it or not at all: apply's growth record).
+    ``tile``: evaluate large computed outputs a block of rows at a time (see
+    :mod:`scaler_wizard.runtime.tiles`; the same values, bitwise); False evaluates every node whole.
     """
     import psutil  # torch is imported at the first output that is computed (byte copies need none)
 
@@ -241,13 +284,16 @@ def execute(
     ctx = EvalContext(seed=program.seed)
     bar = _Progress(progress and sys.stderr.isatty(), total, "scaler-wizard apply")
     peak_held = 0
+    threads = None  # torch's intra-op threads before execute (restored at the end)
     computed = 0
     copied = 0
     try:
         with CheckpointWriter(out_dir, input_path=reader.path, max_shard_size=shard_size, force=force) as w:
-            # shard files are written by a thread while the next output is computed (one in flight)
-            behind = WriteBehind()
-            flight = 0  # bytes of the output the thread may still be writing
+            # shard files are written by a thread while the next outputs are computed (up to
+            # behind.max_bytes queued; see WriteBehind)
+            behind = WriteBehind(max_bytes=(SLABS - 1) * SLAB_BYTES)
+            slabs: dict[Any, list] = {}  # output dtype -> the two slabs tiled outputs alternate between
+            ring_bytes = 0  # slab buffers of tiled outputs (allocated once, kept to the end)
             try:
                 for si, shard in enumerate(shards):
                     roots: dict[str, list[str]] = {}  # node digest -> output names
@@ -264,12 +310,45 @@ def execute(
                             uses[c.digest] = uses.get(c.digest, 0) + 1
                     cache: dict[str, Any] = {}
                     held = 0
+                    # large outputs computed tile by tile: their region's inner nodes are never whole
+                    regions = {}
+                    if tile:
+                        for d, names in roots.items():
+                            node = program.outputs[names[0]].node
+                            if (len(names) == 1 and not uses.get(d) and not isinstance(node, Load)
+                                    and dts[names[0]] in FLOAT_DTYPES):
+                                reg = plan_region(node, uses, outputs=roots.keys())
+                                if reg is not None:
+                                    regions[d] = reg
+                    inner = {k for d, reg in regions.items() for k in reg.nodes if k != d}
                     # Outputs are streamed to the shard file as they are computed, in the order their
                     # roots complete; the header (names, shapes, dtypes) is known before computing.
                     emit = [name for n in order for name in roots.get(n.digest, [])]
                     stream = w.shard([(name, program.outputs[name].node.shape, dts[name]) for name in emit])
                     for n in order:
-                        out_bytes = 0  # bytes of this node's outputs, held only while written
+                        if n.digest in inner:
+                            continue  # computed tile by tile with its region's root
+                        if n.digest in regions:
+                            reg = regions[n.digest]
+                            name = roots[n.digest][0]
+                            try:
+                                slab_bytes = _write_tiled(reg, name, torch_dtype(dts[name]), cache, sdts, ctx,
+                                                          stream, behind, slabs, bar)
+                            except CheckpointError:
+                                raise
+                            except Exception as e:
+                                raise ExecutionError(f"computing {n!r} (for {name}) failed: {type(e).__name__}: {e}") from e
+                            computed += len(reg.nodes)
+                            for c in reg.boundary:  # boundary values are freed at their last use
+                                uses[c.digest] -= 1
+                                if uses[c.digest] == 0:
+                                    dead = cache.pop(c.digest, None)
+                                    if dead is not None:
+                                        held -= _nbytes(dead)
+                            ring_bytes = max(ring_bytes, slab_bytes * len(slabs))
+                            peak_held = max(peak_held, held + ring_bytes + behind.held_bytes())
+                            peak_rss = max(peak_rss, proc.memory_info().rss)
+                            continue
                         rng = None
                         if isinstance(n, Load) and n.digest in roots and not uses.get(n.digest) and not bytes_through_torch:
                             rng = reader.byte_range(n.name)
@@ -279,7 +358,8 @@ def execute(
                             # an output that is a stored tensor, unchanged: its bytes are copied file to
                             # file (in the kernel where it can), never through Python or torch
                             for name in roots[n.digest]:
-                                behind.submit(stream.copy_range, name, rng[0], rng[1], rng[2], reader.dtype(n.name), n.shape)
+                                behind.submit(stream.copy_range, name, rng[0], rng[1], rng[2], reader.dtype(n.name),
+                                              n.shape, nbytes=0)  # holds no tensor
                                 reader.count_copy(rng[2] - rng[1])
                                 bar.advance(size_of[name])
                                 copied += 1
@@ -287,27 +367,23 @@ def execute(
                             continue
                         import torch  # noqa: F811 - here, not at the top: a program of byte copies never needs it
 
+                        if threads is None:  # one core is the writer thread's (measured: intra-op
+                            # threads spinning on a 2-core machine slowed the writes down more than
+                            # they sped the tiles up: 12.3-13.1 s with one, 15.2-16.3 s with two)
+                            threads = torch.get_num_threads()
+                            torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+
                         try:
                             if isinstance(n, Load):
                                 val = reader.get(n.name)
                             else:
                                 ins = [cache[c.digest] for c in n.children()]
-                                floats = [v for v in ins if v.is_floating_point()]
-                                # Arithmetic runs in fp32. Ops that only move values (slice, gather,
-                                # tile, concat, reshape, permute) keep the input dtype: the values are
-                                # exactly those an fp32 round trip would give, at half the bytes. Mixed
-                                # float inputs of a concat are brought to fp32 -- unless the concat is
-                                # an output whose value feeds nothing else: then each piece is cast to
-                                # the output dtype first, which rounds every element exactly as casting
-                                # the joined tensor would, without an fp32 copy of the whole output.
+                                # the output dtype where n is an output's root that only moves values
+                                # and feeds nothing else (see cast_inputs)
                                 out_dts = {dts[name] for name in roots.get(n.digest, [])}
                                 final = (torch_dtype(out_dts.pop()) if len(out_dts) == 1 and not uses.get(n.digest)
-                                         and isinstance(n, _MOVES) else None)
-                                if final is not None and final.is_floating_point:
-                                    ins = [v.to(final) if v.is_floating_point() and v.dtype != final else v for v in ins]
-                                elif not isinstance(n, _MOVES) or len({v.dtype for v in floats}) > 1:
-                                    ins = [v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
-                                           for v in ins]
+                                         and isinstance(n, MOVES) else None)
+                                ins = cast_inputs(n, ins, final)
                                 sdt = sdts.get(n.digest)
                                 ctx.storage_dtype = torch_dtype(sdt) if sdt else None
                                 val = n.compute(ins, ctx)
@@ -326,21 +402,18 @@ def execute(
                                 if dead is not None:
                                     held -= _nbytes(dead)
                         for name in roots.get(n.digest, []):
-                            out_bytes = size_of[name]
-                            behind.submit(stream.write, name, val)  # cast to the output dtype block by block
+                            # cast to the output dtype block by block; queued while within the budget
+                            behind.submit(stream.write, name, val, nbytes=_nbytes(val))
                             bar.advance(size_of[name])
                         if uses.get(n.digest, 0) > 0:
                             cache[n.digest] = val
                             held += _nbytes(val)
                         del val
-                        # the output written meanwhile (one in flight, see WriteBehind) is held too
-                        peak_held = max(peak_held, held + out_bytes + flight)
-                        if out_bytes:
-                            flight = out_bytes
+                        # outputs queued for writing (see WriteBehind) are held too
+                        peak_held = max(peak_held, held + ring_bytes + behind.held_bytes())
                         peak_rss = max(peak_rss, proc.memory_info().rss)
                     assert not cache, "executor bug: values left in cache after the shard"
                     behind.drain()
-                    flight = 0
                     stream.close()
                     w._shard_done(stream)
                     peak_rss = max(peak_rss, proc.memory_info().rss)
@@ -359,6 +432,10 @@ def execute(
             written = w.bytes_written
     finally:
         bar.stop()
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
     return ExecutionReport(
         out_dir=str(out),
         n_outputs=len(program.outputs),

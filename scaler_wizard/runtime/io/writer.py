@@ -118,10 +118,40 @@ class ShardStream:
         self._f.write(len(blob).to_bytes(8, "little"))
         self._f.write(blob)
         self._next = 0
+        self._part_left = 0  # bytes still to come of the tensor being written in parts (write_part)
+
+    def write_part(self, name: str, part) -> None:
+        """Write the next values, in row-major order, of tensor ``name`` (the next declared one):
+        ``part`` is a contiguous tensor of the declared dtype, any shape. The tensor is complete once
+        parts with all its declared bytes were written; a part past its end raises CheckpointError."""
+        import torch
+
+        if self._part_left == 0:
+            if self._next >= len(self.entries):
+                raise CheckpointError(f"{self.path.name}: more tensors than declared ({name})")
+            want, shape, st = self.entries[self._next]
+            if name != want:
+                raise CheckpointError(f"{self.path.name}: expected tensor {want!r} next, got {name!r}")
+            self._part_left = self._nbytes(shape, st)
+        want, shape, st = self.entries[self._next]
+        target = next(getattr(torch, k) for k, v in _ST_DTYPES.items() if v == st)
+        if name != want or part.dtype != target or not part.is_contiguous():
+            raise CheckpointError(f"{name}: a part of {part.dtype} (contiguous: {part.is_contiguous()}) while "
+                                  f"{want!r} ({st}) is being written")
+        data = part.reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes > self._part_left:
+            raise CheckpointError(f"{name}: parts of more than the declared {st}{list(shape)}")
+        self._f.write(data.data)
+        self._part_left -= data.nbytes
+        if self._part_left == 0:
+            self._next += 1
 
     def write(self, name: str, tensor) -> None:
         import torch
 
+        if self._part_left:
+            raise CheckpointError(f"{self.path.name}: {name!r} written while {self.entries[self._next][0]!r} "
+                                  "is incomplete")
         if self._next >= len(self.entries):
             raise CheckpointError(f"{self.path.name}: more tensors than declared ({name})")
         want, shape, st = self.entries[self._next]
@@ -147,6 +177,9 @@ class ShardStream:
         """Write the next tensor as a byte copy of ``src[start:stop]`` (a stored tensor of ``dtype``
         (torch name) and ``shape``): in the kernel with ``os.copy_file_range`` where the file
         systems allow it, else through a 16 MiB buffer. The dtype and shape must be the declared ones."""
+        if self._part_left:
+            raise CheckpointError(f"{self.path.name}: {name!r} copied while {self.entries[self._next][0]!r} "
+                                  "is incomplete")
         if self._next >= len(self.entries):
             raise CheckpointError(f"{self.path.name}: more tensors than declared ({name})")
         want, shp, st = self.entries[self._next]
@@ -233,19 +266,31 @@ def refuse_if_interrupted() -> None:
 
 
 class WriteBehind:
-    """Runs the writes of shard files (``ShardStream.write`` / ``copy_range`` calls) in one background
-    thread, in the order they are submitted, one at a time: the caller computes the next tensor while
-    the previous one is cast and written (file writes, ``copy_file_range`` and torch's casts release
-    the GIL). At most one submitted call is in flight, so at most one output tensor is held beyond
-    what the caller holds. An exception raised by a call is re-raised in the caller's thread by the
-    next :meth:`submit` or by :meth:`drain`; the calls after it are skipped. :meth:`close` stops the
-    thread (after the call in flight) and must be called before the files are removed or renamed."""
+    """Runs the writes of shard files (``ShardStream.write`` / ``write_part`` / ``copy_range`` calls) in
+    one background thread, in the order they are submitted, one at a time: the caller computes the
+    next tensor while earlier ones are cast and written (file writes, ``copy_file_range`` and torch's
+    casts release the GIL).
 
-    def __init__(self):
+    How far the caller may run ahead: a call submitted without ``nbytes`` waits until the calls
+    before it have finished (one in flight: at most one output tensor is held beyond what the caller
+    holds). A call submitted with ``nbytes`` (the bytes of memory it holds) may queue behind others
+    as long as the bytes of the calls queued or running, its own included, stay within
+    ``max_bytes``: the executor's tiled outputs queue slabs of a ring of buffers this way (see
+    ``execute._write_tiled``), which smooths the bursts of its computation and of the disk.
+
+    An exception raised by a call is re-raised in the caller's thread by the next :meth:`submit` or
+    by :meth:`drain`; the calls after it are skipped. :meth:`close` stops the thread (after the
+    calls in flight) and must be called before the files are removed or renamed."""
+
+    def __init__(self, max_bytes: int = 0):
         import queue
         import threading
 
-        self._slot = threading.Semaphore(1)
+        self.max_bytes = max_bytes
+        self._cond = threading.Condition()
+        self._count = 0  # calls queued or running
+        self._bytes = 0  # their nbytes
+        self._own = 0  # of which not reused buffers (held_bytes)
         self._todo: "queue.SimpleQueue" = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="scaler-wizard-write-behind", daemon=True)
@@ -256,6 +301,7 @@ class WriteBehind:
             item = self._todo.get()
             if item is None:
                 return
+            nbytes, own = item[2], item[3]
             try:
                 if self._error is None:
                     item[0](*item[1])
@@ -263,26 +309,43 @@ class WriteBehind:
                 self._error = e
             finally:
                 item = None  # the tensor is not held while waiting for the next call
-                self._slot.release()
+                with self._cond:
+                    self._count -= 1
+                    self._bytes -= nbytes
+                    self._own -= own
+                    self._cond.notify_all()
 
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def submit(self, fn, *args) -> None:
-        """Run ``fn(*args)`` in the thread once the call before it has finished (waits for that)."""
+    def submit(self, fn, *args, nbytes: int | None = None, reused: bool = False) -> None:
+        """Run ``fn(*args)`` in the thread after the calls before it. Waits until nothing is in flight,
+        or, with ``nbytes``, until the bytes in flight plus ``nbytes`` are within ``max_bytes``.
+        ``reused``: the bytes are a buffer the caller keeps and counts itself (a slab of a ring), not
+        counted by :meth:`held_bytes`."""
         self._raise()
-        self._slot.acquire()
-        self._todo.put((fn, args))
+        own = 0 if reused else (nbytes or 0)
+        with self._cond:
+            self._cond.wait_for(lambda: self._count == 0 or (
+                nbytes is not None and self._bytes + nbytes <= self.max_bytes))
+            self._count += 1
+            self._bytes += nbytes or 0
+            self._own += own
+        self._todo.put((fn, args, nbytes or 0, own))
+
+    def held_bytes(self) -> int:
+        """Bytes held only by the calls queued or running (the tensors handed over with ``nbytes``)."""
+        return self._own
 
     def drain(self) -> None:
         """Wait until every submitted call has run; raise what one of them raised."""
-        self._slot.acquire()
-        self._slot.release()
+        with self._cond:
+            self._cond.wait_for(lambda: self._count == 0)
         self._raise()
 
     def close(self) -> None:
-        """Stop the thread after the call in flight (if any); raises nothing."""
+        """Stop the thread after the calls in flight (if any); raises nothing."""
         if self._thread.is_alive():
             self._todo.put(None)
             self._thread.join()
