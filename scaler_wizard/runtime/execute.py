@@ -292,7 +292,7 @@ def execute(
             # shard files are written by a thread while the next outputs are computed (up to
             # behind.max_bytes queued; see WriteBehind)
             behind = WriteBehind(max_bytes=(SLABS - 1) * SLAB_BYTES)
-            slabs: dict[Any, list] = {}  # output dtype -> the two slabs tiled outputs alternate between
+            slabs: dict[Any, list] = {}  # output dtype -> [ring of SLABS slab buffers, next index]
             ring_bytes = 0  # slab buffers of tiled outputs (allocated once, kept to the end)
             try:
                 for si, shard in enumerate(shards):

@@ -71,13 +71,13 @@ from typing import Any
 import torch
 
 from scaler_wizard.compiler.program import (
-    Add, Cast, Concat, EvalContext, ExactSplit, Full, Index, Load, Mul, MulAxis, Neg, Node, Permute, Random, Reshape,
-    Scale, Slice, TensorProgram, Tile, ZeroSumNoise, Zeros, _postorder, dtype_name, storage_dtypes, torch_dtype,
+    Add, Cast, EvalContext, ExactSplit, Full, Load, Mul, MulAxis, Neg, Node, Random,
+    Scale, TensorProgram, ZeroSumNoise, Zeros, _postorder, dtype_name, storage_dtypes, torch_dtype,
 )
 from scaler_wizard.runtime.growth_record import GrowthRecord, TensorGrowth
 
 NEW, MIXED = -1, -2
-_MOVES = (Slice, Index, Tile, Concat, Reshape, Permute)
+from scaler_wizard.runtime.tiles import MOVES as _MOVES  # ops that only move values
 _GENERATORS = (Zeros, Full, Random, ZeroSumNoise)
 
 
