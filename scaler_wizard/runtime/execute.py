@@ -42,15 +42,8 @@ from scaler_wizard.compiler.program import (
     torch_dtype,
 )
 from scaler_wizard.runtime.io.writer import WriteBehind
-from scaler_wizard.runtime.tiles import (
-    MOVES,
-    SLAB_BYTES,
-    SLABS,
-    cast_inputs,
-    TileEvaluator,
-    plan_region,
-    tile_rows,
-)
+from scaler_wizard.runtime import tiles
+from scaler_wizard.runtime.tiles import MOVES, TileEvaluator, cast_inputs, plan_region, tile_rows
 from scaler_wizard.runtime.checkpoint import (
     DEFAULT_SHARD_SIZE,
     ITEMSIZE,
@@ -208,13 +201,14 @@ def _write_tiled(reg, name: str, out_dtype, cache: dict, sdts: dict, ctx: EvalCo
     rn = reg.row_numel
     esize = torch.empty((), dtype=out_dtype).element_size()
     tr = tile_rows(reg)
-    slab_rows = min(root.shape[0], max(tr, (SLAB_BYTES // (rn * esize)) // tr * tr))
+    slab_rows = min(root.shape[0], max(tr, (tiles.SLAB_BYTES // (rn * esize)) // tr * tr))
     need = slab_rows * rn
-    # a ring of SLABS buffers of SLAB_BYTES and the index of the one to fill next; the writer queues
-    # at most SLABS - 1 of them (behind.max_bytes), so the one filled next is never in flight
+    # a ring of SLABS buffers of SLAB_BYTES (module tiles) and the index of the one to fill next; the
+    # writer queues at most SLABS - 1 of them (behind.max_bytes), so the one filled next is never in flight
     ring = slabs.get(out_dtype)
     if ring is None:
-        ring = slabs[out_dtype] = [[torch.empty(SLAB_BYTES // esize, dtype=out_dtype) for _ in range(SLABS)], 0]
+        ring = slabs[out_dtype] = [[torch.empty(tiles.SLAB_BYTES // esize, dtype=out_dtype)
+                                    for _ in range(tiles.SLABS)], 0]
     assert need <= ring[0][0].numel()
     final = out_dtype if isinstance(root, MOVES) else None
     storage = {d: torch_dtype(sdts[d]) for d in reg.nodes if sdts.get(d)}
@@ -230,11 +224,11 @@ def _write_tiled(reg, name: str, out_dtype, cache: dict, sdts: dict, ctx: EvalCo
         ev.clear()
         pos += r1 - r0
         if pos == slab_rows or r1 == rows:
-            behind.submit(stream.write_part, name, buf[:pos * rn], nbytes=SLAB_BYTES, reused=True)
+            behind.submit(stream.write_part, name, buf[:pos * rn], nbytes=tiles.SLAB_BYTES, reused=True)
             bar.advance(pos * rn * esize)
-            k, pos = (k + 1) % SLABS, 0
+            k, pos = (k + 1) % tiles.SLABS, 0
     ring[1] = k
-    return SLABS * SLAB_BYTES
+    return tiles.SLABS * tiles.SLAB_BYTES
 
 
 def execute(
@@ -291,7 +285,7 @@ def execute(
         with CheckpointWriter(out_dir, input_path=reader.path, max_shard_size=shard_size, force=force) as w:
             # shard files are written by a thread while the next outputs are computed (up to
             # behind.max_bytes queued; see WriteBehind)
-            behind = WriteBehind(max_bytes=(SLABS - 1) * SLAB_BYTES)
+            behind = WriteBehind(max_bytes=(tiles.SLABS - 1) * tiles.SLAB_BYTES)
             slabs: dict[Any, list] = {}  # output dtype -> [ring of SLABS slab buffers, next index]
             ring_bytes = 0  # slab buffers of tiled outputs (allocated once, kept to the end)
             try:

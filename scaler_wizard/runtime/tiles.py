@@ -147,11 +147,14 @@ class Region:
 
 
 def plan_region(root: Node, uses: dict[str, int], outputs=frozenset(),
-                min_bytes: int = MIN_TILED_BYTES) -> Region | None:
+                min_bytes: int | None = None) -> Region | None:
     """The region of ``root`` (an output's root that nothing else in its shard consumes), or None where
     the output is better evaluated whole (not tileable, small, or rows too long for a slab).
     ``uses``: digest -> number of consumer edges in the shard (the executor's count); ``outputs``:
-    digests of the shard's output roots (written whole, so never inside another output's region)."""
+    digests of the shard's output roots (written whole, so never inside another output's region);
+    ``min_bytes``: the smallest float32 size tiled (default :data:`MIN_TILED_BYTES`)."""
+    if min_bytes is None:
+        min_bytes = MIN_TILED_BYTES
     if not tileable(root) or root.numel * 4 < min_bytes or len(root.shape) < 1 or root.shape[0] < 2:
         return None
     if (root.numel // root.shape[0]) * 4 > SLAB_BYTES // 2:
