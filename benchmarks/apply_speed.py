@@ -254,6 +254,10 @@ def child(args) -> dict:
         bytes_out = total
         extra = {}
     else:
+        if args.slabs:
+            from scaler_wizard.runtime import tiles
+
+            tiles.SLABS = args.slabs
         rep = execute(prog, reader, dst, shard_size=args.shard_size, progress=False,
                       bytes_through_torch=args.child == "torch", tile=not args.no_tile)
         bytes_out = rep.tensor_bytes
@@ -470,6 +474,8 @@ def main(argv=None) -> int:
                     help="--suite program: THP_MEM_ALLOC_ENABLE and malloc's thresholds (scaler_wizard.cli."
                          "tune_allocator) for every child, as `scaler-wizard apply` sets them (on), or left "
                          "unset (off)")
+    ap.add_argument("--slabs", type=int, default=0,
+                    help="program suite: slabs in the executor's ring (runtime.tiles.SLABS; default: its own)")
     ap.add_argument("--no-tile", action="store_true",
                     help="--suite program: the executor evaluates every node whole (execute(tile=False))")
     ap.add_argument("--child", choices=["raw", "execute", "torch", "cp", "build", "same"], help=argparse.SUPPRESS)
@@ -504,7 +510,7 @@ def main(argv=None) -> int:
         os.sync()  # do not let one run's dirty pages slow the next one down
         cmd = [sys.executable, __file__, "--child", mode, "--src", str(src), "--dst", str(dst),
                "--shard-size", args.shard_size, "--new-layers", str(new_layers), "--program", args.program] + (
-                  ["--no-tile"] if args.no_tile else [])
+                  ["--no-tile"] if args.no_tile else []) + (["--slabs", str(args.slabs)] if args.slabs else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         results.setdefault(mode, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
         if not args.keep:
@@ -517,7 +523,8 @@ def main(argv=None) -> int:
             else plan_for(args.program, dims, new_layers).strip().replace("\n", "; "))
     print(f"program: {args.program}: {what}; model {name}, shard size {args.shard_size}; "
           f"THP_MEM_ALLOC_ENABLE={env.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
-          f"{'; whole-node evaluation (--no-tile)' if args.no_tile else ''}")
+          f"{'; whole-node evaluation (--no-tile)' if args.no_tile else ''}"
+          f"{f'; {args.slabs} slabs' if args.slabs else ''}")
     print(f"{'mode':<8} {'wall s':>8} {'GB out':>8} {'GB/s':>6} {'x raw':>6} {'peak RSS GB':>12} {'held GB':>8}")
     for mode, r in results.items():
         gb = r["bytes_out"] / 1e9

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from scaler_wizard import api
+from scaler_wizard.compiler import program as P
 from scaler_wizard.runtime import tiles
 from scaler_wizard.runtime.checkpoint import CheckpointError, CheckpointWriter, open_checkpoint
 from scaler_wizard.runtime.execute import execute
@@ -79,7 +80,12 @@ def test_tiled_outputs_are_bitwise_the_whole_evaluation(models, tmp_path, monkey
         orig(self, name, part)
 
     monkeypatch.setattr(W.ShardStream, "write_part", slow_part)
+    streams = []
+    orig_stream = P.Random.row_stream
+    monkeypatch.setattr(P.Random, "row_stream", lambda self, ctx: streams.append(self) or orig_stream(self, ctx))
     execute(prog, open_checkpoint(src), tmp_path / "tiled", dtype=out_dtype, progress=False)
+    if plan == "net2net":  # LEMON's random residues (`widen hidden to 96`) are drawn tile by tile
+        assert len(streams) >= 4
     whole_dir = tmp_path / "whole"
     execute(prog, open_checkpoint(src), whole_dir, dtype=out_dtype, progress=False, tile=False)
     assert max(parts.values()) >= 2 and len(parts) >= 2, parts  # tiled, several slabs per tensor
@@ -252,3 +258,33 @@ def test_every_tileable_op_along_rows(models, tmp_path, monkeypatch, out_dtype):
     a, b = tensors(tmp_path / "tiled"), tensors(tmp_path / "whole")
     for k in b:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+
+
+def test_random_draws_by_rows_only_in_order(models, tmp_path, monkeypatch):
+    """A Random joins a region only with one consumer taking its rows in order (a stepped slice or a
+    second use would draw rows twice or skip some: the values would change); where this torch's
+    kernels would not give the whole draw's values, no Random is drawn by rows."""
+    from scaler_wizard.compiler.program import Concat, Random, Scale, Slice
+
+    r = Random((64, 32), "k")
+    c = Concat(xs=(Scale(Slice(r, 0, 0, 64, 2), 2.0), Scale(r, 1.0)), axis=0)
+    uses = {r.digest: 2}
+    reg = tiles.plan_region(c, {**uses, **{n.digest: 1 for n in c.children()}, c.xs[0].x.digest: 1}, min_bytes=0)
+    assert r.digest not in reg.nodes  # used twice
+    s2 = Concat(xs=(Scale(Slice(r, 0, 0, 64, 2), 2.0), Scale(r.__class__((32, 32), "j"), 1.0)), axis=1)
+    uses2 = {r.digest: 1, s2.xs[0].digest: 1, s2.xs[1].digest: 1, s2.xs[0].x.digest: 1, s2.xs[1].x.digest: 1}
+    reg2 = tiles.plan_region(s2, uses2, min_bytes=0)
+    assert r.digest not in reg2.nodes  # a stepped slice skips rows
+    assert s2.xs[1].x.digest in reg2.nodes  # in order, once: drawn by rows
+    assert P.Random((8, 3), "odd").draws_by_rows is False  # rows of 3 values: not a multiple of 16
+
+    monkeypatch.setattr(P, "_ROW_DRAWS", [False])
+    assert tiles.plan_region(s2, uses2, min_bytes=0) is None or s2.xs[1].x.digest not in tiles.plan_region(
+        s2, uses2, min_bytes=0).nodes
+    src = models["fp32"]
+    prog = api.compile(PLANS["net2net"], str(src))
+    small_tiles(monkeypatch)
+    execute(prog, open_checkpoint(src), tmp_path / "tiled", progress=False)
+    execute(prog, open_checkpoint(src), tmp_path / "whole", progress=False, tile=False)
+    a, b = tensors(tmp_path / "tiled"), tensors(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in b)

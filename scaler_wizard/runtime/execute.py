@@ -190,6 +190,11 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
+def _close_shard(w: CheckpointWriter, stream) -> None:
+    stream.close()  # raises if a declared tensor was never written
+    w._shard_done(stream)
+
+
 def _write_tiled(reg, name: str, out_dtype, cache: dict, sdts: dict, ctx: EvalContext, stream, behind: WriteBehind,
                  slabs: dict, bar: "_Progress") -> int:
     """Compute output ``name`` (the root of region ``reg``) tile by tile into a ring of slabs of
@@ -407,10 +412,11 @@ def execute(
                         peak_held = max(peak_held, held + ring_bytes + behind.held_bytes())
                         peak_rss = max(peak_rss, proc.memory_info().rss)
                     assert not cache, "executor bug: values left in cache after the shard"
-                    behind.drain()
-                    stream.close()
-                    w._shard_done(stream)
+                    # closed by the writer thread after the shard's last write: the next shard is
+                    # computed meanwhile (a drain here left the writer idle at every shard's start)
+                    behind.submit(_close_shard, w, stream, nbytes=0)
                     peak_rss = max(peak_rss, proc.memory_info().rss)
+                behind.drain()
             finally:
                 behind.close()
             w.write_config(merged_config(reader, program, dtype))

@@ -20,7 +20,10 @@ before and sliced per tile.
 Tileable ops (rows of the result from rows of the inputs): ``Concat`` (any axis; along axis 0 a tile
 takes rows of the inputs it overlaps), ``Index`` (along axis 0 it gathers rows of its input, which
 is then a boundary value), ``Slice``, ``MulAxis``, ``Scale``, ``Neg``, ``Cast``, ``Add``/``Mul`` of
-same-shaped inputs, ``Tile`` and ``ExactSplit`` along an axis other than 0, ``Zeros``, ``Full``.
+same-shaped inputs, ``Tile`` and ``ExactSplit`` along an axis other than 0, ``Zeros``, ``Full``, and
+``Random`` where its rows can be drawn in order from one generator with the values of the whole draw
+(:attr:`Random.draws_by_rows`) and its one consumer takes its rows in order: a LEMON residue then never
+exists whole, its draws go tile by tile into the slab.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from scaler_wizard.compiler.program import (
     Neg,
     Node,
     Permute,
+    Random,
     Reshape,
     Scale,
     Slice,
@@ -83,6 +87,8 @@ def tileable(n: Node) -> bool:
         return a != 0
     if isinstance(n, (Add, Mul)):
         return all(c.shape == s for c in n.children())
+    if isinstance(n, Random):
+        return n.draws_by_rows
     return False
 
 
@@ -173,11 +179,17 @@ def plan_region(root: Node, uses: dict[str, int], outputs=frozenset(),
     while changed:
         changed = False
         edges: dict[str, int] = {}
+        unordered: set[str] = set()  # taken by rows out of order (a stepped slice skips rows)
         for n in nodes.values():
             for c, r in zip(n.children(), child_rows(n, 0, n.shape[0])):
                 if r is not None:
                     edges[c.digest] = edges.get(c.digest, 0) + 1
-        for d in [d for d in nodes if d != root.digest and uses.get(d, 0) != edges.get(d, 0)]:
+                    if isinstance(n, Slice) and n.axis % len(n.shape) == 0 and n.step != 1:
+                        unordered.add(c.digest)
+        # a random draw advances its generator: one consumer, rows taken in order, each once
+        drop = [d for d in nodes if d != root.digest and (uses.get(d, 0) != edges.get(d, 0) or (
+            isinstance(nodes[d], Random) and (edges.get(d) != 1 or d in unordered)))]
+        for d in drop:
             del nodes[d]
             changed = True
     boundary = [c for n in nodes.values() for c in n.children() if c.digest not in nodes]
@@ -197,6 +209,7 @@ class TileEvaluator:
     def __init__(self, region: Region, values: dict[str, Any], ctx, final, storage: dict):
         self.region, self.values, self.ctx, self.final, self.storage = region, values, ctx, final, storage
         self.memo: dict[tuple[str, int, int], Any] = {}
+        self.draws: dict[str, list] = {}  # Random digest -> [row stream, next row]
 
     def rows(self, n: Node, a: int, b: int):
         """Rows ``[a, b)`` of region node ``n`` as a new tensor (dtype as whole evaluation gives it)."""
@@ -204,6 +217,15 @@ class TileEvaluator:
         got = self.memo.get(key)
         if got is not None:
             return got
+        if isinstance(n, Random):
+            st = self.draws.get(n.digest)
+            if st is None:
+                st = self.draws[n.digest] = [n.row_stream(self.ctx), 0]
+            if a != st[1]:
+                raise RuntimeError(f"tiles: rows [{a}, {b}) of {n!r} asked out of order (next: {st[1]})")
+            st[1] = b
+            self.memo[key] = out = st[0](b - a)
+            return out
         ins = []
         for c, r in zip(n.children(), child_rows(n, a, b)):
             if r == ():
