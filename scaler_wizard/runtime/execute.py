@@ -190,6 +190,19 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
+def _release(used, uses: dict, cache: dict) -> int:
+    """Count one use of each node in ``used`` (one entry per consumer edge); drop the cached values
+    of those used for the last time. Returns the bytes dropped."""
+    freed = 0
+    for c in used:
+        uses[c.digest] -= 1
+        if uses[c.digest] == 0:
+            dead = cache.pop(c.digest, None)
+            if dead is not None:
+                freed += _nbytes(dead)
+    return freed
+
+
 def _close_shard(w: CheckpointWriter, stream) -> None:
     stream.close()  # raises if a declared tensor was never written
     w._shard_done(stream)
@@ -338,12 +351,7 @@ def execute(
                             except Exception as e:
                                 raise ExecutionError(f"computing {n!r} (for {name}) failed: {type(e).__name__}: {e}") from e
                             computed += len(reg.nodes)
-                            for c in reg.boundary:  # boundary values are freed at their last use
-                                uses[c.digest] -= 1
-                                if uses[c.digest] == 0:
-                                    dead = cache.pop(c.digest, None)
-                                    if dead is not None:
-                                        held -= _nbytes(dead)
+                            held -= _release(reg.boundary, uses, cache)  # boundary values, at their last use
                             ring_bytes = max(ring_bytes, slab_bytes * len(slabs))
                             peak_held = max(peak_held, held + ring_bytes + behind.held_bytes())
                             peak_rss = max(peak_rss, proc.memory_info().rss)
@@ -393,13 +401,7 @@ def execute(
                             who = ", ".join(roots.get(n.digest, [])) or "an intermediate value"
                             raise ExecutionError(f"computing {n!r} (for {who}) failed: {type(e).__name__}: {e}") from e
                         computed += 1
-                        # free children at their last use
-                        for c in n.children():
-                            uses[c.digest] -= 1
-                            if uses[c.digest] == 0:
-                                dead = cache.pop(c.digest, None)
-                                if dead is not None:
-                                    held -= _nbytes(dead)
+                        held -= _release(n.children(), uses, cache)  # children, at their last use
                         for name in roots.get(n.digest, []):
                             # cast to the output dtype block by block; queued while within the budget
                             behind.submit(stream.write, name, val, nbytes=_nbytes(val))
