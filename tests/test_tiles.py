@@ -261,26 +261,38 @@ def test_every_tileable_op_along_rows(models, tmp_path, monkeypatch, out_dtype):
 
 
 def test_random_draws_by_rows_only_in_order(models, tmp_path, monkeypatch):
-    """A Random joins a region only with one consumer taking its rows in order (a stepped slice or a
-    second use would draw rows twice or skip some: the values would change); where this torch's
-    kernels would not give the whole draw's values, no Random is drawn by rows."""
-    from scaler_wizard.compiler.program import Concat, Random, Scale, Slice
+    """A Random joins a region only where one chain of single consumers leads to the root (a value used
+    twice could ask for rows it has passed); rows a slice skips are drawn and dropped, so a stepped or
+    offset slice of a random tensor tiles to the whole draw's values. Where this torch's kernels would
+    not give the whole draw's values, no Random is drawn by rows."""
+    from scaler_wizard.compiler.program import Concat, EvalContext, Random, Scale, Slice
 
     r = Random((64, 32), "k")
-    c = Concat(xs=(Scale(Slice(r, 0, 0, 64, 2), 2.0), Scale(r, 1.0)), axis=0)
-    uses = {r.digest: 2}
-    reg = tiles.plan_region(c, {**uses, **{n.digest: 1 for n in c.children()}, c.xs[0].x.digest: 1}, min_bytes=0)
-    assert r.digest not in reg.nodes  # used twice
-    s2 = Concat(xs=(Scale(Slice(r, 0, 0, 64, 2), 2.0), Scale(r.__class__((32, 32), "j"), 1.0)), axis=1)
-    uses2 = {r.digest: 1, s2.xs[0].digest: 1, s2.xs[1].digest: 1, s2.xs[0].x.digest: 1, s2.xs[1].x.digest: 1}
-    reg2 = tiles.plan_region(s2, uses2, min_bytes=0)
-    assert r.digest not in reg2.nodes  # a stepped slice skips rows
-    assert s2.xs[1].x.digest in reg2.nodes  # in order, once: drawn by rows
+    x = Scale(r, 2.0)
+    twice = Concat(xs=(x, x), axis=0)
+    reg = tiles.plan_region(twice, {x.digest: 2, r.digest: 1}, min_bytes=0)
+    assert x.digest in reg.nodes and r.digest not in reg.nodes  # below a value used twice
     assert P.Random((8, 3), "odd").draws_by_rows is False  # rows of 3 values: not a multiple of 16
 
+    # slices that skip rows (a step, an offset), tile by tile against the whole evaluation
+    r2 = Random((200, 32), "j", std=1.0)
+    s2 = Concat(xs=(Scale(Slice(r, 0, 3, 64, 3), 2.0), Slice(r2, 0, 5, 194, 9)), axis=1)
+    uses2 = {n.digest: 1 for n in (r, r2, s2.xs[0], s2.xs[0].x, s2.xs[1])}
+    reg2 = tiles.plan_region(s2, uses2, min_bytes=0)
+    assert {r.digest, r2.digest} <= set(reg2.nodes)
+    ctx = EvalContext(seed=7)
+    whole = s2.compute([s2.xs[0].compute([s2.xs[0].x.compute([r.compute([], ctx)], ctx)], ctx),
+                        s2.xs[1].compute([r2.compute([], ctx)], ctx)], ctx)
+    ev = tiles.TileEvaluator(reg2, {}, ctx, None, {})
+    got = []
+    for a in range(0, s2.shape[0], 4):
+        got.append(ev.rows(s2, a, min(a + 4, s2.shape[0])))
+        ev.clear()
+    assert torch.equal(torch.cat(got), whole)
+
     monkeypatch.setattr(P, "_ROW_DRAWS", [False])
-    assert tiles.plan_region(s2, uses2, min_bytes=0) is None or s2.xs[1].x.digest not in tiles.plan_region(
-        s2, uses2, min_bytes=0).nodes
+    reg3 = tiles.plan_region(s2, uses2, min_bytes=0)
+    assert r.digest not in reg3.nodes and r2.digest not in reg3.nodes
     src = models["fp32"]
     prog = api.compile(PLANS["net2net"], str(src))
     small_tiles(monkeypatch)

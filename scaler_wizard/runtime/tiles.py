@@ -22,8 +22,9 @@ takes rows of the inputs it overlaps), ``Index`` (along axis 0 it gathers rows o
 is then a boundary value), ``Slice``, ``MulAxis``, ``Scale``, ``Neg``, ``Cast``, ``Add``/``Mul`` of
 same-shaped inputs, ``Tile`` and ``ExactSplit`` along an axis other than 0, ``Zeros``, ``Full``, and
 ``Random`` where its rows can be drawn in order from one generator with the values of the whole draw
-(:attr:`Random.draws_by_rows`) and its one consumer takes its rows in order: a LEMON residue then never
-exists whole, its draws go tile by tile into the slab.
+(:attr:`Random.draws_by_rows`) and one chain of single consumers leads from it to the root (so its rows
+are asked for in increasing order): a LEMON residue then never exists whole, its draws go tile by tile
+into the slab.
 """
 
 from __future__ import annotations
@@ -179,19 +180,27 @@ def plan_region(root: Node, uses: dict[str, int], outputs=frozenset(),
     while changed:
         changed = False
         edges: dict[str, int] = {}
-        unordered: set[str] = set()  # taken by rows out of order (a stepped slice skips rows)
         for n in nodes.values():
             for c, r in zip(n.children(), child_rows(n, 0, n.shape[0])):
                 if r is not None:
                     edges[c.digest] = edges.get(c.digest, 0) + 1
-                    if isinstance(n, Slice) and n.axis % len(n.shape) == 0 and n.step != 1:
-                        unordered.add(c.digest)
-        # a random draw advances its generator: one consumer, rows taken in order, each once
-        drop = [d for d in nodes if d != root.digest and (uses.get(d, 0) != edges.get(d, 0) or (
-            isinstance(nodes[d], Random) and (edges.get(d) != 1 or d in unordered)))]
-        for d in drop:
+        for d in [d for d in nodes if d != root.digest and uses.get(d, 0) != edges.get(d, 0)]:
             del nodes[d]
             changed = True
+    # A random draw advances its generator, so its rows must be asked for in increasing order: it
+    # stays only where one chain of single consumers leads from it to the root (every op maps a tile's
+    # rows to rows of its inputs monotonically; skipped rows are drawn and dropped). A node consumed
+    # twice (Concat((x, x))) could ask for rows it has passed.
+    chain = {root.digest}
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        for c, r in zip(n.children(), child_rows(n, 0, n.shape[0])):
+            if r is not None and c.digest in nodes and c.digest not in chain and uses.get(c.digest) == 1:
+                chain.add(c.digest)
+                stack.append(c)
+    for d in [d for d, n in nodes.items() if isinstance(n, Random) and d not in chain]:
+        del nodes[d]  # a leaf: no other node's membership depends on it
     boundary = [c for n in nodes.values() for c in n.children() if c.digest not in nodes]
     return Region(root, nodes, boundary)
 
@@ -221,8 +230,13 @@ class TileEvaluator:
             st = self.draws.get(n.digest)
             if st is None:
                 st = self.draws[n.digest] = [n.row_stream(self.ctx), 0]
-            if a != st[1]:
-                raise RuntimeError(f"tiles: rows [{a}, {b}) of {n!r} asked out of order (next: {st[1]})")
+            if a < st[1]:
+                raise RuntimeError(f"tiles: rows [{a}, {b}) of {n!r} asked after row {st[1]} (executor bug)")
+            step = max(1, (1 << 20) // max(1, n.numel // n.shape[0]))
+            while st[1] < a:  # rows a consumer skips (a slice) are drawn and dropped
+                k = min(step, a - st[1])
+                st[0](k)
+                st[1] += k
             st[1] = b
             self.memo[key] = out = st[0](b - a)
             return out
