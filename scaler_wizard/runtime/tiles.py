@@ -55,8 +55,11 @@ from scaler_wizard.compiler.program import (
 MOVES = (Slice, Index, Tile, Concat, Reshape, Permute)  # ops that only move values
 
 TILE_BYTES = 1 << 20  # float32 bytes of output rows per tile (measured: 0.5-2 MiB alike, 8 MiB slower)
-SLAB_BYTES = 32 << 20  # output bytes handed to the write-behind thread at once
-SLABS = 4  # slabs in the ring per output dtype (SLABS - 1 may be queued for writing)
+# output bytes handed to the write-behind thread at once: small enough that write() copies them into
+# the page cache while they are still in the CPU's cache (width benchmark, instrumented, alternating:
+# the writer thread's CPU 3.7-4.9 s with 2-4 MiB slabs against 7.2-8.0 s with 32 MiB ones; 1 MiB: 5.4-6.8 s)
+SLAB_BYTES = 4 << 20
+SLABS = 32  # slabs in the ring per output dtype (SLABS - 1 may be queued for writing): 128 MiB
 MIN_TILED_BYTES = 4 << 20  # outputs smaller than this (in float32) are evaluated whole
 
 
