@@ -684,12 +684,12 @@ class ZeroSumNoise(Node):
             if len(g) < 2:
                 continue
             idx = torch.tensor(g, dtype=torch.long)
-            part = raw.index_select(a, idx)
+            part = _gather(raw, a, idx)
             part = part - part.mean(dim=a, keepdim=True)
             # make the last copy the exact negated sum of the others (pairs: exactly +n / -n)
             head = part.narrow(a, 0, len(g) - 1)
             part = torch.cat([head, -head.sum(dim=a, keepdim=True)], dim=a)
-            out.index_copy_(a, idx, part)
+            _put(out, a, idx, part)  # the indices of a group are distinct
         return out
 
 
@@ -1171,6 +1171,29 @@ def _postorder(root: Node, seen: set[str], order: list[Node]) -> None:
         for c in reversed(n.children()):
             if c.digest not in seen:
                 stack.append((c, False))
+
+
+def use_counts(order: list[Node]) -> dict[str, int]:
+    """digest -> number of consumer edges into that node among ``order`` (an evaluation order)."""
+    uses: dict[str, int] = {}
+    for n in order:
+        for c in n.children():
+            uses[c.digest] = uses.get(c.digest, 0) + 1
+    return uses
+
+
+def release_last_uses(used, uses: dict[str, int], cache: dict) -> list:
+    """Count one use of each node in ``used`` (one entry per consumer edge) against ``uses`` and drop
+    from ``cache`` the values of those used for the last time (evaluators free each value at its last
+    use this way). Returns the values dropped."""
+    dropped = []
+    for c in used:
+        uses[c.digest] -= 1
+        if uses[c.digest] == 0:
+            dead = cache.pop(c.digest, None)
+            if dead is not None:
+                dropped.append(dead)
+    return dropped
 
 
 def describe(node: Node, depth: int = 0) -> str:

@@ -38,8 +38,10 @@ from scaler_wizard.compiler.program import (
     TensorProgram,
     _postorder,
     dtype_name,
+    release_last_uses,
     storage_dtypes,
     torch_dtype,
+    use_counts,
 )
 from scaler_wizard.runtime.io.writer import WriteBehind
 from scaler_wizard.runtime import tiles
@@ -191,16 +193,8 @@ def _nbytes(t) -> int:
 
 
 def _release(used, uses: dict, cache: dict) -> int:
-    """Count one use of each node in ``used`` (one entry per consumer edge); drop the cached values
-    of those used for the last time. Returns the bytes dropped."""
-    freed = 0
-    for c in used:
-        uses[c.digest] -= 1
-        if uses[c.digest] == 0:
-            dead = cache.pop(c.digest, None)
-            if dead is not None:
-                freed += _nbytes(dead)
-    return freed
+    """:func:`release_last_uses`, returning the bytes dropped."""
+    return sum(_nbytes(v) for v in release_last_uses(used, uses, cache))
 
 
 def _close_shard(w: CheckpointWriter, stream) -> None:
@@ -316,10 +310,7 @@ def execute(
                         roots.setdefault(node.digest, []).append(name)
                         _postorder(node, seen, order)
                     sdts = storage_dtypes((program.outputs[name].node, dts[name]) for name in shard)
-                    uses: dict[str, int] = {}
-                    for n in order:
-                        for c in n.children():
-                            uses[c.digest] = uses.get(c.digest, 0) + 1
+                    uses = use_counts(order)
                     cache: dict[str, Any] = {}
                     held = 0
                     # large outputs computed tile by tile: their region's inner nodes are never whole

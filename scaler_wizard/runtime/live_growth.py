@@ -72,7 +72,8 @@ import torch
 
 from scaler_wizard.compiler.program import (
     Add, Cast, EvalContext, ExactSplit, Full, Load, Mul, MulAxis, Neg, Node, Random,
-    Scale, TensorProgram, ZeroSumNoise, Zeros, _postorder, dtype_name, storage_dtypes, torch_dtype,
+    Scale, TensorProgram, ZeroSumNoise, Zeros, _postorder, dtype_name, release_last_uses, storage_dtypes,
+    torch_dtype, use_counts,
 )
 from scaler_wizard.runtime.growth_record import GrowthRecord, TensorGrowth
 
@@ -90,14 +91,6 @@ class CarryError(LiveGrowthError):
 
 
 # --------------------------------------------------------------------------- in-memory executor
-def _refcounts(order: list[Node]) -> dict[str, int]:
-    uses: dict[str, int] = {}
-    for n in order:
-        for c in n.children():
-            uses[c.digest] = uses.get(c.digest, 0) + 1
-    return uses
-
-
 def execute_in_memory(program: TensorProgram, state: dict[str, torch.Tensor], *,
                       dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
     """Run ``program`` over ``state`` (name -> tensor, e.g. a model's state dict) in memory.
@@ -120,7 +113,7 @@ def execute_in_memory(program: TensorProgram, state: dict[str, torch.Tensor], *,
     seen: set[str] = set()
     for out in program.outputs.values():
         _postorder(out.node, seen, order)
-    uses = _refcounts(order)
+    uses = use_counts(order)
     roots: dict[str, list[str]] = {}
     for name, out in program.outputs.items():
         roots.setdefault(out.node.digest, []).append(name)
@@ -142,10 +135,7 @@ def execute_in_memory(program: TensorProgram, state: dict[str, torch.Tensor], *,
             sdt = sdts.get(n.digest)
             ctx.storage_dtype = torch_dtype(sdt) if sdt else None
             val = n.compute([cache[c.digest] for c in n.children()], ctx)
-            for c in n.children():
-                uses[c.digest] -= 1
-                if uses[c.digest] == 0:
-                    cache.pop(c.digest, None)
+            release_last_uses(n.children(), uses, cache)
             for name in roots.get(n.digest, []):
                 res[name] = val.to(want[name]).clone() if val.is_floating_point() else val.clone()
             if uses.get(n.digest, 0) > 0:
@@ -227,7 +217,7 @@ def linear_map(program: TensorProgram) -> LinearMap:
     seen: set[str] = set()
     for out in program.outputs.values():
         _postorder(out.node, seen, order)
-    uses = _refcounts(order)
+    uses = use_counts(order)
     roots: dict[str, list[str]] = {}
     for name, out in program.outputs.items():
         roots.setdefault(out.node.digest, []).append(name)
@@ -258,10 +248,7 @@ def linear_map(program: TensorProgram) -> LinearMap:
         else:  # an op this map does not know: no claim on any element
             val = (torch.full(n.shape, MIXED, dtype=torch.int64), torch.zeros(n.shape, dtype=torch.float64),
                    torch.zeros(n.shape, dtype=torch.float64))
-        for c in n.children():
-            uses[c.digest] -= 1
-            if uses[c.digest] == 0:
-                cache.pop(c.digest, None)
+        release_last_uses(n.children(), uses, cache)
         for name in roots.get(n.digest, []):
             lm.outputs[name] = ElementMap(val[0].contiguous(), val[1].contiguous())
         if uses.get(n.digest, 0) > 0:
