@@ -26,7 +26,11 @@ input tensor it reads (so it reads and writes as much as a copy can), in the sam
 
 Whole commands (``--suite cli``, the default; issue 11's table), each a fresh process timed from
 outside (wall; CPU = user + system from wait4; peak RSS = the larger of wait4's high-water mark and
-50 ms sampling of the process tree), in one run, the order reversed every other round (``--rounds``):
+50 ms sampling of the process tree), in one run, the order reversed every other round (``--rounds``).
+Before each, the previous output is deleted, ``sync`` is called and the input shards are read
+(``--input-cache warm``; ``cold`` drops them from the page cache instead), so every command starts
+from the same state; the ratios are given of medians and paired (the median over rounds of the two
+runs of one round, which cancels the machine's drift):
 
 * ``apply``: ``scaler-wizard apply PLAN --model SRC -o OUT --no-verify`` (start-up included);
 * ``verify``: ``scaler-wizard apply PLAN --model SRC -o OUT`` (the default: verifies, then lands);
@@ -353,6 +357,26 @@ def _same_tensors(a: Path, b: Path) -> str:
     return "identical"
 
 
+def _input_cache(files: list[Path], state: str) -> None:
+    """Put every command of the cli suite in the same page-cache state for its inputs (untimed).
+
+    ``warm``: read the input shards just before the command, so each starts with them cached. Needed
+    on VMs that page out idle file pages (this one runs a DAMON ``pageout`` scheme: unmapped file pages
+    idle for about a minute are dropped at 128 MiB/s). Without it, the first command of a round
+    re-read its 2.1 GB input from the disk while the others found it cached (measured: 2.1 GB of
+    ``workingset_refault_file`` in the first apply, 7.2 s against 2.9-3.1 s for the next ones).
+    ``cold``: drop the inputs' cached pages (``POSIX_FADV_DONTNEED``, after the ``sync`` above), so
+    every command reads its input from the disk."""
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            if state == "cold":
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                buf = bytearray(16 << 20)
+                while fh.readinto(buf):
+                    pass
+
+
 def cli_suite(args, dims: dict, name: str, src: Path, new_layers: int) -> int:
     cache = Path(args.cache)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -376,12 +400,18 @@ def cli_suite(args, dims: dict, name: str, src: Path, new_layers: int) -> int:
         else:
             _mergekit_config(dims, new_layers, src, cache / f"mergekit-{name}.yml")
     # warm the structure cache, the byte code and the page cache, and measure the output's size (not
-    # timed; run every time, so the first timed command is not the only one that starts cold)
+    # timed; run every time, so the first timed command is not the only one that starts cold). Twice:
+    # the second run replaces the first one's output (--force), so the first timed command, like every
+    # later one, starts just after an output of this size was deleted. On this VM (free page reporting
+    # to the host) a first timed command that wrote into memory that had been free for a while instead
+    # took 2-3x as long, in system time (measured: apply 10.0 s wall, 9.0 s CPU, against 2.9-4.0 s for
+    # the six later rounds; cp 4.8 s against 2.2-4.6 s).
     ref = cache / f"out-{name}-reference"
-    r = subprocess.run(cli + [str(ref), "--no-verify"], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        print(r.stderr[-3000:], file=sys.stderr)
-        return 1
+    for _ in range(2):
+        r = subprocess.run(cli + [str(ref), "--no-verify"], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            print(r.stderr[-3000:], file=sys.stderr)
+            return 1
     bytes_out = sum(f.stat().st_size for f in ref.glob("*.safetensors"))
     results: dict[str, list] = {m: [] for m in modes}
     load = []
@@ -391,6 +421,7 @@ def cli_suite(args, dims: dict, name: str, src: Path, new_layers: int) -> int:
             dst = cache / f"out-{name}-{mode}"
             shutil.rmtree(dst, ignore_errors=True)
             os.sync()  # one run's dirty pages must not slow the next
+            _input_cache(inputs, args.input_cache)
             load.append(os.getloadavg()[0])
             scale = 1.0
             if mode == "apply":
@@ -443,16 +474,26 @@ def cli_suite(args, dims: dict, name: str, src: Path, new_layers: int) -> int:
         return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
     base = {k: med([r["wall_s"] for r in results[k]]) for k in ("copy", "cp") if results.get(k)}
+
+    def paired(mode: str, against: str) -> float:
+        """The median over rounds of MODE's time over AGAINST's in the same round: the two ran
+        back to back, so the machine's drift (30-50% within minutes here) cancels out."""
+        pairs = list(zip(results.get(mode, []), results.get(against, [])))
+        return med([a["wall_s"] / b["wall_s"] for a, b in pairs]) if pairs else float("nan")
+
     print(f"plan: {plan_for('depth', dims, new_layers).strip()} ({dims['num_hidden_layers']} -> {new_layers} layers); "
           f"model {name}; output {bytes_out / 1e9:.2f} GB; {args.rounds} round(s), order reversed every other "
-          f"round; load average {min(load):.1f}-{max(load):.1f} (1 min, at each start; {os.cpu_count()} CPUs)")
-    print(f"{'run':<9} {'wall s (median)':>16} {'runs':>20} {'CPU s':>8} {'x copy':>7} {'x cp':>6} {'peak RSS GB':>12}")
+          f"round; inputs {args.input_cache} in the page cache at each start; load average {min(load):.1f}-{max(load):.1f} (1 min, at each start; {os.cpu_count()} CPUs)")
+    print(f"{'run':<9} {'wall s (median)':>16} {'runs':>20} {'CPU s':>8} {'x copy':>7} {'x cp':>6} "
+          f"{'paired x copy':>14} {'paired x cp':>12} {'peak RSS GB':>12}")
     for mode, rs in results.items():
         w = med([r["wall_s"] for r in rs])
         xs = ", ".join(f"{r['wall_s']:.1f}" for r in rs)
         print(f"{mode:<9} {w:16.2f} {xs:>20} {med([r['cpu_s'] for r in rs]):8.1f} "
               f"{w / base['copy'] if 'copy' in base else float('nan'):7.2f} {w / base['cp'] if 'cp' in base else float('nan'):6.2f} "
+              f"{paired(mode, 'copy'):14.2f} {paired(mode, 'cp'):12.2f} "
               f"{max(r['peak_rss'] for r in rs) / 1e9:12.3f}")
+    print("paired: the median over rounds of the run's time over the copy's (or cp's) in the same round")
     for r in results.get("verify", []):
         notes.append(f"verification: {r['verification']}")
         break
@@ -474,6 +515,9 @@ def main(argv=None) -> int:
     ap.add_argument("--suite", default="cli", choices=["cli", "program"],
                     help="cli: whole commands, ratios to copies (default); program: the executor in-process")
     ap.add_argument("--rounds", type=int, default=1, help="--suite cli: rounds (order reversed every other)")
+    ap.add_argument("--input-cache", default="warm", choices=["warm", "cold"],
+                    help="--suite cli: before each timed command, read the input shards (warm, the default) "
+                         "or drop them from the page cache (cold, every command reads from the disk)")
     ap.add_argument("--huge-pages", default="on", choices=["on", "off"],
                     help="--suite program: THP_MEM_ALLOC_ENABLE and malloc's thresholds (scaler_wizard.cli."
                          "tune_allocator) for every child, as `scaler-wizard apply` sets them (on), or left "

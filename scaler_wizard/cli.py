@@ -83,7 +83,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").addFilter(lambda r: "Setting accelerator to CPU" not in r.getMessage())
 
 
-# Commands whose every output is closed (and fsynced where it lands) before they return: the console
+# Commands whose every output is closed before they return: the console
 # script skips the interpreter's final garbage collection after them (see entry).
 _NO_FINAL_GC = frozenset({"check", "ir", "explain", "compile", "apply", "verify"})
 # Commands that compute large tensors out of core: torch's CPU allocator is asked for transparent huge
@@ -103,10 +103,11 @@ def tune_allocator() -> bool:
     held by fragments. Returns False where the C library has no ``mallopt`` (not glibc): a no-op.
     The environment's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, if set, win."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # the C library this process already runs on: ctypes.util.find_library("c") would start
+        # `ldconfig -p` in a subprocess (about 10 ms of every apply)
+        libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False

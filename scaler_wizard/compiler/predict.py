@@ -7,6 +7,8 @@ prediction is the oracle that ``verify`` compares against the IR re-traced from 
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 from scaler_wizard.compiler.resolved import Costs, LayerSource
@@ -76,7 +78,12 @@ MAX_GROWTH = 64  # one size policy for every statement: a plan may grow the para
 
 
 def machine_memory_bytes() -> int | None:
-    """Physical memory of this machine (psutil), or None when it cannot be read."""
+    """Physical memory of this machine in bytes (``sysconf``, else psutil), or None when it cannot
+    be read. ``sysconf`` first: importing psutil costs about 20 ms of every check and apply."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        pass
     try:
         import psutil
 

@@ -24,6 +24,7 @@ the first full-attention layer at index 5) makes the entry unusable, and the con
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -45,7 +46,26 @@ def cache_dir() -> Path:
     return root / "ir"
 
 
+@functools.cache
 def _transformers_version() -> str:
+    """The version of the transformers that would be imported (``"none"`` when it is not installed),
+    for the cache keys. Read from the ``__version__ = "..."`` line of its ``__init__.py`` without
+    importing it: ``importlib.metadata`` costs 40-70 ms of every cached check and apply (it imports
+    the ``email`` package to parse METADATA). Falls back to the package metadata when that line is
+    not found."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("transformers")
+    if spec is None:
+        return "none"
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            m = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", f.read(), re.M)
+        if m:
+            return m.group(1)
+    except (OSError, TypeError):  # TypeError: a namespace package has no origin
+        pass
     from importlib.metadata import PackageNotFoundError, version
 
     try:

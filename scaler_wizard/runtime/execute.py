@@ -78,7 +78,7 @@ class ExecutionReport:
     input_reads: int
     nodes_computed: int
     wall_s: float
-    peak_rss_bytes: int  # sampled during execution (psutil)
+    peak_rss_bytes: int  # sampled during execution (_rss)
     max_rss_bytes: int  # process lifetime peak (getrusage), includes anything before execute()
     peak_held_bytes: int  # largest sum of live tensors held by the executor
     largest_shard_bytes: int
@@ -243,6 +243,21 @@ def _write_tiled(reg, name: str, out_dtype, cache: dict, sdts: dict, ctx: EvalCo
     return tiles.SLABS * tiles.SLAB_BYTES
 
 
+def _rss() -> int:
+    """This process's resident set size now, in bytes: ``/proc/self/statm`` where there is one (a
+    read of a few bytes), else psutil (whose import costs about 20 ms of apply's start-up)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 def execute(
     program: TensorProgram,
     reader: CheckpointReader,
@@ -269,11 +284,9 @@ def execute(
     ``tile``: evaluate large computed outputs a block of rows at a time (see
     :mod:`scaler_wizard.runtime.tiles`; the same values, bitwise); False evaluates every node whole.
     """
-    import psutil  # torch is imported at the first output that is computed (byte copies need none)
-
+    # torch is imported at the first output that is computed (byte copies need none)
     t0 = time.perf_counter()
-    proc = psutil.Process()
-    peak_rss = proc.memory_info().rss
+    peak_rss = _rss()
     dtype = None if dtype is None else dtype_name(dtype)
     shard_size = parse_size(shard_size)
     if not program.outputs:
@@ -345,7 +358,7 @@ def execute(
                             held -= _release(reg.boundary, uses, cache)  # boundary values, at their last use
                             ring_bytes = max(ring_bytes, slab_bytes * len(slabs))
                             peak_held = max(peak_held, held + ring_bytes + behind.held_bytes())
-                            peak_rss = max(peak_rss, proc.memory_info().rss)
+                            peak_rss = max(peak_rss, _rss())
                             continue
                         rng = None
                         if isinstance(n, Load) and n.digest in roots and not uses.get(n.digest) and not bytes_through_torch:
@@ -403,12 +416,12 @@ def execute(
                         del val
                         # outputs queued for writing (see WriteBehind) are held too
                         peak_held = max(peak_held, held + ring_bytes + behind.held_bytes())
-                        peak_rss = max(peak_rss, proc.memory_info().rss)
+                        peak_rss = max(peak_rss, _rss())
                     assert not cache, "executor bug: values left in cache after the shard"
                     # closed by the writer thread after the shard's last write: the next shard is
                     # computed meanwhile (a drain here left the writer idle at every shard's start)
                     behind.submit(_close_shard, w, stream, nbytes=0)
-                    peak_rss = max(peak_rss, proc.memory_info().rss)
+                    peak_rss = max(peak_rss, _rss())
                 behind.drain()
             finally:
                 behind.close()
